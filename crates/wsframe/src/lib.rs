@@ -1,0 +1,1 @@
+//! WebSocket codec (in progress).

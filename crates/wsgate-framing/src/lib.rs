@@ -1,0 +1,1 @@
+//! Framing functions (in progress).
