@@ -1,0 +1,75 @@
+"""A tiny HTTP server on a loopback ephemeral port serving the browser test page."""
+
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+# The page opens `new WebSocket(ws, protocol)`, sends `send` (a text message),
+# and publishes what happened in window.__result once the first message
+# arrived (or the socket failed/closed).
+PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>wsgate e2e</title></head>
+<body><pre id="log"></pre>
+<script>
+const q = new URLSearchParams(location.search);
+const result = { opened: false, protocol: null, messages: [], types: [], closeCode: null, error: null };
+function done() { if (window.__result === undefined) window.__result = result; }
+let ws;
+try {
+  const protocols = q.getAll('protocol');
+  ws = protocols.length ? new WebSocket(q.get('ws'), protocols) : new WebSocket(q.get('ws'));
+} catch (e) { result.error = String(e); done(); }
+if (ws) {
+  ws.binaryType = 'arraybuffer';
+  ws.onopen = () => { result.opened = true; result.protocol = ws.protocol; ws.send(q.get('send')); };
+  ws.onmessage = (ev) => {
+    if (typeof ev.data === 'string') { result.messages.push(ev.data); result.types.push('text'); }
+    else { result.messages.push(new TextDecoder().decode(ev.data)); result.types.push('binary'); }
+    ws.close(1000);
+    done();
+  };
+  ws.onerror = () => { result.error = 'error event'; };
+  ws.onclose = (ev) => { result.closeCode = ev.code; done(); };
+}
+setTimeout(() => { result.error = result.error || 'page timeout'; done(); }, 20000);
+</script></body></html>
+"""
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 - http.server API
+        if self.path.split("?")[0] in ("/", "/index.html"):
+            body = PAGE.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+        else:
+            body = b"not found"
+            self.send_response(404)
+            self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+class PageServer:
+    def __init__(self):
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
+        self.thread.start()
+
+    def url(self, ws_url: str, send: str, protocols=()) -> str:
+        from urllib.parse import urlencode
+
+        q = [("ws", ws_url), ("send", send)] + [("protocol", p) for p in protocols]
+        return f"http://127.0.0.1:{self.port}/?{urlencode(q)}"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=2)
