@@ -15,7 +15,7 @@ from websockets.sync.client import connect as _connect
 
 def connect(url: str, protocols=None, timeout: float = 10.0, **kw):
     return _connect(url, subprotocols=protocols, compression=None, proxy=None, max_size=None,
-                    open_timeout=timeout, close_timeout=timeout, ping_interval=None, **kw)
+                    open_timeout=timeout, close_timeout=timeout, ping_interval=None, legacy=True, **kw)
 
 
 def as_bytes(m) -> bytes:
@@ -79,7 +79,7 @@ def recv_until_close(ws, timeout: float) -> tuple[list, int | None]:
         try:
             out.append(ws.recv(timeout=left))
         except ConnectionClosed:
-            rcvd = ws.close_rcvd
+            rcvd = ws.protocol.close_rcvd
             return out, (rcvd.code if rcvd is not None else None)
 
 
