@@ -1,0 +1,218 @@
+//! The command line: `wsgate serve` and `wsgate check`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use wsgate_framing::FramingSpec;
+
+use crate::config::{self, Config, Limits, ListenerConfig, Matcher, Route, Target, TlsFiles};
+use crate::listener::{self, Gateway};
+use crate::upstream::PeerAddr;
+
+/// WebSocket gateway: bridges WebSocket clients to TCP, UDP and Unix peers.
+#[derive(Debug, Parser)]
+#[command(name = "wsgate", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway, from a config file or from one route given as flags.
+    ///
+    /// Once every listener is bound, prints `listening on ws://HOST:PORT`
+    /// (or `wss://`) per listener on stdout. SIGINT/SIGTERM: stop accepting,
+    /// close every WebSocket with 1001, wait for them (drain timeout), exit 0.
+    Serve(Box<ServeArgs>),
+    /// Validate a config file: print every error as FILE:LINE:COLUMN: KEY: MESSAGE
+    /// and exit non-zero if there is any.
+    Check {
+        /// The TOML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// The TOML config file (see examples/). Not combined with the route flags.
+    #[arg(long, short, conflicts_with_all = ["listen", "to"])]
+    config: Option<PathBuf>,
+    /// Address to listen on, HOST:PORT (port 0 picks a free one). Repeatable.
+    #[arg(long, value_name = "HOST:PORT")]
+    listen: Vec<String>,
+    /// The peer: tcp://HOST:PORT, udp://HOST:PORT, unix:/PATH, unix-dgram:/PATH or echo:
+    #[arg(long, value_name = "PEER")]
+    to: Option<String>,
+    /// How peer bytes become messages: binary, auto, lines, length-prefixed, resp, cql, kafka.
+    #[arg(long, default_value = "auto")]
+    framing: String,
+    /// Configuration for the framing (e.g. `separator=\r\n` for lines, `u16,keep-header`).
+    #[arg(long, default_value = "")]
+    framing_config: String,
+    /// A subprotocol the route speaks (repeatable; `*` accepts any). Clients
+    /// offering none of them get 400.
+    #[arg(long = "protocol", value_name = "NAME")]
+    protocols: Vec<String>,
+    /// PEM certificate chain: serve wss://.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Largest message, e.g. 16MiB (close 1009 past it).
+    #[arg(long)]
+    max_message_size: Option<String>,
+    /// Close a WebSocket idle this long (e.g. 5m); off by default.
+    #[arg(long)]
+    idle_timeout: Option<String>,
+    /// Ping clients this often (e.g. 30s); off by default.
+    #[arg(long)]
+    ping_interval: Option<String>,
+    /// Most WebSockets at once (503 past it).
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Log filter (also RUST_LOG), e.g. info, debug, wsgate=trace.
+    #[arg(long, env = "WSGATE_LOG", default_value = "info")]
+    log: String,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => match config::load(&config) {
+            Ok(c) => {
+                println!(
+                    "{}: ok ({} listener(s), {} route(s))",
+                    config.display(),
+                    c.listeners.len(),
+                    c.routes.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                eprintln!("{errors}");
+                ExitCode::from(1)
+            }
+        },
+        Command::Serve(args) => {
+            init_logging(&args.log);
+            let config = match build_config(&args) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    return ExitCode::from(2);
+                }
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            match rt.block_on(serve(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+fn init_logging(filter: &str) {
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| filter.to_string());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn build_config(a: &ServeArgs) -> anyhow::Result<Config> {
+    if let Some(path) = &a.config {
+        return config::load(path).map_err(|e| anyhow::anyhow!("{e}"));
+    }
+    let to =
+        a.to.as_deref()
+            .context("give --config FILE, or --listen HOST:PORT and --to PEER")?;
+    if a.listen.is_empty() {
+        anyhow::bail!("--to needs at least one --listen HOST:PORT");
+    }
+    let peer: PeerAddr = to
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("--to: {e}"))?;
+    let framing = FramingSpec::parse(&a.framing, &a.framing_config)
+        .map_err(|e| anyhow::anyhow!("--framing: {e}"))?;
+    let tls = match (&a.tls_cert, &a.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+        }),
+        _ => None,
+    };
+    let mut limits = Limits::default();
+    if let Some(s) = &a.max_message_size {
+        limits.max_message_size =
+            config::parse_size(s).map_err(|e| anyhow::anyhow!("--max-message-size: {e}"))?;
+    }
+    if let Some(s) = &a.idle_timeout {
+        limits.idle_timeout =
+            config::parse_duration(s).map_err(|e| anyhow::anyhow!("--idle-timeout: {e}"))?;
+    }
+    if let Some(s) = &a.ping_interval {
+        limits.ping_interval =
+            config::parse_duration(s).map_err(|e| anyhow::anyhow!("--ping-interval: {e}"))?;
+    }
+    if let Some(n) = a.max_connections {
+        limits.max_connections = n;
+    }
+    Ok(Config {
+        listeners: a
+            .listen
+            .iter()
+            .map(|address| ListenerConfig {
+                address: address.clone(),
+                tls: tls.clone(),
+            })
+            .collect(),
+        limits,
+        routes: vec![Route {
+            name: "default".into(),
+            matcher: Matcher::default(),
+            protocols: a.protocols.clone(),
+            target: Target::Static(peer),
+            framing,
+        }],
+        health_path: "/healthz".into(),
+    })
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let bound = listener::bind(&config).await?;
+    {
+        let mut out = std::io::stdout().lock();
+        for b in &bound {
+            writeln!(out, "listening on {}", b.url())?;
+        }
+        out.flush()?;
+    }
+    let gw = Gateway::new(config);
+    gw.serve(bound);
+    wait_for_signal().await;
+    tracing::info!(open = gw.active(), "shutting down");
+    gw.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

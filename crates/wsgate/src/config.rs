@@ -1,0 +1,743 @@
+//! Configuration: one typed struct, parsed once and validated up front.
+//!
+//! The TOML file is deserialised with `deny_unknown_fields` everywhere; values
+//! that have a grammar (peers, framings, durations, sizes, addresses) are
+//! parsed during deserialisation, so their errors carry the exact position.
+//! Checks that span several keys run afterwards and point at the key they
+//! blame. Every error reads `FILE:LINE:COLUMN: KEY: MESSAGE`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+use wsgate_framing::FramingSpec;
+
+use crate::discovery::FileDiscovery;
+use crate::upstream::PeerAddr;
+
+/// The whole, validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listeners: Vec<ListenerConfig>,
+    pub limits: Limits,
+    pub routes: Vec<Route>,
+    /// Path answered with `200 ok` for health checks.
+    pub health_path: String,
+}
+
+/// One listening socket.
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    /// `HOST:PORT`, resolved when binding.
+    pub address: String,
+    pub tls: Option<TlsFiles>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Limits and timeouts that apply to every connection.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest WebSocket message accepted from a client, and largest message a
+    /// framer may build from a peer's bytes (close 1009 past it).
+    pub max_message_size: u64,
+    /// Time allowed for the HTTP request head (slowloris protection).
+    pub handshake_timeout: Duration,
+    /// Close a WebSocket when nothing moved either way for this long.
+    pub idle_timeout: Option<Duration>,
+    /// Send a ping this often...
+    pub ping_interval: Option<Duration>,
+    /// ...and drop the connection when its pong has not come back by then.
+    pub pong_timeout: Duration,
+    /// Most WebSockets open at once; more are refused with 503.
+    pub max_connections: usize,
+    /// Time allowed to connect to a peer (502 past it).
+    pub connect_timeout: Duration,
+    /// Time allowed for the closing handshake.
+    pub close_timeout: Duration,
+    /// On SIGINT/SIGTERM, time allowed for open connections to close in order.
+    pub drain_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message_size: 16 << 20,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: None,
+            ping_interval: None,
+            pong_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
+            connect_timeout: Duration::from_secs(5),
+            close_timeout: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// One route: which handshakes it takes, and where they go.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub name: String,
+    pub matcher: Matcher,
+    /// Subprotocols this route speaks; `*` accepts whatever the client offers first.
+    pub protocols: Vec<String>,
+    pub target: Target,
+    pub framing: FramingSpec,
+}
+
+/// Where a route's connections go.
+#[derive(Debug, Clone)]
+pub enum Target {
+    Static(PeerAddr),
+    Discovery(FileDiscovery),
+}
+
+/// Conditions on the handshake; all given ones must hold.
+#[derive(Debug, Clone, Default)]
+pub struct Matcher {
+    pub path: Option<String>,
+    pub path_prefix: Option<String>,
+    pub host: Option<String>,
+    /// Header name (lower case) → value, `*` for "present".
+    pub headers: BTreeMap<String, String>,
+    pub cookies: BTreeMap<String, String>,
+    pub query: BTreeMap<String, String>,
+}
+
+impl Matcher {
+    /// Whether this matcher constrains the path (for telling 404 from 400).
+    pub fn has_path(&self) -> bool {
+        self.path.is_some() || self.path_prefix.is_some()
+    }
+}
+
+/// A configuration error with its position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: ", self.file, self.line, self.column)?;
+        if !self.key.is_empty() {
+            write!(f, "{}: ", self.key)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// All errors found in one file.
+#[derive(Debug, Clone)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+// ---------------------------------------------------------------------------
+// The file's shape.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default, rename = "listener")]
+    listeners: Vec<ListenerFile>,
+    #[serde(default)]
+    limits: LimitsFile,
+    #[serde(default, rename = "route")]
+    routes: Vec<RouteFile>,
+    health_path: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListenerFile {
+    address: String,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsFile {
+    max_message_size: Option<ByteSize>,
+    handshake_timeout: Option<Dur>,
+    idle_timeout: Option<Dur>,
+    ping_interval: Option<Dur>,
+    pong_timeout: Option<Dur>,
+    max_connections: Option<usize>,
+    connect_timeout: Option<Dur>,
+    close_timeout: Option<Dur>,
+    drain_timeout: Option<Dur>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteFile {
+    name: Option<String>,
+    path: Option<String>,
+    path_prefix: Option<String>,
+    host: Option<String>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    #[serde(default)]
+    cookies: BTreeMap<String, String>,
+    #[serde(default)]
+    query: BTreeMap<String, String>,
+    #[serde(default)]
+    protocols: Vec<String>,
+    to: Option<PeerAddr>,
+    framing: Option<String>,
+    framing_config: Option<String>,
+    discovery: Option<DiscoveryFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DiscoveryFile {
+    #[serde(rename = "type")]
+    kind: String,
+    lookups: Vec<String>,
+    #[serde(default)]
+    allow: Vec<String>,
+}
+
+/// A duration written as `250ms`, `10s`, `5m`, `1h`, or `0`/`off` (disabled).
+#[derive(Debug, Clone, Copy)]
+struct Dur(Option<Duration>);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_duration(&s).map(Dur).map_err(de::Error::custom)
+    }
+}
+
+/// Parses `250ms`, `10s`, `5m`, `1h`; `0` and `off` mean "disabled".
+pub fn parse_duration(s: &str) -> Result<Option<Duration>, String> {
+    let s = s.trim();
+    if s == "0" || s == "off" {
+        return Ok(None);
+    }
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().map_err(|_| {
+        format!("invalid duration `{s}` (expected e.g. 250ms, 10s, 5m, 1h, or off)")
+    })?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => {
+            return Err(format!(
+                "invalid duration `{s}`: unit must be ms, s, m or h"
+            ))
+        }
+    };
+    Ok(if secs == 0.0 {
+        None
+    } else {
+        Some(Duration::from_secs_f64(secs))
+    })
+}
+
+/// A size written as a number of bytes or with a unit: `64KiB`, `16MiB`, `1GiB`, `1MB`.
+#[derive(Debug, Clone, Copy)]
+struct ByteSize(u64);
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => parse_size(&s).map(ByteSize).map_err(de::Error::custom),
+        }
+    }
+}
+
+/// Parses `1048576`, `64KiB`, `16MiB`, `1GiB`, `10KB`, `1MB`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid size `{s}` (expected e.g. 65536, 64KiB, 16MiB)"))?;
+    let mult = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" => 1000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => {
+            return Err(format!(
+                "invalid size `{s}`: unit must be B, KiB, MiB, GiB, KB, MB or GB"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size `{s}` is too large"))
+}
+
+impl<'de> Deserialize<'de> for PeerAddr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(de::Error::custom)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Loading.
+
+/// Reads and validates a configuration file.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: file.clone(),
+            line: 0,
+            column: 0,
+            key: String::new(),
+            message: format!("cannot read: {e}"),
+        }])
+    })?;
+    parse(&file, &text, path.parent().unwrap_or(Path::new(".")))
+}
+
+/// Parses and validates configuration text. Relative paths in it are taken
+/// relative to `base`.
+pub fn parse(file: &str, text: &str, base: &Path) -> Result<Config, ConfigErrors> {
+    let de = toml::Deserializer::new(text);
+    let raw: FileConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner();
+        let (line, column) = inner
+            .span()
+            .map(|s| line_col(text, s.start))
+            .unwrap_or((1, 1));
+        let key = if key == "." { String::new() } else { key };
+        ConfigErrors(vec![ConfigError {
+            file: file.to_string(),
+            line,
+            column,
+            key,
+            message: inner.message().trim().to_string(),
+        }])
+    })?;
+    let mut v = Validator {
+        file,
+        text,
+        errors: vec![],
+    };
+    let config = v.build(raw, base);
+    if v.errors.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigErrors(v.errors))
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+struct Validator<'a> {
+    file: &'a str,
+    text: &'a str,
+    errors: Vec<ConfigError>,
+}
+
+impl Validator<'_> {
+    /// Records an error at `key` of the `index`-th `[[table]]` (or at the
+    /// table header when the key is not written in the file).
+    fn error(&mut self, table: &str, index: usize, key: &str, message: String) {
+        let (line, column) = self.locate(table, index, key);
+        let key_path = if key.is_empty() {
+            format!("{table}[{index}]")
+        } else {
+            format!("{table}[{index}].{key}")
+        };
+        self.errors.push(ConfigError {
+            file: self.file.to_string(),
+            line,
+            column,
+            key: key_path,
+            message,
+        });
+    }
+
+    fn locate(&self, table: &str, index: usize, key: &str) -> (usize, usize) {
+        let header = format!("[[{table}]]");
+        let lines: Vec<&str> = self.text.lines().collect();
+        let mut seen = 0;
+        for (i, l) in lines.iter().enumerate() {
+            if l.trim() != header {
+                continue;
+            }
+            if seen == index {
+                if !key.is_empty() {
+                    for (j, k) in lines.iter().enumerate().skip(i + 1) {
+                        let t = k.trim_start();
+                        if t.starts_with('[') {
+                            break;
+                        }
+                        if let Some(rest) = t.strip_prefix(key) {
+                            if rest.trim_start().starts_with('=') {
+                                return (j + 1, k.len() - t.len() + 1);
+                            }
+                        }
+                    }
+                }
+                return (i + 1, 1);
+            }
+            seen += 1;
+        }
+        (1, 1)
+    }
+
+    fn build(&mut self, raw: FileConfig, base: &Path) -> Config {
+        let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
+        let mut listeners = vec![];
+        for (i, l) in raw.listeners.into_iter().enumerate() {
+            let tls = match (l.tls_cert, l.tls_key) {
+                (Some(cert), Some(key)) => Some(TlsFiles {
+                    cert: resolve(cert),
+                    key: resolve(key),
+                }),
+                (None, None) => None,
+                (Some(_), None) => {
+                    self.error(
+                        "listener",
+                        i,
+                        "tls_cert",
+                        "tls_cert needs tls_key too".into(),
+                    );
+                    None
+                }
+                (None, Some(_)) => {
+                    self.error(
+                        "listener",
+                        i,
+                        "tls_key",
+                        "tls_key needs tls_cert too".into(),
+                    );
+                    None
+                }
+            };
+            if !l.address.contains(':') {
+                self.error(
+                    "listener",
+                    i,
+                    "address",
+                    format!("`{}` is not HOST:PORT", l.address),
+                );
+            }
+            listeners.push(ListenerConfig {
+                address: l.address,
+                tls,
+            });
+        }
+        if listeners.is_empty() {
+            self.errors.push(ConfigError {
+                file: self.file.to_string(),
+                line: 1,
+                column: 1,
+                key: "listener".into(),
+                message: "no [[listener]] configured".into(),
+            });
+        }
+
+        let d = Limits::default();
+        let l = raw.limits;
+        let limits = Limits {
+            max_message_size: l.max_message_size.map_or(d.max_message_size, |b| b.0),
+            handshake_timeout: l.handshake_timeout.map_or(d.handshake_timeout, |x| {
+                x.0.unwrap_or(Duration::from_secs(3600))
+            }),
+            idle_timeout: l.idle_timeout.map_or(d.idle_timeout, |x| x.0),
+            ping_interval: l.ping_interval.map_or(d.ping_interval, |x| x.0),
+            pong_timeout: l.pong_timeout.and_then(|x| x.0).unwrap_or(d.pong_timeout),
+            max_connections: l.max_connections.unwrap_or(d.max_connections),
+            connect_timeout: l
+                .connect_timeout
+                .and_then(|x| x.0)
+                .unwrap_or(d.connect_timeout),
+            close_timeout: l.close_timeout.and_then(|x| x.0).unwrap_or(d.close_timeout),
+            drain_timeout: l.drain_timeout.and_then(|x| x.0).unwrap_or(d.drain_timeout),
+        };
+
+        let mut routes = vec![];
+        for (i, r) in raw.routes.into_iter().enumerate() {
+            if let Some(route) = self.route(i, r, base) {
+                routes.push(route);
+            }
+        }
+        if routes.is_empty() && self.errors.is_empty() {
+            self.errors.push(ConfigError {
+                file: self.file.to_string(),
+                line: 1,
+                column: 1,
+                key: "route".into(),
+                message: "no [[route]] configured".into(),
+            });
+        }
+        let health_path = raw.health_path.unwrap_or_else(|| "/healthz".into());
+        Config {
+            listeners,
+            limits,
+            routes,
+            health_path,
+        }
+    }
+
+    fn route(&mut self, i: usize, r: RouteFile, base: &Path) -> Option<Route> {
+        let before = self.errors.len();
+        for (key, p) in [("path", &r.path), ("path_prefix", &r.path_prefix)] {
+            if let Some(p) = p {
+                if !p.starts_with('/') {
+                    self.error("route", i, key, format!("`{p}` must start with `/`"));
+                }
+            }
+        }
+        if r.path.is_some() && r.path_prefix.is_some() {
+            self.error(
+                "route",
+                i,
+                "path_prefix",
+                "give either path (exact) or path_prefix, not both".into(),
+            );
+        }
+        for p in &r.protocols {
+            if p.is_empty() || p.contains([',', ' ']) {
+                self.error(
+                    "route",
+                    i,
+                    "protocols",
+                    format!("invalid subprotocol `{p}`"),
+                );
+            }
+        }
+        let framing = match FramingSpec::parse(
+            r.framing.as_deref().unwrap_or("auto"),
+            r.framing_config.as_deref().unwrap_or(""),
+        ) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                let key = if r.framing_config.is_some() && r.framing.is_some() {
+                    "framing_config"
+                } else {
+                    "framing"
+                };
+                self.error("route", i, key, e.to_string());
+                None
+            }
+        };
+        let target = match (r.to, r.discovery) {
+            (Some(peer), None) => Some(Target::Static(peer)),
+            (None, Some(d)) => {
+                if d.kind != "file" {
+                    self.error(
+                        "route",
+                        i,
+                        "type",
+                        format!("unknown discovery type `{}` (expected `file`)", d.kind),
+                    );
+                    None
+                } else {
+                    match FileDiscovery::new(d.lookups, &d.allow, base) {
+                        Ok(fd) => Some(Target::Discovery(fd)),
+                        Err(e) => {
+                            self.error("route", i, "lookups", e);
+                            None
+                        }
+                    }
+                }
+            }
+            (Some(_), Some(_)) => {
+                self.error(
+                    "route",
+                    i,
+                    "to",
+                    "give either `to` or a [route.discovery] table, not both".into(),
+                );
+                None
+            }
+            (None, None) => {
+                self.error(
+                    "route",
+                    i,
+                    "",
+                    "route needs a peer: `to = \"tcp://host:port\"` or a [route.discovery] table"
+                        .into(),
+                );
+                None
+            }
+        };
+        if self.errors.len() != before {
+            return None;
+        }
+        Some(Route {
+            name: r.name.unwrap_or_else(|| format!("route{i}")),
+            matcher: Matcher {
+                path: r.path,
+                path_prefix: r.path_prefix,
+                host: r.host.map(|h| h.to_ascii_lowercase()),
+                headers: r
+                    .headers
+                    .into_iter()
+                    .map(|(k, v)| (k.to_ascii_lowercase(), v))
+                    .collect(),
+                cookies: r.cookies,
+                query: r.query,
+            },
+            protocols: r.protocols,
+            target: target?,
+            framing: framing?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors(text: &str) -> Vec<String> {
+        parse("t.toml", text, Path::new("."))
+            .unwrap_err()
+            .0
+            .iter()
+            .map(|e| e.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let c = parse(
+            "t.toml",
+            r#"
+health_path = "/health"
+[limits]
+max_message_size = "1MiB"
+idle_timeout = "5m"
+ping_interval = "30s"
+max_connections = 100
+
+[[listener]]
+address = "127.0.0.1:0"
+
+[[route]]
+path = "/redis"
+protocols = ["redis"]
+to = "tcp://127.0.0.1:6379"
+framing = "resp"
+
+[[route]]
+path_prefix = "/lines/"
+headers = { "X-Tenant" = "acme" }
+to = "unix:/tmp/s.sock"
+framing = "lines"
+framing_config = 'separator=\r\n'
+"#,
+            Path::new("."),
+        )
+        .unwrap();
+        assert_eq!(c.limits.max_message_size, 1 << 20);
+        assert_eq!(c.limits.idle_timeout, Some(Duration::from_secs(300)));
+        assert_eq!(c.routes.len(), 2);
+        assert_eq!(c.routes[1].matcher.headers["x-tenant"], "acme");
+        assert_eq!(c.health_path, "/health");
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let e = errors("[[listener]]\naddress = \"127.0.0.1:1\"\nbogus = 1\n");
+        assert!(e[0].starts_with("t.toml:3:1: listener[0]"), "{e:?}");
+        assert!(e[0].contains("unknown field `bogus`"), "{e:?}");
+    }
+
+    #[test]
+    fn bad_peer_points_at_value() {
+        let e = errors("[[listener]]\naddress = \"127.0.0.1:1\"\n[[route]]\nto = \"tcp:/nope\"\n");
+        assert!(e[0].starts_with("t.toml:4:6: route[0].to: "), "{e:?}");
+        assert!(e[0].contains("tcp:/nope"), "{e:?}");
+    }
+
+    #[test]
+    fn cross_field_errors_are_all_reported() {
+        let e = errors(
+            "[[listener]]\naddress = \"127.0.0.1:1\"\n[[route]]\npath = \"x\"\nto = \"echo:\"\nframing = \"nope\"\n[[route]]\npath = \"/y\"\n",
+        );
+        assert_eq!(e.len(), 3, "{e:?}");
+        assert!(e[0].starts_with("t.toml:4:1: route[0].path: "), "{e:?}");
+        assert!(
+            e[1].starts_with("t.toml:6:1: route[0].framing: unknown framing"),
+            "{e:?}"
+        );
+        assert!(
+            e[2].starts_with("t.toml:7:1: route[1]: route needs a peer"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(
+            parse_duration("250ms").unwrap(),
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(parse_duration("off").unwrap(), None);
+        assert!(parse_duration("5 parsecs").is_err());
+        assert_eq!(parse_size("16MiB").unwrap(), 16 << 20);
+        assert_eq!(parse_size("100").unwrap(), 100);
+        assert!(parse_size("1XB").is_err());
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        for text in [
+            "\u{0}\u{1}",
+            "[[route]",
+            "route = 5",
+            "[[listener]]\naddress = 5",
+            "[limits]\nmax_message_size = \"-1\"",
+        ] {
+            assert!(parse("t.toml", text, Path::new(".")).is_err(), "{text:?}");
+        }
+    }
+}

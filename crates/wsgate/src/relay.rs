@@ -1,0 +1,925 @@
+//! The relay: moves one upgraded WebSocket's data to and from its peer.
+//!
+//! One task per connection runs two loops side by side:
+//! * **up** (client → peer) reads client bytes, decodes frames and writes
+//!   payloads to the peer as they arrive (stream peers) or whole messages
+//!   (datagram peers, `echo:`);
+//! * **down** (peer → client) reads the peer, cuts its bytes into messages
+//!   with the route's framing function and writes frames to the client. It
+//!   alone writes to the client, so up hands it pongs through [`Shared`].
+//!
+//! Each loop reads only after its previous write finished, so a slow reader
+//! slows its own direction and nothing else, and memory stays bounded: one read
+//! chunk per direction, plus (for protocol framers and message peers) at most
+//! one message of `max_message_size`. Plain-TCP clients and all stream peers
+//! are read on readiness into buffers taken only when bytes are there, so an
+//! idle connection holds no buffers at all.
+//!
+//! All state lives outside the loops' futures, and every await in `down` is
+//! cancel-safe, so `down` can be dropped at any point (shutdown, the client
+//! closing) and the frames it had half-written are finished before the Close.
+
+use std::io;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::{tcp, unix, TcpStream, UdpSocket, UnixDatagram};
+use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use wsframe::{
+    close_code, write_header, Decoder, DecoderConfig, Frame, OpCode, ProtocolError, Role,
+};
+use wsgate_framing::{AnyFramer, Framer, Kind};
+
+use crate::upstream::PeerConn;
+
+/// Bytes read from a socket at a time.
+const CHUNK: usize = 64 * 1024;
+/// Client payload bytes gathered before they are written to a stream peer.
+const BATCH: usize = 64 * 1024;
+
+/// An upgraded client connection.
+pub enum ClientIo {
+    /// Plain TCP: read on readiness, no idle buffer.
+    Tcp(TcpStream),
+    /// Anything else (TLS): read through `AsyncRead`.
+    Io(Box<dyn Io>),
+}
+
+/// A bidirectional byte stream.
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+/// Per-connection settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub max_message_size: u64,
+    pub idle_timeout: Option<Duration>,
+    pub ping_interval: Option<Duration>,
+    pub pong_timeout: Duration,
+    pub close_timeout: Duration,
+    /// Datagram peers and `echo:`: text messages for valid UTF-8 datagrams.
+    pub datagram_text: bool,
+}
+
+/// How a relay ended, for logs.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Payload bytes client → peer.
+    pub bytes_up: u64,
+    /// Payload bytes peer → client.
+    pub bytes_down: u64,
+    /// Close code we sent, if we sent one.
+    pub close_sent: Option<u16>,
+    /// Close code the client sent, if it sent one.
+    pub close_received: Option<u16>,
+    pub reason: String,
+}
+
+/// Control frames up asks down to send, and liveness bookkeeping.
+#[derive(Default)]
+struct Ctrl {
+    pong: Option<Bytes>,
+    ping: bool,
+    awaiting_pong: Option<Instant>,
+    last_activity: Option<Instant>,
+}
+
+/// State shared by the two loops of one connection (same task: never contended).
+struct Shared {
+    ctrl: Mutex<Ctrl>,
+    wake_down: Notify,
+    track_activity: bool,
+}
+
+impl Shared {
+    fn with<R>(&self, f: impl FnOnce(&mut Ctrl) -> R) -> R {
+        f(&mut self.ctrl.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn touch(&self) {
+        if self.track_activity {
+            self.with(|c| c.last_activity = Some(Instant::now()));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Readers and writers over the concrete socket types.
+
+/// Reads on readiness: the buffer is grown only when bytes are waiting.
+macro_rules! ready_read {
+    ($sock:expr, $buf:expr) => {{
+        loop {
+            $sock.readable().await?;
+            if $buf.capacity() - $buf.len() < CHUNK / 4 {
+                $buf.reserve(CHUNK);
+            }
+            match $sock.try_read_buf($buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => break r,
+            }
+        }
+    }};
+}
+
+enum ClientReader<'a> {
+    Tcp(tcp::ReadHalf<'a>),
+    Io(ReadHalf<Box<dyn Io>>),
+}
+
+impl ClientReader<'_> {
+    async fn read(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        match self {
+            ClientReader::Tcp(s) => ready_read!(s, buf),
+            ClientReader::Io(s) => {
+                if buf.capacity() - buf.len() < CHUNK / 4 {
+                    buf.reserve(CHUNK);
+                }
+                s.read_buf(buf).await
+            }
+        }
+    }
+}
+
+enum ClientWriter<'a> {
+    Tcp(tcp::WriteHalf<'a>),
+    Io(WriteHalf<Box<dyn Io>>),
+}
+
+impl ClientWriter<'_> {
+    /// One write: cancel-safe.
+    async fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        match self {
+            ClientWriter::Tcp(s) => s.write(data).await,
+            ClientWriter::Io(s) => {
+                let n = s.write(data).await?;
+                if n == data.len() {
+                    s.flush().await?;
+                }
+                Ok(n)
+            }
+        }
+    }
+
+    async fn write_all(&mut self, buf: &mut BytesMut) -> io::Result<()> {
+        while !buf.is_empty() {
+            let n = self.write(buf).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            buf.advance(n);
+        }
+        Ok(())
+    }
+
+    async fn shutdown(&mut self) {
+        let _ = match self {
+            ClientWriter::Tcp(s) => s.shutdown().await,
+            ClientWriter::Io(s) => s.shutdown().await,
+        };
+    }
+}
+
+/// What the peer produced.
+enum PeerData {
+    /// More bytes of the stream are in the buffer.
+    Stream,
+    /// One datagram is in the buffer.
+    Datagram,
+    /// One message from `echo:`.
+    Message(bool, Bytes),
+    Eof,
+}
+
+enum PeerReader<'a> {
+    Tcp(tcp::ReadHalf<'a>),
+    Unix(unix::ReadHalf<'a>),
+    Udp(&'a UdpSocket),
+    UnixDgram(&'a UnixDatagram),
+    Echo(&'a mut mpsc::Receiver<(bool, Bytes)>),
+}
+
+impl PeerReader<'_> {
+    /// Cancel-safe.
+    async fn read(&mut self, buf: &mut BytesMut) -> io::Result<PeerData> {
+        let n = match self {
+            PeerReader::Tcp(s) => ready_read!(s, buf)?,
+            PeerReader::Unix(s) => ready_read!(s, buf)?,
+            PeerReader::Udp(s) => {
+                buf.clear();
+                ready_read_dgram(s, buf).await?;
+                return Ok(PeerData::Datagram);
+            }
+            PeerReader::UnixDgram(s) => {
+                buf.clear();
+                loop {
+                    s.readable().await?;
+                    buf.reserve(CHUNK);
+                    match s.try_recv_buf(buf) {
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                        r => break r.map(|_| ())?,
+                    };
+                }
+                return Ok(PeerData::Datagram);
+            }
+            PeerReader::Echo(rx) => {
+                return Ok(match rx.recv().await {
+                    Some((text, b)) => PeerData::Message(text, b),
+                    None => PeerData::Eof,
+                })
+            }
+        };
+        Ok(if n == 0 {
+            PeerData::Eof
+        } else {
+            PeerData::Stream
+        })
+    }
+}
+
+async fn ready_read_dgram(s: &UdpSocket, buf: &mut BytesMut) -> io::Result<()> {
+    loop {
+        s.readable().await?;
+        buf.reserve(CHUNK);
+        match s.try_recv_buf(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            r => return r.map(|_| ()),
+        }
+    }
+}
+
+enum PeerWriter<'a> {
+    Tcp(tcp::WriteHalf<'a>),
+    Unix(unix::WriteHalf<'a>),
+    Udp(&'a UdpSocket),
+    UnixDgram(&'a UnixDatagram),
+    Echo(Option<mpsc::Sender<(bool, Bytes)>>),
+}
+
+impl PeerWriter<'_> {
+    fn is_stream(&self) -> bool {
+        matches!(self, PeerWriter::Tcp(_) | PeerWriter::Unix(_))
+    }
+
+    async fn write_stream(&mut self, data: &[u8]) -> io::Result<()> {
+        match self {
+            PeerWriter::Tcp(s) => s.write_all(data).await,
+            PeerWriter::Unix(s) => s.write_all(data).await,
+            _ => unreachable!("message peers get whole messages"),
+        }
+    }
+
+    async fn send_message(&mut self, text: bool, msg: Bytes) -> io::Result<()> {
+        match self {
+            PeerWriter::Udp(s) => s.send(&msg).await.map(|_| ()),
+            PeerWriter::UnixDgram(s) => s.send(&msg).await.map(|_| ()),
+            PeerWriter::Echo(Some(tx)) => tx
+                .send((text, msg))
+                .await
+                .map_err(|_| io::ErrorKind::BrokenPipe.into()),
+            PeerWriter::Echo(None) => Err(io::ErrorKind::BrokenPipe.into()),
+            _ => unreachable!("stream peers get bytes"),
+        }
+    }
+
+    /// Half-close: the peer sees EOF, and may still answer.
+    async fn shutdown(&mut self) {
+        match self {
+            PeerWriter::Tcp(s) => {
+                let _ = s.shutdown().await;
+            }
+            PeerWriter::Unix(s) => {
+                let _ = s.shutdown().await;
+            }
+            PeerWriter::Echo(tx) => *tx = None,
+            PeerWriter::Udp(_) | PeerWriter::UnixDgram(_) => {}
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Up: client → peer.
+
+enum UpEnd {
+    /// The client sent Close (code, if any). Everything before it reached the
+    /// peer, and the peer's write side is shut down.
+    Close(Option<u16>),
+    /// The client's TCP connection ended without a Close.
+    ClientGone(String),
+    Protocol(ProtocolError),
+    PeerWrite(io::Error),
+}
+
+struct Up {
+    decoder: Decoder,
+    buf: BytesMut,
+    batch: BytesMut,
+    message: Option<(bool, BytesMut)>,
+    bytes: u64,
+}
+
+async fn up_loop(
+    cr: &mut ClientReader<'_>,
+    pw: &mut PeerWriter<'_>,
+    st: &mut Up,
+    shared: &Shared,
+) -> UpEnd {
+    let stream = pw.is_stream();
+    loop {
+        loop {
+            let frame = match st.decoder.next(&mut st.buf) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => return UpEnd::Protocol(e),
+            };
+            match frame {
+                Frame::Data {
+                    payload,
+                    text,
+                    first,
+                    last,
+                    ..
+                } => {
+                    st.bytes += payload.len() as u64;
+                    if stream {
+                        st.batch.extend_from_slice(&payload);
+                        if st.batch.len() >= BATCH {
+                            if let Err(e) = pw.write_stream(&st.batch).await {
+                                return UpEnd::PeerWrite(e);
+                            }
+                            st.batch.clear();
+                        }
+                        continue;
+                    }
+                    if first {
+                        st.message = Some((text, payload));
+                    } else if let Some((_, m)) = st.message.as_mut() {
+                        m.extend_from_slice(&payload);
+                    }
+                    if last {
+                        let (text, m) = st.message.take().expect("message started");
+                        if let Err(e) = pw.send_message(text, m.freeze()).await {
+                            return UpEnd::PeerWrite(e);
+                        }
+                    }
+                }
+                Frame::Control { opcode, payload } => match opcode {
+                    OpCode::Ping => {
+                        shared.with(|c| c.pong = Some(payload.freeze()));
+                        shared.wake_down.notify_one();
+                    }
+                    OpCode::Pong => shared.with(|c| c.awaiting_pong = None),
+                    _ => {
+                        let code = wsframe::parse_close_payload(&payload).map(|(c, _)| c);
+                        if !st.batch.is_empty() {
+                            if let Err(e) = pw.write_stream(&st.batch).await {
+                                return UpEnd::PeerWrite(e);
+                            }
+                            st.batch.clear();
+                        }
+                        pw.shutdown().await;
+                        return UpEnd::Close(code);
+                    }
+                },
+            }
+        }
+        if !st.batch.is_empty() {
+            if let Err(e) = pw.write_stream(&st.batch).await {
+                return UpEnd::PeerWrite(e);
+            }
+            st.batch.clear();
+        }
+        if st.buf.is_empty() && st.buf.capacity() > 0 && matches!(cr, ClientReader::Tcp(_)) {
+            // Idle connections hold no read buffer.
+            st.buf = BytesMut::new();
+        }
+        match cr.read(&mut st.buf).await {
+            Ok(0) => {
+                pw.shutdown().await;
+                return UpEnd::ClientGone(
+                    "client closed the connection without a close frame".into(),
+                );
+            }
+            Ok(_) => shared.touch(),
+            Err(e) => {
+                pw.shutdown().await;
+                return UpEnd::ClientGone(format!("client read failed: {e}"));
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Down: peer → client.
+
+enum DownEnd {
+    /// The peer ended its stream; everything it sent is written to the client.
+    PeerEof,
+    PeerError(io::Error),
+    /// The peer's next message would exceed the size limit, or is malformed.
+    PeerFraming(String),
+    ClientWrite(io::Error),
+}
+
+struct Down {
+    framer: AnyFramer,
+    buf: BytesMut,
+    out: BytesMut,
+    bytes: u64,
+}
+
+/// Appends one unmasked server frame carrying a whole message.
+fn push_message(out: &mut BytesMut, opcode: OpCode, payload: &[u8]) {
+    out.reserve(wsframe::MAX_HEADER_LEN + payload.len());
+    write_header(out, true, 0, opcode, None, payload.len());
+    out.extend_from_slice(payload);
+}
+
+fn kind_opcode(k: Kind) -> OpCode {
+    match k {
+        Kind::Text => OpCode::Text,
+        Kind::Binary => OpCode::Binary,
+    }
+}
+
+impl Down {
+    /// Cuts buffered peer bytes into messages; at EOF whatever is left goes out
+    /// as a final binary message, so nothing read is lost.
+    fn frame(&mut self, eof: bool, max: u64) -> Result<(), DownEnd> {
+        loop {
+            match self.framer.next(&self.buf, eof) {
+                Ok(Some(cut)) => {
+                    let msg = &self.buf[cut.start..cut.end];
+                    self.bytes += msg.len() as u64;
+                    push_message(&mut self.out, kind_opcode(cut.kind), msg);
+                    self.buf.advance(cut.consume);
+                }
+                Ok(None) => break,
+                Err(e) => return Err(DownEnd::PeerFraming(e.to_string())),
+            }
+        }
+        if eof && !self.buf.is_empty() {
+            self.bytes += self.buf.len() as u64;
+            push_message(&mut self.out, OpCode::Binary, &self.buf);
+            self.buf.clear();
+        }
+        if self.buf.len() as u64 > max {
+            return Err(DownEnd::PeerFraming(format!(
+                "peer message exceeds the {max}-byte limit"
+            )));
+        }
+        Ok(())
+    }
+}
+
+async fn down_loop(
+    pr: &mut PeerReader<'_>,
+    cw: &mut ClientWriter<'_>,
+    st: &mut Down,
+    shared: &Shared,
+    settings: &Settings,
+) -> DownEnd {
+    let mut eof = false;
+    loop {
+        if let Err(e) = cw.write_all(&mut st.out).await {
+            return DownEnd::ClientWrite(e);
+        }
+        if st.out.capacity() > 0 {
+            st.out = BytesMut::new();
+        }
+        if eof {
+            return DownEnd::PeerEof;
+        }
+        let (pong, ping) = shared.with(|c| (c.pong.take(), std::mem::take(&mut c.ping)));
+        if let Some(p) = pong {
+            push_message(&mut st.out, OpCode::Pong, &p);
+        }
+        if ping {
+            push_message(&mut st.out, OpCode::Ping, b"wsgate");
+        }
+        if !st.out.is_empty() {
+            continue;
+        }
+        if st.buf.is_empty() && st.buf.capacity() > 0 {
+            st.buf = BytesMut::new();
+        }
+        tokio::select! {
+            biased;
+            _ = shared.wake_down.notified() => {}
+            r = pr.read(&mut st.buf) => {
+                match r {
+                    Ok(PeerData::Stream) => {
+                        shared.touch();
+                        if let Err(end) = st.frame(false, settings.max_message_size) {
+                            return end;
+                        }
+                    }
+                    Ok(PeerData::Datagram) => {
+                        shared.touch();
+                        let text = settings.datagram_text && std::str::from_utf8(&st.buf).is_ok();
+                        st.bytes += st.buf.len() as u64;
+                        push_message(&mut st.out, if text { OpCode::Text } else { OpCode::Binary }, &st.buf);
+                        st.buf.clear();
+                    }
+                    Ok(PeerData::Message(text, m)) => {
+                        st.bytes += m.len() as u64;
+                        push_message(&mut st.out, if text { OpCode::Text } else { OpCode::Binary }, &m);
+                    }
+                    Ok(PeerData::Eof) => {
+                        eof = true;
+                        if let Err(end) = st.frame(true, settings.max_message_size) {
+                            return end;
+                        }
+                    }
+                    Err(e) => return DownEnd::PeerError(e),
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The connection's life cycle.
+
+enum First {
+    Up(UpEnd),
+    Down(DownEnd),
+    Shutdown,
+    Idle,
+    PongTimeout,
+}
+
+/// When the keepalive/idle timer should fire next, and what it means then.
+fn next_deadline(shared: &Shared, s: &Settings, last_ping: Instant) -> Option<Instant> {
+    let (awaiting, activity) = shared.with(|c| (c.awaiting_pong, c.last_activity));
+    let mut d: Option<Instant> = None;
+    let mut consider = |t: Instant| d = Some(d.map_or(t, |x: Instant| x.min(t)));
+    if let (Some(idle), Some(a)) = (s.idle_timeout, activity) {
+        consider(a + idle);
+    }
+    if let Some(p) = s.ping_interval {
+        match awaiting {
+            Some(sent) => consider(sent + s.pong_timeout),
+            None => consider(last_ping + p),
+        }
+    }
+    d
+}
+
+/// Runs a bridged connection to its end.
+pub async fn run(
+    client: ClientIo,
+    leftover: Bytes,
+    peer: PeerConn,
+    framer: AnyFramer,
+    settings: Settings,
+    shutdown: CancellationToken,
+) -> Outcome {
+    match client {
+        ClientIo::Tcp(mut s) => {
+            let (r, w) = s.split();
+            with_peer(
+                ClientReader::Tcp(r),
+                ClientWriter::Tcp(w),
+                peer,
+                leftover,
+                framer,
+                settings,
+                shutdown,
+            )
+            .await
+        }
+        ClientIo::Io(b) => {
+            let (r, w) = tokio::io::split(b);
+            with_peer(
+                ClientReader::Io(r),
+                ClientWriter::Io(w),
+                peer,
+                leftover,
+                framer,
+                settings,
+                shutdown,
+            )
+            .await
+        }
+    }
+}
+
+async fn with_peer(
+    mut cr: ClientReader<'_>,
+    mut cw: ClientWriter<'_>,
+    peer: PeerConn,
+    leftover: Bytes,
+    framer: AnyFramer,
+    settings: Settings,
+    shutdown: CancellationToken,
+) -> Outcome {
+    let (cr, cw) = (&mut cr, &mut cw);
+    let a = (leftover, framer, settings, shutdown);
+    match peer {
+        PeerConn::Tcp(mut s) => {
+            let (r, w) = s.split();
+            run_inner(cr, cw, &mut PeerReader::Tcp(r), &mut PeerWriter::Tcp(w), a).await
+        }
+        PeerConn::Unix(mut s) => {
+            let (r, w) = s.split();
+            run_inner(
+                cr,
+                cw,
+                &mut PeerReader::Unix(r),
+                &mut PeerWriter::Unix(w),
+                a,
+            )
+            .await
+        }
+        PeerConn::Udp(s) => {
+            run_inner(
+                cr,
+                cw,
+                &mut PeerReader::Udp(&s),
+                &mut PeerWriter::Udp(&s),
+                a,
+            )
+            .await
+        }
+        PeerConn::UnixDgram(s) => {
+            run_inner(
+                cr,
+                cw,
+                &mut PeerReader::UnixDgram(&s),
+                &mut PeerWriter::UnixDgram(&s),
+                a,
+            )
+            .await
+        }
+        PeerConn::Echo(tx, mut rx) => {
+            run_inner(
+                cr,
+                cw,
+                &mut PeerReader::Echo(&mut rx),
+                &mut PeerWriter::Echo(Some(tx)),
+                a,
+            )
+            .await
+        }
+    }
+}
+
+async fn run_inner(
+    cr: &mut ClientReader<'_>,
+    cw: &mut ClientWriter<'_>,
+    pr: &mut PeerReader<'_>,
+    pw: &mut PeerWriter<'_>,
+    (leftover, framer, settings, shutdown): (Bytes, AnyFramer, Settings, CancellationToken),
+) -> Outcome {
+    let shared = Shared {
+        ctrl: Mutex::new(Ctrl {
+            last_activity: Some(Instant::now()),
+            ..Default::default()
+        }),
+        wake_down: Notify::new(),
+        track_activity: settings.idle_timeout.is_some(),
+    };
+    let mut up = Up {
+        decoder: Decoder::new(
+            Role::Server,
+            DecoderConfig {
+                max_message_size: settings.max_message_size,
+                ..Default::default()
+            },
+        ),
+        buf: BytesMut::from(&leftover[..]),
+        batch: BytesMut::new(),
+        message: None,
+        bytes: 0,
+    };
+    let mut down = Down {
+        framer,
+        buf: BytesMut::new(),
+        out: BytesMut::new(),
+        bytes: 0,
+    };
+    let mut outcome = Outcome::default();
+
+    let close_timeout = settings.close_timeout;
+    let up_end = {
+        let up_fut = up_loop(cr, pw, &mut up, &shared);
+        tokio::pin!(up_fut);
+        let first = {
+            let down_fut = down_loop(pr, cw, &mut down, &shared, &settings);
+            tokio::pin!(down_fut);
+            let mut last_ping = Instant::now();
+            loop {
+                let deadline = next_deadline(&shared, &settings, last_ping);
+                let timer = async {
+                    match deadline {
+                        Some(d) => tokio::time::sleep_until(d).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    r = &mut up_fut => break First::Up(r),
+                    r = &mut down_fut => break First::Down(r),
+                    _ = shutdown.cancelled() => break First::Shutdown,
+                    _ = timer => {
+                        let now = Instant::now();
+                        let (awaiting, activity) = shared.with(|c| (c.awaiting_pong, c.last_activity));
+                        if let (Some(sent), Some(_)) = (awaiting, settings.ping_interval) {
+                            if now >= sent + settings.pong_timeout {
+                                break First::PongTimeout;
+                            }
+                        }
+                        if let (Some(idle), Some(a)) = (settings.idle_timeout, activity) {
+                            if now >= a + idle {
+                                break First::Idle;
+                            }
+                        }
+                        if let Some(p) = settings.ping_interval {
+                            if awaiting.is_none() && now >= last_ping + p {
+                                last_ping = now;
+                                shared.with(|c| { c.ping = true; c.awaiting_pong = Some(now); });
+                                shared.wake_down.notify_one();
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        // `down` is gone here; frames it had half-written are still in `down.out`.
+        match first {
+            First::Up(end) => Some(end),
+            First::Down(DownEnd::ClientWrite(e)) => {
+                outcome.reason = format!("client write failed: {e}");
+                None
+            }
+            First::PongTimeout => {
+                outcome.reason = "no pong within the deadline".into();
+                None
+            }
+            other => {
+                let (code, reason) = match other {
+                    First::Down(DownEnd::PeerEof) => {
+                        (close_code::NORMAL, "peer closed".to_string())
+                    }
+                    First::Down(DownEnd::PeerError(e)) => {
+                        (close_code::INTERNAL_ERROR, format!("peer error: {e}"))
+                    }
+                    First::Down(DownEnd::PeerFraming(why)) if why.contains("exceeds") => {
+                        (close_code::TOO_BIG, why)
+                    }
+                    First::Down(DownEnd::PeerFraming(why)) => (close_code::INTERNAL_ERROR, why),
+                    First::Idle => (close_code::GOING_AWAY, "idle timeout".to_string()),
+                    _ => (close_code::GOING_AWAY, "gateway shutting down".to_string()),
+                };
+                // Keep forwarding the client's data until its Close comes back.
+                close_then_drain_up(
+                    cw,
+                    &mut up_fut,
+                    &mut down.out,
+                    code,
+                    &reason,
+                    close_timeout,
+                    &mut outcome,
+                )
+                .await;
+                outcome.reason = reason;
+                None
+            }
+        }
+    };
+
+    match up_end {
+        Some(UpEnd::Close(code)) => {
+            outcome.close_received = Some(code.unwrap_or(close_code::NO_STATUS));
+            // Answer with the same code (RFC 6455 §5.5.1); none if none was given.
+            let reply = code.map(|c| (c, ""));
+            finish(cw, cr, &mut down.out, reply, close_timeout, &mut outcome).await;
+            outcome.reason = "client closed".into();
+            drain_peer(pr, close_timeout).await;
+        }
+        Some(UpEnd::ClientGone(why)) => {
+            outcome.reason = why;
+            drain_peer(pr, close_timeout).await;
+        }
+        Some(UpEnd::Protocol(e)) => {
+            outcome.reason = format!("protocol error: {e}");
+            let reason = e.to_string();
+            finish(
+                cw,
+                cr,
+                &mut down.out,
+                Some((e.close_code(), &reason)),
+                close_timeout,
+                &mut outcome,
+            )
+            .await;
+        }
+        Some(UpEnd::PeerWrite(e)) => {
+            outcome.reason = format!("peer write failed: {e}");
+            let code = if e.raw_os_error() == Some(90) {
+                close_code::TOO_BIG // EMSGSIZE: the message does not fit in a datagram
+            } else {
+                close_code::INTERNAL_ERROR
+            };
+            finish(
+                cw,
+                cr,
+                &mut down.out,
+                Some((code, "peer write failed")),
+                close_timeout,
+                &mut outcome,
+            )
+            .await;
+        }
+        None => {}
+    }
+    done(outcome, &up, &down)
+}
+
+/// Reads the peer until it closes (bounded), so that closing our socket with
+/// unread bytes in it does not reset the connection and destroy data still on
+/// its way to the peer.
+async fn drain_peer(pr: &mut PeerReader<'_>, timeout: Duration) {
+    if !matches!(pr, PeerReader::Tcp(_) | PeerReader::Unix(_)) {
+        return;
+    }
+    let _ = tokio::time::timeout(timeout, async {
+        let mut scratch = BytesMut::new();
+        loop {
+            scratch.clear();
+            match pr.read(&mut scratch).await {
+                Ok(PeerData::Stream) => {}
+                _ => break,
+            }
+        }
+    })
+    .await;
+}
+
+fn done(mut outcome: Outcome, up: &Up, down: &Down) -> Outcome {
+    outcome.bytes_up = up.bytes;
+    outcome.bytes_down = down.bytes;
+    outcome
+}
+
+/// Sends our Close after any half-written frames, then keeps the up loop
+/// running (client data still reaches the peer) until the client's Close,
+/// its disconnect, or the timeout.
+#[allow(clippy::too_many_arguments)]
+async fn close_then_drain_up<F: std::future::Future<Output = UpEnd> + Unpin>(
+    cw: &mut ClientWriter<'_>,
+    up: &mut F,
+    out: &mut BytesMut,
+    code: u16,
+    reason: &str,
+    timeout: Duration,
+    outcome: &mut Outcome,
+) {
+    push_message(out, OpCode::Close, &wsframe::close_payload(code, reason));
+    let sent = tokio::time::timeout(timeout, cw.write_all(out)).await;
+    if !matches!(sent, Ok(Ok(()))) {
+        return;
+    }
+    outcome.close_sent = Some(code);
+    if let Ok(UpEnd::Close(c)) = tokio::time::timeout(timeout, up).await {
+        outcome.close_received = Some(c.unwrap_or(close_code::NO_STATUS));
+    }
+    cw.shutdown().await;
+}
+
+/// Finishes half-written frames, sends a Close (if `close` is given, or an
+/// empty one when `None` answers a codeless Close), shuts our side down and
+/// reads until the client closes or the timeout, so nothing we sent is lost
+/// to a reset.
+async fn finish(
+    cw: &mut ClientWriter<'_>,
+    cr: &mut ClientReader<'_>,
+    out: &mut BytesMut,
+    close: Option<(u16, &str)>,
+    timeout: Duration,
+    outcome: &mut Outcome,
+) {
+    let payload = close.map_or_else(Vec::new, |(c, r)| wsframe::close_payload(c, r));
+    push_message(out, OpCode::Close, &payload);
+    let sent = tokio::time::timeout(timeout, cw.write_all(out)).await;
+    if !matches!(sent, Ok(Ok(()))) {
+        return;
+    }
+    outcome.close_sent = Some(close.map_or(close_code::NO_STATUS, |(c, _)| c));
+    cw.shutdown().await;
+    let _ = tokio::time::timeout(timeout, async {
+        let mut scratch = BytesMut::new();
+        loop {
+            scratch.clear();
+            match cr.read(&mut scratch).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+}
