@@ -4,9 +4,8 @@ use crate::frame::{INITIAL_WINDOW, MAX_DATA_PAYLOAD};
 use std::time::Duration;
 
 /// Tunables of a [`crate::Session`]. Every queue and buffer is bounded by one
-/// of these. Build with `Config::default()` and adjust fields.
+/// of these. Build with `Config { field: value, ..Config::default() }`.
 #[derive(Debug, Clone)]
-#[non_exhaustive]
 pub struct Config {
     /// Receive window every stream starts with (at least 256 KiB, the
     /// protocol's implicit initial window; more is granted with the SYN/ACK).

@@ -71,3 +71,7 @@ pub use frame::{reset_code, GoAwayCode};
 pub use session::{Session, Stats};
 pub use stream::Stream;
 pub use transport::{ByteStream, Message, Transport};
+#[cfg(feature = "wsframe")]
+pub mod ws;
+#[cfg(feature = "wsframe")]
+pub use ws::WsTransport;

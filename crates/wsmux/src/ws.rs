@@ -1,0 +1,325 @@
+//! [`Transport`] over a real WebSocket, using the `wsframe` codec.
+//!
+//! [`WsTransport`] drives `wsframe`'s sans-IO [`wsframe::Decoder`] and
+//! [`wsframe::encode_frame`] directly over any `AsyncRead + AsyncWrite`
+//! connection whose opening handshake is done (or does a minimal handshake
+//! itself with [`WsTransport::connect`] / [`WsTransport::accept`]). It answers
+//! WebSocket pings, answers and sends Close frames, and reassembles
+//! fragmented messages; the mux only sees binary and text messages.
+
+use crate::transport::{Message, Transport};
+use bytes::{Buf, Bytes, BytesMut};
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use wsframe::{close_code, encode_frame, Decoder, DecoderConfig, Frame, OpCode, Role};
+
+/// The WebSocket subprotocol name of mux protocol version 1.
+pub const SUBPROTOCOL: &str = "wsmux.v1";
+
+/// Bytes of encoded frames buffered before `poll_ready` waits for the socket.
+const WRITE_HIGH_WATER: usize = 256 * 1024;
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Largest message a mux peer needs: the 12-byte header plus a 64 KiB
+/// payload; the default limit leaves room for other uses (byte streams).
+const DEFAULT_MAX_MESSAGE: u64 = 1 << 20;
+
+/// A WebSocket connection as a mux [`Transport`]. See the module docs.
+pub struct WsTransport<S> {
+    io: S,
+    role: Role,
+    decoder: Decoder,
+    rbuf: BytesMut,
+    partial: Option<(bool, BytesMut)>,
+    wbuf: BytesMut,
+    close_sent: bool,
+    close_received: bool,
+    read_eof: bool,
+}
+
+fn ws_err(e: wsframe::ProtocolError) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> WsTransport<S> {
+    /// Wrap a connection whose handshake is done. `leftover` holds bytes read
+    /// past the handshake (the first frames).
+    pub fn from_raw(io: S, role: Role, config: DecoderConfig, leftover: &[u8]) -> Self {
+        WsTransport {
+            io,
+            role,
+            decoder: Decoder::new(role, config),
+            rbuf: BytesMut::from(leftover),
+            partial: None,
+            wbuf: BytesMut::new(),
+            close_sent: false,
+            close_received: false,
+            read_eof: false,
+        }
+    }
+
+    /// The decoder settings used by [`WsTransport::connect`] and
+    /// [`WsTransport::accept`]: 1 MiB messages, UTF-8 validated.
+    pub fn default_config() -> DecoderConfig {
+        DecoderConfig {
+            max_message_size: DEFAULT_MAX_MESSAGE,
+            ..DecoderConfig::default()
+        }
+    }
+
+    /// Client handshake (RFC 6455 §4.1) on `io`, offering the `wsmux.v1`
+    /// subprotocol, then wrap.
+    pub async fn connect(mut io: S, host: &str, path: &str) -> io::Result<Self> {
+        let key = wsframe::handshake::generate_key();
+        io.write_all(&wsframe::handshake::client_request(
+            host,
+            path,
+            &key,
+            &[SUBPROTOCOL],
+            &[],
+        ))
+        .await?;
+        let mut buf = BytesMut::with_capacity(1024);
+        let resp = loop {
+            if io.read_buf(&mut buf).await? == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed during the WebSocket handshake",
+                ));
+            }
+            match wsframe::handshake::parse_response(&buf) {
+                Ok(Some(r)) => break r,
+                Ok(None) if buf.len() < 16 * 1024 => continue,
+                Ok(None) => return Err(bad_handshake("response head too large")),
+                Err(e) => return Err(bad_handshake(&format!("bad response: {e}"))),
+            }
+        };
+        if resp.status != 101 {
+            return Err(bad_handshake(&format!("status {}", resp.status)));
+        }
+        let expected = wsframe::handshake::accept_key(key.as_bytes());
+        if resp.header("sec-websocket-accept") != Some(expected.as_str()) {
+            return Err(bad_handshake("wrong Sec-WebSocket-Accept"));
+        }
+        let leftover = buf.split_off(resp.head_len);
+        Ok(Self::from_raw(
+            io,
+            Role::Client,
+            Self::default_config(),
+            &leftover,
+        ))
+    }
+
+    /// Minimal server handshake (RFC 6455 §4.2) on `io`: reads the request
+    /// head, checks the key, answers 101 (selecting `wsmux.v1` when offered),
+    /// then wraps. For tests, tools and benchmarks; servers with an HTTP stack
+    /// do the upgrade there and use [`WsTransport::from_raw`].
+    pub async fn accept(mut io: S) -> io::Result<Self> {
+        let mut buf = BytesMut::with_capacity(1024);
+        let (key, proto, head_len) = loop {
+            if io.read_buf(&mut buf).await? == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed during the WebSocket handshake",
+                ));
+            }
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let mut req = httparse::Request::new(&mut headers);
+            match req.parse(&buf) {
+                Ok(httparse::Status::Complete(n)) => {
+                    let find = |name: &str| {
+                        req.headers
+                            .iter()
+                            .find(|h| h.name.eq_ignore_ascii_case(name))
+                            .map(|h| h.value.to_vec())
+                    };
+                    let key = find("sec-websocket-key")
+                        .filter(|k| wsframe::handshake::is_valid_key(k))
+                        .ok_or_else(|| bad_handshake("missing or invalid Sec-WebSocket-Key"))?;
+                    let proto = find("sec-websocket-protocol").is_some_and(|p| {
+                        String::from_utf8_lossy(&p)
+                            .split(',')
+                            .any(|s| s.trim() == SUBPROTOCOL)
+                    });
+                    break (key, proto, n);
+                }
+                Ok(httparse::Status::Partial) if buf.len() < 16 * 1024 => continue,
+                Ok(httparse::Status::Partial) => {
+                    return Err(bad_handshake("request head too large"))
+                }
+                Err(e) => return Err(bad_handshake(&format!("bad request: {e}"))),
+            }
+        };
+        let mut resp = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Accept: {}\r\n",
+            wsframe::handshake::accept_key(&key)
+        );
+        if proto {
+            resp.push_str(&format!("Sec-WebSocket-Protocol: {SUBPROTOCOL}\r\n"));
+        }
+        resp.push_str("\r\n");
+        io.write_all(resp.as_bytes()).await?;
+        let leftover = buf.split_off(head_len);
+        Ok(Self::from_raw(
+            io,
+            Role::Server,
+            Self::default_config(),
+            &leftover,
+        ))
+    }
+
+    fn mask(&self) -> Option<[u8; 4]> {
+        match self.role {
+            Role::Client => Some(rand::random()),
+            Role::Server => None,
+        }
+    }
+
+    fn poll_write_buf(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.wbuf.is_empty() {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.wbuf))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.wbuf.advance(n);
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn send_control(&mut self, op: OpCode, payload: &[u8]) {
+        let mask = self.mask();
+        encode_frame(&mut self.wbuf, true, op, mask, payload);
+    }
+}
+
+fn bad_handshake(what: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("WebSocket handshake: {what}"),
+    )
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Transport for WsTransport<S> {
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Message>>> {
+        loop {
+            if self.close_received || self.read_eof {
+                return Poll::Ready(None);
+            }
+            // Control answers (pongs, close) are queued in the write buffer;
+            // do not let a ping flood grow it: push it out first.
+            if self.wbuf.len() >= WRITE_HIGH_WATER {
+                if let Err(e) = ready!(self.poll_write_buf(cx)) {
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
+            while let Some(frame) = self.decoder.next(&mut self.rbuf).map_err(ws_err)? {
+                match frame {
+                    Frame::Data {
+                        payload,
+                        text,
+                        first,
+                        last,
+                        ..
+                    } => {
+                        if first && last {
+                            let p = payload.freeze();
+                            return Poll::Ready(Some(Ok(if text {
+                                Message::Text(p)
+                            } else {
+                                Message::Binary(p)
+                            })));
+                        }
+                        if first {
+                            self.partial = Some((text, payload));
+                        } else if let Some((_, acc)) = self.partial.as_mut() {
+                            acc.extend_from_slice(&payload);
+                        }
+                        if last {
+                            if let Some((text, acc)) = self.partial.take() {
+                                let p = acc.freeze();
+                                return Poll::Ready(Some(Ok(if text {
+                                    Message::Text(p)
+                                } else {
+                                    Message::Binary(p)
+                                })));
+                            }
+                        }
+                    }
+                    Frame::Control { opcode, payload } => match opcode {
+                        OpCode::Ping => {
+                            if !self.close_sent {
+                                self.send_control(OpCode::Pong, &payload);
+                            }
+                        }
+                        OpCode::Close => {
+                            self.close_received = true;
+                            if !self.close_sent {
+                                self.close_sent = true;
+                                let echo = wsframe::parse_close_payload(&payload)
+                                    .map(|(c, _)| wsframe::close_payload(c, ""))
+                                    .unwrap_or_default();
+                                self.send_control(OpCode::Close, &echo);
+                                // Best effort: the driver flushes on its next
+                                // write pass; the close echo is in the buffer.
+                                let _ = self.poll_write_buf(cx);
+                            }
+                            return Poll::Ready(None);
+                        }
+                        _ => {}
+                    },
+                }
+            }
+            self.rbuf.reserve(READ_CHUNK);
+            match ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut self.io),
+                cx,
+                &mut self.rbuf
+            )) {
+                Ok(0) => {
+                    self.read_eof = true;
+                    return Poll::Ready(None);
+                }
+                Ok(_) => {}
+                Err(e) => return Poll::Ready(Some(Err(e))),
+            }
+        }
+    }
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.close_sent {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "WebSocket close already sent",
+            )));
+        }
+        if self.wbuf.len() >= WRITE_HIGH_WATER {
+            ready!(self.poll_write_buf(cx))?;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn start_send(&mut self, msg: Bytes) -> io::Result<()> {
+        let mask = self.mask();
+        encode_frame(&mut self.wbuf, true, OpCode::Binary, mask, &msg);
+        Ok(())
+    }
+
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_write_buf(cx))?;
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.close_sent {
+            self.close_sent = true;
+            let payload = wsframe::close_payload(close_code::NORMAL, "");
+            self.send_control(OpCode::Close, &payload);
+        }
+        ready!(self.poll_write_buf(cx))?;
+        ready!(Pin::new(&mut self.io).poll_flush(cx))?;
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
