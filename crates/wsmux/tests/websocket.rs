@@ -1,0 +1,223 @@
+//! Integration over real WebSocket connections on loopback (the `wsframe`
+//! codec the gateway uses). Ports are chosen by the OS.
+
+mod common;
+
+use common::payload;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use wsmux::frame::{self, Frame};
+use wsmux::{ByteStream, Config, Error, GoAwayCode, Session, WsTransport};
+
+async fn ws_pair() -> (WsTransport<TcpStream>, WsTransport<TcpStream>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        tcp.set_nodelay(true).unwrap();
+        WsTransport::accept(tcp).await.unwrap()
+    });
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    let client = WsTransport::connect(tcp, &addr.to_string(), "/mux")
+        .await
+        .unwrap();
+    (client, server.await.unwrap())
+}
+
+async fn session_pair() -> (Session, Session) {
+    let (c, s) = ws_pair().await;
+    (
+        Session::client(c, Config::default()),
+        Session::server(s, Config::default()),
+    )
+}
+
+/// Everything must finish well within this; a hang fails instead of blocking CI.
+const LIMIT: Duration = Duration::from_secs(30);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_streams_echo_over_a_real_websocket() {
+    tokio::time::timeout(LIMIT, async {
+        let (client, server) = session_pair().await;
+        let server = Arc::new(server);
+        let srv = server.clone();
+        tokio::spawn(async move {
+            while let Ok(mut s) = srv.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = tokio::io::split(&mut s);
+                    tokio::io::copy(&mut r, &mut w).await.unwrap();
+                    w.shutdown().await.unwrap();
+                });
+            }
+        });
+        let client = Arc::new(client);
+        let mut tasks = Vec::new();
+        for i in 0..50u64 {
+            let client = client.clone();
+            tasks.push(tokio::spawn(async move {
+                let s = client.open().await.unwrap();
+                let data = payload(i, 100_000 + 7919 * i as usize);
+                let (mut r, mut w) = tokio::io::split(s);
+                let expected = data.clone();
+                let writer = tokio::spawn(async move {
+                    // Odd-sized writes.
+                    for chunk in data.chunks(3001) {
+                        w.write_all(chunk).await.unwrap();
+                    }
+                    w.shutdown().await.unwrap();
+                    w
+                });
+                let mut got = Vec::new();
+                r.read_to_end(&mut got).await.unwrap();
+                assert_eq!(got.len(), expected.len());
+                assert!(got == expected, "stream {i}: bytes differ");
+                drop(writer.await.unwrap());
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert!(client.error().is_none());
+        assert!(client.rtt().is_some());
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_transfer_with_half_close_over_a_real_websocket() {
+    tokio::time::timeout(LIMIT, async {
+        let (client, server) = session_pair().await;
+        let total = 32 * 1024 * 1024;
+        let srv = tokio::spawn(async move {
+            let mut s = server.accept().await.unwrap();
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut n = 0usize;
+            let mut sum = 0u64;
+            loop {
+                let k = s.read(&mut buf).await.unwrap();
+                if k == 0 {
+                    break;
+                }
+                sum += buf[..k].iter().map(|&b| b as u64).sum::<u64>();
+                n += k;
+            }
+            s.write_all(format!("{n} {sum}").as_bytes()).await.unwrap();
+            s.shutdown().await.unwrap();
+            server
+        });
+        let mut c = client.open().await.unwrap();
+        let chunk: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
+        let expect_sum: u64 = chunk.iter().map(|&b| b as u64).sum::<u64>() * 512;
+        for _ in 0..total / chunk.len() {
+            c.write_all(&chunk).await.unwrap();
+        }
+        c.shutdown().await.unwrap();
+        let mut reply = String::new();
+        c.read_to_string(&mut reply).await.unwrap();
+        assert_eq!(reply, format!("{total} {expect_sum}"));
+        drop(srv.await.unwrap());
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_the_websocket_fails_the_peer_session() {
+    tokio::time::timeout(LIMIT, async {
+        let (client, server) = session_pair().await;
+        let mut c = client.open().await.unwrap();
+        c.write_all(b"hello").await.unwrap();
+        let mut s = server.accept().await.unwrap();
+        let mut b = [0u8; 5];
+        s.read_exact(&mut b).await.unwrap();
+        drop(client); // GOAWAY NORMAL + WebSocket close
+        let err = s.read_u8().await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionAborted, "{err}");
+        assert!(server.peer_goaway());
+        assert!(matches!(server.error(), Some(Error::TransportClosed)));
+        assert!(c.write_all(b"x").await.is_err());
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_text_message_gets_goaway_text_message() {
+    tokio::time::timeout(LIMIT, async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let session = Session::server(WsTransport::accept(tcp).await.unwrap(), Config::default());
+            session.closed().await
+        });
+        // A plain wsframe client (not a mux session) sends a text message.
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (mut ws, resp) = wsframe::WebSocket::connect(
+            tcp,
+            &addr.to_string(),
+            "/",
+            &[wsmux::ws::SUBPROTOCOL],
+            wsframe::DecoderConfig::default(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(resp.header("sec-websocket-protocol"), Some("wsmux.v1"));
+        ws.send(wsframe::Message::Text("hello".into())).await.unwrap();
+        let code = loop {
+            match ws.recv().await.unwrap() {
+                wsframe::Message::Binary(b) => match frame::decode(b).unwrap() {
+                    Frame::GoAway { code, reason } => {
+                        assert!(reason.contains("text"), "{reason}");
+                        break code;
+                    }
+                    _ => continue,
+                },
+                m => panic!("{m:?}"),
+            }
+        };
+        assert_eq!(code, GoAwayCode::TextMessage);
+        let e = server.await.unwrap();
+        assert!(matches!(
+            e,
+            Error::Protocol {
+                code: GoAwayCode::TextMessage,
+                ..
+            }
+        ));
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_websocket_as_a_byte_stream() {
+    tokio::time::timeout(LIMIT, async {
+        let (c, s) = ws_pair().await;
+        let mut c = ByteStream::new(c);
+        let mut s = ByteStream::new(s);
+        let data = payload(99, 1_000_000);
+        let expected = data.clone();
+        let writer = tokio::spawn(async move {
+            c.write_all(&data).await.unwrap();
+            c.flush().await.unwrap();
+            let mut back = Vec::new();
+            // Reads until the server's close: EOF.
+            c.read_to_end(&mut back).await.unwrap();
+            assert_eq!(back, b"thanks");
+            c.shutdown().await.unwrap();
+        });
+        let mut got = vec![0u8; expected.len()];
+        s.read_exact(&mut got).await.unwrap();
+        assert!(got == expected);
+        s.write_all(b"thanks").await.unwrap();
+        s.shutdown().await.unwrap(); // WebSocket close frame
+        writer.await.unwrap();
+    })
+    .await
+    .expect("test timed out");
+}
