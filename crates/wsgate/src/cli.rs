@@ -191,6 +191,9 @@ fn build_config(a: &ServeArgs) -> anyhow::Result<Config> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    // Signal handlers first: a signal right after the "listening" line must
+    // already mean "shut down in order".
+    let signals = Signals::new()?;
     let bound = listener::bind(&config).await?;
     {
         let mut out = std::io::stdout().lock();
@@ -201,18 +204,30 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     let gw = Gateway::new(config);
     gw.serve(bound);
-    wait_for_signal().await;
+    signals.wait().await;
     tracing::info!(open = gw.active(), "shutting down");
     gw.shutdown().await;
     Ok(())
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
+    }
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
     }
 }

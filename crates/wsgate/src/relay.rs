@@ -38,6 +38,8 @@ use crate::upstream::PeerConn;
 
 /// Bytes read from a socket at a time.
 const CHUNK: usize = 64 * 1024;
+/// Encoded pongs owed before older ones are dropped.
+const MAX_PONGS: usize = 2048;
 /// Client payload bytes gathered before they are written to a stream peer.
 const BATCH: usize = 64 * 1024;
 
@@ -82,7 +84,9 @@ pub struct Outcome {
 /// Control frames up asks down to send, and liveness bookkeeping.
 #[derive(Default)]
 struct Ctrl {
-    pong: Option<Bytes>,
+    /// Pongs owed to the client, encoded. Bounded: past `MAX_PONGS` bytes only
+    /// the latest is kept (RFC 6455 §5.5.3 allows answering just the latest).
+    pongs: BytesMut,
     ping: bool,
     awaiting_pong: Option<Instant>,
     last_activity: Option<Instant>,
@@ -369,7 +373,12 @@ async fn up_loop(
                 }
                 Frame::Control { opcode, payload } => match opcode {
                     OpCode::Ping => {
-                        shared.with(|c| c.pong = Some(payload.freeze()));
+                        shared.with(|c| {
+                            if c.pongs.len() > MAX_PONGS {
+                                c.pongs.clear();
+                            }
+                            push_message(&mut c.pongs, OpCode::Pong, &payload);
+                        });
                         shared.wake_down.notify_one();
                     }
                     OpCode::Pong => shared.with(|c| c.awaiting_pong = None),
@@ -494,10 +503,8 @@ async fn down_loop(
         if eof {
             return DownEnd::PeerEof;
         }
-        let (pong, ping) = shared.with(|c| (c.pong.take(), std::mem::take(&mut c.ping)));
-        if let Some(p) = pong {
-            push_message(&mut st.out, OpCode::Pong, &p);
-        }
+        let (pongs, ping) = shared.with(|c| (c.pongs.split(), std::mem::take(&mut c.ping)));
+        st.out.unsplit(pongs);
         if ping {
             push_message(&mut st.out, OpCode::Ping, b"wsgate");
         }
