@@ -436,10 +436,15 @@ impl Validator<'_> {
         let mut listeners = vec![];
         for (i, l) in raw.listeners.into_iter().enumerate() {
             let tls = match (l.tls_cert, l.tls_key) {
-                (Some(cert), Some(key)) => Some(TlsFiles {
-                    cert: resolve(cert),
-                    key: resolve(key),
-                }),
+                (Some(cert), Some(key)) => {
+                    let (cert, key) = (resolve(cert), resolve(key));
+                    // Load them now: a missing file or a key that does not
+                    // belong to the certificate is a configuration error.
+                    if let Err(e) = crate::tls::acceptor(&cert, &key, &[]) {
+                        self.error("listener", i, "tls_cert", format!("{e:#}"));
+                    }
+                    Some(TlsFiles { cert, key })
+                }
                 (None, None) => None,
                 (Some(_), None) => {
                     self.error(
