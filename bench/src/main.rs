@@ -1,1 +1,170 @@
-fn main() {}
+//! `wsbench` — the load generator, TCP echo server and comparison driver of
+//! the wsgate benchmark. See bench/README.md.
+
+mod compare;
+mod echo;
+mod load;
+mod procs;
+mod proto;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::load::Timing;
+use crate::proto::Target;
+
+#[derive(Parser)]
+#[command(
+    name = "wsbench",
+    version,
+    about = "wsgate benchmark: load generator, echo server, comparison"
+)]
+struct Cli {
+    /// Tokio worker threads of this process.
+    #[arg(long, global = true, default_value_t = 2)]
+    threads: usize,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// TCP echo server; prints `listening on IP:PORT` once bound.
+    Echo {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: String,
+    },
+    /// Run one test against one target and print its result.
+    Load(LoadArgs),
+    /// Start every contender, run every test for several rounds, print the table.
+    Compare(compare::Args),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Test {
+    /// (a) 1 connection, big messages, windowed: MB/s.
+    Throughput,
+    /// (b) small messages, N in flight per connection: msgs/s.
+    Messages,
+    /// (c) strict ping-pong: p50/p99.
+    Latency,
+    /// (d) open N idle connections, report RSS growth of --pid.
+    Idle,
+    /// (e) connect + handshake + one echo + close, from N workers: per second.
+    Handshakes,
+}
+
+#[derive(clap::Args)]
+struct LoadArgs {
+    /// ws://IP:PORT[/path] or tcp://IP:PORT.
+    #[arg(long)]
+    target: Target,
+    #[arg(long, value_enum)]
+    test: Test,
+    /// Connections (messages, idle) or workers (handshakes).
+    #[arg(long, default_value_t = 1)]
+    conns: usize,
+    /// Message size in bytes (default: 65536 for throughput, 64 otherwise;
+    /// 0 for the idle test: handshake only, no echo).
+    #[arg(long)]
+    size: Option<usize>,
+    /// Messages in flight per connection (messages test).
+    #[arg(long, default_value_t = 16)]
+    inflight: usize,
+    /// Messages in flight (throughput test).
+    #[arg(long, default_value_t = 4)]
+    window: usize,
+    /// Seconds measured after the warm-up.
+    #[arg(long, default_value_t = 2.0)]
+    duration: f64,
+    #[arg(long, default_value_t = 0.5)]
+    warmup: f64,
+    /// Connections being opened at once (idle test).
+    #[arg(long, default_value_t = 64)]
+    connect_concurrency: usize,
+    /// Process whose RSS the idle test reads.
+    #[arg(long)]
+    pid: Option<u32>,
+}
+
+fn runtime(threads: usize) -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.max(1))
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = runtime(cli.threads);
+    let r = match cli.cmd {
+        Cmd::Echo { listen } => rt.block_on(async {
+            let l = tokio::net::TcpListener::bind(&listen).await?;
+            println!("listening on {}", l.local_addr()?);
+            echo::serve(l).await
+        }),
+        Cmd::Load(a) => rt.block_on(load_one(a)),
+        Cmd::Compare(a) => rt.block_on(compare::main(a)),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wsbench: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn load_one(a: LoadArgs) -> anyhow::Result<()> {
+    let timing = Timing {
+        warmup: Duration::from_secs_f64(a.warmup),
+        duration: Duration::from_secs_f64(a.duration),
+    };
+    let t = &a.target;
+    match a.test {
+        Test::Throughput => {
+            let size = a.size.unwrap_or(64 * 1024);
+            let r = load::throughput(t, size, a.window, timing).await?;
+            println!("{:.1} MB/s", r / 1e6);
+        }
+        Test::Messages => {
+            let size = a.size.unwrap_or(64);
+            let r = load::messages_rate(t, a.conns, size, a.inflight, timing).await?;
+            println!("{r:.0} msgs/s");
+        }
+        Test::Latency => {
+            let l = load::latency(t, a.size.unwrap_or(64), timing).await?;
+            println!(
+                "p50 {:.1} us, p99 {:.1} us ({} samples)",
+                l.p50_us, l.p99_us, l.samples
+            );
+        }
+        Test::Handshakes => {
+            let h = load::handshakes(t, a.conns, a.size.unwrap_or(64), timing).await?;
+            println!("{:.0} connections/s ({} errors)", h.per_sec, h.errors);
+        }
+        Test::Idle => {
+            let pid = a.pid.ok_or_else(|| anyhow::anyhow!("--pid is needed"))?;
+            let before = load::rss_kib(pid)?;
+            let conns =
+                load::open_idle(t, a.conns, a.connect_concurrency, a.size.unwrap_or(64)).await?;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let after = load::rss_kib(pid)?;
+            println!(
+                "{} connections: RSS {before} KiB -> {after} KiB, {:.1} KiB per connection",
+                conns.len(),
+                (after as f64 - before as f64) / conns.len() as f64
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The benchmark's output folder default.
+fn default_out() -> PathBuf {
+    PathBuf::from("bench/results")
+}
