@@ -294,37 +294,35 @@ impl Gateway {
         };
         let shutdown = self.shutdown.clone();
         let span = tracing::info_span!("ws", id, %remote);
-        self.tracker.spawn(
-            async move {
-                let upgraded = match on_upgrade.await {
-                    Ok(u) => u,
-                    Err(e) => {
-                        debug!("upgrade failed: {e}");
-                        return;
-                    }
-                };
-                let (client, leftover) = into_client(upgraded);
-                let o = relay::run(
-                    client,
-                    leftover,
-                    conn,
-                    framing.new_framer(),
-                    settings,
-                    shutdown,
-                )
-                .await;
-                info!(
-                    bytes_up = o.bytes_up,
-                    bytes_down = o.bytes_down,
-                    close_sent = ?o.close_sent,
-                    close_received = ?o.close_received,
-                    reason = %o.reason,
-                    "websocket closed"
-                );
-                drop(guard);
-            }
-            .instrument(span),
-        );
+        let fut = async move {
+            let upgraded = match on_upgrade.await {
+                Ok(u) => u,
+                Err(e) => {
+                    debug!("upgrade failed: {e}");
+                    return;
+                }
+            };
+            let (client, leftover) = into_client(upgraded);
+            let o = relay::run(
+                client,
+                leftover,
+                conn,
+                framing.new_framer(),
+                settings,
+                shutdown,
+            )
+            .await;
+            info!(
+                bytes_up = o.bytes_up,
+                bytes_down = o.bytes_down,
+                close_sent = ?o.close_sent,
+                close_received = ?o.close_received,
+                reason = %o.reason,
+                "websocket closed"
+            );
+            drop(guard);
+        };
+        self.tracker.spawn(fut.instrument(span));
         handshake::switching_protocols(&accept, protocol.as_deref())
     }
 }

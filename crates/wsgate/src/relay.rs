@@ -36,8 +36,25 @@ use wsgate_framing::{AnyFramer, Framer, Kind};
 
 use crate::upstream::PeerConn;
 
-/// Bytes read from a socket at a time.
+/// Most bytes read from a socket at a time (and the datagram buffer size).
 const CHUNK: usize = 64 * 1024;
+/// First read size of a connection: reads that fill the buffer double it up to
+/// `CHUNK`, so chatty connections stay small and bulk ones get big reads.
+const FIRST_CHUNK: usize = 4 * 1024;
+
+/// Makes room for the next read according to the adaptive size `hint`.
+fn make_room(buf: &mut BytesMut, hint: usize) {
+    if buf.capacity() - buf.len() < hint / 4 {
+        buf.reserve(hint);
+    }
+}
+
+/// Grows the hint when a read filled all the room it had.
+fn grow(hint: &mut usize, read: usize, room: usize) {
+    if read == room && *hint < CHUNK {
+        *hint *= 2;
+    }
+}
 /// Encoded pongs owed before older ones are dropped.
 const MAX_PONGS: usize = 2048;
 /// Client payload bytes gathered before they are written to a stream peer.
@@ -116,14 +133,17 @@ impl Shared {
 
 /// Reads on readiness: the buffer is grown only when bytes are waiting.
 macro_rules! ready_read {
-    ($sock:expr, $buf:expr) => {{
+    ($sock:expr, $buf:expr, $hint:expr) => {{
         loop {
             $sock.readable().await?;
-            if $buf.capacity() - $buf.len() < CHUNK / 4 {
-                $buf.reserve(CHUNK);
-            }
+            make_room($buf, *$hint);
+            let room = $buf.capacity() - $buf.len();
             match $sock.try_read_buf($buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Ok(n) => {
+                    grow($hint, n, room);
+                    break Ok(n);
+                }
                 r => break r,
             }
         }
@@ -136,14 +156,15 @@ enum ClientReader<'a> {
 }
 
 impl ClientReader<'_> {
-    async fn read(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+    async fn read(&mut self, buf: &mut BytesMut, hint: &mut usize) -> io::Result<usize> {
         match self {
-            ClientReader::Tcp(s) => ready_read!(s, buf),
+            ClientReader::Tcp(s) => ready_read!(s, buf, hint),
             ClientReader::Io(s) => {
-                if buf.capacity() - buf.len() < CHUNK / 4 {
-                    buf.reserve(CHUNK);
-                }
-                s.read_buf(buf).await
+                make_room(buf, *hint);
+                let room = buf.capacity() - buf.len();
+                let n = s.read_buf(buf).await?;
+                grow(hint, n, room);
+                Ok(n)
             }
         }
     }
@@ -209,10 +230,10 @@ enum PeerReader<'a> {
 
 impl PeerReader<'_> {
     /// Cancel-safe.
-    async fn read(&mut self, buf: &mut BytesMut) -> io::Result<PeerData> {
+    async fn read(&mut self, buf: &mut BytesMut, hint: &mut usize) -> io::Result<PeerData> {
         let n = match self {
-            PeerReader::Tcp(s) => ready_read!(s, buf)?,
-            PeerReader::Unix(s) => ready_read!(s, buf)?,
+            PeerReader::Tcp(s) => ready_read!(s, buf, hint)?,
+            PeerReader::Unix(s) => ready_read!(s, buf, hint)?,
             PeerReader::Udp(s) => {
                 buf.clear();
                 ready_read_dgram(s, buf).await?;
@@ -321,6 +342,7 @@ enum UpEnd {
 struct Up {
     decoder: Decoder,
     buf: BytesMut,
+    hint: usize,
     batch: BytesMut,
     message: Option<(bool, BytesMut)>,
     bytes: u64,
@@ -406,7 +428,7 @@ async fn up_loop(
             // Idle connections hold no read buffer.
             st.buf = BytesMut::new();
         }
-        match cr.read(&mut st.buf).await {
+        match cr.read(&mut st.buf, &mut st.hint).await {
             Ok(0) => {
                 pw.shutdown().await;
                 return UpEnd::ClientGone(
@@ -437,6 +459,7 @@ enum DownEnd {
 struct Down {
     framer: AnyFramer,
     buf: BytesMut,
+    hint: usize,
     out: BytesMut,
     bytes: u64,
 }
@@ -517,7 +540,7 @@ async fn down_loop(
         tokio::select! {
             biased;
             _ = shared.wake_down.notified() => {}
-            r = pr.read(&mut st.buf) => {
+            r = pr.read(&mut st.buf, &mut st.hint) => {
                 match r {
                     Ok(PeerData::Stream) => {
                         shared.touch();
@@ -699,14 +722,23 @@ async fn run_inner(
                 ..Default::default()
             },
         ),
-        buf: BytesMut::from(&leftover[..]),
+        // Copy what hyper read past the request head, and let go of hyper's
+        // read buffer, which `leftover` would otherwise keep alive.
+        buf: if leftover.is_empty() {
+            BytesMut::new()
+        } else {
+            BytesMut::from(&leftover[..])
+        },
+        hint: FIRST_CHUNK,
         batch: BytesMut::new(),
         message: None,
         bytes: 0,
     };
+    drop(leftover);
     let mut down = Down {
         framer,
         buf: BytesMut::new(),
+        hint: FIRST_CHUNK,
         out: BytesMut::new(),
         bytes: 0,
     };
@@ -855,10 +887,10 @@ async fn drain_peer(pr: &mut PeerReader<'_>, timeout: Duration) {
         return;
     }
     let _ = tokio::time::timeout(timeout, async {
-        let mut scratch = BytesMut::new();
+        let (mut scratch, mut hint) = (BytesMut::new(), CHUNK);
         loop {
             scratch.clear();
-            match pr.read(&mut scratch).await {
+            match pr.read(&mut scratch, &mut hint).await {
                 Ok(PeerData::Stream) => {}
                 _ => break,
             }
@@ -919,10 +951,10 @@ async fn finish(
     outcome.close_sent = Some(close.map_or(close_code::NO_STATUS, |(c, _)| c));
     cw.shutdown().await;
     let _ = tokio::time::timeout(timeout, async {
-        let mut scratch = BytesMut::new();
+        let (mut scratch, mut hint) = (BytesMut::new(), FIRST_CHUNK);
         loop {
             scratch.clear();
-            match cr.read(&mut scratch).await {
+            match cr.read(&mut scratch, &mut hint).await {
                 Ok(0) | Err(_) => break,
                 Ok(_) => {}
             }
