@@ -39,7 +39,7 @@ fi
 
 # ---------------------------------------------------------------- 1. Debian
 install_debian() {
-  local want=(redis-server socat chromium curl nginx haproxy python3 python3-venv
+  local want=(redis-server socat chromium curl openssl nginx haproxy python3 python3-venv
     gcc libc6-dev ca-certificates debian-archive-keyring procps)
   if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
     want+=(nodejs npm)

@@ -13,6 +13,8 @@
 //              peers may re-chunk: the concatenation is compared. With
 //              --datagram every message must come back as one message, in
 //              order. --sequential waits for each echo before sending on.
+//              --check-types: every message must come back with the type it
+//              was sent with (text/binary).
 //              Then closes with 1000 and reports the close code seen.
 //   send-close --bytes N [--chunk M]
 //              send N random bytes as binary messages of at most M bytes,
@@ -28,7 +30,7 @@ import WebSocket from 'ws';
 import { createHash, randomBytes } from 'node:crypto';
 
 const [url, mode, ...rest] = process.argv.slice(2);
-const opt = { protocols: [], timeout: 60, sizes: [], text: false, datagram: false, sequential: false, bytes: 0, chunk: 1 << 20 };
+const opt = { protocols: [], timeout: 60, sizes: [], text: false, checkTypes: false, datagram: false, sequential: false, bytes: 0, chunk: 1 << 20 };
 for (let i = 0; i < rest.length; i++) {
   const a = rest[i];
   switch (a) {
@@ -37,6 +39,7 @@ for (let i = 0; i < rest.length; i++) {
     case '--sizes': opt.sizes = rest[++i].split(',').filter((s) => s !== '').map(Number); break;
     case '--text': opt.text = true; break;
     case '--datagram': opt.datagram = true; break;
+    case '--check-types': opt.checkTypes = true; break;
     case '--sequential': opt.sequential = true; break;
     case '--bytes': opt.bytes = Number(rest[++i]); break;
     case '--chunk': opt.chunk = Number(rest[++i]); break;
@@ -133,7 +136,7 @@ function runEcho() {
     receivedBytes += buf.length;
     progress.messages = received.length;
     progress.bytes = receivedBytes;
-    if (opt.datagram && isBinary === opt.text) typesOk = false;
+    if (opt.checkTypes && isBinary === opt.text) typesOk = false;
     if (opt.sequential && !done()) sendNext();
     if (done() && !closing) {
       closing = true;

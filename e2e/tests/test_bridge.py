@@ -34,12 +34,7 @@ def test_stream_echo_python(quick_gateway, stream_peer):
     gw = quick_gateway(stream_peer.spec)
     sent = clients.payloads(STREAM_SIZES, seed=7)
     expected = b"".join(sent)
-    with clients.connect(gw.url) as ws:
-        sender = clients.Sender(ws, sent)
-        sender.start()
-        got, nmsg = clients.recv_bytes(ws, len(expected), timeout=60)
-        sender.join(30)
-        assert sender.error is None, sender.error
+    got, nmsg = clients.echo_stream(gw.url, sent, timeout=60)
     assert len(got) == len(expected)
     assert got == expected, "echoed bytes differ from the bytes sent (corrupted or reordered)"
 
@@ -54,11 +49,7 @@ def test_stream_echo_node(quick_gateway, stream_peer, node_client):
 def test_stream_many_small_messages_in_order(quick_gateway, stream_peer):
     gw = quick_gateway(stream_peer.spec)
     msgs = [f"{i:06d};".encode() for i in range(5000)]
-    with clients.connect(gw.url) as ws:
-        sender = clients.Sender(ws, msgs)
-        sender.start()
-        got, _ = clients.recv_bytes(ws, sum(map(len, msgs)), timeout=60)
-        sender.join(30)
+    got, _ = clients.echo_stream(gw.url, msgs, timeout=60)
     assert got == b"".join(msgs)
 
 
@@ -163,9 +154,9 @@ def test_echo_peer_keeps_message_types(quick_gateway):
 
 def test_echo_peer_node(quick_gateway, node_client):
     gw = quick_gateway("echo:")
-    r = node_client(gw.url, "echo", "--datagram", "--text", "--sizes", "0,1,125,126,70000,2000000", timeout=60)
+    r = node_client(gw.url, "echo", "--datagram", "--check-types", "--text", "--sizes", "0,1,125,126,70000,2000000", timeout=60)
     assert r["ok"], r
-    r = node_client(gw.url, "echo", "--datagram", "--sizes", ",".join(map(str, STREAM_SIZES)), timeout=60)
+    r = node_client(gw.url, "echo", "--datagram", "--check-types", "--sizes", ",".join(map(str, STREAM_SIZES)), timeout=60)
     assert r["ok"], r
 
 

@@ -15,19 +15,16 @@ def test_python_client_helpers_against_node_ws(node_echo_server):
     url = node_echo_server()
     sizes = [0, 1, 125, 126, 65536, 1 << 20, 3 << 20]
     sent = clients.payloads(sizes)
-    with clients.connect(url) as ws:
-        s = clients.Sender(ws, sent)
-        s.start()
-        got = clients.recv_messages(ws, len(sent), timeout=30)
-        s.join(10)
-        assert s.error is None
-    assert [clients.as_bytes(m) for m in got] == sent
+    got, n = clients.echo_stream(url, sent, timeout=30)
+    assert got == b"".join(sent)
+    assert n == len(sent)  # a message-preserving echo: the 0-byte one comes back first
+
 
 
 @pytest.mark.parametrize("text", [False, True])
 def test_node_client_echo_against_node_ws(node_echo_server, node_client, text):
     url = node_echo_server()
-    args = ["--sizes", "0,1,126,65536,1048576,5000000", "--datagram"] + (["--text"] if text else [])
+    args = ["--sizes", "0,1,126,65536,1048576,5000000", "--datagram", "--check-types"] + (["--text"] if text else [])
     r = node_client(url, "echo", *args, timeout=60)
     assert r["ok"], r
     assert r["closeCode"] == 1000 and r["messages"] == 6

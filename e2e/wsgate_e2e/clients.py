@@ -1,6 +1,11 @@
-"""Python `websockets` (sync API) client helpers. Sending runs in its own thread
-while the caller's thread receives, so big transfers cannot deadlock on
-backpressure; every receive has a deadline."""
+"""Python `websockets` client helpers; every receive has a deadline.
+
+Mostly the sync API. Caveat: a sync connection holds its lock while a send is
+blocked on a full socket, and its reader thread needs that lock too, so a big
+send while the echo is still coming back can deadlock *in the client*
+(seen with 8 MiB messages through a Unix echo peer). Transfers where the peer
+answers while the client is still sending go through echo_stream(), which uses
+the asyncio API (reads continue while a send waits for the socket)."""
 
 from __future__ import annotations
 
@@ -52,7 +57,10 @@ def recv_bytes(ws, total: int, timeout: float) -> tuple[bytes, int]:
         left = deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError(f"received {len(got)} of {total} bytes in {n} messages within {timeout}s")
-        got += as_bytes(ws.recv(timeout=left))
+        try:
+            got += as_bytes(ws.recv(timeout=left))
+        except TimeoutError:
+            raise TimeoutError(f"received {len(got)} of {total} bytes in {n} messages within {timeout}s") from None
         n += 1
     return bytes(got), n
 
@@ -89,3 +97,40 @@ def sha256(b: bytes) -> str:
 
 def rand(n: int) -> bytes:
     return os.urandom(n)
+
+
+def echo_stream(url: str, sent: list, timeout: float, protocols=None, text: bool = False) -> tuple[bytes, int]:
+    """Send `sent` while concurrently receiving until as many bytes came back
+    (asyncio API, see the module doc). Returns (bytes received, message count);
+    closes with 1000. Raises TimeoutError (with progress) after `timeout`."""
+    import asyncio
+
+    from websockets.asyncio.client import connect as aconnect
+
+    total = sum(len(m) for m in sent)
+    progress = {"bytes": 0, "messages": 0, "sent": 0}
+
+    async def main():
+        async with aconnect(url, subprotocols=protocols, compression=None, proxy=None, max_size=None,
+                            open_timeout=10, close_timeout=10, ping_interval=None) as ws:
+            async def send():
+                for m in sent:
+                    await ws.send(m.decode() if text else m)
+                    progress["sent"] += 1
+
+            async def recv():
+                got = bytearray()
+                while len(got) < total:
+                    got += as_bytes(await ws.recv())
+                    progress["bytes"] = len(got)
+                    progress["messages"] += 1
+                return bytes(got)
+
+            _, got = await asyncio.gather(send(), recv())
+            return got, progress["messages"]
+
+    try:
+        return asyncio.run(asyncio.wait_for(main(), timeout))
+    except (TimeoutError, asyncio.TimeoutError):
+        raise TimeoutError(f"after {timeout}s: sent {progress['sent']}/{len(sent)} messages, received "
+                           f"{progress['bytes']}/{total} bytes in {progress['messages']} messages") from None
