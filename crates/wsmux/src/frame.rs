@@ -374,6 +374,17 @@ pub(crate) fn put_header(
     buf.put_u32(value);
 }
 
+/// The 12 header bytes of a frame.
+pub(crate) fn header(typ: FrameType, flags: Flags, stream_id: u32, value: u32) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[0] = VERSION;
+    h[1] = typ as u8;
+    h[2..4].copy_from_slice(&flags.0.to_be_bytes());
+    h[4..8].copy_from_slice(&stream_id.to_be_bytes());
+    h[8..12].copy_from_slice(&value.to_be_bytes());
+    h
+}
+
 /// Encode a DATA frame whose payload is copied from `data`.
 pub(crate) fn encode_data(stream_id: u32, flags: Flags, data: &[u8]) -> Bytes {
     let mut buf = BytesMut::with_capacity(HEADER_LEN + data.len());
@@ -400,7 +411,11 @@ impl Frame {
                 payload,
             } => {
                 let mut buf = BytesMut::with_capacity(HEADER_LEN + payload.len());
-                let value = if flags.contains(Flags::RST) { *rst_code } else { 0 };
+                let value = if flags.contains(Flags::RST) {
+                    *rst_code
+                } else {
+                    0
+                };
                 put_header(&mut buf, FrameType::Data, *flags, *stream_id, value);
                 buf.extend_from_slice(payload);
                 buf.freeze()
@@ -420,7 +435,13 @@ impl Frame {
                 let r = reason.as_bytes();
                 let r = &r[..r.len().min(MAX_GOAWAY_REASON)];
                 let mut buf = BytesMut::with_capacity(HEADER_LEN + r.len());
-                put_header(&mut buf, FrameType::GoAway, Flags::empty(), 0, code.to_u32());
+                put_header(
+                    &mut buf,
+                    FrameType::GoAway,
+                    Flags::empty(),
+                    0,
+                    code.to_u32(),
+                );
                 buf.extend_from_slice(r);
                 buf.freeze()
             }

@@ -61,6 +61,7 @@
 mod config;
 mod error;
 pub mod frame;
+mod pool;
 mod session;
 mod stream;
 pub mod transport;

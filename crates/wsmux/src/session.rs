@@ -2,6 +2,7 @@
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::pool::BufPool;
 use crate::frame::{self, reset_code, Flags, Frame, FrameType, GoAwayCode, INITIAL_WINDOW};
 use crate::stream::Stream;
 use crate::transport::{Message, Transport};
@@ -18,6 +19,9 @@ use tokio::time::{Instant, Sleep};
 /// RSTs for refused streams waiting to be sent; the driver stops reading
 /// while this many are queued, so a SYN flood cannot grow memory.
 const RST_QUEUE_CAP: usize = 64;
+/// Frame buffers a session keeps for reuse (at most about 2 MiB with 32 KiB
+/// frames, and only as many as were in flight at once).
+const POOL_BUFFERS: usize = 64;
 /// Messages handled per driver poll before yielding.
 const READ_BUDGET: usize = 128;
 /// Messages written per driver poll before yielding.
@@ -91,6 +95,8 @@ impl StreamState {
 
 pub(crate) struct Inner {
     pub(crate) cfg: Config,
+    /// Reusable buffers for outgoing DATA frames.
+    pub(crate) pool: Arc<BufPool>,
     role: Role,
     pub(crate) streams: HashMap<u32, StreamState>,
     next_id: u64,
@@ -139,9 +145,15 @@ impl Inner {
     }
 
     pub(crate) fn push_data(&mut self, frame: Bytes) {
+        // The driver drains the queue until it is empty (or the transport
+        // or its budget stops it, and then those wake it), so only the
+        // empty -> non-empty transition needs a wake-up.
+        let was_empty = self.data_q.is_empty();
         self.data_q_bytes += frame.len();
         self.data_q.push_back(frame);
-        self.wake_driver();
+        if was_empty {
+            self.wake_driver();
+        }
     }
 
     pub(crate) fn send_queue_full(&self) -> bool {
@@ -561,8 +573,9 @@ impl<T: Transport> Driver<T> {
                     let res = match msg {
                         Message::Text(_) => Err(Error::Protocol {
                             code: GoAwayCode::TextMessage,
-                            reason: "WebSocket text message received; only binary messages carry frames"
-                                .to_string(),
+                            reason:
+                                "WebSocket text message received; only binary messages carry frames"
+                                    .to_string(),
                         }),
                         Message::Binary(b) => match frame::decode(b) {
                             Err(e) => Err(Error::protocol(&e)),
@@ -751,6 +764,7 @@ impl Session {
         let now = Instant::now();
         let shared = Arc::new(Shared {
             inner: Mutex::new(Inner {
+                pool: BufPool::new(frame::HEADER_LEN + cfg.max_frame_payload, POOL_BUFFERS),
                 cfg,
                 role,
                 streams: HashMap::new(),

@@ -7,7 +7,9 @@
 //! WebSocket pings, answers and sends Close frames, and reassembles
 //! fragmented messages; the mux only sees binary and text messages.
 
+use crate::pool::BufPool;
 use crate::transport::{Message, Transport};
+use std::sync::Arc;
 use bytes::{Buf, Bytes, BytesMut};
 use std::io;
 use std::pin::Pin;
@@ -20,7 +22,13 @@ pub const SUBPROTOCOL: &str = "wsmux.v1";
 
 /// Bytes of encoded frames buffered before `poll_ready` waits for the socket.
 const WRITE_HIGH_WATER: usize = 256 * 1024;
-const READ_CHUNK: usize = 64 * 1024;
+const READ_CHUNK: usize = 256 * 1024;
+/// Message buffers kept for reuse: up to about 8 MiB, only as much as the
+/// traffic has actually had in flight at once.
+const RECV_POOL_BUFFERS: usize = 128;
+/// First allocation for a message that arrives in pieces (a mux frame is at
+/// most 12 + 65536 bytes).
+const PARTIAL_CAPACITY: usize = 12 + 64 * 1024;
 
 /// Largest message a mux peer needs: the 12-byte header plus a 64 KiB
 /// payload; the default limit leaves room for other uses (byte streams).
@@ -32,11 +40,12 @@ pub struct WsTransport<S> {
     role: Role,
     decoder: Decoder,
     rbuf: BytesMut,
-    partial: Option<(bool, BytesMut)>,
+    partial: Option<(bool, Vec<u8>)>,
     wbuf: BytesMut,
     close_sent: bool,
     close_received: bool,
     read_eof: bool,
+    pool: Arc<BufPool>,
 }
 
 fn ws_err(e: wsframe::ProtocolError) -> io::Error {
@@ -57,6 +66,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> WsTransport<S> {
             close_sent: false,
             close_received: false,
             read_eof: false,
+            pool: BufPool::new(PARTIAL_CAPACITY, RECV_POOL_BUFFERS),
         }
     }
 
@@ -224,8 +234,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Transport for WsTranspo
                         last,
                         ..
                     } => {
+                        // Payload pieces are views into the read buffer. They
+                        // are copied out (and dropped at once) so the read
+                        // buffer stays uniquely owned and is reused for every
+                        // read, and a message kept by a slow stream holds
+                        // exactly its own bytes, not a whole read chunk.
                         if first && last {
-                            let p = payload.freeze();
+                            let p = self.pool.bytes(&[&payload]);
                             return Poll::Ready(Some(Ok(if text {
                                 Message::Text(p)
                             } else {
@@ -233,13 +248,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Transport for WsTranspo
                             })));
                         }
                         if first {
-                            self.partial = Some((text, payload));
+                            let mut acc = self.pool.take();
+                            acc.extend_from_slice(&payload);
+                            self.partial = Some((text, acc));
                         } else if let Some((_, acc)) = self.partial.as_mut() {
                             acc.extend_from_slice(&payload);
                         }
+                        drop(payload);
                         if last {
                             if let Some((text, acc)) = self.partial.take() {
-                                let p = acc.freeze();
+                                let p = if acc.capacity() > 2 * acc.len() + 4096 {
+                                    // A short message in a pooled buffer: copy
+                                    // it out and recycle the buffer.
+                                    let p = Bytes::copy_from_slice(&acc);
+                                    drop(self.pool.wrap(acc));
+                                    p
+                                } else {
+                                    self.pool.wrap(acc)
+                                };
                                 return Poll::Ready(Some(Ok(if text {
                                     Message::Text(p)
                                 } else {

@@ -66,7 +66,9 @@ async fn echo_many_streams_both_directions() {
         t.await.unwrap();
     }
     let server_streams = echo.await.unwrap();
-    assert!(server_streams.iter().all(|s| s.id() % 2 == 0 || s.id() % 2 == 1));
+    assert!(server_streams
+        .iter()
+        .all(|s| s.id() % 2 == 0 || s.id() % 2 == 1));
     drop(server_streams);
     assert_eq!(client.stats().buffered, 0);
     assert!(client.rtt().is_some());
@@ -240,7 +242,10 @@ async fn dead_peer_is_detected_by_the_keepalive_deadline() {
     assert!(matches!(session.error(), Some(Error::KeepaliveTimeout(_))));
     // The first PING goes out at once; its deadline is 5 s later.
     assert!(elapsed >= Duration::from_secs(5) && elapsed < Duration::from_secs(6));
-    assert!(matches!(session.open().await, Err(Error::KeepaliveTimeout(_))));
+    assert!(matches!(
+        session.open().await,
+        Err(Error::KeepaliveTimeout(_))
+    ));
 }
 
 #[tokio::test(start_paused = true)]
@@ -407,7 +412,11 @@ async fn peer_refuses_streams_beyond_its_limits() {
 }
 
 /// Transfer `total` bytes on a fresh stream; returns the virtual time taken.
-async fn timed_transfer(client: &wsmux::Session, server: &wsmux::Session, total: usize) -> Duration {
+async fn timed_transfer(
+    client: &wsmux::Session,
+    server: &wsmux::Session,
+    total: usize,
+) -> Duration {
     let start = Instant::now();
     let mut c = client.open().await.unwrap();
     let writer = async move {
@@ -468,7 +477,10 @@ async fn a_stalled_reader_stalls_only_its_own_stream() {
     assert_eq!(window, 256 * 1024);
     assert!(stalled_r.recv_buffered() <= window);
     assert!(server.stats().buffered <= window + 256 * 1024);
-    assert!(!flood.is_finished(), "the flooding writer is blocked on credit");
+    assert!(
+        !flood.is_finished(),
+        "the flooding writer is blocked on credit"
+    );
     eprintln!("8 MiB alone: {alone:?}; next to a stalled stream: {with_stall:?}");
     // The other stream kept its full speed (virtual time: deterministic).
     assert!(

@@ -164,7 +164,9 @@ async fn acceptor(session: Arc<Session>, cfg: Config, specs: Arc<Vec<Spec>>) {
         (None, _) => {} // we reset it
         (Some(Ok(())), WriterEnd::Fin) => {
             assert_eq!(got.len(), data.len(), "stream {index}: FIN before all data");
-            s.write_all(&(got.len() as u64).to_be_bytes()).await.unwrap();
+            s.write_all(&(got.len() as u64).to_be_bytes())
+                .await
+                .unwrap();
             s.shutdown().await.unwrap();
         }
         (Some(Ok(())), WriterEnd::Drop(_)) => panic!("stream {index}: EOF after RST"),
@@ -178,7 +180,14 @@ async fn acceptor(session: Arc<Session>, cfg: Config, specs: Arc<Vec<Spec>>) {
     }
 }
 
-fn run_case(seed: u64, max_delay_us: u64, frame: usize, queue: usize, extra_mem: usize, specs: Vec<Spec>) {
+fn run_case(
+    seed: u64,
+    max_delay_us: u64,
+    frame: usize,
+    queue: usize,
+    extra_mem: usize,
+    specs: Vec<Spec>,
+) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .start_paused(true)
@@ -209,8 +218,17 @@ fn run_case(seed: u64, max_delay_us: u64, frame: usize, queue: usize, extra_mem:
             } else {
                 (server.clone(), client.clone())
             };
-            tasks.push(tokio::spawn(opener(open_side, cfg.clone(), i as u32, spec.clone())));
-            tasks.push(tokio::spawn(acceptor(accept_side, cfg.clone(), specs.clone())));
+            tasks.push(tokio::spawn(opener(
+                open_side,
+                cfg.clone(),
+                i as u32,
+                spec.clone(),
+            )));
+            tasks.push(tokio::spawn(acceptor(
+                accept_side,
+                cfg.clone(),
+                specs.clone(),
+            )));
         }
         let all = async {
             for t in tasks {

@@ -152,7 +152,8 @@ async fn a_text_message_gets_goaway_text_message() {
         let addr = listener.local_addr().unwrap();
         let server = tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.unwrap();
-            let session = Session::server(WsTransport::accept(tcp).await.unwrap(), Config::default());
+            let session =
+                Session::server(WsTransport::accept(tcp).await.unwrap(), Config::default());
             session.closed().await
         });
         // A plain wsframe client (not a mux session) sends a text message.
@@ -167,7 +168,9 @@ async fn a_text_message_gets_goaway_text_message() {
         .await
         .unwrap();
         assert_eq!(resp.header("sec-websocket-protocol"), Some("wsmux.v1"));
-        ws.send(wsframe::Message::Text("hello".into())).await.unwrap();
+        ws.send(wsframe::Message::Text("hello".into()))
+            .await
+            .unwrap();
         let code = loop {
             match ws.recv().await.unwrap() {
                 wsframe::Message::Binary(b) => match frame::decode(b).unwrap() {
@@ -220,4 +223,40 @@ async fn one_websocket_as_a_byte_stream() {
     })
     .await
     .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_then_one_byte_reply_repeatedly() {
+    for round in 0..20 {
+        let (client, server) = session_pair().await;
+        let srv = tokio::spawn(async move {
+            let mut s = server.accept().await.unwrap();
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut n = 0;
+            loop {
+                let k = s.read(&mut buf).await.unwrap();
+                if k == 0 {
+                    break;
+                }
+                n += k;
+            }
+            s.write_all(b"k").await.unwrap();
+            s.flush().await.unwrap();
+            s.shutdown().await.unwrap();
+            drop(s);
+            (server, n)
+        });
+        let mut c = client.open().await.unwrap();
+        let chunk = vec![1u8; 64 * 1024];
+        for _ in 0..64 {
+            c.write_all(&chunk).await.unwrap();
+        }
+        c.flush().await.unwrap();
+        c.shutdown().await.unwrap();
+        let mut b = [0u8; 1];
+        let r = c.read(&mut b).await;
+        let (_server, n) = srv.await.unwrap();
+        assert_eq!(n, 64 * 64 * 1024);
+        assert!(matches!(r, Ok(1)), "round {round}: {r:?}");
+    }
 }
