@@ -73,7 +73,8 @@ impl BufPool {
         })
     }
 
-    /// Copy `parts` into one pooled buffer when they fit, else a plain one.
+    /// Copy `parts` into one pooled buffer when they fit, else into an exact
+    /// allocation.
     pub(crate) fn bytes(self: &Arc<Self>, parts: &[&[u8]]) -> Bytes {
         let len: usize = parts.iter().map(|p| p.len()).sum();
         if len > self.cap {

@@ -2,8 +2,8 @@
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::pool::BufPool;
 use crate::frame::{self, reset_code, Flags, Frame, FrameType, GoAwayCode, INITIAL_WINDOW};
+use crate::pool::BufPool;
 use crate::stream::Stream;
 use crate::transport::{Message, Transport};
 use bytes::{Bytes, BytesMut};
@@ -220,8 +220,8 @@ impl Inner {
 
     fn is_local_id(&self, id: u32) -> bool {
         match self.role {
-            Role::Client => id % 2 == 1,
-            Role::Server => id % 2 == 0,
+            Role::Client => id & 1 == 1,
+            Role::Server => id & 1 == 0,
         }
     }
 

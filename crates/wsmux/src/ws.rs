@@ -9,10 +9,10 @@
 
 use crate::pool::BufPool;
 use crate::transport::{Message, Transport};
-use std::sync::Arc;
 use bytes::{Buf, Bytes, BytesMut};
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use wsframe::{close_code, encode_frame, Decoder, DecoderConfig, Frame, OpCode, Role};
@@ -26,9 +26,11 @@ const READ_CHUNK: usize = 256 * 1024;
 /// Message buffers kept for reuse: up to about 8 MiB, only as much as the
 /// traffic has actually had in flight at once.
 const RECV_POOL_BUFFERS: usize = 128;
-/// First allocation for a message that arrives in pieces (a mux frame is at
-/// most 12 + 65536 bytes).
-const PARTIAL_CAPACITY: usize = 12 + 64 * 1024;
+/// Capacity of the pooled message buffers: a default-sized mux frame (12 +
+/// 32 KiB). Larger messages get exact allocations; messages under half this
+/// size are copied into exact allocations too, so a buffered message never
+/// occupies more than twice its length.
+const RECV_BUF_CAPACITY: usize = 12 + 32 * 1024 + 64;
 
 /// Largest message a mux peer needs: the 12-byte header plus a 64 KiB
 /// payload; the default limit leaves room for other uses (byte streams).
@@ -66,7 +68,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> WsTransport<S> {
             close_sent: false,
             close_received: false,
             read_eof: false,
-            pool: BufPool::new(PARTIAL_CAPACITY, RECV_POOL_BUFFERS),
+            pool: BufPool::new(RECV_BUF_CAPACITY, RECV_POOL_BUFFERS),
         }
     }
 
@@ -240,7 +242,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Transport for WsTranspo
                         // read, and a message kept by a slow stream holds
                         // exactly its own bytes, not a whole read chunk.
                         if first && last {
-                            let p = self.pool.bytes(&[&payload]);
+                            let p = if payload.len() * 2 < RECV_BUF_CAPACITY {
+                                Bytes::copy_from_slice(&payload)
+                            } else {
+                                self.pool.bytes(&[&payload])
+                            };
                             return Poll::Ready(Some(Ok(if text {
                                 Message::Text(p)
                             } else {
@@ -275,10 +281,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Transport for WsTranspo
                         }
                     }
                     Frame::Control { opcode, payload } => match opcode {
-                        OpCode::Ping => {
-                            if !self.close_sent {
-                                self.send_control(OpCode::Pong, &payload);
-                            }
+                        OpCode::Ping if !self.close_sent => {
+                            self.send_control(OpCode::Pong, &payload);
                         }
                         OpCode::Close => {
                             self.close_received = true;
