@@ -131,13 +131,21 @@ impl RawPeer {
             match self.recv().await? {
                 Message::Binary(b) => match frame::decode(b).unwrap() {
                     Frame::Ping { ack: false, opaque } => {
-                        self.send(Frame::Ping { ack: true, opaque }.encode()).await
+                        self.try_send(Frame::Ping { ack: true, opaque }.encode())
+                            .await;
                     }
                     f => return Some(f),
                 },
                 Message::Text(_) => panic!("text from session"),
             }
         }
+    }
+    /// Send unless the session has closed the transport.
+    pub async fn try_send(&mut self, msg: Bytes) -> bool {
+        if poll_fn(|cx| self.t.poll_ready(cx)).await.is_err() {
+            return false;
+        }
+        self.t.start_send(msg).is_ok()
     }
     pub async fn send(&mut self, msg: Bytes) {
         poll_fn(|cx| self.t.poll_ready(cx)).await.unwrap();
