@@ -261,6 +261,12 @@ impl Inner {
             return Err(proto("SYN for an already used stream id"));
         }
         self.last_peer_id = id;
+        if INITIAL_WINDOW as u64 + window_delta as u64 > u32::MAX as u64 {
+            return Err(Error::Protocol {
+                code: GoAwayCode::FlowControlError,
+                reason: format!("stream {id}: send credit above 2^32-1"),
+            });
+        }
         let refuse = self.goaway_sent
             || self.streams.len() >= self.cfg.max_streams
             || self.accept_q.len() >= self.cfg.accept_backlog
@@ -353,14 +359,16 @@ impl Inner {
                 flags,
                 delta,
             } => {
-                if flags.contains(Flags::SYN) {
+                let syn = flags.contains(Flags::SYN);
+                if syn {
+                    // The delta is the opener's extra window: part of the
+                    // new stream's initial send credit.
                     self.on_syn(stream_id, delta)?;
-                    return Ok(());
                 }
                 let Some(st) = self.streams.get_mut(&stream_id) else {
                     return self.check_closed_id(stream_id);
                 };
-                if st.rst_recv.is_none() {
+                if !syn && st.rst_recv.is_none() {
                     st.send_credit += delta as u64;
                     if st.send_credit > u32::MAX as u64 {
                         return Err(Error::Protocol {

@@ -529,3 +529,48 @@ async fn window_grows_when_the_rtt_demands_it_and_stays_bounded() {
     assert!(max_window <= 2 * 1024 * 1024);
     writer.await.unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn syn_fin_and_extra_window_in_one_frame() {
+    let (session, mut raw) = raw_client(Config::default());
+    raw.send(
+        Frame::WindowUpdate {
+            stream_id: 1,
+            flags: Flags::SYN.with(Flags::FIN),
+            delta: 1 << 20,
+        }
+        .encode(),
+    )
+    .await;
+    let mut s = session.accept().await.unwrap();
+    // The peer half-closed in its SYN: EOF at once, writing still works,
+    // with the extra credit the SYN granted (256 KiB + 1 MiB).
+    assert_eq!(s.read(&mut [0u8; 8]).await.unwrap(), 0);
+    s.write_all(&vec![5u8; 1280 * 1024]).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut got = 0;
+    let mut acked = false;
+    loop {
+        match raw.recv_frame().await.unwrap() {
+            Frame::WindowUpdate {
+                stream_id: 1,
+                flags,
+                ..
+            } if flags.contains(Flags::ACK) => acked = true,
+            Frame::Data {
+                stream_id: 1,
+                flags,
+                payload,
+                ..
+            } => {
+                got += payload.len();
+                if flags.contains(Flags::FIN) {
+                    break;
+                }
+            }
+            f => panic!("{f:?}"),
+        }
+    }
+    assert!(acked);
+    assert_eq!(got, 1280 * 1024);
+}

@@ -43,11 +43,9 @@ fuzz_target!(|data: &[u8]| {
             tokio::task::yield_now().await;
             if kind & 0x80 != 0 {
                 // Accept whatever is waiting, then drop it (RST).
-                if let Ok(Ok(s)) = tokio::time::timeout(
-                    std::time::Duration::from_millis(1),
-                    session.accept(),
-                )
-                .await
+                if let Ok(Ok(s)) =
+                    tokio::time::timeout(std::time::Duration::from_millis(1), session.accept())
+                        .await
                 {
                     drop(s);
                 }
