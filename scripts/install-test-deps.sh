@@ -85,7 +85,8 @@ install_venv() {
   local want have=""
   want="$(stamp_of "$E2E/requirements.txt")"
   [ -f "$E2E/.venv/.stamp" ] && have="$(cat "$E2E/.venv/.stamp")"
-  if [ -z "${FORCE:-}" ] && [ "$want" = "$have" ] && [ -x "$E2E/.venv/bin/pytest" ]; then
+  if [ -z "${FORCE:-}" ] && [ "$want" = "$have" ] \
+    && "$E2E/.venv/bin/python" -c 'import pytest, pytest_timeout, websockets' 2>/dev/null; then
     log "e2e/.venv: up to date"
     return
   fi
@@ -102,7 +103,8 @@ install_node_modules() {
   local want have=""
   want="$(stamp_of "$E2E/package-lock.json" "$E2E/package.json")"
   [ -f "$E2E/node_modules/.e2e-stamp" ] && have="$(cat "$E2E/node_modules/.e2e-stamp")"
-  if [ -z "${FORCE:-}" ] && [ "$want" = "$have" ]; then
+  if [ -z "${FORCE:-}" ] && [ "$want" = "$have" ] && [ -d "$E2E/node_modules/ws" ] \
+    && [ -d "$E2E/node_modules/playwright-core" ]; then
     log "e2e/node_modules: up to date"
     return
   fi

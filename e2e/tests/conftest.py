@@ -141,7 +141,8 @@ def write_config(tmp_path):
 @pytest.fixture
 def peer(sockdir):
     """peer(kind) -> a running peer: tcp-echo, unix-echo, udp-echo, unix-dgram-echo,
-    tcp-blaster(payload=), unix-blaster(payload=), tcp-sink, unix-sink."""
+    tcp-blaster(payload=), unix-blaster(payload=), tcp-sink, unix-sink,
+    tcp-script(chunks=, gap=), tcp-flood(limit=), tcp-stall."""
     made = []
     n = [0]
 
@@ -162,6 +163,12 @@ def peer(sockdir):
             p = peerlib.StreamBlaster(s.AF_INET, ("127.0.0.1", 0), kw["payload"])
         elif kind == "unix-blaster":
             p = peerlib.StreamBlaster(s.AF_UNIX, str(path), kw["payload"])
+        elif kind == "tcp-script":
+            p = peerlib.StreamScript(s.AF_INET, ("127.0.0.1", 0), kw["chunks"], kw.get("gap", 0.05))
+        elif kind == "tcp-flood":
+            p = peerlib.StreamFlood(s.AF_INET, ("127.0.0.1", 0), kw["limit"])
+        elif kind == "tcp-stall":
+            p = peerlib.StreamStall(s.AF_INET, ("127.0.0.1", 0))
         elif kind == "tcp-sink":
             p = peerlib.StreamSink(s.AF_INET, ("127.0.0.1", 0))
         elif kind == "unix-sink":

@@ -217,3 +217,83 @@ def short_tmp_dir(base: Path) -> Path:
     d = Path(tempfile.mkdtemp(prefix="wsg-"))
     os.chmod(d, 0o700)
     return d
+
+
+class StreamScript(_StreamServer):
+    """On connect writes `chunks` one by one (TCP_NODELAY, `gap` seconds apart, so
+    the gateway sees separate reads), then shuts its write side down (EOF) and
+    reads until the gateway closes."""
+
+    def __init__(self, family, address, chunks: list[bytes], gap: float = 0.05):
+        self.chunks, self.gap = chunks, gap
+        super().__init__(family, address)
+
+    def handle(self, conn):
+        import time
+
+        if conn.family == socket.AF_INET:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i, c in enumerate(self.chunks):
+            if i and self.gap:
+                time.sleep(self.gap)  # creates separate reads; not a synchronisation
+            conn.sendall(c)
+        conn.shutdown(socket.SHUT_WR)
+        conn.settimeout(30)
+        while conn.recv(BUF):
+            pass
+
+
+class StreamFlood(_StreamServer):
+    """On connect writes `limit` bytes of a deterministic pattern as fast as the
+    gateway takes them, then closes. `.sent` counts what the kernel accepted;
+    `.sha256` is the hash of all `limit` bytes."""
+
+    CHUNK = 64 * 1024
+
+    def __init__(self, family, address, limit: int):
+        self.limit = limit
+        self.sent = 0
+        self.finished = threading.Event()
+        block = hashlib.sha256(b"flood").digest() * (self.CHUNK // 32)
+        self.blocks = [bytes([i & 0xFF]) + block[1:] for i in range(256)]
+        h = hashlib.sha256()
+        for i in range(limit // self.CHUNK):
+            h.update(self.blocks[i & 0xFF])
+        self.sha256 = h.hexdigest()
+        assert limit % self.CHUNK == 0
+        super().__init__(family, address)
+
+    def handle(self, conn):
+        for i in range(self.limit // self.CHUNK):
+            conn.sendall(self.blocks[i & 0xFF])
+            self.sent += self.CHUNK
+        self.finished.set()
+        conn.close()
+
+
+class StreamStall(_StreamServer):
+    """Accepts and reads nothing until `.resume` is set; then reads everything
+    until EOF (`.done`), hashing it."""
+
+    def __init__(self, family, address):
+        self.resume = threading.Event()
+        self.done = threading.Event()
+        self.received = 0
+        self._hash = hashlib.sha256()
+        super().__init__(family, address)
+
+    def handle(self, conn):
+        while not self.resume.wait(0.2):
+            if self._stop.is_set():
+                return
+        while True:
+            data = conn.recv(BUF)
+            if not data:
+                self.done.set()
+                return
+            self.received += len(data)
+            self._hash.update(data)
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
