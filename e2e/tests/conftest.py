@@ -142,7 +142,7 @@ def write_config(tmp_path):
 def peer(sockdir):
     """peer(kind) -> a running peer: tcp-echo, unix-echo, udp-echo, unix-dgram-echo,
     tcp-blaster(payload=), unix-blaster(payload=), tcp-sink, unix-sink,
-    tcp-script(chunks=, gap=), tcp-flood(limit=), tcp-stall."""
+    tcp-script(chunks=, gap=), tcp-flood(limit=), tcp-stall, tcp-tag(tag=)."""
     made = []
     n = [0]
 
@@ -163,6 +163,8 @@ def peer(sockdir):
             p = peerlib.StreamBlaster(s.AF_INET, ("127.0.0.1", 0), kw["payload"])
         elif kind == "unix-blaster":
             p = peerlib.StreamBlaster(s.AF_UNIX, str(path), kw["payload"])
+        elif kind == "tcp-tag":
+            p = peerlib.StreamTagEcho(s.AF_INET, ("127.0.0.1", 0), kw["tag"])
         elif kind == "tcp-script":
             p = peerlib.StreamScript(s.AF_INET, ("127.0.0.1", 0), kw["chunks"], kw.get("gap", 0.05))
         elif kind == "tcp-flood":

@@ -297,3 +297,16 @@ class StreamStall(_StreamServer):
     @property
     def sha256(self) -> str:
         return self._hash.hexdigest()
+
+
+class StreamTagEcho(StreamEcho):
+    """An echo peer that first says who it is (`tag` + b"\\n"), so a client can
+    tell which peer the gateway picked."""
+
+    def __init__(self, family, address, tag: str):
+        self.tag = tag.encode() + b"\n"
+        super().__init__(family, address)
+
+    def handle(self, conn):
+        conn.sendall(self.tag)
+        super().handle(conn)

@@ -190,9 +190,10 @@ class RawWebSocket:
 
     @classmethod
     def open(cls, host: str, port: int, path: str = "/", protocols: list[str] | None = None,
-             timeout: float = 10.0) -> "RawWebSocket":
+             timeout: float = 10.0, host_header: str | None = None,
+             extra: dict[str, str] | None = None) -> "RawWebSocket":
         s = connect(host, port, timeout)
-        s.sendall(ws_request(path, host=f"{host}:{port}", protocols=protocols))
+        s.sendall(ws_request(path, host=host_header or f"{host}:{port}", protocols=protocols, extra=extra))
         resp, rest = read_http_response(s, timeout)
         if resp.status != 101:
             s.close()
