@@ -1,0 +1,1084 @@
+//! Admission control before the upgrade, and a bandwidth cap after it.
+//!
+//! WebSocket endpoints are a favourite flood target: a handshake is cheap for
+//! the client and costs the gateway a backend connection. [`Admission`] is the
+//! one gate every handshake passes before any backend is touched. It applies,
+//! in this order:
+//!
+//! 1. a per-client new-connection **rate** ([`RateSpec`], a GCRA limiter), also
+//!    applied to plain HTTP requests through [`Admission::check_rate`];
+//! 2. a **global cap** on open WebSockets;
+//! 3. a per-client cap on **concurrent** WebSockets.
+//!
+//! A passed handshake holds a [`Permit`]; dropping it gives both slots back. A
+//! refused one gets a [`Refusal`], which knows its HTTP status (429 with
+//! `Retry-After`, or 503) and its metrics label.
+//!
+//! # Who is a client
+//!
+//! An IPv4 client is its address; an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`,
+//! as dual-stack sockets report IPv4 peers) is that IPv4 address. An IPv6
+//! client is its **/64**: one subscriber usually gets a whole /64 (or more) and
+//! can pick any address in it, so keying on the full address would let a single
+//! host walk past every per-client limit.
+//!
+//! # Bounded state
+//!
+//! Nothing here grows with the number of addresses that ever knocked:
+//!
+//! - The rate limiter remembers one theoretical arrival time (8 bytes) per
+//!   client, in a table capped at [`DEFAULT_MAX_TRACKED_IPS`] entries (see
+//!   [`Admission::with_max_tracked_ips`]). An entry whose arrival time has
+//!   passed has recovered its whole burst: it says nothing a fresh entry would
+//!   not, so it is forgotten — on a sweep at most once a second per shard, and
+//!   whenever the table is full. If the table is still nearly full after that
+//!   (a flood of distinct addresses within one burst period), the entries
+//!   closest to recovery are evicted, an eighth of the table at a time, so the
+//!   cost stays amortised O(1) per handshake. Evicting the entries nearest to
+//!   recovery keeps the heavy hitters, which have the furthest arrival times:
+//!   a flooding client stays limited while a spray of one-shot addresses
+//!   passes through. The price is that an evicted client may get a fresh
+//!   burst early; that is the right failure (the global cap still holds),
+//!   where refusing unknown clients would let an attacker lock everyone out.
+//! - Per-client connection counters exist only while the client has an open
+//!   WebSocket, so there are at most as many as the global cap.
+//!
+//! The tables are sharded mutexes over `std`'s SipHash `HashMap`, whose random
+//! keys keep attacker-chosen addresses from colliding on purpose.
+//!
+//! Why not `governor`: its keyed store can forget recovered keys
+//! (`retain_recent`), but cannot cap how many keys it holds. A flood of
+//! distinct addresses inside one burst period has nothing recovered to forget,
+//! and the map would grow by one entry per address. The GCRA itself is a few
+//! lines, so it lives here with the eviction policy it needs.
+//!
+//! # Time
+//!
+//! Time is [`tokio::time::Instant`], so tests that pause tokio's clock control
+//! the limiter too. [`Admission::admit_at`] and [`Admission::check_rate_at`]
+//! take the instant explicitly; the plain methods read the clock.
+//!
+//! # Bandwidth
+//!
+//! [`Bandwidth`] is a per-connection token bucket owned by one relay task: no
+//! locks, no allocation. It answers how long to wait before sending the next
+//! chunk, so the relay stops reading from the fast side and TCP back-pressure
+//! does the rest.
+
+use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::BuildHasher;
+use std::net::IpAddr;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use http::StatusCode;
+use tokio::time::Instant;
+
+/// Default cap on the number of clients the rate limiter remembers at once
+/// (about 3 MiB of table at most).
+pub const DEFAULT_MAX_TRACKED_IPS: usize = 100_000;
+
+/// `Retry-After` suggested for refusals that are not rate-based (caps).
+const CAP_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// Most shards per table; a table gets one shard per 4096 tracked clients.
+const MAX_SHARDS: usize = 16;
+
+/// Each shard forgets recovered clients at most this often (on access).
+const SWEEP_EVERY_NS: u64 = 1_000_000_000;
+
+/// What [`Admission`] enforces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdmissionConfig {
+    /// New WebSocket handshakes and plain HTTP requests per client.
+    pub per_ip_rate: Option<RateSpec>,
+    /// Concurrent WebSockets per client.
+    pub per_ip_max_connections: Option<usize>,
+    /// Concurrent WebSockets in all.
+    pub max_connections: usize,
+}
+
+impl Default for AdmissionConfig {
+    /// No per-client limits; 10,000 WebSockets in all.
+    fn default() -> Self {
+        Self {
+            per_ip_rate: None,
+            per_ip_max_connections: None,
+            max_connections: 10_000,
+        }
+    }
+}
+
+/// A rate with a burst: `count` events per `period` on average, and up to
+/// `burst` at once from an idle start.
+///
+/// Written `COUNT/UNIT [burst N]`, with UNIT `s`, `m` or `h` (also `sec`,
+/// `second`, `min`, `minute`, `hour`): `"20/s"`, `"600/m"`, `"5/s burst 10"`.
+/// Without `burst`, the burst is `count` (one period's worth, as `governor`'s
+/// quotas do).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateSpec {
+    count: u32,
+    period: Duration,
+    burst: u32,
+}
+
+/// A rate that does not parse or makes no sense.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid rate {input:?}: {problem}; expected COUNT/UNIT [burst N] with UNIT s, m or h, \
+     e.g. \"20/s\", \"600/m\" or \"5/s burst 10\""
+)]
+pub struct RateSpecError {
+    input: String,
+    problem: &'static str,
+}
+
+impl RateSpec {
+    /// `count` events per `period`, up to `burst` at once.
+    pub fn new(count: u32, period: Duration, burst: u32) -> Result<Self, RateSpecError> {
+        let err = |problem| RateSpecError {
+            input: format!("{count}/{period:?} burst {burst}"),
+            problem,
+        };
+        if count == 0 {
+            return Err(err("the count must be at least 1"));
+        }
+        if burst == 0 {
+            return Err(err("the burst must be at least 1"));
+        }
+        if period.as_nanos() / u128::from(count) == 0 {
+            return Err(err("more than one event per nanosecond"));
+        }
+        Ok(Self {
+            count,
+            period,
+            burst,
+        })
+    }
+
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+
+    pub fn period(&self) -> Duration {
+        self.period
+    }
+
+    pub fn burst(&self) -> u32 {
+        self.burst
+    }
+
+    /// The average rate in events per second.
+    pub fn per_second(&self) -> f64 {
+        f64::from(self.count) / self.period.as_secs_f64()
+    }
+
+    /// Time between two events at the average rate (at least 1 ns).
+    pub fn interval(&self) -> Duration {
+        Duration::from_nanos(self.interval_ns())
+    }
+
+    fn interval_ns(&self) -> u64 {
+        let ns = self.period.as_nanos() / u128::from(self.count);
+        u64::try_from(ns).unwrap_or(u64::MAX).max(1)
+    }
+}
+
+impl FromStr for RateSpec {
+    type Err = RateSpecError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = |problem| RateSpecError {
+            input: s.to_owned(),
+            problem,
+        };
+        let text = s.trim();
+        if text.is_empty() {
+            return Err(err("it is empty"));
+        }
+        let (rate, burst) = match text.split_once("burst") {
+            Some((rate, burst)) => (rate.trim(), Some(burst.trim())),
+            None => (text, None),
+        };
+        let (count, unit) = rate
+            .split_once('/')
+            .ok_or_else(|| err("there is no '/' between the count and the unit"))?;
+        let count: u32 = count
+            .trim()
+            .parse()
+            .map_err(|_| err("the count is not a whole number"))?;
+        let secs = match unit.trim() {
+            "s" | "sec" | "second" => 1,
+            "m" | "min" | "minute" => 60,
+            "h" | "hour" => 3600,
+            "" => return Err(err("the unit is missing")),
+            _ => return Err(err("the unit is not s, m or h")),
+        };
+        let burst = match burst {
+            None => count,
+            Some("") => return Err(err("'burst' needs a number after it")),
+            Some(b) => b
+                .parse()
+                .map_err(|_| err("the burst is not a whole number"))?,
+        };
+        if count == 0 {
+            return Err(err("the count must be at least 1"));
+        }
+        if burst == 0 {
+            return Err(err("the burst must be at least 1"));
+        }
+        Self::new(count, Duration::from_secs(secs), burst).map_err(|e| err(e.problem))
+    }
+}
+
+impl fmt::Display for RateSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let unit = match self.period.as_secs() {
+            1 => "s".to_owned(),
+            60 => "m".to_owned(),
+            3600 => "h".to_owned(),
+            _ => format!("{:?}", self.period),
+        };
+        write!(f, "{}/{} burst {}", self.count, unit, self.burst)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for RateSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Why a handshake (or request) was refused before the upgrade.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The client opens connections faster than its [`RateSpec`] allows.
+    #[error("too many new connections from this client; retry in {retry_after:?}")]
+    RateLimited { retry_after: Duration },
+    /// The client already has its share of open WebSockets.
+    #[error("too many open WebSockets from this client")]
+    TooManyFromIp,
+    /// The gateway has as many open WebSockets as it takes.
+    #[error("too many open WebSockets")]
+    TooManyTotal,
+}
+
+impl Refusal {
+    /// 429 Too Many Requests for a client's own excess, 503 for the global cap.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Refusal::RateLimited { .. } | Refusal::TooManyFromIp => StatusCode::TOO_MANY_REQUESTS,
+            Refusal::TooManyTotal => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// Label for `wsgate_handshake_refusals_total{reason=...}`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::RateLimited { .. } => "rate_limited",
+            Refusal::TooManyFromIp => "per_ip_cap",
+            Refusal::TooManyTotal => "global_cap",
+        }
+    }
+
+    /// When trying again may succeed: exact for the rate, a 1 s hint for caps.
+    pub fn retry_after(&self) -> Duration {
+        match self {
+            Refusal::RateLimited { retry_after } => *retry_after,
+            Refusal::TooManyFromIp | Refusal::TooManyTotal => CAP_RETRY_AFTER,
+        }
+    }
+
+    /// [`retry_after`](Self::retry_after) in whole seconds, rounded up and at
+    /// least 1: the value of the `Retry-After` header.
+    pub fn retry_after_secs(&self) -> u64 {
+        let d = self.retry_after();
+        let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+        secs.max(1)
+    }
+}
+
+/// The key a client is limited by: an IPv4 address or an IPv6 /64.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum ClientKey {
+    V4(u32),
+    V6(u64),
+}
+
+impl From<IpAddr> for ClientKey {
+    fn from(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(v4) => ClientKey::V4(v4.into()),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => ClientKey::V4(v4.into()),
+                None => ClientKey::V6((u128::from(v6) >> 64) as u64),
+            },
+        }
+    }
+}
+
+/// GCRA parameters, in nanoseconds: emission interval and burst tolerance.
+#[derive(Debug, Clone, Copy)]
+struct Gcra {
+    interval: u64,
+    tolerance: u64,
+}
+
+impl Gcra {
+    fn new(spec: &RateSpec) -> Self {
+        let interval = spec.interval_ns();
+        Self {
+            interval,
+            tolerance: interval.saturating_mul(u64::from(spec.burst - 1)),
+        }
+    }
+
+    /// One event at `now` against theoretical arrival time `tat`: conforming
+    /// events push `tat` one interval on; others leave it and say how long
+    /// until one would conform.
+    fn update(&self, tat: &mut u64, now: u64) -> Result<(), u64> {
+        let base = (*tat).max(now);
+        let earliest = base.saturating_sub(self.tolerance);
+        if earliest > now {
+            return Err(earliest - now);
+        }
+        *tat = base.saturating_add(self.interval);
+        Ok(())
+    }
+}
+
+/// One shard of the rate table.
+#[derive(Default)]
+struct RateShard {
+    /// Theoretical arrival time per client, in ns since `Inner::origin`.
+    /// An entry at or before now has recovered its burst.
+    tats: HashMap<ClientKey, u64>,
+    last_sweep: u64,
+    /// Reused when choosing what to evict; never longer than the shard's cap.
+    scratch: Vec<u64>,
+}
+
+impl RateShard {
+    fn check(&mut self, key: ClientKey, now: u64, gcra: &Gcra, cap: usize) -> Result<(), u64> {
+        if now.saturating_sub(self.last_sweep) >= SWEEP_EVERY_NS {
+            self.forget_recovered(now);
+        }
+        if let Some(tat) = self.tats.get_mut(&key) {
+            return gcra.update(tat, now);
+        }
+        let mut tat = now;
+        gcra.update(&mut tat, now)?;
+        if self.tats.len() >= cap {
+            self.make_room(now, cap);
+        }
+        self.tats.insert(key, tat);
+        Ok(())
+    }
+
+    fn forget_recovered(&mut self, now: u64) {
+        self.last_sweep = now;
+        self.tats.retain(|_, tat| *tat > now);
+        shrink_if_sparse(&mut self.tats);
+    }
+
+    /// Brings the shard to 7/8 of `cap`: recovered entries first, then those
+    /// closest to recovering (smallest arrival time).
+    fn make_room(&mut self, now: u64, cap: usize) {
+        self.forget_recovered(now);
+        let target = cap - (cap / 8).max(1);
+        let Some(excess) = self.tats.len().checked_sub(target).filter(|&n| n > 0) else {
+            return;
+        };
+        self.scratch.clear();
+        self.scratch.extend(self.tats.values().copied());
+        let (_, &mut threshold, _) = self.scratch.select_nth_unstable(excess - 1);
+        let below = self.scratch.iter().filter(|&&t| t < threshold).count();
+        let mut equal_to_drop = excess - below;
+        self.tats.retain(|_, &mut tat| {
+            if tat < threshold {
+                false
+            } else if tat == threshold && equal_to_drop > 0 {
+                equal_to_drop -= 1;
+                false
+            } else {
+                true
+            }
+        });
+        self.scratch.clear();
+    }
+}
+
+/// Gives memory back after a flood: a table at a quarter of its capacity or
+/// less is halved.
+fn shrink_if_sparse<V>(map: &mut HashMap<ClientKey, V>) {
+    let len = map.len();
+    if map.capacity() > 1024 && map.capacity() > len.saturating_mul(4) {
+        map.shrink_to(len.saturating_mul(2));
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing panics while holding these locks; if something did, the maps
+    // are still consistent.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct Inner {
+    origin: Instant,
+    gcra: Option<Gcra>,
+    shard_of: RandomState,
+    rate_shards: Box<[Mutex<RateShard>]>,
+    per_shard_cap: usize,
+    per_ip_max: Option<usize>,
+    conn_shards: Box<[Mutex<HashMap<ClientKey, usize>>]>,
+    max_connections: usize,
+    open: AtomicUsize,
+    config: AdmissionConfig,
+    max_tracked: usize,
+}
+
+impl Inner {
+    fn shard(&self, key: &ClientKey) -> usize {
+        // Both tables have the same number of shards.
+        (self.shard_of.hash_one(key) % self.rate_shards.len() as u64) as usize
+    }
+
+    fn nanos(&self, now: Instant) -> u64 {
+        let ns = now.saturating_duration_since(self.origin).as_nanos();
+        u64::try_from(ns).unwrap_or(u64::MAX)
+    }
+
+    fn check_rate(&self, key: ClientKey, now: Instant) -> Result<(), Refusal> {
+        let Some(gcra) = &self.gcra else {
+            return Ok(());
+        };
+        let now = self.nanos(now);
+        let mut shard = lock(&self.rate_shards[self.shard(&key)]);
+        shard
+            .check(key, now, gcra, self.per_shard_cap)
+            .map_err(|ns| Refusal::RateLimited {
+                retry_after: Duration::from_nanos(ns),
+            })
+    }
+
+    fn release(&self, key: Option<ClientKey>) {
+        if let Some(key) = key {
+            let mut conns = lock(&self.conn_shards[self.shard(&key)]);
+            if let Some(n) = conns.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    conns.remove(&key);
+                    shrink_if_sparse(&mut conns);
+                }
+            }
+        }
+        self.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The admission gate, shared by every connection (cheap to clone).
+#[derive(Clone)]
+pub struct Admission {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Admission {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Admission")
+            .field("config", &self.inner.config)
+            .field("open", &self.open())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Admission {
+    /// A gate remembering at most [`DEFAULT_MAX_TRACKED_IPS`] clients.
+    pub fn new(cfg: AdmissionConfig) -> Self {
+        Self::with_max_tracked_ips(cfg, DEFAULT_MAX_TRACKED_IPS)
+    }
+
+    /// A gate whose rate limiter remembers at most `max_tracked_ips` clients
+    /// (at least 1).
+    pub fn with_max_tracked_ips(cfg: AdmissionConfig, max_tracked_ips: usize) -> Self {
+        let max_tracked = max_tracked_ips.max(1);
+        let shards = (max_tracked / 4096).clamp(1, MAX_SHARDS);
+        Self {
+            inner: Arc::new(Inner {
+                origin: Instant::now(),
+                gcra: cfg.per_ip_rate.as_ref().map(Gcra::new),
+                shard_of: RandomState::new(),
+                rate_shards: (0..shards).map(|_| Mutex::default()).collect(),
+                per_shard_cap: max_tracked / shards,
+                per_ip_max: cfg.per_ip_max_connections,
+                conn_shards: (0..shards).map(|_| Mutex::default()).collect(),
+                max_connections: cfg.max_connections,
+                open: AtomicUsize::new(0),
+                config: cfg,
+                max_tracked,
+            }),
+        }
+    }
+
+    /// Admits a new WebSocket handshake from `ip`, before any backend is
+    /// connected. Keep the [`Permit`] for as long as the WebSocket is open.
+    pub fn admit(&self, ip: IpAddr) -> Result<Permit, Refusal> {
+        self.admit_at(ip, Instant::now())
+    }
+
+    /// [`admit`](Self::admit) at an explicit instant.
+    pub fn admit_at(&self, ip: IpAddr, now: Instant) -> Result<Permit, Refusal> {
+        let inner = &self.inner;
+        let key = ClientKey::from(ip);
+        inner.check_rate(key, now)?;
+        inner
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < inner.max_connections).then_some(n + 1)
+            })
+            .map_err(|_| Refusal::TooManyTotal)?;
+        // From here on, dropping `permit` gives the global slot back.
+        let mut permit = Permit {
+            inner: Arc::clone(inner),
+            key: None,
+        };
+        if let Some(max) = inner.per_ip_max {
+            let mut conns = lock(&inner.conn_shards[inner.shard(&key)]);
+            let n = conns.get(&key).copied().unwrap_or(0);
+            if n >= max {
+                return Err(Refusal::TooManyFromIp);
+            }
+            conns.insert(key, n + 1);
+            permit.key = Some(key);
+        }
+        Ok(permit)
+    }
+
+    /// The rate check alone, for plain HTTP requests: no concurrency slot.
+    pub fn check_rate(&self, ip: IpAddr) -> Result<(), Refusal> {
+        self.check_rate_at(ip, Instant::now())
+    }
+
+    /// [`check_rate`](Self::check_rate) at an explicit instant.
+    pub fn check_rate_at(&self, ip: IpAddr, now: Instant) -> Result<(), Refusal> {
+        self.inner.check_rate(ClientKey::from(ip), now)
+    }
+
+    /// WebSockets open now (permits alive).
+    pub fn open(&self) -> usize {
+        self.inner.open.load(Ordering::Acquire)
+    }
+
+    /// Clients the rate limiter remembers now; never more than
+    /// [`max_tracked_ips`](Self::max_tracked_ips).
+    pub fn tracked_ips(&self) -> usize {
+        self.inner
+            .rate_shards
+            .iter()
+            .map(|s| lock(s).tats.len())
+            .sum()
+    }
+
+    /// The cap on [`tracked_ips`](Self::tracked_ips).
+    pub fn max_tracked_ips(&self) -> usize {
+        self.inner.max_tracked
+    }
+
+    /// What this gate enforces.
+    pub fn config(&self) -> &AdmissionConfig {
+        &self.inner.config
+    }
+
+    /// Forgets every client that has recovered its burst. Not needed for the
+    /// bound (the tables sweep themselves as they are used); a periodic call
+    /// gives memory back sooner after a flood when traffic stops.
+    pub fn purge(&self) {
+        let now = self.inner.nanos(Instant::now());
+        for shard in self.inner.rate_shards.iter() {
+            lock(shard).forget_recovered(now);
+        }
+    }
+
+    /// Clients with an open WebSocket counted against the per-client cap.
+    #[cfg(test)]
+    fn clients_with_connections(&self) -> usize {
+        self.inner.conn_shards.iter().map(|s| lock(s).len()).sum()
+    }
+}
+
+/// One admitted WebSocket: holds a global slot and, when a per-client cap is
+/// set, one of the client's slots; dropping it releases both.
+pub struct Permit {
+    inner: Arc<Inner>,
+    key: Option<ClientKey>,
+}
+
+impl fmt::Debug for Permit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Permit").field("key", &self.key).finish()
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.inner.release(self.key.take());
+    }
+}
+
+/// A per-connection bandwidth cap: a token bucket of `burst` bytes refilled
+/// at `bytes_per_second`, kept as the time the link is paid up to (GCRA on
+/// bytes). Owned by one relay task: no locks, no allocation.
+#[derive(Debug, Clone)]
+pub struct Bandwidth {
+    bytes_per_second: u64,
+    burst_ns: u64,
+    /// Until when the bytes accepted so far are paid for; `None` when fresh.
+    paid_until: Option<Instant>,
+}
+
+impl Bandwidth {
+    /// `bytes_per_second` on average, with one second's worth as the burst.
+    ///
+    /// # Panics
+    /// If `bytes_per_second` is 0.
+    pub fn new(bytes_per_second: u64) -> Self {
+        Self::with_burst(bytes_per_second, bytes_per_second)
+    }
+
+    /// `bytes_per_second` on average, up to `burst_bytes` at once after idling.
+    ///
+    /// # Panics
+    /// If `bytes_per_second` is 0.
+    pub fn with_burst(bytes_per_second: u64, burst_bytes: u64) -> Self {
+        assert!(bytes_per_second > 0, "a bandwidth cap of 0 bytes/s");
+        let mut bw = Self {
+            bytes_per_second,
+            burst_ns: 0,
+            paid_until: None,
+        };
+        bw.burst_ns = bw.cost_ns(burst_bytes);
+        bw
+    }
+
+    pub fn bytes_per_second(&self) -> u64 {
+        self.bytes_per_second
+    }
+
+    /// Takes `n` more bytes at `now` and says how long to wait before sending
+    /// them: `None` when they may go at once. The bytes are accounted for
+    /// either way, so call this once per chunk, then wait the delay, then send.
+    /// A chunk larger than the burst is allowed; its excess is paid by the
+    /// wait.
+    pub fn delay_for(&mut self, n: usize, now: Instant) -> Option<Duration> {
+        if n == 0 {
+            return None;
+        }
+        let base = match self.paid_until {
+            Some(t) if t > now => t,
+            _ => now,
+        };
+        let cost = Duration::from_nanos(self.cost_ns(n as u64));
+        // At most 584 years on: no platform's clock overflows there.
+        let paid_until = base.checked_add(cost).unwrap_or(base);
+        self.paid_until = Some(paid_until);
+        let ahead = paid_until.saturating_duration_since(now);
+        let burst = Duration::from_nanos(self.burst_ns);
+        (ahead > burst).then(|| ahead - burst)
+    }
+
+    /// Time to send `n` bytes at the average rate, rounded up.
+    fn cost_ns(&self, n: u64) -> u64 {
+        let ns = (u128::from(n) * 1_000_000_000).div_ceil(u128::from(self.bytes_per_second));
+        u64::try_from(ns).unwrap_or(u64::MAX)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    fn v4(n: u32) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::from(n))
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn rate(s: &str) -> AdmissionConfig {
+        AdmissionConfig {
+            per_ip_rate: Some(s.parse().unwrap()),
+            ..AdmissionConfig::default()
+        }
+    }
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn rate_spec_parses_the_documented_forms() {
+        let r: RateSpec = "20/s".parse().unwrap();
+        assert_eq!(
+            (r.count(), r.period(), r.burst()),
+            (20, Duration::from_secs(1), 20)
+        );
+        assert_eq!(r.interval(), 50 * MS);
+        let r: RateSpec = "600/m".parse().unwrap();
+        assert_eq!(
+            (r.count(), r.period(), r.burst()),
+            (600, Duration::from_secs(60), 600)
+        );
+        assert_eq!(r.per_second(), 10.0);
+        let r: RateSpec = "5/s burst 10".parse().unwrap();
+        assert_eq!((r.count(), r.burst()), (5, 10));
+        let r: RateSpec = "  5 / second   burst  1 ".parse().unwrap();
+        assert_eq!((r.count(), r.burst()), (5, 1));
+        let r: RateSpec = "1/h".parse().unwrap();
+        assert_eq!(r.interval(), Duration::from_secs(3600));
+        assert_eq!(r.to_string(), "1/h burst 1");
+        assert_eq!(
+            "5/s burst 10".parse::<RateSpec>().unwrap().to_string(),
+            "5/s burst 10"
+        );
+    }
+
+    #[test]
+    fn rate_spec_rejects_garbage_with_clear_text() {
+        for (input, problem) in [
+            ("", "it is empty"),
+            ("fast", "no '/'"),
+            ("20", "no '/'"),
+            ("x/s", "count is not a whole number"),
+            ("-1/s", "count is not a whole number"),
+            ("1.5/s", "count is not a whole number"),
+            ("20/", "unit is missing"),
+            ("20/d", "not s, m or h"),
+            ("0/s", "count must be at least 1"),
+            ("5/s burst", "needs a number"),
+            ("5/s burst x", "burst is not a whole number"),
+            ("5/s burst 0", "burst must be at least 1"),
+        ] {
+            let e = input.parse::<RateSpec>().unwrap_err().to_string();
+            assert!(e.contains(problem), "{input:?}: {e}");
+            assert!(e.contains(&format!("{input:?}")), "{input:?}: {e}");
+            assert!(e.contains("\"5/s burst 10\""), "{input:?}: {e}");
+        }
+        assert!(RateSpec::new(2_000_000_000, Duration::from_secs(1), 1).is_err());
+    }
+
+    #[test]
+    fn rate_spec_deserializes_from_a_string() {
+        #[derive(serde::Deserialize)]
+        struct T {
+            rate: RateSpec,
+        }
+        let t: T = toml::from_str(r#"rate = "20/s burst 40""#).unwrap();
+        assert_eq!((t.rate.count(), t.rate.burst()), (20, 40));
+        let e = toml::from_str::<T>(r#"rate = "20 per second""#)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("invalid rate"), "{e}");
+    }
+
+    #[test]
+    fn gcra_allows_the_burst_then_refuses_with_retry_after() {
+        let a = Admission::new(rate("5/s burst 10"));
+        let t0 = Instant::now();
+        let c = v4(1);
+        for i in 0..10 {
+            assert!(a.check_rate_at(c, t0).is_ok(), "request {i}");
+        }
+        let r = a.check_rate_at(c, t0).unwrap_err();
+        assert_eq!(
+            r,
+            Refusal::RateLimited {
+                retry_after: 200 * MS
+            }
+        );
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.retry_after_secs(), 1);
+        // 150 ms later: still 50 ms to go.
+        assert_eq!(
+            a.check_rate_at(c, t0 + 150 * MS).unwrap_err().retry_after(),
+            50 * MS
+        );
+        // One interval on: exactly one more.
+        assert!(a.check_rate_at(c, t0 + 200 * MS).is_ok());
+        assert!(a.check_rate_at(c, t0 + 200 * MS).is_err());
+        // Average rate holds: one per 200 ms.
+        for k in 2..20u32 {
+            assert!(a.check_rate_at(c, t0 + 200 * MS * k).is_ok(), "tick {k}");
+            assert!(a.check_rate_at(c, t0 + 200 * MS * k).is_err(), "tick {k}");
+        }
+        // Idle past the last arrival time: the whole burst is back.
+        let later = t0 + Duration::from_secs(6);
+        for _ in 0..10 {
+            assert!(a.check_rate_at(c, later).is_ok());
+        }
+        assert!(a.check_rate_at(c, later).is_err());
+    }
+
+    #[test]
+    fn flood_from_one_address_is_refused_while_another_is_admitted() {
+        let a = Admission::new(rate("20/s burst 40"));
+        let t0 = Instant::now();
+        let (flooder, other) = (ip("192.0.2.1"), ip("198.51.100.7"));
+        let mut admitted = 0;
+        let mut permits = vec![];
+        for i in 0..10_000u32 {
+            // 10,000 handshakes over one second.
+            let now = t0 + Duration::from_micros(u64::from(i) * 100);
+            match a.admit_at(flooder, now) {
+                Ok(p) => {
+                    admitted += 1;
+                    permits.push(p);
+                }
+                Err(r) => assert_eq!(r.reason(), "rate_limited"),
+            }
+            if i % 1000 == 0 {
+                permits.push(a.admit_at(other, now).expect("the other client is served"));
+            }
+        }
+        // Burst of 40, plus 20 more over the second.
+        assert!((40..=61).contains(&admitted), "{admitted}");
+        assert_eq!(a.open(), admitted + 10);
+        drop(permits);
+        assert_eq!(a.open(), 0);
+    }
+
+    #[test]
+    fn a_million_distinct_addresses_stay_under_the_cap() {
+        let a = Admission::new(rate("1/s burst 2"));
+        let cap = a.max_tracked_ips();
+        assert_eq!(cap, DEFAULT_MAX_TRACKED_IPS);
+        let t0 = Instant::now();
+        let heavy = ip("203.0.113.9");
+        assert!(a.check_rate_at(heavy, t0).is_ok());
+        assert!(a.check_rate_at(heavy, t0).is_ok());
+        let mut max_seen = 0;
+        for i in 0..1_000_000u32 {
+            // All within one burst period: nothing recovers, eviction must.
+            let now = t0 + Duration::from_nanos(u64::from(i));
+            // Every distinct address is admitted once.
+            assert!(a.check_rate_at(v4(0x0a00_0000 + i), now).is_ok());
+            if i % 10_000 == 0 {
+                max_seen = max_seen.max(a.tracked_ips());
+                // The heavy hitter is never the one evicted.
+                assert!(a.check_rate_at(heavy, now).is_err(), "at {i}");
+            }
+        }
+        max_seen = max_seen.max(a.tracked_ips());
+        assert!(max_seen <= cap, "{max_seen} > {cap}");
+        assert!(max_seen > cap / 2, "the table is used: {max_seen}");
+        // Once everyone has recovered, a sweep forgets them all.
+        let recovered = t0 + Duration::from_secs(10);
+        assert!(a.inner.rate_shards.len() > 1, "sharded");
+        for s in a.inner.rate_shards.iter() {
+            lock(s).forget_recovered(a.inner.nanos(recovered));
+        }
+        assert_eq!(a.tracked_ips(), 0);
+    }
+
+    #[test]
+    fn a_flood_of_distinct_ipv6_prefixes_stays_under_a_small_cap() {
+        let a = Admission::with_max_tracked_ips(rate("10/s"), 1000);
+        let t0 = Instant::now();
+        for i in 0..200_000u64 {
+            let addr = Ipv6Addr::from((u128::from(0x2001_0db8_0000_0000 + i)) << 64 | 1);
+            assert!(a.check_rate_at(IpAddr::V6(addr), t0).is_ok());
+            assert!(a.tracked_ips() <= 1000);
+        }
+        assert!(a.tracked_ips() > 500);
+    }
+
+    #[test]
+    fn recovered_clients_are_forgotten_as_the_table_is_used() {
+        let a = Admission::with_max_tracked_ips(rate("10/s burst 5"), 1000);
+        let t0 = Instant::now();
+        for i in 0..500 {
+            a.check_rate_at(v4(i), t0).unwrap();
+        }
+        assert_eq!(a.tracked_ips(), 500);
+        // 100 ms: each has recovered (one request, one 100 ms interval), but
+        // the next sweep is due only a second after the last one.
+        a.check_rate_at(v4(9999), t0 + 100 * MS).unwrap();
+        assert_eq!(a.tracked_ips(), 501);
+        a.check_rate_at(v4(9999), t0 + Duration::from_secs(2))
+            .unwrap();
+        assert_eq!(a.tracked_ips(), 1, "only the one just seen");
+    }
+
+    #[test]
+    fn ipv6_clients_are_keyed_on_their_64() {
+        let a = Admission::new(rate("1/m burst 2"));
+        let t0 = Instant::now();
+        assert!(a.check_rate_at(ip("2001:db8:1:2::1"), t0).is_ok());
+        assert!(a
+            .check_rate_at(ip("2001:db8:1:2:ffff:ffff:ffff:ffff"), t0)
+            .is_ok());
+        assert!(a.check_rate_at(ip("2001:db8:1:2:abcd::9"), t0).is_err());
+        // The neighbouring /64 is someone else.
+        assert!(a.check_rate_at(ip("2001:db8:1:3::1"), t0).is_ok());
+        // IPv4-mapped addresses are the IPv4 client.
+        assert!(a.check_rate_at(ip("192.0.2.1"), t0).is_ok());
+        assert!(a.check_rate_at(ip("::ffff:192.0.2.1"), t0).is_ok());
+        assert!(a.check_rate_at(ip("192.0.2.1"), t0).is_err());
+        assert_eq!(a.tracked_ips(), 3);
+    }
+
+    #[test]
+    fn per_ip_cap_releases_on_drop_and_forgets_idle_clients() {
+        let a = Admission::new(AdmissionConfig {
+            per_ip_max_connections: Some(2),
+            ..AdmissionConfig::default()
+        });
+        let (x, y) = (ip("192.0.2.1"), ip("2001:db8::1"));
+        let p1 = a.admit(x).unwrap();
+        let p2 = a.admit(x).unwrap();
+        let r = a.admit(x).unwrap_err();
+        assert_eq!(r, Refusal::TooManyFromIp);
+        assert_eq!(
+            (r.status(), r.reason()),
+            (StatusCode::TOO_MANY_REQUESTS, "per_ip_cap")
+        );
+        assert_eq!(a.open(), 2, "a refusal holds no global slot");
+        let q1 = a.admit(y).unwrap();
+        let q2 = a.admit(ip("2001:db8::2")).unwrap();
+        assert!(a.admit(y).is_err(), "same /64");
+        assert_eq!(a.clients_with_connections(), 2);
+        drop(p1);
+        let p3 = a.admit(x).unwrap();
+        drop((p2, p3, q1));
+        assert_eq!(a.clients_with_connections(), 1);
+        drop(q2);
+        assert_eq!(a.clients_with_connections(), 0);
+        assert_eq!(a.open(), 0);
+        assert_eq!(a.tracked_ips(), 0, "no rate configured, nothing tracked");
+    }
+
+    #[test]
+    fn global_cap_is_503_and_frees_on_drop() {
+        let a = Admission::new(AdmissionConfig {
+            max_connections: 3,
+            per_ip_max_connections: Some(10),
+            ..AdmissionConfig::default()
+        });
+        let permits: Vec<_> = (0..3).map(|i| a.admit(v4(i)).unwrap()).collect();
+        let r = a.admit(v4(7)).unwrap_err();
+        assert_eq!(r, Refusal::TooManyTotal);
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!((r.reason(), r.retry_after_secs()), ("global_cap", 1));
+        assert_eq!(
+            a.clients_with_connections(),
+            3,
+            "the refused client left no counter"
+        );
+        drop(permits);
+        assert_eq!(a.open(), 0);
+        assert!(a.admit(v4(7)).is_ok());
+    }
+
+    #[test]
+    fn concurrent_admissions_balance_out() {
+        let a = Admission::new(AdmissionConfig {
+            per_ip_rate: None,
+            per_ip_max_connections: Some(3),
+            max_connections: 50,
+        });
+        std::thread::scope(|s| {
+            for t in 0..4u32 {
+                let a = &a;
+                s.spawn(move || {
+                    let mut held = vec![];
+                    for i in 0..5_000u32 {
+                        if let Ok(p) = a.admit(v4(i % 17 + t)) {
+                            held.push(p);
+                        }
+                        assert!(a.open() <= 50);
+                        if i % 3 == 0 {
+                            held.clear();
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(a.open(), 0);
+        assert_eq!(a.clients_with_connections(), 0);
+    }
+
+    #[test]
+    fn admission_and_permits_are_shareable() {
+        fn send_sync_static<T: Send + Sync + 'static>() {}
+        send_sync_static::<Admission>();
+        send_sync_static::<Permit>();
+        send_sync_static::<Refusal>();
+    }
+
+    #[test]
+    fn bandwidth_allows_the_burst_then_paces() {
+        let mut bw = Bandwidth::new(1000);
+        let t0 = Instant::now();
+        assert_eq!(bw.delay_for(600, t0), None);
+        assert_eq!(bw.delay_for(400, t0), None, "the full burst at once");
+        assert_eq!(bw.delay_for(100, t0), Some(100 * MS));
+        // The caller waited 100 ms and sent; 500 more are 500 ms on top.
+        assert_eq!(bw.delay_for(500, t0 + 100 * MS), Some(500 * MS));
+        // After the debt is paid off and a full second idle, the burst is back.
+        let t1 = t0 + Duration::from_millis(1600) + Duration::from_secs(1);
+        assert_eq!(bw.delay_for(1000, t1), None);
+        assert_eq!(bw.delay_for(1, t1), Some(Duration::from_millis(1)));
+        assert_eq!(bw.delay_for(0, t1), None);
+    }
+
+    #[test]
+    fn bandwidth_refills_partially_and_paces_large_chunks() {
+        let mut bw = Bandwidth::with_burst(1000, 100);
+        let t0 = Instant::now();
+        // A chunk ten times the burst: 900 bytes over it, 900 ms.
+        assert_eq!(bw.delay_for(1000, t0), Some(900 * MS));
+        // Long after it went (at t0 + 900 ms) the bucket is full again: 100
+        // bytes at once, then 1 ms per byte.
+        let t1 = t0 + 1400 * MS;
+        assert_eq!(bw.delay_for(100, t1), None);
+        assert_eq!(bw.delay_for(50, t1), Some(50 * MS));
+        // Rounding: 3 bytes/s, one byte costs 333,333,334 ns.
+        let mut slow = Bandwidth::with_burst(3, 0);
+        assert_eq!(
+            slow.delay_for(1, t0),
+            Some(Duration::from_nanos(333_333_334))
+        );
+        assert_eq!(slow.bytes_per_second(), 3);
+    }
+
+    #[test]
+    fn bandwidth_sustains_its_rate() {
+        let mut bw = Bandwidth::new(64 * 1024);
+        let t0 = Instant::now();
+        let mut now = t0;
+        let mut sent = 0u64;
+        // A sender that always waits as told, for ten seconds' worth.
+        while sent < 64 * 1024 * 11 {
+            if let Some(d) = bw.delay_for(4096, now) {
+                now += d;
+            }
+            sent += 4096;
+        }
+        // 11 seconds' bytes, one of them free as the burst.
+        let elapsed = now - t0;
+        assert!(
+            elapsed >= Duration::from_secs(10) - MS && elapsed <= Duration::from_secs(10),
+            "{elapsed:?}"
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "0 bytes/s")]
+    fn bandwidth_of_zero_is_a_bug() {
+        Bandwidth::new(0);
+    }
+}

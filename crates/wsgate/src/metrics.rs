@@ -1,0 +1,820 @@
+//! Prometheus metrics, and the admin listener that serves them.
+//!
+//! [`Metrics`] is a handle (an `Arc`, cheap to clone) on one registry; the
+//! gateway makes one at start-up and hands clones to whoever records. There
+//! is no process-global instance, so tests and embedders each get their own.
+//! [`serve_admin`] answers `GET /metrics` in the OpenMetrics text format
+//! (which Prometheus scrapes natively) and `GET /healthz` on a separate,
+//! operator-only listener.
+//!
+//! # Metrics reference
+//!
+//! | name | type | labels | meaning |
+//! | --- | --- | --- | --- |
+//! | `wsgate_websockets_open` | gauge | `route`, `http_version` | WebSockets open now |
+//! | `wsgate_websockets_opened_total` | counter | `route`, `http_version` | WebSockets opened (after a successful handshake on both sides) |
+//! | `wsgate_websocket_closes_total` | counter | `route`, `http_version`, `code` | WebSockets ended, by close code |
+//! | `wsgate_http_requests_total` | counter | `route`, `status` | plain HTTP requests proxied, by the status sent to the client |
+//! | `wsgate_relayed_bytes_total` | counter | `route`, `direction` | payload bytes relayed |
+//! | `wsgate_handshake_refusals_total` | counter | `reason` | handshakes (and requests) refused before any upgrade |
+//! | `wsgate_backend_up` | gauge | `backend` | 1 while the backend is considered healthy, 0 while ejected |
+//! | `wsgate_backend_connect_seconds` | histogram | `backend` | time to connect to a backend and complete its handshake |
+//! | `wsgate_limiter_tracked_clients` | gauge | — | clients the rate limiter remembers (bounded; see `limits`) |
+//!
+//! Label values:
+//!
+//! - `route`: the route's name as configured (never the request path, which
+//!   the client chooses).
+//! - `http_version`: `1.1`, or `2` for a WebSocket over an HTTP/2 extended
+//!   CONNECT (RFC 8441).
+//! - `code`: the close code that ended the WebSocket — `1000` to `1015` as
+//!   numbers, `3xxx` and `4xxx` for the registered and private ranges (kept as
+//!   classes so that clients cannot mint series), `other` for anything else,
+//!   and `none` when the connection dropped without a close frame.
+//! - `direction`: `client_to_upstream` or `upstream_to_client`.
+//! - `reason`: `rate_limited`, `per_ip_cap`, `global_cap` (from
+//!   `limits::Refusal::reason`), and the gateway's own: `no_route`,
+//!   `bad_handshake`, `backend_unavailable`, `backend_error`, … — always a
+//!   string from the program, never from the client.
+//! - `backend`: the backend's address as configured.
+//! - `status`: the numeric HTTP status.
+//!
+//! Every label value comes from the configuration or from a fixed set, so
+//! the number of series is bounded whatever clients send.
+//!
+//! # Hot paths
+//!
+//! The recording methods look their series up by label (a short lock and a
+//! `String` for the route): fine once per connection. Per-chunk recording
+//! uses a handle resolved once: [`Metrics::byte_counter`] gives a
+//! [`ByteCounter`] whose [`add`](ByteCounter::add) is one atomic add.
+//! [`Metrics::websocket`] gives an [`OpenWebSocket`] guard that records the
+//! open and, exactly once, the close — with code `none` if it is dropped
+//! without [`OpenWebSocket::close`] — so the gauge cannot drift on early
+//! returns.
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+/// `Content-Type` of `GET /metrics`.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Buckets of `wsgate_backend_connect_seconds`, from 1 ms to 10 s.
+const LATENCY_BUCKETS: [f64; 13] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Admin connections served at once; more wait in the accept queue.
+const MAX_ADMIN_CONNECTIONS: usize = 32;
+
+/// Time an admin connection may take, request and response together.
+const ADMIN_CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The HTTP version a WebSocket arrived over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HttpVersion {
+    /// HTTP/1.1 `Upgrade: websocket` (label `1.1`).
+    H1,
+    /// HTTP/2 extended CONNECT, RFC 8441 (label `2`).
+    H2,
+}
+
+impl EncodeLabelValue for HttpVersion {
+    fn encode(&self, e: &mut LabelValueEncoder) -> std::fmt::Result {
+        e.write_str(match self {
+            HttpVersion::H1 => "1.1",
+            HttpVersion::H2 => "2",
+        })
+    }
+}
+
+/// Which way bytes went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    ClientToUpstream,
+    UpstreamToClient,
+}
+
+impl EncodeLabelValue for Direction {
+    fn encode(&self, e: &mut LabelValueEncoder) -> std::fmt::Result {
+        e.write_str(match self {
+            Direction::ClientToUpstream => "client_to_upstream",
+            Direction::UpstreamToClient => "upstream_to_client",
+        })
+    }
+}
+
+/// A close code reduced to a bounded label value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum CloseCode {
+    None,
+    Standard(u16),
+    Registered,
+    Private,
+    Other,
+}
+
+impl From<Option<u16>> for CloseCode {
+    fn from(code: Option<u16>) -> Self {
+        match code {
+            None => CloseCode::None,
+            Some(c @ 1000..=1015) => CloseCode::Standard(c),
+            Some(3000..=3999) => CloseCode::Registered,
+            Some(4000..=4999) => CloseCode::Private,
+            Some(_) => CloseCode::Other,
+        }
+    }
+}
+
+impl EncodeLabelValue for CloseCode {
+    fn encode(&self, e: &mut LabelValueEncoder) -> std::fmt::Result {
+        match self {
+            CloseCode::None => e.write_str("none"),
+            CloseCode::Standard(c) => write!(e, "{c}"),
+            CloseCode::Registered => e.write_str("3xxx"),
+            CloseCode::Private => e.write_str("4xxx"),
+            CloseCode::Other => e.write_str("other"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct WsLabels {
+    route: String,
+    http_version: HttpVersion,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct CloseLabels {
+    route: String,
+    http_version: HttpVersion,
+    code: CloseCode,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct HttpLabels {
+    route: String,
+    status: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct BytesLabels {
+    route: String,
+    direction: Direction,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct BackendLabels {
+    backend: String,
+}
+
+type LatencyFamily = Family<BackendLabels, Histogram, fn() -> Histogram>;
+
+#[derive(Debug)]
+struct Inner {
+    registry: Registry,
+    ws_open: Family<WsLabels, Gauge>,
+    ws_opened: Family<WsLabels, Counter>,
+    ws_closes: Family<CloseLabels, Counter>,
+    http_requests: Family<HttpLabels, Counter>,
+    bytes: Family<BytesLabels, Counter>,
+    refusals: Family<ReasonLabels, Counter>,
+    backend_up: Family<BackendLabels, Gauge>,
+    backend_latency: LatencyFamily,
+    tracked_clients: Gauge,
+}
+
+/// The gateway's metrics: a cheap-to-clone handle on one registry.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every `wsgate_*` metric registered.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("wsgate");
+        let ws_open = Family::default();
+        let ws_opened = Family::default();
+        let ws_closes = Family::default();
+        let http_requests = Family::default();
+        let bytes = Family::default();
+        let refusals = Family::default();
+        let backend_up = Family::default();
+        let backend_latency: LatencyFamily =
+            Family::new_with_constructor(|| Histogram::new(LATENCY_BUCKETS));
+        let tracked_clients = Gauge::default();
+        registry.register("websockets_open", "WebSockets open now", ws_open.clone());
+        registry.register(
+            "websockets_opened",
+            "WebSockets opened after both handshakes",
+            ws_opened.clone(),
+        );
+        registry.register(
+            "websocket_closes",
+            "WebSockets ended, by close code (none: dropped without a close frame)",
+            ws_closes.clone(),
+        );
+        registry.register(
+            "http_requests",
+            "Plain HTTP requests proxied, by status sent to the client",
+            http_requests.clone(),
+        );
+        registry.register("relayed_bytes", "Payload bytes relayed", bytes.clone());
+        registry.register(
+            "handshake_refusals",
+            "Handshakes and requests refused before any upgrade, by reason",
+            refusals.clone(),
+        );
+        registry.register(
+            "backend_up",
+            "1 while the backend is considered healthy, 0 while ejected",
+            backend_up.clone(),
+        );
+        registry.register(
+            "backend_connect_seconds",
+            "Time to connect to a backend and complete its handshake",
+            backend_latency.clone(),
+        );
+        registry.register(
+            "limiter_tracked_clients",
+            "Clients the rate limiter remembers",
+            tracked_clients.clone(),
+        );
+        Self {
+            inner: Arc::new(Inner {
+                registry,
+                ws_open,
+                ws_opened,
+                ws_closes,
+                http_requests,
+                bytes,
+                refusals,
+                backend_up,
+                backend_latency,
+                tracked_clients,
+            }),
+        }
+    }
+
+    /// A WebSocket on `route` has completed both handshakes.
+    pub fn ws_opened(&self, route: &str, http_version: HttpVersion) {
+        let labels = ws_labels(route, http_version);
+        self.inner.ws_open.get_or_create(&labels).inc();
+        self.inner.ws_opened.get_or_create(&labels).inc();
+    }
+
+    /// A WebSocket counted by [`ws_opened`](Self::ws_opened) has ended, with
+    /// `close_code` (`None` when the connection dropped without a close frame).
+    pub fn ws_closed(&self, route: &str, http_version: HttpVersion, close_code: Option<u16>) {
+        let labels = ws_labels(route, http_version);
+        self.inner.ws_open.get_or_create(&labels).dec();
+        self.record_close(labels, close_code);
+    }
+
+    fn record_close(&self, labels: WsLabels, close_code: Option<u16>) {
+        let close = CloseLabels {
+            route: labels.route,
+            http_version: labels.http_version,
+            code: close_code.into(),
+        };
+        self.inner.ws_closes.get_or_create(&close).inc();
+    }
+
+    /// Records the opening of a WebSocket and returns the guard that records
+    /// its close; see [`OpenWebSocket`].
+    pub fn websocket(&self, route: &str, http_version: HttpVersion) -> OpenWebSocket {
+        let labels = ws_labels(route, http_version);
+        let open = self.inner.ws_open.get_or_create(&labels).clone();
+        open.inc();
+        self.inner.ws_opened.get_or_create(&labels).inc();
+        OpenWebSocket {
+            metrics: self.clone(),
+            open,
+            labels: Some(labels),
+        }
+    }
+
+    /// A plain HTTP request on `route` was answered with `status`.
+    pub fn http_request(&self, route: &str, status: u16) {
+        let labels = HttpLabels {
+            route: route.to_owned(),
+            status,
+        };
+        self.inner.http_requests.get_or_create(&labels).inc();
+    }
+
+    /// `n` payload bytes went `direction` on `route`.
+    pub fn bytes(&self, route: &str, direction: Direction, n: u64) {
+        self.byte_counter(route, direction).add(n);
+    }
+
+    /// The counter behind [`bytes`](Self::bytes) for one route and direction,
+    /// to keep for a connection's life and bump per chunk without lookups.
+    pub fn byte_counter(&self, route: &str, direction: Direction) -> ByteCounter {
+        let labels = BytesLabels {
+            route: route.to_owned(),
+            direction,
+        };
+        ByteCounter(self.inner.bytes.get_or_create(&labels).clone())
+    }
+
+    /// A handshake or request was refused before any upgrade. `reason` is a
+    /// fixed string such as [`crate::limits::Refusal::reason`] or
+    /// `"no_route"`; it is `'static` so that no client-chosen text becomes a
+    /// label.
+    pub fn refused(&self, reason: &'static str) {
+        self.inner
+            .refusals
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// Marks `backend` healthy (`true`) or ejected (`false`).
+    pub fn backend_up(&self, backend: &str, up: bool) {
+        let labels = backend_labels(backend);
+        self.inner
+            .backend_up
+            .get_or_create(&labels)
+            .set(i64::from(up));
+    }
+
+    /// One connect-and-handshake to `backend` took `seconds`.
+    pub fn backend_latency(&self, backend: &str, seconds: f64) {
+        let labels = backend_labels(backend);
+        self.inner
+            .backend_latency
+            .get_or_create(&labels)
+            .observe(seconds);
+    }
+
+    /// Sets `wsgate_limiter_tracked_clients`, e.g. from
+    /// [`crate::limits::Admission::tracked_ips`] before each render.
+    pub fn limiter_tracked_clients(&self, n: usize) {
+        self.inner
+            .tracked_clients
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Everything, in the OpenMetrics text format (ends with `# EOF`).
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.inner.registry) {
+            warn!(error = %e, "encoding metrics");
+        }
+        out
+    }
+}
+
+fn ws_labels(route: &str, http_version: HttpVersion) -> WsLabels {
+    WsLabels {
+        route: route.to_owned(),
+        http_version,
+    }
+}
+
+fn backend_labels(backend: &str) -> BackendLabels {
+    BackendLabels {
+        backend: backend.to_owned(),
+    }
+}
+
+/// The byte counter of one route and direction; [`add`](Self::add) is one
+/// atomic add.
+#[derive(Debug, Clone)]
+pub struct ByteCounter(Counter);
+
+impl ByteCounter {
+    pub fn add(&self, n: u64) {
+        self.0.inc_by(n);
+    }
+}
+
+/// One open WebSocket as the metrics see it: counted open when made, closed
+/// exactly once — by [`close`](Self::close) with its code, or on drop with
+/// code `none`.
+#[derive(Debug)]
+pub struct OpenWebSocket {
+    metrics: Metrics,
+    open: Gauge,
+    labels: Option<WsLabels>,
+}
+
+impl OpenWebSocket {
+    /// The WebSocket ended with `close_code` (`None`: no close frame).
+    pub fn close(mut self, close_code: Option<u16>) {
+        self.finish(close_code);
+    }
+
+    fn finish(&mut self, close_code: Option<u16>) {
+        if let Some(labels) = self.labels.take() {
+            self.open.dec();
+            self.metrics.record_close(labels, close_code);
+        }
+    }
+}
+
+impl Drop for OpenWebSocket {
+    fn drop(&mut self) {
+        self.finish(None);
+    }
+}
+
+/// Serves `GET /metrics` and `GET /healthz` (HEAD too) on `listener` until
+/// `shutdown`; anything else is 404 (405 for another method on those paths).
+///
+/// HTTP/1.1 without keep-alive: a scraper connects once per scrape. At most
+/// 32 connections are served at once, each within 30 s; on shutdown the
+/// answers in flight are finished, then this returns. Accept errors (such as
+/// running out of file descriptors) are logged and retried after 100 ms.
+pub async fn serve_admin(listener: TcpListener, metrics: Metrics, shutdown: CancellationToken) {
+    let tracker = TaskTracker::new();
+    let slots = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
+    loop {
+        let slot = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            slot = Arc::clone(&slots).acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(error = %e, "admin listener: accept failed");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                    }
+                }
+            },
+        };
+        let metrics = metrics.clone();
+        tracker.spawn(async move {
+            let _slot = slot;
+            let service = service_fn(move |req| {
+                let response = answer(&metrics, &req);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(ADMIN_CONNECTION_TIMEOUT)
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(stream), service);
+            match tokio::time::timeout(ADMIN_CONNECTION_TIMEOUT, conn).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => debug!(%peer, error = %e, "admin connection"),
+                Err(_) => debug!(%peer, "admin connection timed out"),
+            }
+        });
+    }
+    tracker.close();
+    tracker.wait().await;
+}
+
+fn answer<B>(metrics: &Metrics, req: &Request<B>) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match (req.method(), req.uri().path()) {
+        (&Method::GET | &Method::HEAD, "/metrics") => {
+            (StatusCode::OK, CONTENT_TYPE, metrics.render())
+        }
+        (&Method::GET | &Method::HEAD, "/healthz") => {
+            (StatusCode::OK, "text/plain; charset=utf-8", "ok\n".into())
+        }
+        (_, "/metrics" | "/healthz") => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain; charset=utf-8",
+            "method not allowed\n".into(),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain; charset=utf-8",
+            "not found\n".into(),
+        ),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        headers.insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    fn has_line(text: &str, line: &str) -> bool {
+        text.lines().any(|l| l == line)
+    }
+
+    #[track_caller]
+    fn assert_line(text: &str, line: &str) {
+        assert!(has_line(text, line), "no line {line:?} in:\n{text}");
+    }
+
+    #[test]
+    fn websocket_label_sets_render_as_documented() {
+        let m = Metrics::new();
+        m.ws_opened("chat", HttpVersion::H2);
+        m.ws_opened("chat", HttpVersion::H2);
+        m.ws_opened("chat", HttpVersion::H1);
+        m.ws_closed("chat", HttpVersion::H2, Some(1000));
+        m.ws_closed("chat", HttpVersion::H1, None);
+        let text = m.render();
+        assert_line(&text, "# TYPE wsgate_websockets_open gauge");
+        assert_line(
+            &text,
+            r#"wsgate_websockets_open{route="chat",http_version="2"} 1"#,
+        );
+        assert_line(
+            &text,
+            r#"wsgate_websockets_open{route="chat",http_version="1.1"} 0"#,
+        );
+        assert_line(&text, "# TYPE wsgate_websockets_opened counter");
+        assert_line(
+            &text,
+            r#"wsgate_websockets_opened_total{route="chat",http_version="2"} 2"#,
+        );
+        assert_line(
+            &text,
+            r#"wsgate_websocket_closes_total{route="chat",http_version="2",code="1000"} 1"#,
+        );
+        assert_line(
+            &text,
+            r#"wsgate_websocket_closes_total{route="chat",http_version="1.1",code="none"} 1"#,
+        );
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn close_codes_are_bounded_classes() {
+        let m = Metrics::new();
+        for code in [
+            1001, 1008, 1013, 3000, 3999, 4000, 4321, 4999, 5000, 999, 2000,
+        ] {
+            m.ws_opened("r", HttpVersion::H1);
+            m.ws_closed("r", HttpVersion::H1, Some(code));
+        }
+        let text = m.render();
+        let series = |code: &str| {
+            format!(
+                r#"wsgate_websocket_closes_total{{route="r",http_version="1.1",code="{code}"}}"#
+            )
+        };
+        for (code, n) in [
+            ("1001", 1),
+            ("1008", 1),
+            ("1013", 1),
+            ("3xxx", 2),
+            ("4xxx", 3),
+            ("other", 3),
+        ] {
+            assert_line(&text, &format!("{} {n}", series(code)));
+        }
+        let closes = text
+            .lines()
+            .filter(|l| l.starts_with("wsgate_websocket_closes_total{"))
+            .count();
+        assert_eq!(closes, 6, "{text}");
+    }
+
+    #[test]
+    fn the_guard_closes_exactly_once() {
+        let m = Metrics::new();
+        let a = m.websocket("echo", HttpVersion::H2);
+        let b = m.websocket("echo", HttpVersion::H2);
+        let text = m.render();
+        assert_line(
+            &text,
+            r#"wsgate_websockets_open{route="echo",http_version="2"} 2"#,
+        );
+        a.close(Some(1001));
+        drop(b);
+        let text = m.render();
+        assert_line(
+            &text,
+            r#"wsgate_websockets_open{route="echo",http_version="2"} 0"#,
+        );
+        assert_line(
+            &text,
+            r#"wsgate_websocket_closes_total{route="echo",http_version="2",code="1001"} 1"#,
+        );
+        assert_line(
+            &text,
+            r#"wsgate_websocket_closes_total{route="echo",http_version="2",code="none"} 1"#,
+        );
+    }
+
+    #[test]
+    fn http_bytes_refusals_and_backends_render() {
+        let m = Metrics::new();
+        m.ws_opened("chat", HttpVersion::H1);
+        m.ws_closed("chat", HttpVersion::H1, Some(1000));
+        m.http_request("app", 200);
+        m.http_request("app", 200);
+        m.http_request("app", 502);
+        m.bytes("chat", Direction::ClientToUpstream, 10);
+        let down = m.byte_counter("chat", Direction::UpstreamToClient);
+        down.add(5);
+        down.add(7);
+        m.bytes("chat", Direction::ClientToUpstream, 1);
+        m.refused(crate::limits::Refusal::TooManyTotal.reason());
+        m.refused("no_route");
+        m.refused("no_route");
+        m.backend_up("ws://10.0.0.5:9000", true);
+        m.backend_up("ws://10.0.0.6:9000", true);
+        m.backend_up("ws://10.0.0.6:9000", false);
+        m.backend_latency("ws://10.0.0.5:9000", 0.003);
+        m.backend_latency("ws://10.0.0.5:9000", 0.2);
+        m.limiter_tracked_clients(42);
+        let text = m.render();
+        assert_line(
+            &text,
+            r#"wsgate_http_requests_total{route="app",status="200"} 2"#,
+        );
+        assert_line(
+            &text,
+            r#"wsgate_http_requests_total{route="app",status="502"} 1"#,
+        );
+        assert_line(
+            &text,
+            r#"wsgate_relayed_bytes_total{route="chat",direction="client_to_upstream"} 11"#,
+        );
+        assert_line(
+            &text,
+            r#"wsgate_relayed_bytes_total{route="chat",direction="upstream_to_client"} 12"#,
+        );
+        assert_line(
+            &text,
+            r#"wsgate_handshake_refusals_total{reason="global_cap"} 1"#,
+        );
+        assert_line(
+            &text,
+            r#"wsgate_handshake_refusals_total{reason="no_route"} 2"#,
+        );
+        assert_line(
+            &text,
+            r#"wsgate_backend_up{backend="ws://10.0.0.5:9000"} 1"#,
+        );
+        assert_line(
+            &text,
+            r#"wsgate_backend_up{backend="ws://10.0.0.6:9000"} 0"#,
+        );
+        assert_line(&text, "# TYPE wsgate_backend_connect_seconds histogram");
+        assert_line(
+            &text,
+            r#"wsgate_backend_connect_seconds_count{backend="ws://10.0.0.5:9000"} 2"#,
+        );
+        assert_line(
+            &text,
+            r#"wsgate_backend_connect_seconds_bucket{le="0.005",backend="ws://10.0.0.5:9000"} 1"#,
+        );
+        assert_line(
+            &text,
+            r#"wsgate_backend_connect_seconds_bucket{le="+Inf",backend="ws://10.0.0.5:9000"} 2"#,
+        );
+        assert_line(&text, "wsgate_limiter_tracked_clients 42");
+        // Every documented metric is there (once it has a series), with its
+        // help text.
+        for name in [
+            "websockets_open",
+            "websockets_opened",
+            "websocket_closes",
+            "http_requests",
+            "relayed_bytes",
+            "handshake_refusals",
+            "backend_up",
+            "backend_connect_seconds",
+            "limiter_tracked_clients",
+        ] {
+            assert!(
+                text.contains(&format!("# HELP wsgate_{name} ")),
+                "{name}: {text}"
+            );
+        }
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let m = Metrics::new();
+        m.http_request("we\"ird\\route", 404);
+        let text = m.render();
+        assert_line(
+            &text,
+            r#"wsgate_http_requests_total{route="we\"ird\\route",status="404"} 1"#,
+        );
+    }
+
+    async fn get(addr: std::net::SocketAddr, request: &str) -> String {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn admin_listener_serves_metrics_health_and_404() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let metrics = Metrics::new();
+        metrics.ws_opened("chat", HttpVersion::H2);
+        metrics.refused("rate_limited");
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(serve_admin(listener, metrics.clone(), shutdown.clone()));
+
+        let r = get(addr, "GET /metrics HTTP/1.1\r\nHost: admin\r\n\r\n").await;
+        assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
+        assert!(
+            r.to_ascii_lowercase()
+                .contains(&format!("\r\ncontent-type: {CONTENT_TYPE}\r\n")),
+            "{r}"
+        );
+        let (_, body) = r.split_once("\r\n\r\n").unwrap();
+        assert_line(
+            body,
+            r#"wsgate_websockets_open{route="chat",http_version="2"} 1"#,
+        );
+        assert_line(
+            body,
+            r#"wsgate_handshake_refusals_total{reason="rate_limited"} 1"#,
+        );
+        assert!(body.ends_with("# EOF\n"), "{body}");
+
+        // Recorded after the first scrape: the next one sees it.
+        metrics.ws_closed("chat", HttpVersion::H2, Some(1000));
+        let r = get(addr, "GET /metrics HTTP/1.1\r\nHost: admin\r\n\r\n").await;
+        assert_line(
+            &r,
+            r#"wsgate_websockets_open{route="chat",http_version="2"} 0"#,
+        );
+
+        let r = get(addr, "GET /healthz HTTP/1.1\r\nHost: admin\r\n\r\n").await;
+        assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
+        assert!(r.ends_with("\r\n\r\nok\n"), "{r}");
+
+        let r = get(addr, "GET /nope HTTP/1.1\r\nHost: admin\r\n\r\n").await;
+        assert!(r.starts_with("HTTP/1.1 404 Not Found\r\n"), "{r}");
+
+        let r = get(
+            addr,
+            "POST /metrics HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\n\r\n",
+        )
+        .await;
+        assert!(r.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"), "{r}");
+        assert!(
+            r.to_ascii_lowercase().contains("\r\nallow: get, head\r\n"),
+            "{r}"
+        );
+
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("serve_admin returns on shutdown")
+            .unwrap();
+        assert!(
+            TcpStream::connect(addr).await.is_err(),
+            "the listener is closed"
+        );
+    }
+}
