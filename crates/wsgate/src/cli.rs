@@ -8,9 +8,9 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use wsgate_framing::FramingSpec;
 
+use crate::backend::{BackendAddr, Balance, Pool};
 use crate::config::{self, Config, Limits, ListenerConfig, Matcher, Route, Target, TlsFiles};
 use crate::listener::{self, Gateway};
-use crate::upstream::PeerAddr;
 
 /// WebSocket gateway: bridges WebSocket clients to TCP, UDP and Unix peers.
 #[derive(Debug, Parser)]
@@ -46,6 +46,7 @@ struct ServeArgs {
     #[arg(long, value_name = "HOST:PORT")]
     listen: Vec<String>,
     /// The peer: tcp://HOST:PORT, udp://HOST:PORT, unix:/PATH, unix-dgram:/PATH or echo:
+    /// (bridge), or ws://HOST:PORT / http://HOST:PORT (reverse proxy to a backend).
     #[arg(long, value_name = "PEER")]
     to: Option<String>,
     /// How peer bytes become messages: binary, auto, lines, length-prefixed, resp, cql, kafka.
@@ -142,9 +143,25 @@ fn build_config(a: &ServeArgs) -> anyhow::Result<Config> {
     if a.listen.is_empty() {
         anyhow::bail!("--to needs at least one --listen HOST:PORT");
     }
-    let peer: PeerAddr = to
-        .parse()
-        .map_err(|e: String| anyhow::anyhow!("--to: {e}"))?;
+    let is_proxy = ["ws://", "wss://", "http://", "https://"]
+        .iter()
+        .any(|s| to.starts_with(s));
+    let target = if is_proxy {
+        let addr: BackendAddr = to
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("--to: {e}"))?;
+        let eject_for = Limits::default().eject_for;
+        Target::Proxy(std::sync::Arc::new(Pool::new(
+            vec![addr],
+            Balance::RoundRobin,
+            eject_for,
+        )))
+    } else {
+        Target::Static(
+            to.parse()
+                .map_err(|e: String| anyhow::anyhow!("--to: {e}"))?,
+        )
+    };
     let framing = FramingSpec::parse(&a.framing, &a.framing_config)
         .map_err(|e| anyhow::anyhow!("--framing: {e}"))?;
     let tls = match (&a.tls_cert, &a.tls_key) {
@@ -184,10 +201,12 @@ fn build_config(a: &ServeArgs) -> anyhow::Result<Config> {
             name: "default".into(),
             matcher: Matcher::default(),
             protocols: a.protocols.clone(),
-            target: Target::Static(peer),
+            target,
             framing,
         }],
         health_path: "/healthz".into(),
+        forwarding: Default::default(),
+        admin: None,
     })
 }
 

@@ -15,7 +15,9 @@ use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use wsgate_framing::FramingSpec;
 
+use crate::backend::{BackendAddr, Balance, Pool};
 use crate::discovery::FileDiscovery;
+use crate::proxy::{Forwarding, IpNet};
 use crate::upstream::PeerAddr;
 
 /// The whole, validated configuration.
@@ -26,6 +28,10 @@ pub struct Config {
     pub routes: Vec<Route>,
     /// Path answered with `200 ok` for health checks.
     pub health_path: String,
+    /// `X-Forwarded-*` / `Forwarded` policy of proxy routes.
+    pub forwarding: Forwarding,
+    /// Where `/metrics` is served, if anywhere.
+    pub admin: Option<String>,
 }
 
 /// One listening socket.
@@ -64,6 +70,14 @@ pub struct Limits {
     pub close_timeout: Duration,
     /// On SIGINT/SIGTERM, time allowed for open connections to close in order.
     pub drain_timeout: Duration,
+    /// Proxy routes: time a backend has to answer a request or handshake (504 past it).
+    pub backend_timeout: Duration,
+    /// Proxy routes: close (1001) a WebSocket whose backend sent nothing this long.
+    pub backend_idle_timeout: Option<Duration>,
+    /// Proxy routes: close (1008) a WebSocket older than this.
+    pub max_lifetime: Option<Duration>,
+    /// Proxy routes: how long a backend that failed to connect is left out.
+    pub eject_for: Duration,
 }
 
 impl Default for Limits {
@@ -78,6 +92,10 @@ impl Default for Limits {
             connect_timeout: Duration::from_secs(5),
             close_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(10),
+            backend_timeout: Duration::from_secs(30),
+            backend_idle_timeout: None,
+            max_lifetime: None,
+            eject_for: Duration::from_secs(10),
         }
     }
 }
@@ -96,8 +114,12 @@ pub struct Route {
 /// Where a route's connections go.
 #[derive(Debug, Clone)]
 pub enum Target {
+    /// Bridge to one peer.
     Static(PeerAddr),
+    /// Bridge to a peer found per connection.
     Discovery(FileDiscovery),
+    /// Reverse proxy to HTTP/WebSocket backends.
+    Proxy(std::sync::Arc<Pool>),
 }
 
 /// Conditions on the handshake; all given ones must hold.
@@ -170,6 +192,45 @@ struct FileConfig {
     #[serde(default, rename = "route")]
     routes: Vec<RouteFile>,
     health_path: Option<String>,
+    #[serde(default)]
+    forwarding: ForwardingFile,
+    admin: Option<AdminFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ForwardingFile {
+    #[serde(default = "yes")]
+    enabled: bool,
+    #[serde(default)]
+    trusted_proxies: Vec<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for ForwardingFile {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            trusted_proxies: vec![],
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdminFile {
+    address: String,
+}
+
+/// One string or a list of them.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
 }
 
 #[derive(Debug, Deserialize)]
@@ -192,6 +253,10 @@ struct LimitsFile {
     connect_timeout: Option<Dur>,
     close_timeout: Option<Dur>,
     drain_timeout: Option<Dur>,
+    backend_timeout: Option<Dur>,
+    backend_idle_timeout: Option<Dur>,
+    max_lifetime: Option<Dur>,
+    eject_for: Option<Dur>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -210,6 +275,8 @@ struct RouteFile {
     #[serde(default)]
     protocols: Vec<String>,
     to: Option<PeerAddr>,
+    proxy: Option<OneOrMany>,
+    balance: Option<String>,
     framing: Option<String>,
     framing_config: Option<String>,
     discovery: Option<DiscoveryFile>,
@@ -505,11 +572,38 @@ impl Validator<'_> {
                 .unwrap_or(d.connect_timeout),
             close_timeout: l.close_timeout.and_then(|x| x.0).unwrap_or(d.close_timeout),
             drain_timeout: l.drain_timeout.and_then(|x| x.0).unwrap_or(d.drain_timeout),
+            backend_timeout: l
+                .backend_timeout
+                .and_then(|x| x.0)
+                .unwrap_or(d.backend_timeout),
+            backend_idle_timeout: l
+                .backend_idle_timeout
+                .map_or(d.backend_idle_timeout, |x| x.0),
+            max_lifetime: l.max_lifetime.map_or(d.max_lifetime, |x| x.0),
+            eject_for: l.eject_for.and_then(|x| x.0).unwrap_or(d.eject_for),
+        };
+
+        let mut trusted = vec![];
+        for t in &raw.forwarding.trusted_proxies {
+            match t.parse::<IpNet>() {
+                Ok(n) => trusted.push(n),
+                Err(e) => self.errors.push(ConfigError {
+                    file: self.file.to_string(),
+                    line: self.key_line("trusted_proxies"),
+                    column: 1,
+                    key: "forwarding.trusted_proxies".into(),
+                    message: e,
+                }),
+            }
+        }
+        let forwarding = Forwarding {
+            enabled: raw.forwarding.enabled,
+            trusted,
         };
 
         let mut routes = vec![];
         for (i, r) in raw.routes.into_iter().enumerate() {
-            if let Some(route) = self.route(i, r, base) {
+            if let Some(route) = self.route(i, r, base, &limits) {
                 routes.push(route);
             }
         }
@@ -528,10 +622,20 @@ impl Validator<'_> {
             limits,
             routes,
             health_path,
+            forwarding,
+            admin: raw.admin.map(|a| a.address),
         }
     }
 
-    fn route(&mut self, i: usize, r: RouteFile, base: &Path) -> Option<Route> {
+    /// The line of the first `key =` in the file (for keys of plain tables).
+    fn key_line(&self, key: &str) -> usize {
+        self.text
+            .lines()
+            .position(|l| l.trim_start().starts_with(key))
+            .map_or(1, |i| i + 1)
+    }
+
+    fn route(&mut self, i: usize, r: RouteFile, base: &Path, limits: &Limits) -> Option<Route> {
         let before = self.errors.len();
         for (key, p) in [("path", &r.path), ("path_prefix", &r.path_prefix)] {
             if let Some(p) = p {
@@ -573,9 +677,48 @@ impl Validator<'_> {
                 None
             }
         };
-        let target = match (r.to, r.discovery) {
-            (Some(peer), None) => Some(Target::Static(peer)),
-            (None, Some(d)) => {
+        let balance = match r.balance.as_deref().map(str::parse::<Balance>) {
+            None => Balance::RoundRobin,
+            Some(Ok(b)) => b,
+            Some(Err(e)) => {
+                self.error("route", i, "balance", e);
+                Balance::RoundRobin
+            }
+        };
+        if r.balance.is_some() && r.proxy.is_none() {
+            self.error(
+                "route",
+                i,
+                "balance",
+                "`balance` applies to `proxy` routes only".into(),
+            );
+        }
+        let target = match (r.to, r.discovery, r.proxy) {
+            (None, None, Some(p)) => {
+                let urls = match p {
+                    OneOrMany::One(u) => vec![u],
+                    OneOrMany::Many(v) => v,
+                };
+                let mut addrs = vec![];
+                for u in &urls {
+                    match u.parse::<BackendAddr>() {
+                        Ok(a) => addrs.push(a),
+                        Err(e) => self.error("route", i, "proxy", e),
+                    }
+                }
+                if urls.is_empty() {
+                    self.error("route", i, "proxy", "an empty backend list".into());
+                }
+                (!addrs.is_empty()).then(|| {
+                    Target::Proxy(std::sync::Arc::new(Pool::new(
+                        addrs,
+                        balance,
+                        limits.eject_for,
+                    )))
+                })
+            }
+            (Some(peer), None, None) => Some(Target::Static(peer)),
+            (None, Some(d), None) => {
                 if d.kind != "file" {
                     self.error(
                         "route",
@@ -594,22 +737,23 @@ impl Validator<'_> {
                     }
                 }
             }
-            (Some(_), Some(_)) => {
-                self.error(
-                    "route",
-                    i,
-                    "to",
-                    "give either `to` or a [route.discovery] table, not both".into(),
-                );
-                None
-            }
-            (None, None) => {
+            (None, None, None) => {
                 self.error(
                     "route",
                     i,
                     "",
-                    "route needs a peer: `to = \"tcp://host:port\"` or a [route.discovery] table"
+                    "route needs a peer: `to = \"tcp://host:port\"`, a [route.discovery] table, \
+                     or `proxy = \"ws://host:port\"`"
                         .into(),
+                );
+                None
+            }
+            _ => {
+                self.error(
+                    "route",
+                    i,
+                    "to",
+                    "give only one of `to`, `proxy` and a [route.discovery] table".into(),
                 );
                 None
             }

@@ -4,10 +4,44 @@
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{request::Parts, Method, Response, StatusCode, Version};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 
-/// The response body type of every answer the gateway makes itself.
-pub type Body = Full<Bytes>;
+/// Errors a response body may carry (a proxied body's read error).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The response body type: our own answers, or a backend's streamed body.
+pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+/// A body from bytes.
+pub fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// An empty body.
+pub fn empty() -> Body {
+    full(Bytes::new())
+}
+
+/// Which kind of WebSocket handshake a request is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Upgrade {
+    /// HTTP/1.1 `GET` + `Upgrade: websocket`; answered with 101.
+    H1 { key: String, accept: String },
+    /// HTTP/2 extended CONNECT with `:protocol = websocket` (RFC 8441); answered with 200.
+    H2,
+}
+
+/// Whether the request is an HTTP/2 extended CONNECT (any `:protocol`).
+pub fn is_extended_connect(parts: &Parts) -> bool {
+    parts.method == Method::CONNECT && parts.extensions.get::<hyper::ext::Protocol>().is_some()
+}
+
+/// Whether the request asks for a WebSocket in either HTTP version.
+pub fn is_websocket_request(parts: &Parts) -> bool {
+    wants_websocket(parts) || is_extended_connect(parts)
+}
 
 /// A plain-text answer.
 pub fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
@@ -18,14 +52,19 @@ pub fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
-        .body(Full::new(Bytes::from(body)))
+        .body(full(body))
         .expect("valid response")
 }
 
 /// Whether a comma-separated header contains `token` (case-insensitive),
 /// looking at every instance of the header.
 pub fn has_token(parts: &Parts, name: header::HeaderName, token: &str) -> bool {
-    parts.headers.get_all(name).iter().any(|v| {
+    header_has_token(&parts.headers, name, token)
+}
+
+/// Whether a comma-separated header of `headers` contains `token`.
+pub fn header_has_token(headers: &http::HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|v| {
         v.to_str()
             .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
             .unwrap_or(false)
@@ -37,9 +76,56 @@ pub fn wants_websocket(parts: &Parts) -> bool {
     has_token(parts, header::UPGRADE, "websocket")
 }
 
-/// Checks a WebSocket handshake request; returns the `Sec-WebSocket-Accept`
-/// value, or the error response to send.
-pub fn validate(parts: &Parts) -> Result<String, Box<Response<Body>>> {
+fn check_version(parts: &Parts) -> Result<(), Box<Response<Body>>> {
+    match parts.headers.get(header::SEC_WEBSOCKET_VERSION) {
+        None => Err(Box::new(text(
+            StatusCode::BAD_REQUEST,
+            "missing Sec-WebSocket-Version",
+        ))),
+        Some(v) if v.as_bytes() != b"13" => {
+            let mut r = text(
+                StatusCode::UPGRADE_REQUIRED,
+                "unsupported Sec-WebSocket-Version; this server speaks 13",
+            );
+            r.headers_mut().insert(
+                header::SEC_WEBSOCKET_VERSION,
+                HeaderValue::from_static("13"),
+            );
+            Err(Box::new(r))
+        }
+        Some(_) => Ok(()),
+    }
+}
+
+/// Checks a WebSocket handshake of either HTTP version, or returns the error
+/// response to send.
+pub fn validate(parts: &Parts) -> Result<Upgrade, Box<Response<Body>>> {
+    if parts.method == Method::CONNECT {
+        return match parts.extensions.get::<hyper::ext::Protocol>() {
+            Some(p) if p.as_str().eq_ignore_ascii_case("websocket") => {
+                check_version(parts)?;
+                Ok(Upgrade::H2)
+            }
+            Some(p) => Err(Box::new(text(
+                StatusCode::NOT_IMPLEMENTED,
+                format!(
+                    "unsupported :protocol `{}`; only `websocket` is served",
+                    p.as_str()
+                ),
+            ))),
+            None => Err(Box::new(text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "CONNECT is only served as extended CONNECT with :protocol websocket",
+            ))),
+        };
+    }
+    let key = validate_h1(parts)?;
+    let accept = wsframe::handshake::accept_key(key.as_bytes());
+    Ok(Upgrade::H1 { key, accept })
+}
+
+/// Checks an HTTP/1.1 WebSocket handshake; returns its `Sec-WebSocket-Key`.
+fn validate_h1(parts: &Parts) -> Result<String, Box<Response<Body>>> {
     let bad = |why: &str| Box::new(text(StatusCode::BAD_REQUEST, why));
     if parts.method != Method::GET {
         let mut r = text(
@@ -87,20 +173,31 @@ pub fn validate(parts: &Parts) -> Result<String, Box<Response<Body>>> {
             "invalid Sec-WebSocket-Key (must be base64 of 16 bytes)",
         ));
     }
-    Ok(wsframe::handshake::accept_key(key.as_bytes()))
+    Ok(key.to_str().unwrap_or_default().to_string())
 }
 
-/// The `101 Switching Protocols` answer.
-pub fn switching_protocols(accept: &str, protocol: Option<&str>) -> Response<Body> {
-    let mut b = Response::builder()
-        .status(StatusCode::SWITCHING_PROTOCOLS)
-        .header(header::UPGRADE, "websocket")
-        .header(header::CONNECTION, "Upgrade")
-        .header(header::SEC_WEBSOCKET_ACCEPT, accept);
+/// The success answer: `101 Switching Protocols` over HTTP/1.1, `200` for an
+/// extended CONNECT over HTTP/2; with the selected subprotocol and extensions.
+pub fn accepted(
+    upgrade: &Upgrade,
+    protocol: Option<&str>,
+    extensions: Option<&HeaderValue>,
+) -> Response<Body> {
+    let mut b = match upgrade {
+        Upgrade::H1 { accept, .. } => Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header(header::UPGRADE, "websocket")
+            .header(header::CONNECTION, "Upgrade")
+            .header(header::SEC_WEBSOCKET_ACCEPT, accept.as_str()),
+        Upgrade::H2 => Response::builder().status(StatusCode::OK),
+    };
     if let Some(p) = protocol {
         b = b.header(header::SEC_WEBSOCKET_PROTOCOL, p);
     }
-    b.body(Full::new(Bytes::new())).expect("valid response")
+    if let Some(e) = extensions {
+        b = b.header(header::SEC_WEBSOCKET_EXTENSIONS, e);
+    }
+    b.body(empty()).expect("valid response")
 }
 
 #[cfg(test)]
@@ -124,10 +221,13 @@ mod tests {
 
     #[test]
     fn accepts_a_good_handshake() {
-        assert_eq!(
-            validate(&parts(GOOD)).unwrap(),
-            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
-        );
+        match validate(&parts(GOOD)).unwrap() {
+            Upgrade::H1 { accept, key } => {
+                assert_eq!(accept, "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+                assert_eq!(key, "dGhlIHNhbXBsZSBub25jZQ==");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

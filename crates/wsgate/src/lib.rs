@@ -7,11 +7,16 @@
 //! functions of the `wsgate-framing` crate. [`config`] is the one typed
 //! configuration, parsed and validated before anything starts.
 
+pub mod backend;
 pub mod cli;
 pub mod config;
 pub mod discovery;
 pub mod handshake;
+pub mod limits;
 pub mod listener;
+pub mod metrics;
+pub mod passthrough;
+pub mod proxy;
 pub mod relay;
 pub mod route;
 pub mod tls;

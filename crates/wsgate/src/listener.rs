@@ -16,9 +16,9 @@ use anyhow::Context;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
@@ -27,9 +27,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::config::{Config, Target};
+use crate::backend::Pool;
+use crate::config::{Config, Route, Target};
 use crate::discovery::Discovered;
-use crate::handshake::{self, Body};
+use crate::handshake::{self, Body, Upgrade};
+use crate::passthrough;
+use crate::proxy::Proxy;
 use crate::relay::{self, ClientIo};
 use crate::route::{self, Metadata, Selection};
 use crate::upstream::{self, PeerAddr};
@@ -54,7 +57,11 @@ pub async fn bind(config: &Config) -> anyhow::Result<Vec<Bound>> {
     let mut out = vec![];
     for l in &config.listeners {
         let tls = match &l.tls {
-            Some(t) => Some(crate::tls::acceptor(&t.cert, &t.key, &[b"http/1.1"])?),
+            Some(t) => Some(crate::tls::acceptor(
+                &t.cert,
+                &t.key,
+                &[b"h2", b"http/1.1"],
+            )?),
             None => None,
         };
         let listener = TcpListener::bind(&l.address)
@@ -73,6 +80,7 @@ pub async fn bind(config: &Config) -> anyhow::Result<Vec<Bound>> {
 /// Shared state of the running gateway.
 pub struct Gateway {
     pub config: Config,
+    proxy: Proxy,
     active: AtomicUsize,
     next_id: AtomicU64,
     pub shutdown: CancellationToken,
@@ -90,8 +98,14 @@ impl Drop for ActiveGuard {
 
 impl Gateway {
     pub fn new(config: Config) -> Arc<Gateway> {
+        let proxy = Proxy::new(
+            config.forwarding.clone(),
+            config.limits.connect_timeout,
+            config.limits.backend_timeout,
+        );
         Arc::new(Gateway {
             config,
+            proxy,
             active: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
@@ -160,13 +174,42 @@ impl Gateway {
         let _ = stream.set_nodelay(true);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let span = tracing::info_span!("conn", id, %remote);
+        let limit = self.config.limits.handshake_timeout;
         async move {
             match tls {
-                None => self.serve_http(TokioIo::new(stream), remote, id).await,
+                None => {
+                    // Cleartext: HTTP/2 with prior knowledge starts with its preface.
+                    let h2 =
+                        match tokio::time::timeout(limit, starts_with_h2_preface(&stream)).await {
+                            Ok(Ok(h2)) => h2,
+                            _ => return,
+                        };
+                    let c = Conn {
+                        remote,
+                        id,
+                        secure: false,
+                    };
+                    if h2 {
+                        self.serve_h2(TokioIo::new(stream), c).await
+                    } else {
+                        self.serve_h1(TokioIo::new(stream), c).await
+                    }
+                }
                 Some(acceptor) => {
-                    let limit = self.config.limits.handshake_timeout;
                     match tokio::time::timeout(limit, acceptor.accept(stream)).await {
-                        Ok(Ok(s)) => self.serve_http(TokioIo::new(s), remote, id).await,
+                        Ok(Ok(s)) => {
+                            let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
+                            let c = Conn {
+                                remote,
+                                id,
+                                secure: true,
+                            };
+                            if h2 {
+                                self.serve_h2(TokioIo::new(s), c).await
+                            } else {
+                                self.serve_h1(TokioIo::new(s), c).await
+                            }
+                        }
                         Ok(Err(e)) => debug!("TLS handshake failed: {e}"),
                         Err(_) => debug!("TLS handshake timed out"),
                     }
@@ -177,14 +220,14 @@ impl Gateway {
         .await
     }
 
-    async fn serve_http<I>(self: &Arc<Self>, io: TokioIo<I>, remote: SocketAddr, id: u64)
+    async fn serve_h1<I>(self: &Arc<Self>, io: TokioIo<I>, c: Conn)
     where
         I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
         let gw = self.clone();
         let svc = service_fn(move |req| {
             let gw = gw.clone();
-            async move { Ok::<_, Infallible>(gw.handle(req, remote, id).await) }
+            async move { Ok::<_, Infallible>(gw.handle(req, c).await) }
         });
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
@@ -205,13 +248,37 @@ impl Gateway {
         }
     }
 
-    /// Answers one HTTP request: health check, refusal, or upgrade.
-    pub async fn handle(
-        self: &Arc<Self>,
-        req: Request<Incoming>,
-        remote: SocketAddr,
-        id: u64,
-    ) -> Response<Body> {
+    async fn serve_h2<I>(self: &Arc<Self>, io: TokioIo<I>, c: Conn)
+    where
+        I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let gw = self.clone();
+        let svc = service_fn(move |req| {
+            let gw = gw.clone();
+            async move { Ok::<_, Infallible>(gw.handle(req, c).await) }
+        });
+        let conn = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .enable_connect_protocol()
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .serve_connection(io, svc);
+        tokio::pin!(conn);
+        tokio::select! {
+            r = &mut conn => {
+                if let Err(e) = r {
+                    debug!("h2 connection ended: {e}");
+                }
+            }
+            _ = self.shutdown.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(self.config.limits.drain_timeout, conn).await;
+            }
+        }
+    }
+
+    /// Answers one HTTP request: health check, refusal, upgrade or proxying.
+    pub async fn handle(self: &Arc<Self>, req: Request<Incoming>, c: Conn) -> Response<Body> {
+        let Conn { remote, id, secure } = c;
         let (parts, body) = req.into_parts();
         if parts.uri.path() == self.config.health_path {
             return handshake::text(StatusCode::OK, "ok");
@@ -235,8 +302,19 @@ impl Gateway {
                 )
             }
         };
-        let accept = match handshake::validate(&parts) {
-            Ok(a) => a,
+        if let Target::Proxy(pool) = &route.target {
+            if !handshake::is_websocket_request(&parts) {
+                return match self.proxy.forward(pool, parts, body, remote, secure).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        warn!(route = %route.name, "{e:?}");
+                        e.response()
+                    }
+                };
+            }
+        }
+        let upgrade = match handshake::validate(&parts) {
+            Ok(u) => u,
             Err(resp) => return *resp,
         };
         // Reserve a slot before connecting, so a flood cannot open peers past the cap.
@@ -255,7 +333,17 @@ impl Gateway {
         }
         let guard = ActiveGuard(self.clone());
 
+        if let Target::Proxy(pool) = &route.target {
+            let mut req = Request::from_parts(parts, body);
+            let client_upgrade = hyper::upgrade::on(&mut req);
+            let (parts, _) = req.into_parts();
+            return self
+                .proxy_websocket(route, pool, &parts, &upgrade, client_upgrade, c, guard)
+                .await;
+        }
+
         let (peer, protocol, framing) = match &route.target {
+            Target::Proxy(_) => unreachable!("handled above"),
             Target::Static(p) => (p.clone(), protocol, route.framing.clone()),
             Target::Discovery(d) => match d.lookup(&meta) {
                 Discovered::Peer { entry, protocol } => {
@@ -323,7 +411,118 @@ impl Gateway {
             drop(guard);
         };
         self.tracker.spawn(fut.instrument(span));
-        handshake::switching_protocols(&accept, protocol.as_deref())
+        handshake::accepted(&upgrade, protocol.as_deref(), None)
+    }
+
+    /// A WebSocket handshake on a proxy route: backend handshake first, then
+    /// the answer to the client, then the byte relay.
+    #[allow(clippy::too_many_arguments)]
+    async fn proxy_websocket(
+        self: &Arc<Self>,
+        route: &Route,
+        pool: &Pool,
+        parts: &http::request::Parts,
+        upgrade: &Upgrade,
+        client_upgrade: hyper::upgrade::OnUpgrade,
+        c: Conn,
+        guard: ActiveGuard,
+    ) -> Response<Body> {
+        let (resp, backend) = match self
+            .proxy
+            .open_websocket(pool, parts, upgrade, c.remote, c.secure)
+            .await
+        {
+            Ok(Ok(pair)) => pair,
+            Ok(Err(relayed)) => return relayed,
+            Err(e) => {
+                warn!(route = %route.name, "{e:?}");
+                return e.response();
+            }
+        };
+        let backend_addr = backend.lease.backend.addr.to_string();
+        info!(route = %route.name, backend = %backend_addr, latency_ms = backend.latency.as_millis() as u64, h2 = matches!(upgrade, Upgrade::H2), "websocket proxied");
+        let limits = &self.config.limits;
+        let settings = passthrough::Settings {
+            client_idle: limits.idle_timeout,
+            backend_idle: limits.backend_idle_timeout,
+            max_lifetime: limits.max_lifetime,
+            close_timeout: limits.close_timeout,
+        };
+        let shutdown = self.shutdown.clone();
+        let span = tracing::info_span!("ws", id = c.id, remote = %c.remote);
+        self.tracker.spawn(
+            async move {
+                let (client, backend_io) = match tokio::join!(client_upgrade, backend.on_upgrade) {
+                    (Ok(c), Ok(b)) => (c, b),
+                    (c, b) => {
+                        debug!(
+                            "upgrade failed: client {:?}, backend {:?}",
+                            c.err(),
+                            b.err()
+                        );
+                        return;
+                    }
+                };
+                let (cio, cleft) = into_client(client);
+                let (bio, bleft) = into_client(backend_io);
+                let o = passthrough::run(
+                    passthrough::Side {
+                        io: cio,
+                        leftover: cleft,
+                    },
+                    passthrough::Side {
+                        io: bio,
+                        leftover: bleft,
+                    },
+                    settings,
+                    shutdown,
+                )
+                .await;
+                info!(
+                    bytes_up = o.bytes_up,
+                    bytes_down = o.bytes_down,
+                    injected = ?o.injected,
+                    reason = %o.reason,
+                    "websocket closed"
+                );
+                drop(backend.lease);
+                drop(guard);
+            }
+            .instrument(span),
+        );
+        resp
+    }
+}
+
+/// What a request handler knows about its connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Conn {
+    pub remote: SocketAddr,
+    pub id: u64,
+    /// Came over TLS.
+    pub secure: bool,
+}
+
+/// Waits for enough bytes to tell whether a cleartext connection opens with
+/// the HTTP/2 preface, without consuming them.
+async fn starts_with_h2_preface(s: &TcpStream) -> std::io::Result<bool> {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let mut buf = [0u8; 24];
+    loop {
+        s.readable().await?;
+        let n = match s.peek(&mut buf).await {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        if n == 0 || buf[..n] != PREFACE[..n] {
+            return Ok(false);
+        }
+        if n == PREFACE.len() {
+            return Ok(true);
+        }
+        // A prefix of the preface so far: wait for more.
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 

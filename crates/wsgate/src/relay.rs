@@ -40,7 +40,7 @@ use crate::upstream::PeerConn;
 const CHUNK: usize = 64 * 1024;
 /// First read size of a connection: reads that fill the buffer double it up to
 /// `CHUNK`, so chatty connections stay small and bulk ones get big reads.
-const FIRST_CHUNK: usize = 4 * 1024;
+pub(crate) const FIRST_CHUNK: usize = 4 * 1024;
 
 /// Makes room for the next read according to the adaptive size `hint`.
 fn make_room(buf: &mut BytesMut, hint: usize) {
@@ -150,16 +150,17 @@ macro_rules! ready_read {
     }};
 }
 
-enum ClientReader<'a> {
+/// The reading half of an upgraded connection (a client, or a proxied backend).
+pub(crate) enum ConnReader<'a> {
     Tcp(tcp::ReadHalf<'a>),
     Io(ReadHalf<Box<dyn Io>>),
 }
 
-impl ClientReader<'_> {
-    async fn read(&mut self, buf: &mut BytesMut, hint: &mut usize) -> io::Result<usize> {
+impl ConnReader<'_> {
+    pub(crate) async fn read(&mut self, buf: &mut BytesMut, hint: &mut usize) -> io::Result<usize> {
         match self {
-            ClientReader::Tcp(s) => ready_read!(s, buf, hint),
-            ClientReader::Io(s) => {
+            ConnReader::Tcp(s) => ready_read!(s, buf, hint),
+            ConnReader::Io(s) => {
                 make_room(buf, *hint);
                 let room = buf.capacity() - buf.len();
                 let n = s.read_buf(buf).await?;
@@ -170,17 +171,18 @@ impl ClientReader<'_> {
     }
 }
 
-enum ClientWriter<'a> {
+/// The writing half of an upgraded connection.
+pub(crate) enum ConnWriter<'a> {
     Tcp(tcp::WriteHalf<'a>),
     Io(WriteHalf<Box<dyn Io>>),
 }
 
-impl ClientWriter<'_> {
+impl ConnWriter<'_> {
     /// One write: cancel-safe.
     async fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         match self {
-            ClientWriter::Tcp(s) => s.write(data).await,
-            ClientWriter::Io(s) => {
+            ConnWriter::Tcp(s) => s.write(data).await,
+            ConnWriter::Io(s) => {
                 let n = s.write(data).await?;
                 if n == data.len() {
                     s.flush().await?;
@@ -190,7 +192,8 @@ impl ClientWriter<'_> {
         }
     }
 
-    async fn write_all(&mut self, buf: &mut BytesMut) -> io::Result<()> {
+    /// Writes and consumes all of `buf`; cancel-safe (what was written is gone from `buf`).
+    pub(crate) async fn write_all(&mut self, buf: &mut BytesMut) -> io::Result<()> {
         while !buf.is_empty() {
             let n = self.write(buf).await?;
             if n == 0 {
@@ -201,10 +204,10 @@ impl ClientWriter<'_> {
         Ok(())
     }
 
-    async fn shutdown(&mut self) {
+    pub(crate) async fn shutdown(&mut self) {
         let _ = match self {
-            ClientWriter::Tcp(s) => s.shutdown().await,
-            ClientWriter::Io(s) => s.shutdown().await,
+            ConnWriter::Tcp(s) => s.shutdown().await,
+            ConnWriter::Io(s) => s.shutdown().await,
         };
     }
 }
@@ -349,7 +352,7 @@ struct Up {
 }
 
 async fn up_loop(
-    cr: &mut ClientReader<'_>,
+    cr: &mut ConnReader<'_>,
     pw: &mut PeerWriter<'_>,
     st: &mut Up,
     shared: &Shared,
@@ -424,7 +427,7 @@ async fn up_loop(
             }
             st.batch.clear();
         }
-        if st.buf.is_empty() && st.buf.capacity() > 0 && matches!(cr, ClientReader::Tcp(_)) {
+        if st.buf.is_empty() && st.buf.capacity() > 0 && matches!(cr, ConnReader::Tcp(_)) {
             // Idle connections hold no read buffer.
             st.buf = BytesMut::new();
         }
@@ -465,7 +468,7 @@ struct Down {
 }
 
 /// Appends one unmasked server frame carrying a whole message.
-fn push_message(out: &mut BytesMut, opcode: OpCode, payload: &[u8]) {
+pub(crate) fn push_message(out: &mut BytesMut, opcode: OpCode, payload: &[u8]) {
     out.reserve(wsframe::MAX_HEADER_LEN + payload.len());
     write_header(out, true, 0, opcode, None, payload.len());
     out.extend_from_slice(payload);
@@ -510,7 +513,7 @@ impl Down {
 
 async fn down_loop(
     pr: &mut PeerReader<'_>,
-    cw: &mut ClientWriter<'_>,
+    cw: &mut ConnWriter<'_>,
     st: &mut Down,
     shared: &Shared,
     settings: &Settings,
@@ -600,6 +603,32 @@ fn next_deadline(shared: &Shared, s: &Settings, last_ping: Instant) -> Option<In
     d
 }
 
+/// Splits an upgraded connection into borrowed reader and writer halves and
+/// runs `$body` with them.
+macro_rules! with_halves {
+    ($io:expr, |$r:ident, $w:ident| $body:expr) => {
+        match $io {
+            $crate::relay::ClientIo::Tcp(mut s) => {
+                let (r, w) = s.split();
+                let ($r, $w) = (
+                    $crate::relay::ConnReader::Tcp(r),
+                    $crate::relay::ConnWriter::Tcp(w),
+                );
+                $body
+            }
+            $crate::relay::ClientIo::Io(b) => {
+                let (r, w) = tokio::io::split(b);
+                let ($r, $w) = (
+                    $crate::relay::ConnReader::Io(r),
+                    $crate::relay::ConnWriter::Io(w),
+                );
+                $body
+            }
+        }
+    };
+}
+pub(crate) use with_halves;
+
 /// Runs a bridged connection to its end.
 pub async fn run(
     client: ClientIo,
@@ -609,39 +638,14 @@ pub async fn run(
     settings: Settings,
     shutdown: CancellationToken,
 ) -> Outcome {
-    match client {
-        ClientIo::Tcp(mut s) => {
-            let (r, w) = s.split();
-            with_peer(
-                ClientReader::Tcp(r),
-                ClientWriter::Tcp(w),
-                peer,
-                leftover,
-                framer,
-                settings,
-                shutdown,
-            )
-            .await
-        }
-        ClientIo::Io(b) => {
-            let (r, w) = tokio::io::split(b);
-            with_peer(
-                ClientReader::Io(r),
-                ClientWriter::Io(w),
-                peer,
-                leftover,
-                framer,
-                settings,
-                shutdown,
-            )
-            .await
-        }
-    }
+    with_halves!(client, |r, w| {
+        with_peer(r, w, peer, leftover, framer, settings, shutdown).await
+    })
 }
 
 async fn with_peer(
-    mut cr: ClientReader<'_>,
-    mut cw: ClientWriter<'_>,
+    mut cr: ConnReader<'_>,
+    mut cw: ConnWriter<'_>,
     peer: PeerConn,
     leftover: Bytes,
     framer: AnyFramer,
@@ -700,8 +704,8 @@ async fn with_peer(
 }
 
 async fn run_inner(
-    cr: &mut ClientReader<'_>,
-    cw: &mut ClientWriter<'_>,
+    cr: &mut ConnReader<'_>,
+    cw: &mut ConnWriter<'_>,
     pr: &mut PeerReader<'_>,
     pw: &mut PeerWriter<'_>,
     (leftover, framer, settings, shutdown): (Bytes, AnyFramer, Settings, CancellationToken),
@@ -910,7 +914,7 @@ fn done(mut outcome: Outcome, up: &Up, down: &Down) -> Outcome {
 /// its disconnect, or the timeout.
 #[allow(clippy::too_many_arguments)]
 async fn close_then_drain_up<F: std::future::Future<Output = UpEnd> + Unpin>(
-    cw: &mut ClientWriter<'_>,
+    cw: &mut ConnWriter<'_>,
     up: &mut F,
     out: &mut BytesMut,
     code: u16,
@@ -935,8 +939,8 @@ async fn close_then_drain_up<F: std::future::Future<Output = UpEnd> + Unpin>(
 /// reads until the client closes or the timeout, so nothing we sent is lost
 /// to a reset.
 async fn finish(
-    cw: &mut ClientWriter<'_>,
-    cr: &mut ClientReader<'_>,
+    cw: &mut ConnWriter<'_>,
+    cr: &mut ConnReader<'_>,
     out: &mut BytesMut,
     close: Option<(u16, &str)>,
     timeout: Duration,

@@ -1,0 +1,275 @@
+//! Backend pools for proxy routes: balancing and passive health.
+//!
+//! A pool picks a backend round-robin or by fewest open connections, and
+//! skips backends that recently failed to connect: each failure ejects the
+//! backend for the pool's back-off period, and a success readmits it at once.
+//! When every backend is ejected, `pick` finds none and the gateway answers 503.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A backend's address, from `ws://HOST:PORT` or `http://HOST:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendAddr {
+    pub host: String,
+    pub port: u16,
+}
+
+impl FromStr for BackendAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |why: &str| {
+            format!("invalid backend `{s}`: {why} (expected ws://HOST:PORT or http://HOST:PORT)")
+        };
+        let rest = if let Some(r) = s
+            .strip_prefix("ws://")
+            .or_else(|| s.strip_prefix("http://"))
+        {
+            r
+        } else if s.starts_with("wss://") || s.starts_with("https://") {
+            return Err(bad("TLS towards backends is not supported yet"));
+        } else {
+            return Err(bad("unknown scheme"));
+        };
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        if rest.contains('/') {
+            return Err(bad(
+                "a backend URL has no path; the client's path is passed on",
+            ));
+        }
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
+                (h, p.parse::<u16>().map_err(|_| bad("bad port"))?)
+            }
+            _ => (rest, 80),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err(bad("missing host"));
+        }
+        Ok(BackendAddr {
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+impl fmt::Display for BackendAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// How a pool chooses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    RoundRobin,
+    LeastConnections,
+}
+
+impl FromStr for Balance {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "round-robin" => Ok(Balance::RoundRobin),
+            "least-connections" => Ok(Balance::LeastConnections),
+            _ => Err(format!(
+                "unknown balance `{s}` (expected round-robin or least-connections)"
+            )),
+        }
+    }
+}
+
+/// One backend and its live state.
+#[derive(Debug)]
+pub struct Backend {
+    pub addr: BackendAddr,
+    active: AtomicUsize,
+    /// Milliseconds since the pool's epoch until which it is ejected (0: not).
+    ejected_until: AtomicU64,
+}
+
+impl Backend {
+    /// Open connections (WebSockets and in-flight requests) to it.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+}
+
+/// A pool of backends.
+#[derive(Debug)]
+pub struct Pool {
+    backends: Vec<Arc<Backend>>,
+    balance: Balance,
+    eject_for: Duration,
+    next: AtomicUsize,
+    epoch: Instant,
+}
+
+/// A chosen backend; counts as one open connection until dropped.
+#[derive(Debug)]
+pub struct Lease {
+    pub backend: Arc<Backend>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.backend.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Pool {
+    pub fn new(addrs: Vec<BackendAddr>, balance: Balance, eject_for: Duration) -> Pool {
+        Pool {
+            backends: addrs
+                .into_iter()
+                .map(|addr| {
+                    Arc::new(Backend {
+                        addr,
+                        active: AtomicUsize::new(0),
+                        ejected_until: AtomicU64::new(0),
+                    })
+                })
+                .collect(),
+            balance,
+            eject_for,
+            next: AtomicUsize::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    pub fn backends(&self) -> &[Arc<Backend>] {
+        &self.backends
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    /// Whether the backend is in service now.
+    pub fn is_up(&self, b: &Backend) -> bool {
+        b.ejected_until.load(Ordering::Relaxed) <= self.now_ms()
+    }
+
+    /// Picks a backend; `None` when every backend is ejected.
+    pub fn pick(&self) -> Option<Lease> {
+        let now = self.now_ms();
+        let up = |b: &&Arc<Backend>| b.ejected_until.load(Ordering::Relaxed) <= now;
+        let n = self.backends.len();
+        let chosen = match self.balance {
+            Balance::RoundRobin => {
+                let start = self.next.fetch_add(1, Ordering::Relaxed);
+                (0..n)
+                    .map(|i| &self.backends[(start + i) % n])
+                    .find(|b| up(b))
+            }
+            Balance::LeastConnections => {
+                let start = self.next.fetch_add(1, Ordering::Relaxed);
+                (0..n)
+                    .map(|i| &self.backends[(start + i) % n])
+                    .filter(up)
+                    .min_by_key(|b| b.active())
+            }
+        };
+        let backend = chosen?.clone();
+        backend.active.fetch_add(1, Ordering::Relaxed);
+        Some(Lease { backend })
+    }
+
+    /// A connect failure: out of rotation for the back-off period.
+    pub fn eject(&self, b: &Backend) {
+        let until = self.now_ms() + self.eject_for.as_millis() as u64;
+        b.ejected_until.store(until, Ordering::Relaxed);
+    }
+
+    /// A success: back in rotation.
+    pub fn readmit(&self, b: &Backend) {
+        b.ejected_until.store(0, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addrs(n: u16) -> Vec<BackendAddr> {
+        (1..=n)
+            .map(|p| BackendAddr {
+                host: "127.0.0.1".into(),
+                port: p,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn parses_backend_urls() {
+        let a: BackendAddr = "ws://10.0.0.5:9000".parse().unwrap();
+        assert_eq!(a.to_string(), "10.0.0.5:9000");
+        let a: BackendAddr = "http://[::1]:80/".parse().unwrap();
+        assert_eq!(a.host, "::1");
+        let a: BackendAddr = "http://app".parse().unwrap();
+        assert_eq!(a.port, 80);
+        for bad in [
+            "wss://x:1",
+            "tcp://x:1",
+            "http://x:1/path",
+            "http://:1",
+            "ws://x:port",
+        ] {
+            assert!(bad.parse::<BackendAddr>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn round_robin_skips_ejected() {
+        let p = Pool::new(addrs(3), Balance::RoundRobin, Duration::from_secs(60));
+        let ports: Vec<u16> = (0..6)
+            .map(|_| p.pick().unwrap().backend.addr.port)
+            .collect();
+        assert_eq!(ports, vec![1, 2, 3, 1, 2, 3]);
+        let second = p.backends()[1].clone();
+        p.eject(&second);
+        assert!(!p.is_up(&second));
+        let ports: Vec<u16> = (0..4)
+            .map(|_| p.pick().unwrap().backend.addr.port)
+            .collect();
+        assert!(!ports.contains(&2), "{ports:?}");
+        p.readmit(&second);
+        assert!(p.is_up(&second));
+    }
+
+    #[test]
+    fn least_connections_prefers_idle() {
+        let p = Pool::new(addrs(2), Balance::LeastConnections, Duration::from_secs(60));
+        let a = p.pick().unwrap();
+        let b = p.pick().unwrap();
+        assert_ne!(a.backend.addr.port, b.backend.addr.port);
+        let (keep, other) = if a.backend.addr.port == 1 { (a, b) } else { (b, a) };
+        drop(other);
+        // Port 1 holds one lease; the other was dropped: new picks go to port 2.
+        assert_eq!(keep.backend.active(), 1);
+        for _ in 0..3 {
+            let l = p.pick().unwrap();
+            assert_eq!(l.backend.addr.port, 2);
+        }
+    }
+
+    #[test]
+    fn all_ejected_is_none() {
+        let p = Pool::new(addrs(2), Balance::RoundRobin, Duration::from_secs(60));
+        for b in p.backends().to_vec() {
+            p.eject(&b);
+        }
+        assert!(p.pick().is_none());
+        p.readmit(&p.backends()[0].clone());
+        assert!(p.pick().is_some());
+    }
+}

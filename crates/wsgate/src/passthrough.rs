@@ -1,0 +1,440 @@
+//! Proxied WebSockets: after both handshakes, bytes are copied as they are —
+//! no unmasking, re-masking or re-framing, so permessage-deflate and any other
+//! extension negotiated between client and backend just works — while a
+//! header-only [`Tracker`] follows frame boundaries in each direction. That is
+//! what lets the gateway inject a Close at a boundary when it shuts down, when
+//! a timeout or limit strikes, or when one side vanishes without a Close.
+//!
+//! Each direction is a [`pump`]: read a chunk, walk its frame headers, write it
+//! on. A pump reads only after its write finished, so backpressure is end to
+//! end and memory is one read chunk per direction.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use wsframe::{close_code, parse_header, ProtocolError};
+
+use crate::relay::{with_halves, ClientIo, ConnReader, ConnWriter, FIRST_CHUNK};
+
+/// Follows frame boundaries in one direction of a WebSocket byte stream.
+#[derive(Debug, Default)]
+pub struct Tracker {
+    head: [u8; wsframe::MAX_HEADER_LEN],
+    head_len: usize,
+    remaining: u64,
+    /// A Close frame has started in this direction.
+    pub close_seen: bool,
+}
+
+impl Tracker {
+    /// Exactly between two frames.
+    pub fn at_boundary(&self) -> bool {
+        self.remaining == 0 && self.head_len == 0
+    }
+
+    /// Walks `data` and returns how many bytes it covered: all of them, or,
+    /// with `stop`, those up to the first frame boundary (0 when at one).
+    pub fn advance(&mut self, data: &[u8], stop: bool) -> Result<usize, ProtocolError> {
+        let mut i = 0;
+        while i < data.len() {
+            if self.remaining > 0 {
+                let n = (self.remaining.min((data.len() - i) as u64)) as usize;
+                i += n;
+                self.remaining -= n as u64;
+                if self.remaining == 0 && stop {
+                    return Ok(i);
+                }
+                continue;
+            }
+            if stop && self.head_len == 0 {
+                return Ok(i);
+            }
+            let take = (self.head.len() - self.head_len).min(data.len() - i);
+            self.head[self.head_len..self.head_len + take].copy_from_slice(&data[i..i + take]);
+            match parse_header(&self.head[..self.head_len + take])? {
+                Some(h) => {
+                    i += h.header_len - self.head_len;
+                    self.head_len = 0;
+                    self.remaining = h.payload_len;
+                    if h.opcode == 0x8 {
+                        self.close_seen = true;
+                    }
+                    if self.remaining == 0 && stop {
+                        return Ok(i);
+                    }
+                }
+                None => {
+                    self.head_len += take;
+                    i += take;
+                }
+            }
+        }
+        Ok(i)
+    }
+}
+
+/// Timeouts and limits of a proxied WebSocket.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub client_idle: Option<Duration>,
+    pub backend_idle: Option<Duration>,
+    pub max_lifetime: Option<Duration>,
+    pub close_timeout: Duration,
+}
+
+/// How a proxied WebSocket ended, for logs and metrics.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    /// A close code the gateway injected, if it did.
+    pub injected: Option<u16>,
+    pub reason: String,
+}
+
+type Closing = Option<(u16, &'static str)>;
+
+struct Dir {
+    buf: BytesMut,
+    hint: usize,
+    tracker: Tracker,
+    bytes: u64,
+}
+
+impl Dir {
+    fn new(leftover: bytes::Bytes) -> Dir {
+        Dir {
+            buf: BytesMut::from(&leftover[..]),
+            hint: FIRST_CHUNK,
+            tracker: Tracker::default(),
+            bytes: 0,
+        }
+    }
+}
+
+enum PumpEnd {
+    /// The source ended (or failed); its FIN was passed on.
+    Eof(String),
+    Garbage(ProtocolError),
+    WriteFailed(io::Error),
+    /// We injected our Close because the connection is closing.
+    Injected,
+}
+
+async fn inject(dst: &mut ConnWriter<'_>, code: u16, reason: &str, masked: bool) {
+    let mut out = BytesMut::new();
+    let mask = masked.then(rand_mask);
+    wsframe::encode_frame(
+        &mut out,
+        true,
+        wsframe::OpCode::Close,
+        mask,
+        &wsframe::close_payload(code, reason),
+    );
+    let _ = dst.write_all(&mut out).await;
+}
+
+fn rand_mask() -> [u8; 4] {
+    // Masking keys need only be unpredictable to the client's scripts; the
+    // gateway sends one frame per closing connection.
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    (n ^ 0x5bd1_e995).to_ne_bytes()
+}
+
+/// Copies one direction. `to_backend`: frames going to the backend must be
+/// masked when we inject one. `gone`: the Close we send on when the source
+/// vanishes without one.
+#[allow(clippy::too_many_arguments)]
+async fn pump(
+    src: &mut ConnReader<'_>,
+    dst: &mut ConnWriter<'_>,
+    st: &mut Dir,
+    mut closing: watch::Receiver<Closing>,
+    to_backend: bool,
+    gone: (u16, &'static str),
+    activity: &AtomicU64,
+    epoch: Instant,
+) -> PumpEnd {
+    loop {
+        let close = *closing.borrow_and_update();
+        if let Some((code, reason)) = close {
+            if st.tracker.at_boundary() {
+                inject(dst, code, reason, to_backend).await;
+                return PumpEnd::Injected;
+            }
+        }
+        // Bytes that came with a handshake are passed on before any read.
+        let read = if !st.buf.is_empty() {
+            Ok(st.buf.len())
+        } else {
+            tokio::select! {
+                biased;
+                r = closing.changed(), if close.is_none() => {
+                    if r.is_err() {
+                        // The connection is being torn down.
+                        return PumpEnd::Injected;
+                    }
+                    continue;
+                }
+                r = src.read(&mut st.buf, &mut st.hint) => r,
+            }
+        };
+        match read {
+            Ok(0) | Err(_) => {
+                let why = match read {
+                    Err(e) => format!("read failed: {e}"),
+                    _ => "closed".to_string(),
+                };
+                if !st.tracker.close_seen && st.tracker.at_boundary() {
+                    inject(dst, gone.0, gone.1, to_backend).await;
+                }
+                dst.shutdown().await;
+                return PumpEnd::Eof(why);
+            }
+            Ok(_) => activity.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed),
+        }
+        let stop = close.is_some();
+        let n = match st.tracker.advance(&st.buf, stop) {
+            Ok(n) => n,
+            Err(e) => return PumpEnd::Garbage(e),
+        };
+        let mut chunk = st.buf.split_to(n);
+        st.bytes += n as u64;
+        if let Err(e) = dst.write_all(&mut chunk).await {
+            return PumpEnd::WriteFailed(e);
+        }
+        if stop {
+            // Past the boundary we are closing at: nothing more goes through.
+            st.buf.clear();
+        }
+        if st.buf.is_empty() {
+            st.buf = BytesMut::new();
+        }
+    }
+}
+
+/// Reads and discards until the peer closes or the timeout.
+async fn drain(src: &mut ConnReader<'_>, timeout: Duration) {
+    let _ = tokio::time::timeout(timeout, async {
+        let (mut scratch, mut hint) = (BytesMut::new(), FIRST_CHUNK);
+        loop {
+            scratch.clear();
+            match src.read(&mut scratch, &mut hint).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+}
+
+/// One side of a proxied WebSocket: the upgraded connection and the bytes
+/// that arrived with its handshake.
+pub struct Side {
+    pub io: ClientIo,
+    pub leftover: bytes::Bytes,
+}
+
+/// Runs a proxied WebSocket to its end.
+pub async fn run(
+    client: Side,
+    backend: Side,
+    settings: Settings,
+    shutdown: CancellationToken,
+) -> Outcome {
+    let dirs = (Dir::new(client.leftover), Dir::new(backend.leftover));
+    with_halves!(client.io, |cr, cw| {
+        with_halves!(backend.io, |br, bw| {
+            run_halves(cr, cw, br, bw, dirs, settings, shutdown).await
+        })
+    })
+}
+
+async fn run_halves(
+    mut cr: ConnReader<'_>,
+    mut cw: ConnWriter<'_>,
+    mut br: ConnReader<'_>,
+    mut bw: ConnWriter<'_>,
+    (mut up, mut down): (Dir, Dir),
+    settings: Settings,
+    shutdown: CancellationToken,
+) -> Outcome {
+    let epoch = Instant::now();
+    let (tx, rx) = watch::channel::<Closing>(None);
+    let (client_seen, backend_seen) = (AtomicU64::new(0), AtomicU64::new(0));
+    let mut outcome = Outcome::default();
+    let mut closing: Closing = None;
+    {
+        let c2b = pump(
+            &mut cr,
+            &mut bw,
+            &mut up,
+            rx.clone(),
+            true,
+            (close_code::GOING_AWAY, "client went away"),
+            &client_seen,
+            epoch,
+        );
+        let b2c = pump(
+            &mut br,
+            &mut cw,
+            &mut down,
+            rx,
+            false,
+            (1014, "backend went away"),
+            &backend_seen,
+            epoch,
+        );
+        tokio::pin!(c2b, b2c);
+        let (mut c2b_done, mut b2c_done) = (false, false);
+        let mut finish_by: Option<Instant> = None;
+        let lifetime_end = settings.max_lifetime.map(|l| epoch + l);
+        while !(c2b_done && b2c_done) {
+            let ms = |a: &AtomicU64| epoch + Duration::from_millis(a.load(Ordering::Relaxed));
+            let mut deadline = finish_by;
+            let mut consider = |t: Option<Instant>| {
+                if let Some(t) = t {
+                    deadline = Some(deadline.map_or(t, |d: Instant| d.min(t)));
+                }
+            };
+            if closing.is_none() {
+                consider(lifetime_end);
+                consider(settings.client_idle.map(|i| ms(&client_seen) + i));
+                consider(settings.backend_idle.map(|i| ms(&backend_seen) + i));
+            }
+            let timer = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                end = &mut c2b, if !c2b_done => {
+                    c2b_done = true;
+                    note(&mut outcome, "client", end);
+                    finish_by.get_or_insert(Instant::now() + settings.close_timeout);
+                }
+                end = &mut b2c, if !b2c_done => {
+                    b2c_done = true;
+                    note(&mut outcome, "backend", end);
+                    finish_by.get_or_insert(Instant::now() + settings.close_timeout);
+                }
+                _ = shutdown.cancelled(), if closing.is_none() => {
+                    closing = Some((close_code::GOING_AWAY, "gateway shutting down"));
+                }
+                _ = timer => {
+                    let now = Instant::now();
+                    if finish_by.is_some_and(|f| now >= f) {
+                        break;
+                    }
+                    if lifetime_end.is_some_and(|l| now >= l) {
+                        closing = Some((close_code::POLICY, "connection lifetime exceeded"));
+                    } else if settings.client_idle.is_some_and(|i| now >= ms(&client_seen) + i) {
+                        closing = Some((close_code::GOING_AWAY, "client inactivity timeout"));
+                    } else if settings.backend_idle.is_some_and(|i| now >= ms(&backend_seen) + i) {
+                        closing = Some((close_code::GOING_AWAY, "backend inactivity timeout"));
+                    }
+                }
+            }
+            if let (Some((code, why)), None) = (closing, outcome.injected) {
+                // Both pumps inject our Close at their next frame boundary.
+                outcome.injected = Some(code);
+                outcome.reason = why.to_string();
+                let _ = tx.send(closing);
+                finish_by = Some(Instant::now() + settings.close_timeout);
+            }
+        }
+    }
+    if closing.is_some() {
+        // Both sides have our Close (or are gone): give them a moment to answer.
+        cw.shutdown().await;
+        bw.shutdown().await;
+        let t = settings.close_timeout;
+        tokio::join!(drain(&mut cr, t), drain(&mut br, t));
+    }
+    outcome.bytes_up = up.bytes;
+    outcome.bytes_down = down.bytes;
+    outcome
+}
+
+fn note(outcome: &mut Outcome, side: &str, end: PumpEnd) {
+    let what = match end {
+        PumpEnd::Eof(why) => format!("{side} {why}"),
+        PumpEnd::Garbage(e) => format!("{side} sent a malformed frame header: {e}"),
+        PumpEnd::WriteFailed(e) => format!("write towards the other side of {side} failed: {e}"),
+        PumpEnd::Injected => return,
+    };
+    if outcome.reason.is_empty() {
+        outcome.reason = what;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wsframe::{encode_frame, OpCode};
+
+    fn frames() -> BytesMut {
+        let mut b = BytesMut::new();
+        encode_frame(&mut b, true, OpCode::Binary, Some([1, 2, 3, 4]), &[7; 300]);
+        encode_frame(&mut b, true, OpCode::Text, None, b"");
+        encode_frame(&mut b, true, OpCode::Binary, None, &[1; 70_000]);
+        encode_frame(&mut b, true, OpCode::Close, None, &[3, 232]);
+        b
+    }
+
+    #[test]
+    fn tracks_boundaries_in_any_chunking() {
+        let wire = frames();
+        for chunk in [1, 2, 3, 13, 100, 4096, 1 << 20] {
+            let mut t = Tracker::default();
+            let mut covered = 0;
+            for c in wire.chunks(chunk) {
+                covered += t.advance(c, false).unwrap();
+            }
+            assert_eq!(covered, wire.len());
+            assert!(t.at_boundary());
+            assert!(t.close_seen);
+        }
+    }
+
+    #[test]
+    fn stop_lands_exactly_on_boundaries() {
+        let wire = frames();
+        let mut t = Tracker::default();
+        let mut at = 0;
+        let mut boundaries = vec![];
+        loop {
+            let n = t.advance(&wire[at..], true).unwrap();
+            if n == 0 {
+                if at == wire.len() {
+                    break;
+                }
+                // At a boundary: step into the next frame.
+                let m = t.advance(&wire[at..at + 1], false).unwrap();
+                at += m;
+                continue;
+            }
+            at += n;
+            if t.at_boundary() {
+                boundaries.push(at);
+            }
+        }
+        // 8-byte header + 300; 2-byte empty frame; 10-byte header + 70,000; close.
+        assert_eq!(boundaries, vec![308, 310, 310 + 10 + 70_000, wire.len()]);
+    }
+
+    #[test]
+    fn garbage_length_is_an_error() {
+        let mut b = vec![0x82, 127];
+        b.extend_from_slice(&u64::MAX.to_be_bytes());
+        assert!(Tracker::default().advance(&b, false).is_err());
+    }
+}
