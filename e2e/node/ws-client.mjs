@@ -25,7 +25,12 @@
 //              report its code.
 //   handshake  only try to connect; report the HTTP status of a refusal
 //              (unexpected-response) or the negotiated protocol.
-// Options: --protocol NAME (repeatable), --timeout SECONDS
+//   send-expect-close --bytes N [--invalid-text]
+//              send one binary message of N bytes (or, with --invalid-text, a
+//              text frame whose payload is not UTF-8) and report the close
+//              code the server answers with.
+// Options: --protocol NAME (repeatable), --timeout SECONDS,
+//          --ws-version 8|13 (Sec-WebSocket-Version sent)
 import WebSocket from 'ws';
 import { createHash, randomBytes } from 'node:crypto';
 
@@ -43,6 +48,8 @@ for (let i = 0; i < rest.length; i++) {
     case '--sequential': opt.sequential = true; break;
     case '--bytes': opt.bytes = Number(rest[++i]); break;
     case '--chunk': opt.chunk = Number(rest[++i]); break;
+    case '--invalid-text': opt.invalidText = true; break;
+    case '--ws-version': opt.wsVersion = Number(rest[++i]); break;
     default: finish({ ok: false, error: `unknown argument ${a}` });
   }
 }
@@ -69,7 +76,11 @@ function payload(n) {
 const sha = (buf) => createHash('sha256').update(buf).digest('hex');
 const toBuf = (data) => (Buffer.isBuffer(data) ? data : Array.isArray(data) ? Buffer.concat(data) : Buffer.from(data));
 
-const ws = new WebSocket(url, opt.protocols, { perMessageDeflate: false, maxPayload: 256 * 1024 * 1024 });
+const ws = new WebSocket(url, opt.protocols, {
+  perMessageDeflate: false,
+  maxPayload: 256 * 1024 * 1024,
+  ...(opt.wsVersion ? { protocolVersion: opt.wsVersion } : {}),
+});
 ws.on('error', (err) => {
   progress.error = String(err && err.message);
   if (mode === 'handshake' || !progress.opened) finish({ ok: false, error: String(err && err.message), mode, progress });
@@ -95,6 +106,7 @@ ws.on('open', () => {
   if (mode === 'send-close') return runSendClose();
   if (mode === 'recv-all') return runRecvAll();
   if (mode === 'hold') return runHold();
+  if (mode === 'send-expect-close') return runSendExpectClose();
   finish({ ok: false, error: `unknown mode ${mode}` });
 });
 
@@ -193,5 +205,13 @@ function runRecvAll() {
 
 function runHold() {
   event({ event: 'open', protocol: ws.protocol });
+  onClose((code, reason) => finish({ ok: true, closeCode: code, reason }));
+}
+
+function runSendExpectClose() {
+  // ws does not validate outgoing text: a Buffer sent with binary:false goes
+  // out as a text frame with exactly these bytes.
+  if (opt.invalidText) ws.send(Buffer.from([0x68, 0x69, 0xc3, 0x28, 0xff]), { binary: false });
+  else ws.send(randomBytes(opt.bytes), { binary: true });
   onClose((code, reason) => finish({ ok: true, closeCode: code, reason }));
 }

@@ -19,7 +19,7 @@ def assert_still_serving(gw, path: str = "/"):
     assert gw.proc.popen.poll() is None, "gateway exited:\n" + gw.proc.describe()
     with clients.connect(gw.ws(path)) as ws:
         ws.send(b"still alive")
-        assert ws.recv(timeout=10) == b"still alive"
+        assert clients.recv_bytes(ws, 11, timeout=10)[0] == b"still alive"
 
 
 def read_all(sock: socket.socket, timeout: float) -> bytes:
@@ -187,3 +187,84 @@ def test_random_bytes_from_peer_into_framer(start_gateway, write_config, peer, f
     assert code is None or code in (1000, 1002, 1003, 1007, 1008, 1009, 1011), code
     # ... and the gateway still serves.
     assert_still_serving(gw)
+
+
+def _fds(pid: int) -> int:
+    import os
+
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def test_no_leak_after_many_good_and_bad_connections(start_gateway, write_config, peer):
+    """Hundreds of connections ending every which way leave no file descriptors
+    behind and no lasting memory growth."""
+    echo = peer("tcp-echo")
+    garbage = peer("tcp-blaster", payload=random.Random(9).randbytes(50_000))
+    dead_sock, dead_port = __import__("wsgate_e2e.peers", fromlist=["closed_tcp_port"]).closed_tcp_port()
+    cfg = write_config(f"""
+        [[listener]]
+        address = "127.0.0.1:0"
+
+        [[route]]
+        path = "/echo"
+        to = "{echo.spec}"
+        framing = "binary"
+
+        [[route]]
+        path = "/garbage"
+        to = "{garbage.spec}"
+        framing = "resp"
+
+        [[route]]
+        path = "/dead"
+        to = "tcp://127.0.0.1:{dead_port}"
+    """)
+    try:
+        gw = start_gateway("serve", "--config", cfg, listeners=1)
+        pid = gw.proc.pid
+
+        def round_of_abuse(n: int):
+            for i in range(n):
+                kind = i % 5
+                if kind == 0:
+                    with clients.connect(gw.ws("/echo")) as ws:
+                        ws.send(b"x" * 1000)
+                        assert clients.recv_bytes(ws, 1000, timeout=10)[0] == b"x" * 1000
+                elif kind == 1:
+                    with clients.connect(gw.ws("/garbage")) as ws:
+                        clients.recv_until_close(ws, timeout=10)
+                elif kind == 2:
+                    r = rawws.raw_exchange(gw.host, gw.port, rawws.ws_request("/dead"))
+                    assert r.status == 502
+                elif kind == 3:
+                    ws = RawWebSocket.open(gw.host, gw.port, "/echo")
+                    ws.send_raw(PROTOCOL_ERRORS["unmasked-frame"])
+                    ws.recv_until_close(timeout=10)
+                    ws.close()
+                else:
+                    # Abrupt client: handshake, half a frame, reset.
+                    ws = RawWebSocket.open(gw.host, gw.port, "/echo")
+                    ws.send_raw(rawws.encode_frame(OP_BINARY, b"y" * 5000)[:100])
+                    ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    ws.close()
+
+        round_of_abuse(50)  # warm up allocator pools
+        fds0, rss0 = _fds(pid), _rss(pid)
+        round_of_abuse(300)
+        deadline = time.monotonic() + 15
+        while _fds(pid) > fds0 and time.monotonic() < deadline:
+            time.sleep(0.1)  # bounded wait for the gateway to finish closing
+        assert _fds(pid) <= fds0, f"file descriptors: {fds0} before, {_fds(pid)} after 300 connections"
+        grown = _rss(pid) - rss0
+        assert grown < 16 << 20, f"RSS grew {grown >> 20} MiB over 300 finished connections"
+        assert_still_serving(gw, "/echo")
+    finally:
+        dead_sock.close()

@@ -111,8 +111,11 @@ def test_no_subprotocol_offered_to_route_with_protocols_is_400(quick_gateway):
 
 
 # ------------------------------------------------------------------------ 426
-def test_wrong_version_is_426(quick_gateway):
+def test_wrong_version_is_426(quick_gateway, node_client):
     gw = quick_gateway("echo:")
+    n = node_client(gw.url, "handshake", "--ws-version", "8", timeout=20)
+    assert n.get("refused") and n["status"] == 426, n
+    assert "13" in n["headers"].get("sec-websocket-version", ""), n
     for version in ("8", "12", "14"):
         r = rawws.raw_exchange(gw.host, gw.port, rawws.ws_request("/", version=version))
         assert r.status == 426, (version, r.status, r.body)
@@ -121,7 +124,7 @@ def test_wrong_version_is_426(quick_gateway):
 
 
 # ------------------------------------------------------------------------ 404
-def test_unknown_path_is_404(start_gateway, write_config):
+def test_unknown_path_is_404(start_gateway, write_config, node_client):
     cfg = write_config("""
         [[listener]]
         address = "127.0.0.1:0"
@@ -138,6 +141,8 @@ def test_unknown_path_is_404(start_gateway, write_config):
     for path in ("/", "/other", "/echo/x", "/api"):
         r = rawws.raw_exchange(gw.host, gw.port, rawws.ws_request(path))
         assert r.status == 404, (path, r.status, r.body)
+    n = node_client(gw.ws("/nope"), "handshake", timeout=20)
+    assert n.get("refused") and n["status"] == 404, n
     for path in ("/echo", "/api/v1"):
         with clients.connect(gw.ws(path)) as ws:
             ws.send(path)
@@ -235,6 +240,18 @@ def test_oversized_fragmented_message_is_1009(start_gateway, write_config):
         ws.close()
     assert not any(fr.opcode in (OP_BINARY, OP_CONT) and len(fr.payload) > 64 * 1024 for fr in frames)
     assert close is not None and close.close_code == 1009, close
+
+
+def test_oversized_node_client_gets_1009(quick_gateway, node_client):
+    gw = quick_gateway("echo:")
+    r = node_client(gw.url, "send-expect-close", "--bytes", str(16 * MiB + 1), timeout=60)
+    assert r["ok"] and r["closeCode"] == 1009, r
+
+
+def test_invalid_utf8_node_client_gets_1007(quick_gateway, node_client):
+    gw = quick_gateway("echo:")
+    r = node_client(gw.url, "send-expect-close", "--invalid-text", timeout=30)
+    assert r["ok"] and r["closeCode"] == 1007, r
 
 
 def test_oversized_python_client_gets_1009(quick_gateway):
