@@ -324,8 +324,8 @@ fn main() {
     rt.block_on(async move {
         let listener = Arc::new(TcpListener::bind("127.0.0.1:0").await.unwrap());
         let total = if quick { 32 << 20 } else { 256 << 20 };
-        let reps = if quick { 1 } else { 3 };
-        let iters = if quick { 500 } else { 5000 };
+        let reps = if quick { 1 } else { 5 };
+        let iters = if quick { 500 } else { 10_000 };
         let kinds = [Kind::Wsmux, Kind::SeparateWs, Kind::Yamux];
         let only: Option<usize> = std::env::args()
             .skip_while(|a| a != "--bulk")
@@ -353,16 +353,20 @@ fn main() {
         );
         println!("|---|---|---|---|");
         for n in [1usize, 10, 100] {
+            // Kinds take turns within each repetition, so that background
+            // load hits them alike; the median of the repetitions is shown.
+            let mut results = vec![Vec::new(); kinds.len()];
+            for _ in 0..reps {
+                for (i, k) in kinds.iter().enumerate() {
+                    results[i].push(bulk(*k, n, total, listener.clone()).await);
+                }
+            }
             let mut row = format!(
                 "| bulk, {n} stream(s), {} MiB total (MB/s, median of {reps}) |",
                 total >> 20
             );
-            for k in kinds {
-                let mut v = Vec::new();
-                for _ in 0..reps {
-                    v.push(bulk(k, n, total, listener.clone()).await);
-                }
-                row.push_str(&format!(" {:.0} |", median(v)));
+            for r in results {
+                row.push_str(&format!(" {:.0} |", median(r)));
             }
             println!("{row}");
         }

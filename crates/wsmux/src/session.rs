@@ -558,13 +558,15 @@ impl<T: Transport> Driver<T> {
         // 1. Incoming messages.
         let mut handled = 0;
         let mut accepted_any = false;
+        let mut read_blocked = false;
         loop {
             if handled == READ_BUDGET {
                 cx.waker().wake_by_ref();
                 break;
             }
             if self.shared.lock().rst_q.len() >= RST_QUEUE_CAP {
-                break; // resumes after the writer drained the RSTs
+                read_blocked = true; // resumes after the writer drained the RSTs
+                break;
             }
             match self.transport.poll_recv(cx) {
                 Poll::Pending => break,
@@ -648,8 +650,14 @@ impl<T: Transport> Driver<T> {
                 Poll::Pending => self.need_flush = true,
             }
         }
-        if self.shared.lock().error.is_some() {
+        let inner = self.shared.lock();
+        if inner.error.is_some() {
             return Poll::Ready(());
+        }
+        if read_blocked && inner.rst_q.len() < RST_QUEUE_CAP {
+            // Reading stopped for a full RST queue that has drained since:
+            // nothing else would wake us for messages already received.
+            cx.waker().wake_by_ref();
         }
         Poll::Pending
     }

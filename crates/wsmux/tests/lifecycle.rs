@@ -574,3 +574,39 @@ async fn syn_fin_and_extra_window_in_one_frame() {
     assert!(acked);
     assert_eq!(got, 1280 * 1024);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_syn_flood_is_refused_without_unbounded_queues() {
+    let cfg = Config {
+        accept_backlog: 4,
+        ..Config::default()
+    };
+    let (session, mut raw) = raw_client(cfg);
+    // 300 SYNs, more than the RST queue holds: reading pauses while RSTs
+    // drain, and every refused stream gets its RST.
+    for i in 0..300u32 {
+        raw.send(
+            Frame::WindowUpdate {
+                stream_id: 2 * i + 1,
+                flags: Flags::SYN,
+                delta: 0,
+            }
+            .encode(),
+        )
+        .await;
+    }
+    let mut refused = 0;
+    while refused < 296 {
+        match raw.recv_frame().await.unwrap() {
+            Frame::Data {
+                flags, rst_code, ..
+            } if flags.contains(Flags::RST) => {
+                assert_eq!(rst_code, reset_code::REFUSED);
+                refused += 1;
+            }
+            f => panic!("{f:?}"),
+        }
+    }
+    assert_eq!(session.stats().streams, 4);
+    assert!(session.error().is_none());
+}
