@@ -76,3 +76,17 @@ pub use transport::{ByteStream, Message, Transport};
 pub mod ws;
 #[cfg(feature = "wsframe")]
 pub use ws::WsTransport;
+
+#[cfg(test)]
+mod api_tests {
+    fn stream_like<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static>() {}
+    fn shareable<T: Send + Sync + 'static>() {}
+
+    #[test]
+    fn public_types_have_the_promised_traits() {
+        stream_like::<crate::Stream>();
+        shareable::<crate::Session>();
+        shareable::<crate::Error>();
+        stream_like::<crate::ByteStream<crate::transport::MemoryTransport>>();
+    }
+}

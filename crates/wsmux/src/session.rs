@@ -19,9 +19,9 @@ use tokio::time::{Instant, Sleep};
 /// RSTs for refused streams waiting to be sent; the driver stops reading
 /// while this many are queued, so a SYN flood cannot grow memory.
 const RST_QUEUE_CAP: usize = 64;
-/// Frame buffers a session keeps for reuse (at most about 2 MiB with 32 KiB
+/// Frame buffers a session keeps for reuse (at most about 800 KiB with 32 KiB
 /// frames, and only as many as were in flight at once).
-const POOL_BUFFERS: usize = 64;
+const POOL_BUFFERS: usize = 24;
 /// Messages handled per driver poll before yielding.
 const READ_BUDGET: usize = 128;
 /// Messages written per driver poll before yielding.

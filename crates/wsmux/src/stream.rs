@@ -22,6 +22,9 @@ const WRITE_FRAMES: usize = 4;
 ///   on the other side stalls this stream only.
 /// * `shutdown()` sends FIN (half-close): no more writes, reading continues
 ///   until the peer's FIN.
+/// * `flush()` returns at once: written data is already queued for the
+///   session's driver task, which writes and flushes the transport as soon as
+///   its queue runs empty.
 /// * Dropping the stream without a clean close in both directions sends RST
 ///   (code [`crate::reset_code::CANCEL`]).
 pub struct Stream {
