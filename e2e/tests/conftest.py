@@ -294,3 +294,29 @@ def browser(node_bin):
         return result
 
     return run
+
+
+# ------------------------------------------------------ reverse-proxy backends
+@pytest.fixture
+def http_backend(node_bin, procs):
+    """http_backend(*flags) -> ws:// URL of e2e/node/http-backend.mjs (HTTP + WebSocket echo)."""
+
+    def start(*args) -> str:
+        p = procs.start([node_bin, NODE_DIR / "http-backend.mjs", *args], "http-backend-node")
+        return wait_listeners(p, 1, 15)[0].url
+
+    return start
+
+
+@pytest.fixture
+def nginx(procs, tmp_path):
+    from wsgate_e2e.proxies import start_nginx
+
+    return lambda backend_hostport: start_nginx(procs, tmp_path, backend_hostport)
+
+
+@pytest.fixture
+def haproxy(procs, tmp_path):
+    from wsgate_e2e.proxies import start_haproxy
+
+    return lambda backend_hostport: start_haproxy(procs, tmp_path, backend_hostport)

@@ -83,3 +83,36 @@ def test_browser_plumbing_against_node_ws(node_echo_server, page_server, browser
     res = r["result"]
     assert res["opened"] and res["protocol"] == "redis", r
     assert res["messages"] == ["*1\r\n$4\r\nPING\r\n"], r
+
+
+@pytest.mark.autobahn
+@pytest.mark.parametrize("proxy", ["nginx", "haproxy"])
+def test_reference_proxies_in_front_of_node_ws(request, node_echo_server, tmp_path, proxy):
+    """The nginx/HAProxy fixtures (for the reverse-proxy comparisons) relay
+    WebSockets cleanly: a quick Autobahn subset through each."""
+    backend = node_echo_server()
+    front = request.getfixturevalue(proxy)(backend.removeprefix("ws://"))
+    res = autobahn.run_fuzzingclient(front.url, cases=["1.*", "2.*", "5.*"], agent=proxy, outdir=tmp_path / "ab")
+    print(res.summary())
+    assert res.ok, res.summary()
+
+
+def test_http_backend_helper(http_backend, node_client):
+    import json
+    import urllib.request
+
+    url = http_backend("--name", "b1")
+    host = url.removeprefix("ws://")
+    with urllib.request.urlopen(f"http://{host}/hello?x=1", timeout=10) as r:
+        info = json.loads(r.read())
+    assert info["name"] == "b1" and info["url"] == "/hello?x=1"
+    try:
+        urllib.request.urlopen(f"http://{host}/status/403", timeout=10)
+        raise AssertionError("expected 403")
+    except urllib.error.HTTPError as e:
+        assert e.code == 403
+    with clients.connect(url + "/headers", additional_headers={"X-Test": "1"}) as ws:
+        first = json.loads(ws.recv(timeout=10))
+        assert first["headers"]["x-test"] == "1"
+        ws.send(b"echo")
+        assert ws.recv(timeout=10) == b"echo"

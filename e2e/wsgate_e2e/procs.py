@@ -66,9 +66,10 @@ class Proc:
 
     def stderr_text(self, limit: int = 8000) -> str:
         try:
-            self._log.flush()
+            if not self._log.closed:
+                self._log.flush()
             data = self.log_path.read_bytes()
-        except OSError:
+        except (OSError, ValueError):
             return ""
         text = data.decode("utf-8", "replace")
         return text[-limit:]

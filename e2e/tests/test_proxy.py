@@ -1,0 +1,127 @@
+"""Reverse proxy (issue 3): wsgate in front of WebSocket/HTTP backends
+(Node `ws` + http, e2e/node/http-backend.mjs)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from wsgate_e2e import autobahn, clients, rawws
+from wsgate_e2e.peers import closed_tcp_port
+
+pytestmark = pytest.mark.proxy
+
+
+def proxy_gateway(start_gateway, write_config, backends, extra: str = "", route_extra: str = ""):
+    lst = ", ".join(f'"{b}"' for b in backends)
+    cfg = write_config(f"""
+        [[listener]]
+        address = "127.0.0.1:0"
+        {extra}
+
+        [[route]]
+        path_prefix = "/"
+        proxy = [{lst}]
+        {route_extra}
+    """)
+    return start_gateway("serve", "--config", cfg, listeners=1)
+
+
+def test_autobahn_through_proxy(start_gateway, write_config, node_echo_server, tmp_path):
+    backend = node_echo_server()
+    gw = proxy_gateway(start_gateway, write_config, [backend])
+    res = autobahn.run_fuzzingclient(gw.url, agent="wsgate-proxy", outdir=tmp_path / "ab")
+    print(res.summary())
+    assert res.ok, res.summary()
+
+
+def test_headers_at_the_backend(start_gateway, write_config, http_backend):
+    b = http_backend("--name", "b1")
+    gw = proxy_gateway(start_gateway, write_config, [b])
+    raw = rawws.RawWebSocket.open(
+        gw.host, gw.port, "/headers?x=1", protocols=["chat", "superchat"],
+        host_header="app.example",
+        extra={"Connection": "Upgrade, X-Hop", "X-Hop": "secret", "Keep-Alive": "timeout=5",
+               "TE": "trailers", "Proxy-Authorization": "Basic Zm9vOmJhcg==", "X-End-To-End": "kept"})
+    try:
+        assert raw.response.header("sec-websocket-protocol") == "chat", raw.response.headers
+        f = raw.recv_frame(timeout=10)
+        seen = json.loads(f.payload)
+        h = seen["headers"]
+        assert seen["url"] == "/headers?x=1"
+        assert h.get("x-end-to-end") == "kept", h
+        for hop in ("x-hop", "keep-alive", "te", "proxy-authorization"):
+            assert hop not in h, f"hop-by-hop header {hop} reached the backend: {h}"
+        assert h.get("sec-websocket-protocol", "").startswith("chat"), h
+        assert "127.0.0.1" in h.get("x-forwarded-for", ""), h
+        assert h.get("x-forwarded-host") == "app.example", h
+        assert h.get("x-forwarded-proto") in ("http", "ws"), h
+        assert "for=" in h.get("forwarded", ""), h
+        raw.send_frame(rawws.OP_TEXT, b"through")
+        f = raw.recv_frame(timeout=10)
+        assert f.payload == b"through"
+    finally:
+        raw.close()
+
+
+def test_backend_down_is_502(start_gateway, write_config):
+    sock, port = closed_tcp_port()
+    try:
+        gw = proxy_gateway(start_gateway, write_config, [f"ws://127.0.0.1:{port}"])
+        r = rawws.raw_exchange(gw.host, gw.port, rawws.ws_request("/"))
+        assert r.status == 502, (r.status, r.body)
+    finally:
+        sock.close()
+
+
+def test_wrong_accept_is_502(start_gateway, write_config, http_backend):
+    b = http_backend("--bad-accept")
+    gw = proxy_gateway(start_gateway, write_config, [b])
+    r = rawws.raw_exchange(gw.host, gw.port, rawws.ws_request("/"))
+    assert r.status == 502, (r.status, r.body)
+
+
+def test_backend_refusal_is_relayed(start_gateway, write_config, http_backend):
+    b = http_backend("--name", "b1")
+    gw = proxy_gateway(start_gateway, write_config, [b])
+    r = rawws.raw_exchange(gw.host, gw.port, rawws.ws_request("/status/403"))
+    assert r.status == 403, (r.status, r.body)
+    assert b"refused by b1" in r.body
+
+
+def test_round_robin_pool(start_gateway, write_config, http_backend):
+    bs = [http_backend("--name", f"b{i}") for i in range(2)]
+    gw = proxy_gateway(start_gateway, write_config, bs, route_extra='balance = "round-robin"')
+    names = []
+    for _ in range(4):
+        with clients.connect(gw.ws("/headers")) as ws:
+            names.append(json.loads(ws.recv(timeout=10))["name"])
+    assert sorted(names) == ["b0", "b0", "b1", "b1"], names
+
+
+@pytest.mark.parametrize("how", ["get", "post", "chunked"])
+def test_http_passthrough_with_curl(start_gateway, write_config, http_backend, how):
+    curl = shutil.which("curl")
+    if not curl:
+        pytest.fail("curl not found: run scripts/install-test-deps.sh")
+    b = http_backend("--name", "app")
+    gw = proxy_gateway(start_gateway, write_config, [b.replace("ws://", "http://")])
+    url = f"http://{gw.host}:{gw.port}/page?q=1"
+    args = [curl, "-sS", "--max-time", "20", "-H", "Connection: close, X-Hop", "-H", "X-Hop: 1"]
+    if how == "post":
+        args += ["--data-binary", "hello body"]
+    elif how == "chunked":
+        args += ["-H", "Transfer-Encoding: chunked", "--data-binary", "chunked body"]
+    cp = subprocess.run([*args, "-w", "\n%{http_code}", url], capture_output=True, text=True, timeout=30)
+    assert cp.returncode == 0, cp.stderr
+    body, _, code = cp.stdout.rpartition("\n")
+    assert code == "200", cp.stdout
+    seen = json.loads(body)
+    assert seen["url"] == "/page?q=1"
+    assert seen["method"] == ("GET" if how == "get" else "POST")
+    assert seen["body"] == {"get": "", "post": "hello body", "chunked": "chunked body"}[how]
+    assert "x-hop" not in seen["headers"], seen["headers"]
+    assert "127.0.0.1" in seen["headers"].get("x-forwarded-for", "")
