@@ -252,7 +252,11 @@ mod tests {
         let a = p.pick().unwrap();
         let b = p.pick().unwrap();
         assert_ne!(a.backend.addr.port, b.backend.addr.port);
-        let (keep, other) = if a.backend.addr.port == 1 { (a, b) } else { (b, a) };
+        let (keep, other) = if a.backend.addr.port == 1 {
+            (a, b)
+        } else {
+            (b, a)
+        };
         drop(other);
         // Port 1 holds one lease; the other was dropped: new picks go to port 2.
         assert_eq!(keep.backend.active(), 1);

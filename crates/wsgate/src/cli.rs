@@ -77,6 +77,15 @@ struct ServeArgs {
     /// Most WebSockets at once (503 past it).
     #[arg(long)]
     max_connections: Option<usize>,
+    /// New connections per client address, e.g. `20/s` or `600/m burst 50` (429 past it).
+    #[arg(long)]
+    per_ip_rate: Option<String>,
+    /// Concurrent WebSockets per client address (429 past it).
+    #[arg(long)]
+    per_ip_max_connections: Option<usize>,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics (printed as `admin on http://...`).
+    #[arg(long, value_name = "HOST:PORT")]
+    admin: Option<String>,
     /// Log filter (also RUST_LOG), e.g. info, debug, wsgate=trace.
     #[arg(long, env = "WSGATE_LOG", default_value = "info")]
     log: String,
@@ -187,6 +196,13 @@ fn build_config(a: &ServeArgs) -> anyhow::Result<Config> {
     if let Some(n) = a.max_connections {
         limits.max_connections = n;
     }
+    if let Some(r) = &a.per_ip_rate {
+        limits.per_ip_rate = Some(
+            r.parse()
+                .map_err(|e| anyhow::anyhow!("--per-ip-rate: {e}"))?,
+        );
+    }
+    limits.per_ip_max_connections = a.per_ip_max_connections;
     Ok(Config {
         listeners: a
             .listen
@@ -206,7 +222,7 @@ fn build_config(a: &ServeArgs) -> anyhow::Result<Config> {
         }],
         health_path: "/healthz".into(),
         forwarding: Default::default(),
-        admin: None,
+        admin: a.admin.clone(),
     })
 }
 
@@ -222,7 +238,22 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }
         out.flush()?;
     }
+    let admin = match &config.admin {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on admin address {addr}"))?,
+        ),
+        None => None,
+    };
     let gw = Gateway::new(config);
+    if let Some(l) = admin {
+        writeln!(std::io::stdout(), "admin on http://{}", l.local_addr()?)?;
+        std::io::stdout().flush()?;
+        let (m, s) = (gw.metrics.clone(), gw.shutdown.clone());
+        gw.tracker.spawn(crate::metrics::serve_admin(l, m, s));
+    }
+    gw.spawn_housekeeping();
     gw.serve(bound);
     signals.wait().await;
     tracing::info!(open = gw.active(), "shutting down");

@@ -78,6 +78,12 @@ pub struct Limits {
     pub max_lifetime: Option<Duration>,
     /// Proxy routes: how long a backend that failed to connect is left out.
     pub eject_for: Duration,
+    /// New WebSockets (and proxied requests) per client address (IPv6: per /64); 429 past it.
+    pub per_ip_rate: Option<crate::limits::RateSpec>,
+    /// Concurrent WebSockets per client address; 429 past it.
+    pub per_ip_max_connections: Option<usize>,
+    /// Proxy routes: bytes per second each way for one WebSocket.
+    pub bandwidth: Option<u64>,
 }
 
 impl Default for Limits {
@@ -96,6 +102,9 @@ impl Default for Limits {
             backend_idle_timeout: None,
             max_lifetime: None,
             eject_for: Duration::from_secs(10),
+            per_ip_rate: None,
+            per_ip_max_connections: None,
+            bandwidth: None,
         }
     }
 }
@@ -257,6 +266,9 @@ struct LimitsFile {
     backend_idle_timeout: Option<Dur>,
     max_lifetime: Option<Dur>,
     eject_for: Option<Dur>,
+    per_ip_rate: Option<crate::limits::RateSpec>,
+    per_ip_max_connections: Option<usize>,
+    bandwidth: Option<ByteSize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -581,6 +593,9 @@ impl Validator<'_> {
                 .map_or(d.backend_idle_timeout, |x| x.0),
             max_lifetime: l.max_lifetime.map_or(d.max_lifetime, |x| x.0),
             eject_for: l.eject_for.and_then(|x| x.0).unwrap_or(d.eject_for),
+            per_ip_rate: l.per_ip_rate,
+            per_ip_max_connections: l.per_ip_max_connections,
+            bandwidth: l.bandwidth.map(|b| b.0).filter(|b| *b > 0),
         };
 
         let mut trusted = vec![];

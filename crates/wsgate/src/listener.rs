@@ -8,7 +8,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,6 +31,8 @@ use crate::backend::Pool;
 use crate::config::{Config, Route, Target};
 use crate::discovery::Discovered;
 use crate::handshake::{self, Body, Upgrade};
+use crate::limits::{Admission, AdmissionConfig, Permit};
+use crate::metrics::{Direction, HttpVersion, Metrics};
 use crate::passthrough;
 use crate::proxy::Proxy;
 use crate::relay::{self, ClientIo};
@@ -80,33 +82,33 @@ pub async fn bind(config: &Config) -> anyhow::Result<Vec<Bound>> {
 /// Shared state of the running gateway.
 pub struct Gateway {
     pub config: Config,
+    pub metrics: Metrics,
     proxy: Proxy,
-    active: AtomicUsize,
+    admission: Admission,
     next_id: AtomicU64,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
 }
 
-/// Counts one open WebSocket until dropped.
-struct ActiveGuard(Arc<Gateway>);
-
-impl Drop for ActiveGuard {
-    fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 impl Gateway {
     pub fn new(config: Config) -> Arc<Gateway> {
+        let metrics = Metrics::new();
         let proxy = Proxy::new(
             config.forwarding.clone(),
             config.limits.connect_timeout,
             config.limits.backend_timeout,
+            metrics.clone(),
         );
+        let admission = Admission::new(AdmissionConfig {
+            per_ip_rate: config.limits.per_ip_rate,
+            per_ip_max_connections: config.limits.per_ip_max_connections,
+            max_connections: config.limits.max_connections,
+        });
         Arc::new(Gateway {
             config,
+            metrics,
             proxy,
-            active: AtomicUsize::new(0),
+            admission,
             next_id: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
@@ -115,7 +117,29 @@ impl Gateway {
 
     /// Open WebSockets right now.
     pub fn active(&self) -> usize {
-        self.active.load(Ordering::Acquire)
+        self.admission.open()
+    }
+
+    /// Keeps the limiter's state small and its gauge current.
+    pub fn spawn_housekeeping(self: &Arc<Self>) {
+        let gw = self.clone();
+        self.tracker.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = gw.shutdown.cancelled() => return,
+                    _ = tick.tick() => {
+                        gw.admission.purge();
+                        gw.metrics.limiter_tracked_clients(gw.admission.tracked_ips());
+                    }
+                }
+            }
+        });
+    }
+
+    fn refuse(&self, reason: &'static str, resp: Response<Body>) -> Response<Body> {
+        self.metrics.refused(reason);
+        resp
     }
 
     /// Accepts on every listener until shutdown.
@@ -304,34 +328,32 @@ impl Gateway {
         };
         if let Target::Proxy(pool) = &route.target {
             if !handshake::is_websocket_request(&parts) {
-                return match self.proxy.forward(pool, parts, body, remote, secure).await {
+                if let Err(r) = self.admission.check_rate(remote.ip()) {
+                    return self.refuse(r.reason(), refusal_response(&r));
+                }
+                let resp = match self.proxy.forward(pool, parts, body, remote, secure).await {
                     Ok(r) => r,
                     Err(e) => {
                         warn!(route = %route.name, "{e:?}");
+                        self.metrics.refused(e.reason());
                         e.response()
                     }
                 };
+                self.metrics
+                    .http_request(&route.name, resp.status().as_u16());
+                return resp;
             }
         }
         let upgrade = match handshake::validate(&parts) {
             Ok(u) => u,
-            Err(resp) => return *resp,
+            Err(resp) => return self.refuse("bad_handshake", *resp),
         };
-        // Reserve a slot before connecting, so a flood cannot open peers past the cap.
-        let max = self.config.limits.max_connections;
-        if self.active.fetch_add(1, Ordering::AcqRel) >= max {
-            self.active.fetch_sub(1, Ordering::AcqRel);
-            let mut r = handshake::text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("too many connections (limit {max})"),
-            );
-            r.headers_mut().insert(
-                http::header::RETRY_AFTER,
-                http::HeaderValue::from_static("1"),
-            );
-            return r;
-        }
-        let guard = ActiveGuard(self.clone());
+        // Admission before connecting anything, so a flood cannot open peers
+        // or backends past the limits.
+        let guard = match self.admission.admit(remote.ip()) {
+            Ok(p) => p,
+            Err(r) => return self.refuse(r.reason(), refusal_response(&r)),
+        };
 
         if let Target::Proxy(pool) = &route.target {
             let mut req = Request::from_parts(parts, body);
@@ -352,7 +374,10 @@ impl Gateway {
                 }
                 Discovered::Denied(p) => {
                     warn!(route = %route.name, peer = %p, "discovered peer is not on the allow list");
-                    return handshake::text(StatusCode::FORBIDDEN, "peer not allowed");
+                    return self.refuse(
+                        "peer_not_allowed",
+                        handshake::text(StatusCode::FORBIDDEN, "peer not allowed"),
+                    );
                 }
                 Discovered::NotFound => {
                     return handshake::text(StatusCode::NOT_FOUND, "no peer found for this request")
@@ -363,7 +388,10 @@ impl Gateway {
             Ok(c) => c,
             Err(e) => {
                 warn!(route = %route.name, "{e}");
-                return handshake::text(StatusCode::BAD_GATEWAY, e.to_string());
+                return self.refuse(
+                    "peer_unreachable",
+                    handshake::text(StatusCode::BAD_GATEWAY, e.to_string()),
+                );
             }
         };
         info!(route = %route.name, %peer, protocol = protocol.as_deref().unwrap_or("-"), framing = %framing, "websocket open");
@@ -382,6 +410,10 @@ impl Gateway {
         };
         let shutdown = self.shutdown.clone();
         let span = tracing::info_span!("ws", id, %remote);
+        let version = http_version(&upgrade);
+        let open = self.metrics.websocket(&route.name, version);
+        let metrics = self.metrics.clone();
+        let route_name = route.name.clone();
         let fut = async move {
             let upgraded = match on_upgrade.await {
                 Ok(u) => u,
@@ -400,6 +432,9 @@ impl Gateway {
                 shutdown,
             )
             .await;
+            metrics.bytes(&route_name, Direction::ClientToUpstream, o.bytes_up);
+            metrics.bytes(&route_name, Direction::UpstreamToClient, o.bytes_down);
+            open.close(o.close_sent);
             info!(
                 bytes_up = o.bytes_up,
                 bytes_down = o.bytes_down,
@@ -425,7 +460,7 @@ impl Gateway {
         upgrade: &Upgrade,
         client_upgrade: hyper::upgrade::OnUpgrade,
         c: Conn,
-        guard: ActiveGuard,
+        guard: Permit,
     ) -> Response<Body> {
         let (resp, backend) = match self
             .proxy
@@ -436,7 +471,7 @@ impl Gateway {
             Ok(Err(relayed)) => return relayed,
             Err(e) => {
                 warn!(route = %route.name, "{e:?}");
-                return e.response();
+                return self.refuse(e.reason(), e.response());
             }
         };
         let backend_addr = backend.lease.backend.addr.to_string();
@@ -447,9 +482,13 @@ impl Gateway {
             backend_idle: limits.backend_idle_timeout,
             max_lifetime: limits.max_lifetime,
             close_timeout: limits.close_timeout,
+            bandwidth: limits.bandwidth,
         };
         let shutdown = self.shutdown.clone();
         let span = tracing::info_span!("ws", id = c.id, remote = %c.remote);
+        let open = self.metrics.websocket(&route.name, http_version(upgrade));
+        let metrics = self.metrics.clone();
+        let route_name = route.name.clone();
         self.tracker.spawn(
             async move {
                 let (client, backend_io) = match tokio::join!(client_upgrade, backend.on_upgrade) {
@@ -485,6 +524,9 @@ impl Gateway {
                     reason = %o.reason,
                     "websocket closed"
                 );
+                metrics.bytes(&route_name, Direction::ClientToUpstream, o.bytes_up);
+                metrics.bytes(&route_name, Direction::UpstreamToClient, o.bytes_down);
+                open.close(o.injected);
                 drop(backend.lease);
                 drop(guard);
             }
@@ -492,6 +534,22 @@ impl Gateway {
         );
         resp
     }
+}
+
+fn http_version(u: &Upgrade) -> HttpVersion {
+    match u {
+        Upgrade::H1 { .. } => HttpVersion::H1,
+        Upgrade::H2 => HttpVersion::H2,
+    }
+}
+
+/// 429 or 503 with `Retry-After`.
+fn refusal_response(r: &crate::limits::Refusal) -> Response<Body> {
+    let mut resp = handshake::text(r.status(), r.to_string());
+    if let Ok(v) = http::HeaderValue::from_str(&r.retry_after_secs().to_string()) {
+        resp.headers_mut().insert(http::header::RETRY_AFTER, v);
+    }
+    resp
 }
 
 /// What a request handler knows about its connection.

@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use wsframe::{close_code, parse_header, ProtocolError};
 
+use crate::limits::Bandwidth;
 use crate::relay::{with_halves, ClientIo, ConnReader, ConnWriter, FIRST_CHUNK};
 
 /// Follows frame boundaries in one direction of a WebSocket byte stream.
@@ -85,6 +86,8 @@ pub struct Settings {
     pub backend_idle: Option<Duration>,
     pub max_lifetime: Option<Duration>,
     pub close_timeout: Duration,
+    /// Bytes per second each way.
+    pub bandwidth: Option<u64>,
 }
 
 /// How a proxied WebSocket ended, for logs and metrics.
@@ -104,15 +107,17 @@ struct Dir {
     hint: usize,
     tracker: Tracker,
     bytes: u64,
+    bandwidth: Option<Bandwidth>,
 }
 
 impl Dir {
-    fn new(leftover: bytes::Bytes) -> Dir {
+    fn new(leftover: bytes::Bytes, bandwidth: Option<u64>) -> Dir {
         Dir {
             buf: BytesMut::from(&leftover[..]),
             hint: FIRST_CHUNK,
             tracker: Tracker::default(),
             bytes: 0,
+            bandwidth: bandwidth.map(Bandwidth::new),
         }
     }
 }
@@ -210,6 +215,13 @@ async fn pump(
         if let Err(e) = dst.write_all(&mut chunk).await {
             return PumpEnd::WriteFailed(e);
         }
+        if let Some(delay) = st
+            .bandwidth
+            .as_mut()
+            .and_then(|b| b.delay_for(n, Instant::now()))
+        {
+            tokio::time::sleep(delay).await;
+        }
         if stop {
             // Past the boundary we are closing at: nothing more goes through.
             st.buf.clear();
@@ -249,7 +261,10 @@ pub async fn run(
     settings: Settings,
     shutdown: CancellationToken,
 ) -> Outcome {
-    let dirs = (Dir::new(client.leftover), Dir::new(backend.leftover));
+    let dirs = (
+        Dir::new(client.leftover, settings.bandwidth),
+        Dir::new(backend.leftover, settings.bandwidth),
+    );
     with_halves!(client.io, |cr, cw| {
         with_halves!(backend.io, |br, bw| {
             run_halves(cr, cw, br, bw, dirs, settings, shutdown).await

@@ -35,6 +35,7 @@ use tracing::{debug, warn};
 
 use crate::backend::{Lease, Pool};
 use crate::handshake::{self, Body, Upgrade};
+use crate::metrics::Metrics;
 
 /// `X-Forwarded-*` / `Forwarded` policy.
 #[derive(Debug, Clone)]
@@ -154,6 +155,7 @@ pub struct BackendWebSocket {
 /// The proxy: forwarding rules and the pooled client for plain HTTP.
 pub struct Proxy {
     client: Client<HttpConnector, Incoming>,
+    metrics: Metrics,
     forwarding: Forwarding,
     connect_timeout: Duration,
     answer_timeout: Duration,
@@ -221,6 +223,7 @@ impl Proxy {
         forwarding: Forwarding,
         connect_timeout: Duration,
         answer_timeout: Duration,
+        metrics: Metrics,
     ) -> Proxy {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(connect_timeout));
@@ -231,6 +234,7 @@ impl Proxy {
             .build(connector);
         Proxy {
             client,
+            metrics,
             forwarding,
             connect_timeout,
             answer_timeout,
@@ -348,6 +352,7 @@ impl Proxy {
             }
             Ok(Err(e)) if e.is_connect() => {
                 pool.eject(&lease.backend);
+                self.metrics.backend_up(&addr.to_string(), false);
                 let text = format!("{e:?}");
                 return Err(if text.contains("timed out") || text.contains("Timeout") {
                     BackendError::Timeout(format!("backend {addr}: connect timed out"))
@@ -367,6 +372,7 @@ impl Proxy {
             Ok(Ok(r)) => r,
         };
         pool.readmit(&lease.backend);
+        self.metrics.backend_up(&addr.to_string(), true);
         let (rparts, rbody) = resp.into_parts();
         let mut out = Response::new(
             rbody
@@ -404,12 +410,14 @@ impl Proxy {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 pool.eject(&lease.backend);
+                self.metrics.backend_up(&addr.to_string(), false);
                 return Err(BackendError::Connect(format!(
                     "backend {addr}: cannot connect: {e}"
                 )));
             }
             Err(_) => {
                 pool.eject(&lease.backend);
+                self.metrics.backend_up(&addr.to_string(), false);
                 return Err(BackendError::Timeout(format!(
                     "backend {addr}: connect timed out after {:?}",
                     self.connect_timeout
@@ -471,6 +479,9 @@ impl Proxy {
                 }
             };
         pool.readmit(&lease.backend);
+        self.metrics.backend_up(&addr.to_string(), true);
+        self.metrics
+            .backend_latency(&addr.to_string(), started.elapsed().as_secs_f64());
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             // 401, 403, 404, 5xx...: the client sees the backend's own answer.
             let (rparts, rbody) = resp.into_parts();
@@ -599,6 +610,7 @@ mod tests {
             Forwarding::default(),
             Duration::from_secs(1),
             Duration::from_secs(1),
+            Metrics::new(),
         );
         p.add_forwarded(&mut h, remote, true, Some(&host));
         assert_eq!(h["x-forwarded-for"], "192.0.2.7");
@@ -616,6 +628,7 @@ mod tests {
             },
             Duration::from_secs(1),
             Duration::from_secs(1),
+            Metrics::new(),
         );
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", "203.0.113.9".parse().unwrap());
