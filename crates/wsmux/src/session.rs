@@ -246,6 +246,13 @@ impl Inner {
             self.goaway_out = Some(Frame::GoAway { code, reason }.encode());
             self.goaway_sent = true;
         }
+        if !matches!(err, Error::SessionClosed) {
+            // The session is broken: drop what was queued. (When the Session
+            // is merely dropped, data already written is still delivered,
+            // within `close_timeout`, ahead of the GOAWAY.)
+            self.data_q.clear();
+            self.data_q_bytes = 0;
+        }
         self.error = Some(err);
         for st in self.streams.values_mut() {
             st.wake_all();
@@ -699,22 +706,28 @@ impl<T: Transport> Driver<T> {
         }
     }
 
-    /// After failure: deliver the final GOAWAY (if any), flush and close.
+    /// After failure: deliver what is left to deliver (queued DATA when the
+    /// Session was dropped, then the GOAWAY), flush and close.
     fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         loop {
-            let g = self.shared.lock().goaway_out.take();
-            let Some(g) = g else { break };
             match self.transport.poll_ready(cx) {
-                Poll::Pending => {
-                    self.shared.lock().goaway_out = Some(g);
-                    return Poll::Pending;
-                }
+                Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(_)) => return Poll::Ready(()),
-                Poll::Ready(Ok(())) => {
-                    if self.transport.start_send(g).is_err() {
-                        return Poll::Ready(());
+                Poll::Ready(Ok(())) => {}
+            }
+            let next = {
+                let mut inner = self.shared.lock();
+                match inner.data_q.pop_front() {
+                    Some(f) => {
+                        inner.data_q_bytes -= f.len();
+                        Some(f)
                     }
+                    None => inner.goaway_out.take(),
                 }
+            };
+            let Some(msg) = next else { break };
+            if self.transport.start_send(msg).is_err() {
+                return Poll::Ready(());
             }
         }
         self.transport.poll_close(cx).map(|_| ())
@@ -741,9 +754,10 @@ async fn run_driver<T: Transport>(mut driver: Driver<T>) {
 /// that both sides are symmetric: either may [`open`](Session::open) and
 /// [`accept`](Session::accept).
 ///
-/// Dropping the `Session` ends the session: a GOAWAY NORMAL is sent (best
-/// effort), the transport is closed, and every [`Stream`] fails with
-/// [`Error::SessionClosed`] (data already received stays readable). Share a
+/// Dropping the `Session` ends the session: every [`Stream`] fails with
+/// [`Error::SessionClosed`] (data already received stays readable); data
+/// already written (and FINs/RSTs) is still delivered, then a GOAWAY NORMAL,
+/// and the transport is closed, all within [`Config::close_timeout`]. Share a
 /// session between tasks with an `Arc`.
 pub struct Session {
     shared: Arc<Shared>,

@@ -610,3 +610,24 @@ async fn a_syn_flood_is_refused_without_unbounded_queues() {
     assert_eq!(session.stats().streams, 4);
     assert!(session.error().is_none());
 }
+
+#[tokio::test(start_paused = true)]
+async fn data_written_before_the_session_is_dropped_is_still_delivered() {
+    let (client, server) = pair(Config::default(), Config::default());
+    let mut c = client.open().await.unwrap();
+    let data = payload(5, 400_000);
+    let srv = tokio::spawn(async move {
+        let mut s = server.accept().await.unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        (server, got)
+    });
+    c.write_all(&data).await.unwrap();
+    c.shutdown().await.unwrap();
+    // Drop everything at once: what was written and the FIN still arrive.
+    drop(c);
+    drop(client);
+    let (server, got) = srv.await.unwrap();
+    assert!(got == data);
+    assert!(server.peer_goaway());
+}
