@@ -1,6 +1,6 @@
 // Headless Chromium (Debian's /usr/bin/chromium) driven by playwright-core.
 //
-//   node browser.mjs PAGE_URL [--timeout SECONDS] [--chromium PATH]
+//   node browser.mjs PAGE_URL [--timeout SECONDS] [--chromium PATH] [--ignore-https-errors]
 //
 // Loads PAGE_URL (served by the test) and waits until the page sets
 // `window.__result`; prints {"ok": true, "result": ...} as the last line.
@@ -14,9 +14,12 @@ import { join } from 'node:path';
 const [pageUrl, ...rest] = process.argv.slice(2);
 let timeout = 30;
 let executablePath = process.env.CHROMIUM || '/usr/bin/chromium';
+let ignoreHttpsErrors = false;
 for (let i = 0; i < rest.length; i++) {
   if (rest[i] === '--timeout') timeout = Number(rest[++i]);
   else if (rest[i] === '--chromium') executablePath = rest[++i];
+  // For a test's self-signed certificate.
+  else if (rest[i] === '--ignore-https-errors') ignoreHttpsErrors = true;
   else {
     console.log(JSON.stringify({ ok: false, error: `unknown argument ${rest[i]}` }));
     process.exit(2);
@@ -39,7 +42,9 @@ try {
     args: [
       '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
       '--disable-background-networking', '--disable-component-update', '--disable-sync',
+      ...(ignoreHttpsErrors ? ['--ignore-certificate-errors'] : []),
     ],
+    ignoreHTTPSErrors: ignoreHttpsErrors,
   });
   const page = context.pages()[0] || (await context.newPage());
   page.on('console', (m) => logs.push(`console.${m.type()}: ${m.text()}`));
@@ -47,6 +52,7 @@ try {
   await page.goto(pageUrl, { timeout: timeout * 1000 });
   await page.waitForFunction(() => window.__result !== undefined, null, { timeout: timeout * 1000 });
   const result = await page.evaluate(() => window.__result);
+  result.pageProtocol = await page.evaluate(() => performance.getEntriesByType('navigation')[0]?.nextHopProtocol);
   const version = context.browser() ? context.browser().version() : undefined;
   console.log(JSON.stringify({ ok: true, result, logs, version }));
   exitCode = 0;

@@ -5,7 +5,8 @@
 // Prints `listening on ws://HOST:PORT` once bound.
 // HTTP:  every request is answered with JSON {name, method, url, httpVersion,
 //        headers, body} (the body read in full, chunked or not);
-//        /status/NNN answers with status NNN (same JSON body).
+//        /status/NNN answers with status NNN (same JSON body);
+//        /ws-page.html is the browser test page (e2e/web/ws-page.html).
 // WS:    echoes every message with its type (maxFragments 0, like the reference
 //        echo server); on path /headers it first sends the handshake request as
 //        a JSON text message {name, url, headers}. Offered subprotocols: the
@@ -13,6 +14,7 @@
 //        With --bad-accept every upgrade is answered with a 101 whose
 //        Sec-WebSocket-Accept is wrong.
 import http from 'node:http';
+import { readFileSync } from 'node:fs';
 import { WebSocketServer } from 'ws';
 
 const args = process.argv.slice(2);
@@ -32,6 +34,12 @@ const server = http.createServer((req, res) => {
   const chunks = [];
   req.on('data', (c) => chunks.push(c));
   req.on('end', () => {
+    if (req.url.split('?')[0] === '/ws-page.html') {
+      // The browser test page (e2e/web/ws-page.html).
+      res.writeHead(200, { 'content-type': 'text/html; charset=utf-8' });
+      res.end(readFileSync(new URL('../web/ws-page.html', import.meta.url)));
+      return;
+    }
     const m = req.url.match(/^\/status\/(\d{3})/);
     const status = m ? Number(m[1]) : 200;
     const body = JSON.stringify({

@@ -74,9 +74,10 @@ def sockdir(tmp_path) -> Path:
 
 
 class Gateway:
-    def __init__(self, proc: Proc, listeners):
+    def __init__(self, proc: Proc, listeners, admin: str | None = None):
         self.proc = proc
         self.listeners = listeners
+        self.admin = admin  # http://HOST:PORT of the metrics listener, when asked for
 
     @property
     def url(self) -> str:
@@ -101,7 +102,7 @@ def start_gateway(wsgate_bin, procs):
     Waits (bounded) for one `listening on ws://HOST:PORT` line per listener:
     the number of `--listen` flags, or `listeners=` for config files."""
 
-    def start(*args, listeners: int | None = None, timeout: float = 20.0, env=None) -> Gateway:
+    def start(*args, listeners: int | None = None, timeout: float = 20.0, env=None, admin: bool = False) -> Gateway:
         args = [str(a) for a in args]
         if listeners is None:
             listeners = max(1, args.count("--listen"))
@@ -109,7 +110,13 @@ def start_gateway(wsgate_bin, procs):
         if env:
             genv.update(env)
         p = procs.start([wsgate_bin, *args], "wsgate", env=genv)
-        return Gateway(p, wait_listeners(p, listeners, timeout))
+        lst = wait_listeners(p, listeners, timeout)
+        admin_url = None
+        if admin:
+            import re
+
+            admin_url = p.wait_lines(re.compile(r"^admin on (http://\S+)$"), 1, timeout)[0].group(1)
+        return Gateway(p, lst, admin_url)
 
     return start
 
@@ -287,9 +294,10 @@ def browser(node_bin):
     if not os.access(chromium, os.X_OK):
         pytest.fail(f"{chromium} not found: run scripts/install-test-deps.sh")
 
-    def run(page_url: str, timeout: float = 30.0) -> dict:
+    def run(page_url: str, timeout: float = 30.0, ignore_https_errors: bool = False) -> dict:
+        extra = ["--ignore-https-errors"] if ignore_https_errors else []
         result, output = run_json([node_bin, NODE_DIR / "browser.mjs", page_url, "--timeout", str(timeout),
-                                   "--chromium", chromium], timeout=timeout + 30)
+                                   "--chromium", chromium, *extra], timeout=timeout + 30)
         result["_output"] = output[-4000:]
         return result
 

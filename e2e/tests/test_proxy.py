@@ -125,3 +125,53 @@ def test_http_passthrough_with_curl(start_gateway, write_config, http_backend, h
     assert seen["body"] == {"get": "", "post": "hello body", "chunked": "chunked body"}[how]
     assert "x-hop" not in seen["headers"], seen["headers"]
     assert "127.0.0.1" in seen["headers"].get("x-forwarded-for", "")
+
+
+@pytest.mark.browser
+def test_chromium_wss_h2_extended_connect(start_gateway, write_config, http_backend, browser, tmp_path):
+    """The page comes through the gateway (h2 over TLS) from an HTTP backend;
+    its WebSocket rides the same h2 connection by extended CONNECT (RFC 8441)
+    to a ws backend, as the gateway's metrics show."""
+    import re
+    import urllib.request
+
+    from test_cli import _self_signed
+
+    cert, key = _self_signed(tmp_path)
+    app = http_backend("--name", "app")
+    cfg = write_config(f"""
+        [admin]
+        address = "127.0.0.1:0"
+
+        [[listener]]
+        address = "127.0.0.1:0"
+        tls_cert = "{cert}"
+        tls_key = "{key}"
+
+        [[route]]
+        name = "chat"
+        path = "/ws"
+        proxy = "{app}"
+
+        [[route]]
+        name = "site"
+        path_prefix = "/"
+        proxy = "{app.replace('ws://', 'http://')}"
+    """)
+    gw = start_gateway("serve", "--config", cfg, listeners=1, admin=True)
+    assert gw.listeners[0].scheme == "wss"
+    origin = f"https://localhost:{gw.port}"
+    from urllib.parse import urlencode
+
+    page = f"{origin}/ws-page.html?" + urlencode({"ws": f"wss://localhost:{gw.port}/ws", "send": "hello over h2"})
+    r = browser(page, ignore_https_errors=True)
+    assert r["ok"], r
+    res = r["result"]
+    assert res["error"] is None and res["opened"], r
+    assert res["messages"] == ["hello over h2"], r
+    assert res.get("pageProtocol") == "h2", f"page not loaded over h2: {res.get('pageProtocol')}"
+    with urllib.request.urlopen(gw.admin + "/metrics", timeout=10) as m:
+        metrics = m.read().decode()
+    opened = [ln for ln in metrics.splitlines() if ln.startswith("wsgate_websockets_opened") and 'route="chat"' in ln]
+    print("\n".join(opened))
+    assert any('http_version="2"' in ln and not ln.rstrip().endswith(" 0") for ln in opened), "\n".join(opened) or metrics[:3000]

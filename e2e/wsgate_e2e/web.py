@@ -3,38 +3,13 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 # The page opens `new WebSocket(ws, protocol)`, sends `send` (a text message),
 # and publishes what happened in window.__result once the first message
 # arrived (or the socket failed/closed).
-PAGE = """<!doctype html>
-<html><head><meta charset="utf-8"><title>wsgate e2e</title></head>
-<body><pre id="log"></pre>
-<script>
-const q = new URLSearchParams(location.search);
-const result = { opened: false, protocol: null, messages: [], types: [], closeCode: null, error: null };
-function done() { if (window.__result === undefined) window.__result = result; }
-let ws;
-try {
-  const protocols = q.getAll('protocol');
-  ws = protocols.length ? new WebSocket(q.get('ws'), protocols) : new WebSocket(q.get('ws'));
-} catch (e) { result.error = String(e); done(); }
-if (ws) {
-  ws.binaryType = 'arraybuffer';
-  ws.onopen = () => { result.opened = true; result.protocol = ws.protocol; ws.send(q.get('send')); };
-  ws.onmessage = (ev) => {
-    if (typeof ev.data === 'string') { result.messages.push(ev.data); result.types.push('text'); }
-    else { result.messages.push(new TextDecoder().decode(ev.data)); result.types.push('binary'); }
-    ws.close(1000);
-    done();
-  };
-  ws.onerror = () => { result.error = 'error event'; };
-  ws.onclose = (ev) => { result.closeCode = ev.code; done(); };
-}
-setTimeout(() => { result.error = result.error || 'page timeout'; done(); }, 20000);
-</script></body></html>
-"""
+PAGE = (Path(__file__).resolve().parent.parent / "web" / "ws-page.html").read_text()
 
 
 class _Handler(BaseHTTPRequestHandler):
