@@ -307,6 +307,13 @@ impl Gateway {
         if parts.uri.path() == self.config.health_path {
             return handshake::text(StatusCode::OK, "ok");
         }
+        if parts.method == http::Method::CONNECT {
+            // CONNECT is only served as RFC 8441 WebSocket: anything else is
+            // refused before routing.
+            if let Err(resp) = handshake::validate(&parts) {
+                return self.refuse("bad_handshake", *resp);
+            }
+        }
         let meta = Metadata::from_parts(&parts);
         let (route, protocol) = match route::select(&self.config.routes, &meta) {
             Selection::Route { route, protocol } => (route, protocol),
