@@ -31,8 +31,9 @@ pub struct Config {
     /// Send a PING this often (`None`: no keepalive; one PING is still sent at
     /// start to measure the RTT).
     pub keepalive_interval: Option<Duration>,
-    /// A PING unanswered for this long declares the peer dead and fails every
-    /// stream with [`crate::Error::KeepaliveTimeout`].
+    /// While a PING is unanswered, this long without any message from the
+    /// peer declares it dead and fails every stream with
+    /// [`crate::Error::KeepaliveTimeout`].
     pub keepalive_timeout: Duration,
     /// After the session has failed or been dropped, how long the driver keeps
     /// trying to deliver the final GOAWAY before closing the transport.

@@ -35,8 +35,9 @@ pub enum Error {
         /// Reason text from the peer.
         reason: String,
     },
-    /// The peer did not answer a keepalive PING before the deadline.
-    #[error("keepalive timeout: no PING response from the peer within {0:?}; peer declared dead")]
+    /// A keepalive PING went unanswered and the peer sent nothing at all for
+    /// the keepalive timeout: the peer is declared dead.
+    #[error("keepalive timeout: PING unanswered and peer silent for {0:?}; peer declared dead")]
     KeepaliveTimeout(Duration),
     /// `open()` after this side sent GOAWAY, or `accept()` once the backlog is
     /// drained after GOAWAY.

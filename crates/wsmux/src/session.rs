@@ -541,6 +541,8 @@ struct Driver<T> {
     ping: PingState,
     timer: Pin<Box<Sleep>>,
     timer_at: Instant,
+    /// When the last message arrived from the peer.
+    last_rx: Instant,
     need_flush: bool,
 }
 
@@ -587,6 +589,7 @@ impl<T: Transport> Driver<T> {
                 }
                 Poll::Ready(Some(Ok(msg))) => {
                     handled += 1;
+                    self.last_rx = Instant::now();
                     let res = match msg {
                         Message::Text(_) => Err(Error::Protocol {
                             code: GoAwayCode::TextMessage,
@@ -676,10 +679,15 @@ impl<T: Transport> Driver<T> {
         };
         loop {
             let now = Instant::now();
-            if let Some((_, sent)) = self.ping.outstanding {
-                if interval.is_some() && now >= sent + timeout {
-                    return Err(Error::KeepaliveTimeout(timeout));
-                }
+            // Dead = silent: no PING answer and nothing else received for
+            // `timeout`. (A busy peer whose answer is stuck behind data on a
+            // slow link keeps talking, so it is not declared dead.)
+            let dead_at = match (self.ping.outstanding, interval) {
+                (Some((_, sent)), Some(_)) => Some(sent.max(self.last_rx) + timeout),
+                _ => None,
+            };
+            if dead_at.is_some_and(|d| now >= d) {
+                return Err(Error::KeepaliveTimeout(timeout));
             }
             if self.ping.outstanding.is_none() && self.ping.next.is_some_and(|t| now >= t) {
                 self.ping.counter = self.ping.counter.wrapping_add(1);
@@ -687,16 +695,18 @@ impl<T: Transport> Driver<T> {
                 self.shared.lock().ping_out = Some(opaque);
                 self.ping.outstanding = Some((opaque, now));
                 self.ping.next = None;
+                continue;
             }
-            let deadline = match (self.ping.outstanding, interval) {
-                (Some((_, sent)), Some(_)) => Some(sent + timeout),
-                (Some(_), None) => None,
-                (None, _) => self.ping.next,
+            let deadline = match self.ping.outstanding {
+                Some(_) => dead_at,
+                None => self.ping.next,
             };
             let Some(deadline) = deadline else {
                 return Ok(());
             };
-            if deadline != self.timer_at {
+            // Re-arm only to wake earlier, or once the timer has fired: a
+            // deadline pushed back by incoming traffic is checked lazily.
+            if deadline < self.timer_at || self.timer.is_elapsed() {
                 self.timer_at = deadline;
                 self.timer.as_mut().reset(deadline);
             }
@@ -830,6 +840,7 @@ impl Session {
             },
             timer: Box::pin(tokio::time::sleep_until(now)),
             timer_at: now,
+            last_rx: now,
             need_flush: false,
         };
         tokio::spawn(run_driver(driver));

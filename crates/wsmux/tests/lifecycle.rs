@@ -631,3 +631,33 @@ async fn data_written_before_the_session_is_dropped_is_still_delivered() {
     assert!(got == data);
     assert!(server.peer_goaway());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_peer_that_keeps_talking_is_not_declared_dead() {
+    let cfg = Config {
+        keepalive_interval: Some(Duration::from_secs(10)),
+        keepalive_timeout: Duration::from_secs(5),
+        ..Config::default()
+    };
+    // The raw peer never answers our PINGs (as if the answers were stuck
+    // behind data on a slow link) but keeps sending frames of its own.
+    let (session, mut raw) = raw_server(cfg);
+    let start = Instant::now();
+    for i in 0..20 {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        raw.send(
+            Frame::Ping {
+                ack: false,
+                opaque: i,
+            }
+            .encode(),
+        )
+        .await;
+    }
+    assert!(session.error().is_none(), "{:?}", session.error());
+    // Then it falls silent: dead within the timeout.
+    let e = session.closed().await;
+    assert!(matches!(e, Error::KeepaliveTimeout(_)), "{e:?}");
+    let silent_for = start.elapsed() - Duration::from_secs(60);
+    assert!(silent_for <= Duration::from_secs(5), "{silent_for:?}");
+}
