@@ -196,6 +196,62 @@ impl Pool {
     }
 }
 
+/// Active health checks: every `every`, `GET path` on each backend; an answer
+/// below 400 readmits it, anything else (or no answer within `timeout`) ejects it.
+pub async fn health_checks(
+    pool: Arc<Pool>,
+    path: String,
+    every: Duration,
+    timeout: Duration,
+    metrics: crate::metrics::Metrics,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        for b in pool.backends() {
+            let ok = tokio::time::timeout(timeout, probe(&b.addr, &path))
+                .await
+                .is_ok_and(|r| r.is_ok_and(|status| status < 400));
+            if ok {
+                pool.readmit(b);
+            } else {
+                pool.eject(b);
+            }
+            metrics.backend_up(&b.addr.to_string(), ok);
+        }
+    }
+}
+
+/// One `GET` on a fresh connection; returns the status code.
+async fn probe(addr: &BackendAddr, path: &str) -> std::io::Result<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect((addr.host.as_str(), addr.port)).await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: wsgate-health\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await?;
+    let mut buf = [0u8; 32];
+    let mut n = 0;
+    while n < 12 {
+        let m = s.read(&mut buf[n..]).await?;
+        if m == 0 {
+            break;
+        }
+        n += m;
+    }
+    std::str::from_utf8(&buf[..n])
+        .ok()
+        .and_then(|l| l.strip_prefix("HTTP/1."))
+        .and_then(|l| l.get(2..5))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP answer"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -264,6 +320,29 @@ mod tests {
             let l = p.pick().unwrap();
             assert_eq!(l.backend.addr.port, 2);
         }
+    }
+
+    #[tokio::test]
+    async fn probe_reads_the_status() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            for status in ["200 OK", "503 Service Unavailable"] {
+                let (mut s, _) = l.accept().await.unwrap();
+                let mut b = [0u8; 256];
+                let _ = s.read(&mut b).await;
+                let _ = s
+                    .write_all(format!("HTTP/1.1 {status}\r\n\r\n").as_bytes())
+                    .await;
+            }
+        });
+        let addr = BackendAddr {
+            host: "127.0.0.1".into(),
+            port,
+        };
+        assert_eq!(probe(&addr, "/health").await.unwrap(), 200);
+        assert_eq!(probe(&addr, "/health").await.unwrap(), 503);
     }
 
     #[test]

@@ -212,13 +212,15 @@ fn build_config(a: &ServeArgs) -> anyhow::Result<Config> {
                 tls: tls.clone(),
             })
             .collect(),
-        limits,
+        limits: limits.clone(),
         routes: vec![Route {
             name: "default".into(),
             matcher: Matcher::default(),
             protocols: a.protocols.clone(),
             target,
             framing,
+            limits,
+            health_check: None,
         }],
         health_path: "/healthz".into(),
         forwarding: Default::default(),

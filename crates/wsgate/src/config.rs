@@ -118,6 +118,10 @@ pub struct Route {
     pub protocols: Vec<String>,
     pub target: Target,
     pub framing: FramingSpec,
+    /// The gateway's limits with this route's `[route.limits]` applied.
+    pub limits: Limits,
+    /// Proxy routes: active health check (path, interval).
+    pub health_check: Option<(String, Duration)>,
 }
 
 /// Where a route's connections go.
@@ -292,6 +296,10 @@ struct RouteFile {
     framing: Option<String>,
     framing_config: Option<String>,
     discovery: Option<DiscoveryFile>,
+    #[serde(default)]
+    limits: LimitsFile,
+    health_check: Option<String>,
+    health_interval: Option<Dur>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -456,6 +464,65 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
+/// `base` with the keys `l` sets replaced.
+fn merge_limits(base: &Limits, l: &LimitsFile) -> Limits {
+    let d = base;
+    Limits {
+        max_message_size: l.max_message_size.map_or(d.max_message_size, |b| b.0),
+        handshake_timeout: l.handshake_timeout.map_or(d.handshake_timeout, |x| {
+            x.0.unwrap_or(Duration::from_secs(3600))
+        }),
+        idle_timeout: l.idle_timeout.map_or(d.idle_timeout, |x| x.0),
+        ping_interval: l.ping_interval.map_or(d.ping_interval, |x| x.0),
+        pong_timeout: l.pong_timeout.and_then(|x| x.0).unwrap_or(d.pong_timeout),
+        max_connections: l.max_connections.unwrap_or(d.max_connections),
+        connect_timeout: l
+            .connect_timeout
+            .and_then(|x| x.0)
+            .unwrap_or(d.connect_timeout),
+        close_timeout: l.close_timeout.and_then(|x| x.0).unwrap_or(d.close_timeout),
+        drain_timeout: l.drain_timeout.and_then(|x| x.0).unwrap_or(d.drain_timeout),
+        backend_timeout: l
+            .backend_timeout
+            .and_then(|x| x.0)
+            .unwrap_or(d.backend_timeout),
+        backend_idle_timeout: l
+            .backend_idle_timeout
+            .map_or(d.backend_idle_timeout, |x| x.0),
+        max_lifetime: l.max_lifetime.map_or(d.max_lifetime, |x| x.0),
+        eject_for: l.eject_for.and_then(|x| x.0).unwrap_or(d.eject_for),
+        per_ip_rate: l.per_ip_rate.or(d.per_ip_rate),
+        per_ip_max_connections: l.per_ip_max_connections.or(d.per_ip_max_connections),
+        bandwidth: l
+            .bandwidth
+            .map_or(d.bandwidth, |b| Some(b.0).filter(|b| *b > 0)),
+    }
+}
+
+/// Limits that belong to the whole gateway, not to one route.
+fn global_only_keys(l: &LimitsFile) -> Vec<&'static str> {
+    let mut v = vec![];
+    if l.handshake_timeout.is_some() {
+        v.push("handshake_timeout");
+    }
+    if l.max_connections.is_some() {
+        v.push("max_connections");
+    }
+    if l.drain_timeout.is_some() {
+        v.push("drain_timeout");
+    }
+    if l.per_ip_rate.is_some() {
+        v.push("per_ip_rate");
+    }
+    if l.per_ip_max_connections.is_some() {
+        v.push("per_ip_max_connections");
+    }
+    if l.eject_for.is_some() {
+        v.push("eject_for");
+    }
+    v
+}
+
 struct Validator<'a> {
     file: &'a str,
     text: &'a str,
@@ -567,36 +634,7 @@ impl Validator<'_> {
             });
         }
 
-        let d = Limits::default();
-        let l = raw.limits;
-        let limits = Limits {
-            max_message_size: l.max_message_size.map_or(d.max_message_size, |b| b.0),
-            handshake_timeout: l.handshake_timeout.map_or(d.handshake_timeout, |x| {
-                x.0.unwrap_or(Duration::from_secs(3600))
-            }),
-            idle_timeout: l.idle_timeout.map_or(d.idle_timeout, |x| x.0),
-            ping_interval: l.ping_interval.map_or(d.ping_interval, |x| x.0),
-            pong_timeout: l.pong_timeout.and_then(|x| x.0).unwrap_or(d.pong_timeout),
-            max_connections: l.max_connections.unwrap_or(d.max_connections),
-            connect_timeout: l
-                .connect_timeout
-                .and_then(|x| x.0)
-                .unwrap_or(d.connect_timeout),
-            close_timeout: l.close_timeout.and_then(|x| x.0).unwrap_or(d.close_timeout),
-            drain_timeout: l.drain_timeout.and_then(|x| x.0).unwrap_or(d.drain_timeout),
-            backend_timeout: l
-                .backend_timeout
-                .and_then(|x| x.0)
-                .unwrap_or(d.backend_timeout),
-            backend_idle_timeout: l
-                .backend_idle_timeout
-                .map_or(d.backend_idle_timeout, |x| x.0),
-            max_lifetime: l.max_lifetime.map_or(d.max_lifetime, |x| x.0),
-            eject_for: l.eject_for.and_then(|x| x.0).unwrap_or(d.eject_for),
-            per_ip_rate: l.per_ip_rate,
-            per_ip_max_connections: l.per_ip_max_connections,
-            bandwidth: l.bandwidth.map(|b| b.0).filter(|b| *b > 0),
-        };
+        let limits = merge_limits(&Limits::default(), &raw.limits);
 
         let mut trusted = vec![];
         for t in &raw.forwarding.trusted_proxies {
@@ -700,6 +738,42 @@ impl Validator<'_> {
                 Balance::RoundRobin
             }
         };
+        for key in global_only_keys(&r.limits) {
+            self.error(
+                "route",
+                i,
+                key,
+                format!("`{key}` applies to the whole gateway: set it in [limits]"),
+            );
+        }
+        let route_limits = merge_limits(limits, &r.limits);
+        let health_check = match (&r.health_check, r.proxy.is_some()) {
+            (Some(p), true) if p.starts_with('/') => Some((
+                p.clone(),
+                r.health_interval
+                    .and_then(|d| d.0)
+                    .unwrap_or(Duration::from_secs(5)),
+            )),
+            (Some(p), true) => {
+                self.error(
+                    "route",
+                    i,
+                    "health_check",
+                    format!("`{p}` must start with `/`"),
+                );
+                None
+            }
+            (Some(_), false) => {
+                self.error(
+                    "route",
+                    i,
+                    "health_check",
+                    "`health_check` applies to `proxy` routes only".into(),
+                );
+                None
+            }
+            (None, _) => None,
+        };
         if r.balance.is_some() && r.proxy.is_none() {
             self.error(
                 "route",
@@ -793,6 +867,8 @@ impl Validator<'_> {
             protocols: r.protocols,
             target: target?,
             framing: framing?,
+            limits: route_limits,
+            health_check,
         })
     }
 }
@@ -877,6 +953,57 @@ framing_config = 'separator=\r\n'
             e[2].starts_with("t.toml:7:1: route[1]: route needs a peer"),
             "{e:?}"
         );
+    }
+
+    #[test]
+    fn proxy_routes_with_pools_limits_and_health() {
+        let c = parse(
+            "t.toml",
+            r#"
+[[listener]]
+address = "127.0.0.1:0"
+[limits]
+idle_timeout = "1m"
+per_ip_rate = "20/s burst 40"
+[forwarding]
+trusted_proxies = ["10.0.0.0/8"]
+[admin]
+address = "127.0.0.1:0"
+[[route]]
+path = "/chat"
+proxy = ["ws://127.0.0.1:9000", "ws://127.0.0.1:9001"]
+balance = "least-connections"
+health_check = "/health"
+[route.limits]
+idle_timeout = "5s"
+max_lifetime = "1h"
+[[route]]
+path_prefix = "/"
+proxy = "http://127.0.0.1:8000"
+"#,
+            Path::new("."),
+        )
+        .unwrap();
+        assert_eq!(c.routes[0].limits.idle_timeout, Some(Duration::from_secs(5)));
+        assert_eq!(c.routes[1].limits.idle_timeout, Some(Duration::from_secs(60)));
+        assert_eq!(c.routes[0].limits.max_lifetime, Some(Duration::from_secs(3600)));
+        assert!(c.routes[0].health_check.is_some());
+        assert!(matches!(&c.routes[0].target, Target::Proxy(p) if p.backends().len() == 2));
+        assert_eq!(c.admin.as_deref(), Some("127.0.0.1:0"));
+        assert_eq!(c.forwarding.trusted.len(), 1);
+        assert!(c.limits.per_ip_rate.is_some());
+    }
+
+    #[test]
+    fn proxy_route_errors() {
+        let e = errors(
+            "[[listener]]\naddress = \"127.0.0.1:1\"\n[[route]]\nproxy = \"wss://x:1\"\n\
+             [[route]]\nto = \"echo:\"\nbalance = \"random\"\n\
+             [[route]]\nproxy = \"ws://a:1\"\n[route.limits]\nmax_connections = 5\n",
+        );
+        assert!(e[0].contains("route[0].proxy: invalid backend `wss://x:1`"), "{e:?}");
+        assert!(e.iter().any(|x| x.contains("route[1].balance: unknown balance")), "{e:?}");
+        assert!(e.iter().any(|x| x.contains("`max_connections` applies to the whole gateway")), "{e:?}");
     }
 
     #[test]

@@ -142,8 +142,21 @@ impl Gateway {
         resp
     }
 
-    /// Accepts on every listener until shutdown.
+    /// Accepts on every listener until shutdown, and runs the active health
+    /// checks of proxy routes.
     pub fn serve(self: &Arc<Self>, bound: Vec<Bound>) {
+        for route in &self.config.routes {
+            if let (Target::Proxy(pool), Some((path, every))) = (&route.target, &route.health_check)
+            {
+                let (pool, path, every) = (pool.clone(), path.clone(), *every);
+                let (metrics, shutdown) = (self.metrics.clone(), self.shutdown.clone());
+                let timeout = self.config.limits.connect_timeout;
+                self.tracker.spawn(async move {
+                    crate::backend::health_checks(pool, path, every, timeout, metrics, shutdown)
+                        .await
+                });
+            }
+        }
         for b in bound {
             let gw = self.clone();
             self.tracker.spawn(async move { gw.accept_loop(b).await });
@@ -391,7 +404,7 @@ impl Gateway {
                 }
             },
         };
-        let conn = match upstream::connect(&peer, self.config.limits.connect_timeout).await {
+        let conn = match upstream::connect(&peer, route.limits.connect_timeout).await {
             Ok(c) => c,
             Err(e) => {
                 warn!(route = %route.name, "{e}");
@@ -405,7 +418,7 @@ impl Gateway {
 
         let mut req = Request::from_parts(parts, body);
         let on_upgrade = hyper::upgrade::on(&mut req);
-        let limits = &self.config.limits;
+        let limits = &route.limits;
         let settings = relay::Settings {
             max_message_size: limits.max_message_size,
             idle_timeout: limits.idle_timeout,
@@ -483,7 +496,7 @@ impl Gateway {
         };
         let backend_addr = backend.lease.backend.addr.to_string();
         info!(route = %route.name, backend = %backend_addr, latency_ms = backend.latency.as_millis() as u64, h2 = matches!(upgrade, Upgrade::H2), "websocket proxied");
-        let limits = &self.config.limits;
+        let limits = &route.limits;
         let settings = passthrough::Settings {
             client_idle: limits.idle_timeout,
             backend_idle: limits.backend_idle_timeout,

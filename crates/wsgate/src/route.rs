@@ -223,6 +223,8 @@ mod tests {
             protocols: protocols.iter().map(|s| s.to_string()).collect(),
             target: Target::Static(PeerAddr::Echo),
             framing: FramingSpec::Binary,
+            limits: Default::default(),
+            health_check: None,
         }
     }
 
