@@ -46,7 +46,7 @@ impl Default for Config {
             initial_window: INITIAL_WINDOW,
             max_window: 16 * 1024 * 1024,
             max_session_memory: 64 * 1024 * 1024,
-            max_streams: 1024,
+            max_streams: 256,
             accept_backlog: 256,
             max_frame_payload: 32 * 1024,
             max_send_queue: 512 * 1024,

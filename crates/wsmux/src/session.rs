@@ -121,6 +121,10 @@ pub(crate) struct Inner {
 
     pub(crate) conn_buffered: usize,
     conn_committed: usize,
+    /// The part of `conn_committed` due to auto-tuning (windows above
+    /// `initial_window`); kept at or under half of `max_session_memory`, so
+    /// grown windows can never crowd out new streams.
+    conn_grown: usize,
     rtt: Option<Duration>,
 }
 
@@ -194,6 +198,7 @@ impl Inner {
         };
         self.conn_buffered -= st.buffered;
         self.conn_committed -= st.window as usize;
+        self.conn_grown -= (st.window - self.cfg.initial_window) as usize;
         let clean = st.fin_sent && st.fin_recv;
         if self.error.is_none() && !clean && !st.rst_sent && st.rst_recv.is_none() {
             self.push_data(rst_frame(id, reset_code::CANCEL));
@@ -480,9 +485,12 @@ impl Inner {
             if fast && st.window < self.cfg.max_window {
                 let new = (st.window as u64 * 2).min(self.cfg.max_window as u64) as u32;
                 let extra = (new - st.window) as usize;
-                if self.conn_committed + extra <= self.cfg.max_session_memory {
+                if self.conn_committed + extra <= self.cfg.max_session_memory
+                    && self.conn_grown + extra <= self.cfg.max_session_memory / 2
+                {
                     st.window = new;
                     self.conn_committed += extra;
+                    self.conn_grown += extra;
                 }
             }
         }
@@ -825,6 +833,7 @@ impl Session {
                 driver_waker: None,
                 conn_buffered: 0,
                 conn_committed: 0,
+                conn_grown: 0,
                 rtt: None,
             }),
             accept_notify: Notify::new(),

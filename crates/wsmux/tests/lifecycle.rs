@@ -661,3 +661,46 @@ async fn a_peer_that_keeps_talking_is_not_declared_dead() {
     let silent_for = start.elapsed() - Duration::from_secs(60);
     assert!(silent_for <= Duration::from_secs(5), "{silent_for:?}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn grown_windows_never_crowd_out_new_streams() {
+    let lat = Duration::from_millis(20);
+    let cfg = Config {
+        max_window: 4 * 1024 * 1024,
+        max_session_memory: 4 * 1024 * 1024,
+        ..Config::default()
+    };
+    let (client, server) = delayed_pair(9, lat, lat, cfg.clone(), cfg);
+    tokio::time::sleep(Duration::from_millis(100)).await; // RTT measured
+    let mut c = client.open().await.unwrap();
+    let writer = tokio::spawn(async move {
+        let chunk = vec![1u8; 64 * 1024];
+        for _ in 0..512 {
+            c.write_all(&chunk).await.unwrap();
+        }
+        c
+    });
+    let mut s = server.accept().await.unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0;
+    while got < 32 * 1024 * 1024 {
+        got += s.read(&mut buf).await.unwrap();
+    }
+    let _c = writer.await.unwrap();
+    // The window grew, but by at most half the session memory.
+    let grown = s.recv_window() as usize;
+    assert!(
+        grown > 256 * 1024 && grown <= 256 * 1024 + 2 * 1024 * 1024,
+        "{grown}"
+    );
+    // So the other half still takes 8 more streams at their initial window.
+    let mut more = Vec::new();
+    for _ in 0..8 {
+        let mut c = client.open().await.unwrap();
+        c.write_all(b"x").await.unwrap();
+        let mut s = server.accept().await.unwrap();
+        assert_eq!(s.read_u8().await.unwrap(), b'x');
+        more.push((c, s));
+    }
+    assert!(server.stats().committed <= 4 * 1024 * 1024);
+}
