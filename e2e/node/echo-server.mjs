@@ -1,7 +1,7 @@
 // Reference WebSocket echo server (Node `ws` 8.x) used to validate the e2e
 // harness itself (Autobahn fuzzingclient, client helpers, browser plumbing).
 //
-//   node echo-server.mjs [--host 127.0.0.1] [--port 0] [--protocol NAME]... [--corrupt]
+//   node echo-server.mjs [--host 127.0.0.1] [--port 0] [--protocol NAME]... [--corrupt] [--deflate]
 //
 // Prints exactly `listening on ws://HOST:PORT` once bound (same contract as
 // `wsgate serve`), echoes every message with its type (text stays text), and
@@ -13,6 +13,7 @@ let host = '127.0.0.1';
 let port = 0;
 const protocols = [];
 let corrupt = false;
+let deflate = false;
 for (let i = 0; i < args.length; i++) {
   const a = args[i];
   if (a === '--host') host = args[++i];
@@ -20,6 +21,8 @@ for (let i = 0; i < args.length; i++) {
   else if (a === '--protocol') protocols.push(args[++i]);
   // Deliberately broken echo (appends a byte), to prove the harness notices.
   else if (a === '--corrupt') corrupt = true;
+  // Offer permessage-deflate (Autobahn 12.*/13.* through a proxy).
+  else if (a === '--deflate') deflate = true;
   else {
     console.error(`unknown argument ${a}`);
     process.exit(2);
@@ -32,7 +35,7 @@ const wss = new WebSocketServer({
   maxPayload: 64 * 1024 * 1024,
   // Autobahn case 9.* sends messages with very many fragments: no limit.
   maxFragments: 0,
-  perMessageDeflate: false,
+  perMessageDeflate: deflate ? { threshold: 0 } : false,
   handleProtocols: protocols.length
     ? (offered) => {
         for (const p of offered) if (protocols.includes(p)) return p;

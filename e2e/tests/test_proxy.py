@@ -175,3 +175,23 @@ def test_chromium_wss_h2_extended_connect(start_gateway, write_config, http_back
     opened = [ln for ln in metrics.splitlines() if ln.startswith("wsgate_websockets_opened") and 'route="chat"' in ln]
     print("\n".join(opened))
     assert any('http_version="2"' in ln and not ln.rstrip().endswith(" 0") for ln in opened), "\n".join(opened) or metrics[:3000]
+
+
+QUICK_DEFLATE = [f"{g}.1.{i}" for g in (12, 13) for i in range(1, 6)]
+
+
+@pytest.mark.autobahn
+@pytest.mark.parametrize("cases", [
+    pytest.param(QUICK_DEFLATE, id="quick"),
+    pytest.param(["12.1.*", "13.1.*"], id="12.1-13.1", marks=pytest.mark.slow),
+])
+def test_autobahn_compression_through_proxy(start_gateway, write_config, node_echo_server, tmp_path, cases):
+    """permessage-deflate negotiated end to end between Autobahn and the Node ws
+    backend. Default: 12.1.1-5 and 13.1.1-5 (~10 s); `-m slow` adds all of 12.1.*
+    and 13.1.* (~2 min); the whole 12/13 set (~10 min) is a separate command:
+    `python -m wsgate_e2e.autobahn --url ... --cases '12.*,13.*'`."""
+    backend = node_echo_server("--deflate")
+    gw = proxy_gateway(start_gateway, write_config, [backend])
+    res = autobahn.run_fuzzingclient(gw.url, cases=cases, agent="wsgate-proxy-deflate", outdir=tmp_path / "ab")
+    print(res.summary())
+    assert res.expected and res.ok, res.summary()
