@@ -984,9 +984,18 @@ proxy = "http://127.0.0.1:8000"
             Path::new("."),
         )
         .unwrap();
-        assert_eq!(c.routes[0].limits.idle_timeout, Some(Duration::from_secs(5)));
-        assert_eq!(c.routes[1].limits.idle_timeout, Some(Duration::from_secs(60)));
-        assert_eq!(c.routes[0].limits.max_lifetime, Some(Duration::from_secs(3600)));
+        assert_eq!(
+            c.routes[0].limits.idle_timeout,
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(
+            c.routes[1].limits.idle_timeout,
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(
+            c.routes[0].limits.max_lifetime,
+            Some(Duration::from_secs(3600))
+        );
         assert!(c.routes[0].health_check.is_some());
         assert!(matches!(&c.routes[0].target, Target::Proxy(p) if p.backends().len() == 2));
         assert_eq!(c.admin.as_deref(), Some("127.0.0.1:0"));
@@ -1001,9 +1010,20 @@ proxy = "http://127.0.0.1:8000"
              [[route]]\nto = \"echo:\"\nbalance = \"random\"\n\
              [[route]]\nproxy = \"ws://a:1\"\n[route.limits]\nmax_connections = 5\n",
         );
-        assert!(e[0].contains("route[0].proxy: invalid backend `wss://x:1`"), "{e:?}");
-        assert!(e.iter().any(|x| x.contains("route[1].balance: unknown balance")), "{e:?}");
-        assert!(e.iter().any(|x| x.contains("`max_connections` applies to the whole gateway")), "{e:?}");
+        assert!(
+            e[0].contains("route[0].proxy: invalid backend `wss://x:1`"),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|x| x.contains("route[1].balance: unknown balance")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|x| x.contains("`max_connections` applies to the whole gateway")),
+            "{e:?}"
+        );
     }
 
     #[test]
