@@ -149,7 +149,7 @@ def write_config(tmp_path):
 def peer(sockdir):
     """peer(kind) -> a running peer: tcp-echo, unix-echo, udp-echo, unix-dgram-echo,
     tcp-blaster(payload=), unix-blaster(payload=), tcp-sink, unix-sink,
-    tcp-script(chunks=, gap=), tcp-flood(limit=), tcp-stall, tcp-tag(tag=)."""
+    tcp-script(chunks=, gap=), tcp-flood(limit=), tcp-stall, tcp-tag(tag=), tcp-holdopen, tcp-reset(payload=)."""
     made = []
     n = [0]
 
@@ -170,6 +170,10 @@ def peer(sockdir):
             p = peerlib.StreamBlaster(s.AF_INET, ("127.0.0.1", 0), kw["payload"])
         elif kind == "unix-blaster":
             p = peerlib.StreamBlaster(s.AF_UNIX, str(path), kw["payload"])
+        elif kind == "tcp-holdopen":
+            p = peerlib.StreamHoldOpen(s.AF_INET, ("127.0.0.1", 0))
+        elif kind == "tcp-reset":
+            p = peerlib.StreamReset(s.AF_INET, ("127.0.0.1", 0), kw.get("payload", b"partial"))
         elif kind == "tcp-tag":
             p = peerlib.StreamTagEcho(s.AF_INET, ("127.0.0.1", 0), kw["tag"])
         elif kind == "tcp-script":

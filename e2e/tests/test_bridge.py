@@ -112,6 +112,43 @@ def test_client_sends_4mib_then_closes(quick_gateway, peer, node_client, client,
     assert sink.sha256 == digest, "peer received different bytes"
 
 
+def test_client_close_is_answered_without_waiting_for_the_peer(quick_gateway, peer):
+    """The peer gets everything and EOF but keeps its side open: the Close is
+    still answered promptly (half-close towards the peer)."""
+    import time
+
+    p = peer("tcp-holdopen")
+    gw = quick_gateway(p.spec)
+    data = os.urandom(MiB)
+    with clients.connect(gw.url) as ws:
+        ws.send(data)
+        t0 = time.monotonic()
+        ws.close(1000)
+        took = time.monotonic() - t0
+        answered = ws.protocol.close_rcvd
+    assert answered is not None and answered.code == 1000, answered
+    assert took < 3, f"Close answered after {took:.1f}s: the gateway waited for the peer"
+    assert p.done.wait(10), "peer saw no EOF"
+    assert bytes(p.received) == data
+
+
+def test_peer_reset_is_1011(quick_gateway, peer):
+    p = peer("tcp-reset")
+    gw = quick_gateway(p.spec, "--framing", "binary")
+    with clients.connect(gw.url) as ws:
+        ws.send(b"go")  # the peer resets once it has read this
+        _, code = clients.recv_until_close(ws, timeout=15)
+    assert code == 1011, code
+
+
+def test_unreachable_unix_dgram_peer_is_502(quick_gateway, sockdir):
+    from wsgate_e2e import rawws
+
+    gw = quick_gateway(f"unix-dgram:{sockdir}/nobody.sock")
+    r = rawws.raw_exchange(gw.host, gw.port, rawws.ws_request("/"))
+    assert r.status == 502, (r.status, r.body)
+
+
 # ----------------------------------------------------------------- datagrams
 def test_datagram_echo_python(quick_gateway, dgram_peer):
     gw = quick_gateway(dgram_peer.spec)

@@ -310,3 +310,39 @@ class StreamTagEcho(StreamEcho):
     def handle(self, conn):
         conn.sendall(self.tag)
         super().handle(conn)
+
+
+class StreamHoldOpen(_StreamServer):
+    """Reads until EOF (`.done`, `.received`), then keeps its side of the
+    connection open (never closes it) until the test ends."""
+
+    def __init__(self, family, address):
+        self.received = bytearray()
+        self.done = threading.Event()
+        super().__init__(family, address)
+
+    def handle(self, conn):
+        while True:
+            data = conn.recv(BUF)
+            if not data:
+                break
+            self.received += data
+        self.done.set()
+        self._stop.wait()
+
+
+class StreamReset(_StreamServer):
+    """Waits for the first bytes from the gateway (so the WebSocket is up), writes
+    `payload`, then resets the connection (RST, SO_LINGER 0)."""
+
+    def __init__(self, family, address, payload: bytes = b"partial"):
+        self.payload = payload
+        super().__init__(family, address)
+
+    def handle(self, conn):
+        import struct as _struct
+
+        conn.recv(1)
+        conn.sendall(self.payload)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _struct.pack("ii", 1, 0))
+        conn.close()
