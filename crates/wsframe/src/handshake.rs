@@ -54,6 +54,21 @@ pub fn client_request(
     r.into_bytes()
 }
 
+/// The server's `101 Switching Protocols` answer to a request carrying `key`,
+/// selecting `protocol` if given.
+pub fn server_response(key: &[u8], protocol: Option<&str>) -> Vec<u8> {
+    let mut r = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Accept: {}\r\n",
+        accept_key(key)
+    );
+    if let Some(p) = protocol {
+        r.push_str(&format!("Sec-WebSocket-Protocol: {p}\r\n"));
+    }
+    r.push_str("\r\n");
+    r.into_bytes()
+}
+
 /// A parsed handshake response head.
 #[derive(Debug, Clone)]
 pub struct Response {
@@ -106,6 +121,20 @@ mod tests {
             accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="),
             "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
         );
+    }
+
+    #[test]
+    fn server_response_round_trips_through_the_client_parser() {
+        let key = generate_key();
+        let wire = server_response(key.as_bytes(), Some("chat"));
+        let r = parse_response(&wire).unwrap().unwrap();
+        assert_eq!(r.status, 101);
+        assert_eq!(
+            r.header("sec-websocket-accept"),
+            Some(accept_key(key.as_bytes()).as_str())
+        );
+        assert_eq!(r.header("sec-websocket-protocol"), Some("chat"));
+        assert_eq!(r.head_len, wire.len());
     }
 
     #[test]

@@ -261,6 +261,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
         &self.io
     }
 
+    /// Takes the WebSocket apart: the connection, the bytes read but not yet
+    /// decoded, and the decoder (mid-message state included), for callers that
+    /// drive the codec themselves.
+    pub fn into_parts(self) -> (S, BytesMut, Decoder) {
+        (self.io, self.read.buf, self.read.decoder)
+    }
+
     /// Splits into a reader and a writer that can be used from two tasks.
     /// The reader returns pings and closes to its caller, which answers them
     /// through the writer.
