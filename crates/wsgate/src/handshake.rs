@@ -149,21 +149,7 @@ fn validate_h1(parts: &Parts) -> Result<String, Box<Response<Body>>> {
             "not a WebSocket handshake: missing `Connection: Upgrade`",
         ));
     }
-    match parts.headers.get(header::SEC_WEBSOCKET_VERSION) {
-        None => return Err(bad("missing Sec-WebSocket-Version")),
-        Some(v) if v.as_bytes() != b"13" => {
-            let mut r = text(
-                StatusCode::UPGRADE_REQUIRED,
-                "unsupported Sec-WebSocket-Version; this server speaks 13",
-            );
-            r.headers_mut().insert(
-                header::SEC_WEBSOCKET_VERSION,
-                HeaderValue::from_static("13"),
-            );
-            return Err(Box::new(r));
-        }
-        Some(_) => {}
-    }
+    check_version(parts)?;
     let key = parts
         .headers
         .get(header::SEC_WEBSOCKET_KEY)

@@ -373,18 +373,10 @@ impl Proxy {
         };
         pool.readmit(&lease.backend);
         self.metrics.backend_up(&addr.to_string(), true);
-        let (rparts, rbody) = resp.into_parts();
-        let mut out = Response::new(
-            rbody
-                .map_err(|e| Box::new(e) as handshake::BoxError)
-                .boxed_unsync(),
-        );
-        *out.status_mut() = rparts.status;
-        copy_end_to_end(&rparts.headers, out.headers_mut());
-        // Keep the lease until the answer's head is out; the pooled client owns
-        // the connection afterwards.
+        // The lease ends with the answer's head; the pooled client owns the
+        // connection afterwards.
         drop(lease);
-        Ok(out)
+        Ok(relay_response(resp))
     }
 
     /// Opens a backend WebSocket for a client handshake. On success returns the
@@ -484,15 +476,7 @@ impl Proxy {
             .backend_latency(&addr.to_string(), started.elapsed().as_secs_f64());
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             // 401, 403, 404, 5xx...: the client sees the backend's own answer.
-            let (rparts, rbody) = resp.into_parts();
-            let mut out = Response::new(
-                rbody
-                    .map_err(|e| Box::new(e) as handshake::BoxError)
-                    .boxed_unsync(),
-            );
-            *out.status_mut() = rparts.status;
-            copy_end_to_end(&rparts.headers, out.headers_mut());
-            return Ok(Err(out));
+            return Ok(Err(relay_response(resp)));
         }
         let expected = wsframe::handshake::accept_key(key.as_bytes());
         let accept_ok = resp
@@ -536,6 +520,19 @@ impl Proxy {
             },
         )))
     }
+}
+
+/// A backend's answer for the client: its status, end-to-end headers and
+/// streamed body.
+fn relay_response(resp: Response<Incoming>) -> Response<Body> {
+    let (parts, body) = resp.into_parts();
+    let mut out = Response::new(
+        body.map_err(|e| Box::new(e) as handshake::BoxError)
+            .boxed_unsync(),
+    );
+    *out.status_mut() = parts.status;
+    copy_end_to_end(&parts.headers, out.headers_mut());
+    out
 }
 
 fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
