@@ -210,6 +210,7 @@ fn build_config(a: &ServeArgs) -> anyhow::Result<Config> {
             .map(|address| ListenerConfig {
                 address: address.clone(),
                 tls: tls.clone(),
+                handshake_timeout: None,
             })
             .collect(),
         limits: limits.clone(),

@@ -40,6 +40,8 @@ pub struct ListenerConfig {
     /// `HOST:PORT`, resolved when binding.
     pub address: String,
     pub tls: Option<TlsFiles>,
+    /// Overrides `[limits] handshake_timeout` on this listener.
+    pub handshake_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -252,6 +254,7 @@ struct ListenerFile {
     address: String,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
+    handshake_timeout: Option<Dur>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -622,6 +625,9 @@ impl Validator<'_> {
             listeners.push(ListenerConfig {
                 address: l.address,
                 tls,
+                handshake_timeout: l
+                    .handshake_timeout
+                    .map(|d| d.0.unwrap_or(Duration::from_secs(3600))),
             });
         }
         if listeners.is_empty() {

@@ -44,6 +44,8 @@ pub struct Bound {
     pub listener: TcpListener,
     pub tls: Option<TlsAcceptor>,
     pub local_addr: SocketAddr,
+    /// Time for the TLS handshake and the request head.
+    pub handshake_timeout: Duration,
 }
 
 impl Bound {
@@ -74,6 +76,9 @@ pub async fn bind(config: &Config) -> anyhow::Result<Vec<Bound>> {
             listener,
             tls,
             local_addr,
+            handshake_timeout: l
+                .handshake_timeout
+                .unwrap_or(config.limits.handshake_timeout),
         });
     }
     Ok(out)
@@ -189,8 +194,9 @@ impl Gateway {
                 Ok((stream, remote)) => {
                     let gw = self.clone();
                     let tls = b.tls.clone();
+                    let limit = b.handshake_timeout;
                     self.tracker
-                        .spawn(async move { gw.connection(stream, remote, tls).await });
+                        .spawn(async move { gw.connection(stream, remote, tls, limit).await });
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off briefly
@@ -207,11 +213,11 @@ impl Gateway {
         stream: TcpStream,
         remote: SocketAddr,
         tls: Option<TlsAcceptor>,
+        limit: Duration,
     ) {
         let _ = stream.set_nodelay(true);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let span = tracing::info_span!("conn", id, %remote);
-        let limit = self.config.limits.handshake_timeout;
         async move {
             match tls {
                 None => {
@@ -225,6 +231,7 @@ impl Gateway {
                         remote,
                         id,
                         secure: false,
+                        handshake_timeout: limit,
                     };
                     if h2 {
                         self.serve_h2(TokioIo::new(stream), c).await
@@ -240,6 +247,7 @@ impl Gateway {
                                 remote,
                                 id,
                                 secure: true,
+                                handshake_timeout: limit,
                             };
                             if h2 {
                                 self.serve_h2(TokioIo::new(s), c).await
@@ -268,7 +276,7 @@ impl Gateway {
         });
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(self.config.limits.handshake_timeout)
+            .header_read_timeout(c.handshake_timeout)
             .serve_connection(io, svc)
             .with_upgrades();
         tokio::pin!(conn);
@@ -315,7 +323,9 @@ impl Gateway {
 
     /// Answers one HTTP request: health check, refusal, upgrade or proxying.
     pub async fn handle(self: &Arc<Self>, req: Request<Incoming>, c: Conn) -> Response<Body> {
-        let Conn { remote, id, secure } = c;
+        let Conn {
+            remote, id, secure, ..
+        } = c;
         let (parts, body) = req.into_parts();
         if parts.uri.path() == self.config.health_path {
             return handshake::text(StatusCode::OK, "ok");
@@ -579,6 +589,8 @@ pub struct Conn {
     pub id: u64,
     /// Came over TLS.
     pub secure: bool,
+    /// The listener's time for a request head.
+    pub handshake_timeout: Duration,
 }
 
 /// Waits for enough bytes to tell whether a cleartext connection opens with
