@@ -56,6 +56,8 @@ pub struct Args {
 const MIB64: usize = 64 * 1024;
 const SMALL: usize = 64;
 const INFLIGHT: usize = 16;
+/// (c): each contender's turn in the interleaved latency run.
+const LATENCY_SLICE_MS: u64 = 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Who {
@@ -344,6 +346,32 @@ async fn run(a: Args) -> anyhow::Result<()> {
     for round in 0..a.rounds {
         progress(format_args!("round {}/{}\n", round + 1, a.rounds));
         for test in [Metric::A, Metric::B1, Metric::B50, Metric::C50, Metric::E] {
+            if test == Metric::C50 {
+                // All contenders in one interleaved run (see latency_interleaved).
+                let order: Vec<&Contender> = (0..n).map(|k| &cs[(k + round) % n]).collect();
+                let targets: Vec<Target> = order.iter().map(|c| c.target.clone()).collect();
+                let slice = Duration::from_millis(LATENCY_SLICE_MS);
+                match load::latency_interleaved(&targets, SMALL, slice, timing).await {
+                    Ok(ls) => {
+                        for (c, l) in order.iter().zip(ls) {
+                            progress(format_args!(
+                                "  {:?}: C50={:.1} C99={:.1} ({} samples)\n",
+                                c.who, l.p50_us, l.p99_us, l.samples
+                            ));
+                            res.put(c.who, Metric::C50, l.p50_us);
+                            res.put(c.who, Metric::C99, l.p99_us);
+                        }
+                    }
+                    Err(e) => {
+                        progress(format_args!("  latency: error: {e:#}\n"));
+                        for c in &cs {
+                            res.errors.insert((c.who, test), format!("{e:#}"));
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
             for k in 0..n {
                 let c = &cs[(k + round) % n];
                 let r = run_test(c, test, &a, timing).await;
@@ -541,6 +569,13 @@ fn report(a: &Args, cs: &[Contender], res: &Results, meta: &Meta) -> String {
     let _ = writeln!(s, "### wsgate benchmark, {}\n", meta.date);
     let _ = writeln!(s, "Command: `{}`  ", meta.command);
     let _ = writeln!(s, "Machine: {}  ", meta.machine);
+    let rev = version_line(&["git", "describe", "--always", "--dirty"], "");
+    if !rev.is_empty() {
+        let _ = writeln!(
+            s,
+            "Source: git `{rev}` (`-dirty`: built with uncommitted changes)  "
+        );
+    }
     let _ = writeln!(
         s,
         "Load average: {}; run took {:.0} s  ",

@@ -192,21 +192,81 @@ pub async fn latency(target: &Target, size: usize, timing: Timing) -> anyhow::Re
                 samples.push(t0.elapsed().as_nanos().min(u32::MAX as u128) as u32);
             }
         }
-        if samples.is_empty() {
-            bail!("no samples");
-        }
-        samples.sort_unstable();
-        let pct = |p: f64| {
-            let i = ((samples.len() - 1) as f64 * p).round() as usize;
-            samples[i] as f64 / 1000.0
-        };
-        Ok(Latency {
-            p50_us: pct(0.50),
-            p99_us: pct(0.99),
-            samples: samples.len(),
-        })
+        percentiles(samples)
     })
     .await?
+}
+
+/// (c) for several targets at once, on one blocking thread: each target gets
+/// `slice` of strict request/response in turn, round-robin, so that a burst
+/// of background load on a shared machine hits every target alike rather than
+/// whichever happened to be measured then. Each target is measured for
+/// `timing.duration` in total (after `timing.warmup`, also shared).
+pub async fn latency_interleaved(
+    targets: &[Target],
+    size: usize,
+    slice: Duration,
+    timing: Timing,
+) -> anyhow::Result<Vec<Latency>> {
+    let mut conns = Vec::with_capacity(targets.len());
+    for t in targets {
+        let (s, rx) = connect(t).await?;
+        let s = s.into_std()?;
+        s.set_nonblocking(false)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        conns.push((s, rx, messages(t.is_ws(), size, 1).0));
+    }
+    let n = targets.len() as u32;
+    tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<Latency>> {
+        let mut scratch = vec![0u8; 64 * 1024];
+        let start = Instant::now();
+        let warm_end = start + timing.warmup * n;
+        let end = warm_end + timing.duration * n;
+        let mut samples: Vec<Vec<u32>> = (0..n).map(|_| Vec::with_capacity(1 << 18)).collect();
+        'outer: loop {
+            for (i, (s, rx, msg)) in conns.iter_mut().enumerate() {
+                let slice_end = Instant::now() + slice;
+                loop {
+                    let t0 = Instant::now();
+                    if t0 >= end {
+                        break 'outer;
+                    }
+                    if t0 >= slice_end {
+                        break;
+                    }
+                    s.write_all(msg)?;
+                    let mut got = 0u64;
+                    while got < size as u64 {
+                        match rx.recv_blocking(s, &mut scratch)? {
+                            Got::Data(k) => got += k,
+                            Got::Closed => bail!("closed by the server"),
+                        }
+                    }
+                    if t0 >= warm_end && samples[i].len() < 1 << 22 {
+                        samples[i].push(t0.elapsed().as_nanos().min(u32::MAX as u128) as u32);
+                    }
+                }
+            }
+        }
+        samples.into_iter().map(percentiles).collect()
+    })
+    .await?
+}
+
+fn percentiles(mut samples: Vec<u32>) -> anyhow::Result<Latency> {
+    if samples.is_empty() {
+        bail!("no samples");
+    }
+    samples.sort_unstable();
+    let pct = |p: f64| {
+        let i = ((samples.len() - 1) as f64 * p).round() as usize;
+        samples[i] as f64 / 1000.0
+    };
+    Ok(Latency {
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+        samples: samples.len(),
+    })
 }
 
 /// One short-lived connection: connect (+ handshake), one `size`-byte echo,
