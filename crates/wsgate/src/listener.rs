@@ -130,12 +130,21 @@ impl Gateway {
         let gw = self.clone();
         self.tracker.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(5));
+            let (mut last_open, mut shrinking) = (0, false);
             loop {
                 tokio::select! {
                     _ = gw.shutdown.cancelled() => return,
                     _ = tick.tick() => {
                         gw.admission.purge();
                         gw.metrics.limiter_tracked_clients(gw.admission.tracked_ips());
+                        // Trim while connections go away, and once more after
+                        // they stopped (closing handshakes free memory late).
+                        let open = gw.active();
+                        if open < last_open || shrinking {
+                            give_memory_back();
+                        }
+                        shrinking = open < last_open;
+                        last_open = open;
                     }
                 }
             }
@@ -563,6 +572,17 @@ impl Gateway {
             .instrument(span),
         );
         resp
+    }
+}
+
+/// Returns freed heap memory to the system after connections went away.
+/// glibc keeps what its per-thread arenas freed (RSS stayed ~70 MiB after
+/// 5,000 proxied connections closed); `malloc_trim` hands it back (to ~10 MiB).
+fn give_memory_back() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory held by the allocator.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

@@ -135,11 +135,19 @@ impl Shared {
 macro_rules! ready_read {
     ($sock:expr, $buf:expr, $hint:expr) => {{
         loop {
-            $sock.readable().await?;
+            // poll_read_ready (not readable()) so the waker hyper left on
+            // the socket during the handshake is replaced and freed.
+            std::future::poll_fn(|cx| $sock.as_ref().poll_read_ready(cx)).await?;
             make_room($buf, *$hint);
             let room = $buf.capacity() - $buf.len();
             match $sock.try_read_buf($buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Stale readiness: wait again without holding a buffer.
+                    if $buf.is_empty() {
+                        *$buf = BytesMut::new();
+                    }
+                    continue;
+                }
                 Ok(n) => {
                     grow($hint, n, room);
                     break Ok(n);
@@ -426,6 +434,10 @@ async fn up_loop(
                 return UpEnd::PeerWrite(e);
             }
             st.batch.clear();
+        }
+        if st.batch.capacity() > 4096 {
+            // Written out above; an idle connection keeps no big batch buffer.
+            st.batch = BytesMut::new();
         }
         if st.buf.is_empty() && st.buf.capacity() > 0 && matches!(cr, ConnReader::Tcp(_)) {
             // Idle connections hold no read buffer.
