@@ -110,7 +110,7 @@ pub fn main() -> ExitCode {
             }
         },
         Command::Serve(args) => {
-            init_logging(&args.log);
+            let _log_guard = init_logging(&args.log);
             let config = match build_config(&args) {
                 Ok(c) => c,
                 Err(e) => {
@@ -133,13 +133,20 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging(filter: &str) {
+/// Logs go to stderr through a background writer, so connection tasks never
+/// block on (or pay a system call for) a log line. The returned guard flushes
+/// what is queued when dropped at exit.
+fn init_logging(filter: &str) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| filter.to_string());
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .finish(std::io::stderr());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
+    guard
 }
 
 fn build_config(a: &ServeArgs) -> anyhow::Result<Config> {

@@ -129,21 +129,23 @@ impl Gateway {
     pub fn spawn_housekeeping(self: &Arc<Self>) {
         let gw = self.clone();
         self.tracker.spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(5));
-            let (mut last_open, mut shrinking) = (0, false);
+            let mut tick = tokio::time::interval(Duration::from_secs(2));
+            // Ticks since the number of open WebSockets last fell.
+            let (mut last_open, mut since_drop) = (0, u32::MAX);
             loop {
                 tokio::select! {
                     _ = gw.shutdown.cancelled() => return,
                     _ = tick.tick() => {
                         gw.admission.purge();
                         gw.metrics.limiter_tracked_clients(gw.admission.tracked_ips());
-                        // Trim while connections go away, and once more after
-                        // they stopped (closing handshakes free memory late).
+                        // Trim while connections go away and for a few ticks
+                        // after (closing handshakes and backend sockets free
+                        // their memory late).
                         let open = gw.active();
-                        if open < last_open || shrinking {
+                        since_drop = if open < last_open { 0 } else { since_drop.saturating_add(1) };
+                        if since_drop < 4 {
                             give_memory_back();
                         }
-                        shrinking = open < last_open;
                         last_open = open;
                     }
                 }
