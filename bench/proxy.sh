@@ -1,0 +1,378 @@
+#!/usr/bin/env bash
+# The proxy-mode benchmark, one command: wsgate as a WebSocket reverse proxy
+# side by side with nginx and HAProxy, all three in front of the same echo
+# backend (wsgate's own `echo:` route), plus that backend reached directly.
+#
+#   [WSBENCH_NICE=-10] bench/proxy.sh [--rounds N] [--idle-rounds N] [--duration S] [--warmup S]
+#                                    [--idle-conns N] [--no-build]
+#
+# Runs (a) 64 KiB throughput, (b) 64 B msgs/s at 1 and 50 connections,
+# (c) latency p50/p99, (e) handshakes/s for --rounds rounds (the order of the
+# contenders rotates from round to round), then (d) RSS per idle proxied
+# WebSocket on fresh proxy processes for --idle-rounds rounds. Prints a
+# Markdown table of medians with the ratios wsgate/nginx and wsgate/haproxy;
+# the table, every raw value, the configs and the logs are kept under
+# bench/results/proxy-<UTC timestamp>/ (git-ignored). Every process it starts
+# is killed on exit. See bench/proxy/README.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# On a machine shared with other work, WSBENCH_NICE=-10 runs everything (load
+# generator, backend, proxies alike) ahead of it (needs root for < 0).
+if [ -n "${WSBENCH_NICE:-}" ] && [ -z "${PROXY_SH_NICED:-}" ]; then
+    export PROXY_SH_NICED=1
+    exec nice -n "$WSBENCH_NICE" "$0" "$@"
+fi
+
+ROUNDS=5
+IDLE_ROUNDS=3
+DURATION=1.5
+WARMUP=0.5
+IDLE_CONNS=5000
+BUILD=1
+ARGS=("$@")
+while [ $# -gt 0 ]; do
+    case "$1" in
+    --rounds) ROUNDS=$2; shift 2 ;;
+    --idle-rounds) IDLE_ROUNDS=$2; shift 2 ;;
+    --duration) DURATION=$2; shift 2 ;;
+    --warmup) WARMUP=$2; shift 2 ;;
+    --idle-conns) IDLE_CONNS=$2; shift 2 ;;
+    --no-build) BUILD=0; shift ;;
+    -h | --help) sed -n '2,17p' "$0"; exit 0 ;;
+    *) echo "proxy.sh: unknown argument $1" >&2; exit 2 ;;
+    esac
+done
+
+for tool in nginx haproxy python3; do
+    command -v "$tool" >/dev/null || {
+        echo "proxy.sh: $tool is missing (Debian: apt-get install nginx-light haproxy python3)" >&2
+        exit 1
+    }
+done
+
+# (d): a proxied connection costs the proxy 2 descriptors, the backend and the
+# load generator 1 each; every process has its own limit.
+ulimit -n "$(ulimit -Hn)"
+if [ "$(ulimit -n)" -lt $((2 * IDLE_CONNS + 200)) ]; then
+    echo "proxy.sh: open-files limit $(ulimit -n) is too low for $IDLE_CONNS idle connections" >&2
+    exit 1
+fi
+
+if [ "$BUILD" = 1 ]; then
+    echo "== building (release)" >&2
+    cargo build --release -p wsgate -p wsgate-bench >&2
+fi
+
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+OUT=bench/results/proxy-$STAMP
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+RUN=$(mktemp -d /tmp/wsgate-proxy-bench.XXXXXX)
+# The target/ folder may be shared with other builds: run copies.
+cp target/release/wsgate target/release/wsbench "$RUN/"
+WSGATE=$RUN/wsgate
+WSBENCH=$RUN/wsbench
+# The one-test subcommand of wsbench (`load`; `run` in later versions).
+if "$WSBENCH" --help | grep -qE '^  run '; then LOAD=run; else LOAD=load; fi
+
+# ---------------------------------------------------------------- processes
+PGIDS=()   # process groups started here (each process is started by setsid)
+cleanup() {
+    local g
+    for g in "${PGIDS[@]}"; do kill -TERM -- "-$g" 2>/dev/null || true; done
+    sleep 0.3
+    for g in "${PGIDS[@]}"; do kill -KILL -- "-$g" 2>/dev/null || true; done
+    rm -rf "$RUN"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Stops one started group (TERM, then KILL after 5 s) and forgets it.
+stop_group() {
+    local g=$1 i keep=()
+    for i in "${PGIDS[@]}"; do [ "$i" = "$g" ] || keep+=("$i"); done
+    PGIDS=("${keep[@]}")
+    kill -TERM -- "-$g" 2>/dev/null || return 0
+    for ((i = 0; i < 50; i++)); do
+        kill -0 -- "-$g" 2>/dev/null || return 0
+        sleep 0.1
+    done
+    kill -KILL -- "-$g" 2>/dev/null || true
+}
+
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+}
+
+# Waits (at most 10 s) until PID is alive and 127.0.0.1:PORT accepts.
+wait_listening() {
+    local pid=$1 port=$2 i
+    for ((i = 0; i < 100; i++)); do
+        kill -0 "$pid" 2>/dev/null || return 1
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
+        sleep 0.1
+    done
+    return 1
+}
+
+# Starts a wsgate that prints its port; sets STARTED_PID and STARTED_PORT.
+start_wsgate() {
+    local name=$1 i
+    shift
+    : >"$OUT/$name.out"
+    setsid "$WSGATE" serve --listen 127.0.0.1:0 "$@" --max-connections 20000 --log warn \
+        >"$OUT/$name.out" 2>"$OUT/$name.log" </dev/null &
+    STARTED_PID=$!
+    PGIDS+=("$STARTED_PID")
+    for ((i = 0; i < 100; i++)); do
+        STARTED_PORT=$(sed -n 's#^listening on ws://127\.0\.0\.1:\([0-9]*\)$#\1#p' "$OUT/$name.out" || true)
+        [ -n "$STARTED_PORT" ] && return 0
+        kill -0 "$STARTED_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    echo "proxy.sh: $name did not start; see $OUT/$name.log" >&2
+    exit 1
+}
+
+# nginx and HAProxy cannot bind :0. Pick an ephemeral port by binding a
+# socket to :0 and releasing it right before the start; if someone takes it
+# in between (the proxy fails to bind), pick another (5 tries).
+start_fixed_port() {
+    local name=$1 template=$2 try port dir
+    shift 2
+    for ((try = 0; try < 5; try++)); do
+        port=$(free_port)
+        dir=$RUN/$name.$try
+        mkdir -p "$dir"
+        sed -e "s#@PORT@#$port#g" -e "s#@BACKEND@#$BACKEND_PORT#g" -e "s#@DIR@#$dir#g" \
+            "$template" >"$dir/conf"
+        cp "$dir/conf" "$OUT/$name.conf"
+        case "$name" in
+        nginx*) setsid nginx -p "$dir" -c "$dir/conf" -e "$dir/nginx-error.log" \
+            >"$OUT/$name.log" 2>&1 </dev/null & ;;
+        haproxy*) setsid haproxy -db -f "$dir/conf" >"$OUT/$name.log" 2>&1 </dev/null & ;;
+        esac
+        STARTED_PID=$!
+        PGIDS+=("$STARTED_PID")
+        if wait_listening "$STARTED_PID" "$port"; then
+            STARTED_PORT=$port
+            return 0
+        fi
+        [ -f "$dir/nginx-error.log" ] && cat "$dir/nginx-error.log" >>"$OUT/$name.log"
+        stop_group "$STARTED_PID"
+        if ! grep -qiE 'address already in use|cannot bind' "$OUT/$name.log"; then
+            echo "proxy.sh: $name did not start; see $OUT/$name.log" >&2
+            exit 1
+        fi
+        echo "   ($name: port $port was taken, trying another)" >&2
+    done
+    echo "proxy.sh: $name: no free port after 5 tries" >&2
+    exit 1
+}
+
+# Starts contender NAME (wsgate, nginx, haproxy) in front of the backend;
+# sets STARTED_PID (the process, or nginx's master) and STARTED_PORT.
+start_proxy() {
+    case "$1" in
+    wsgate) start_wsgate "$2" --to "ws://127.0.0.1:$BACKEND_PORT" ;;
+    nginx) start_fixed_port "$2" bench/proxy/nginx.conf.in ;;
+    haproxy) start_fixed_port "$2" bench/proxy/haproxy.cfg.in ;;
+    esac
+}
+
+# Sum of VmRSS (KiB) of PID and its children (nginx's workers).
+rss_tree() {
+    local pids
+    pids="$1 $(cat "/proc/$1/task/"*/children 2>/dev/null)"
+    (cd /proc && cat $(printf '%s/status ' $pids) 2>/dev/null) |
+        awk '/^VmRSS:/ { s += $2 } END { print s + 0 }'
+}
+
+# ---------------------------------------------------------------- machine
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+{
+    echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo "command: ${WSBENCH_NICE:+WSBENCH_NICE=$WSBENCH_NICE }bench/proxy.sh${ARGS[*]:+ ${ARGS[*]}}"
+    echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- crates 2>/dev/null || echo ' (crates/ modified)')"
+    echo "machine: $(nproc) cores, $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1), $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo), Linux $(uname -r)"
+    echo "nginx: $(nginx -v 2>&1 | sed 's/^nginx version: //'), haproxy: $(haproxy -v | head -1 | awk '{ print $3 }')"
+} >"$OUT/meta.txt"
+
+echo "== starting the backend and the proxies" >&2
+start_wsgate backend --to echo:
+BACKEND_PORT=$STARTED_PORT
+declare -A PORT PID
+PORT[direct]=$BACKEND_PORT
+for c in wsgate nginx haproxy; do
+    start_proxy "$c" "$c"
+    PORT[$c]=$STARTED_PORT
+    PID[$c]=$STARTED_PID
+done
+echo "   backend :${PORT[direct]}, wsgate :${PORT[wsgate]}, nginx :${PORT[nginx]}, haproxy :${PORT[haproxy]}" >&2
+
+# Every contender echoes through before anything is measured.
+for c in wsgate nginx haproxy direct; do
+    "$WSBENCH" "$LOAD" --target "ws://127.0.0.1:${PORT[$c]}/" --test latency \
+        --warmup 0 --duration 0.2 >/dev/null ||
+        { echo "proxy.sh: $c does not echo" >&2; exit 1; }
+done
+
+# ---------------------------------------------------------------- (a) (b) (c) (e)
+RAW=$OUT/raw.csv
+echo "round,test,contender,value,value2,output" >"$RAW"
+CONTENDERS=(wsgate nginx haproxy direct)
+# test id | wsbench flags
+TESTS=(
+    "throughput|--test throughput --size 65536 --window 4"
+    "msgs1|--test messages --conns 1 --size 64 --inflight 16"
+    "msgs50|--test messages --conns 50 --size 64 --inflight 16"
+    "latency|--test latency --size 64"
+    "handshakes|--test handshakes --conns 8 --size 64"
+)
+for ((r = 0; r < ROUNDS; r++)); do
+    echo "== round $((r + 1))/$ROUNDS (load $(cut -d' ' -f1 /proc/loadavg))" >&2
+    order=()
+    for ((i = 0; i < ${#CONTENDERS[@]}; i++)); do
+        order+=("${CONTENDERS[$(((i + r) % ${#CONTENDERS[@]}))]}")
+    done
+    for t in "${TESTS[@]}"; do
+        id=${t%%|*}
+        read -r -a flags <<<"${t#*|}"
+        for c in "${order[@]}"; do
+            line=$("$WSBENCH" "$LOAD" --target "ws://127.0.0.1:${PORT[$c]}/" "${flags[@]}" \
+                --warmup "$WARMUP" --duration "$DURATION" 2>>"$OUT/wsbench.log") ||
+                line="error: see wsbench.log"
+            v1=$(awk '{ print ($1 == "p50") ? $2 : $1 }' <<<"$line")
+            v2=""
+            case "$id" in
+            latency) v2=$(awk '{ print $5 }' <<<"$line") ;;
+            handshakes) v2=$(sed -n 's/.*(\([0-9]*\) errors).*/\1/p' <<<"$line") ;;
+            esac
+            echo "$((r + 1)),$id,$c,$v1,$v2,\"$line\"" >>"$RAW"
+            printf '   %-10s %-8s %s\n' "$id" "$c" "$line" >&2
+        done
+    done
+done
+
+# The measuring proxies are done: (d) starts fresh ones.
+for c in wsgate nginx haproxy; do stop_group "${PID[$c]}"; done
+
+# ---------------------------------------------------------------- (d)
+# For each proxy, on a fresh process: one warm-up echo, then $IDLE_CONNS
+# WebSockets opened (64 at once), each echoing 64 B, held idle. The RSS of the
+# proxy's processes (nginx: master + workers) is sampled every 0.1 s while
+# they are open; growth = peak - before. wsbench's own reading (one PID) is
+# kept as a cross-check.
+IDLE=$OUT/idle.csv
+echo "round,contender,rss_before_kib,rss_peak_kib,kib_per_conn,wsbench_output" >"$IDLE"
+PROXIES=(wsgate nginx haproxy)
+for ((r = 0; r < IDLE_ROUNDS; r++)); do
+    echo "== (d) round $((r + 1))/$IDLE_ROUNDS: $IDLE_CONNS idle WebSockets" >&2
+    for ((i = 0; i < ${#PROXIES[@]}; i++)); do
+        c=${PROXIES[$(((i + r) % ${#PROXIES[@]}))]}
+        start_proxy "$c" "$c-idle$((r + 1))"
+        pid=$STARTED_PID
+        target="ws://127.0.0.1:$STARTED_PORT/"
+        "$WSBENCH" "$LOAD" --target "$target" --test idle --conns 1 --pid "$pid" >/dev/null
+        sleep 0.2
+        before=$(rss_tree "$pid")
+        "$WSBENCH" "$LOAD" --target "$target" --test idle --conns "$IDLE_CONNS" --pid "$pid" \
+            >"$RUN/idle.out" 2>>"$OUT/wsbench.log" &
+        wpid=$!
+        peak=$before
+        # Bounded: wsbench gives up after 120 s of connecting.
+        for ((k = 0; k < 1500; k++)); do
+            kill -0 "$wpid" 2>/dev/null || break
+            now=$(rss_tree "$pid")
+            [ "$now" -gt "$peak" ] && peak=$now
+            sleep 0.1
+        done
+        if ! wait "$wpid"; then echo "error" >"$RUN/idle.out"; fi
+        line=$(cat "$RUN/idle.out")
+        per=$(awk -v a="$before" -v b="$peak" -v n="$IDLE_CONNS" 'BEGIN { printf "%.2f", (b - a) / n }')
+        [[ $line == error* ]] && per=""
+        echo "$((r + 1)),$c,$before,$peak,$per,\"$line\"" >>"$IDLE"
+        printf '   %-8s %s KiB -> %s KiB: %s KiB per connection (wsbench, one PID: %s)\n' \
+            "$c" "$before" "$peak" "${per:-error}" "$line" >&2
+        stop_group "$pid"
+    done
+done
+
+echo "$(cut -d' ' -f1-3 /proc/loadavg)" >"$RUN/load_after"
+{
+    cat "$OUT/meta.txt"
+    echo "load average: $LOAD_BEFORE before, $(cat "$RUN/load_after") after"
+} >"$OUT/meta.tmp" && mv "$OUT/meta.tmp" "$OUT/meta.txt"
+
+# ---------------------------------------------------------------- table
+python3 - "$OUT" "$ROUNDS" "$IDLE_ROUNDS" "$DURATION" "$WARMUP" "$IDLE_CONNS" <<'EOF' | tee "$OUT/table.md"
+import csv, statistics, sys
+out, rounds, idle_rounds, dur, warm, idle_conns = sys.argv[1:]
+vals = {}
+errs = {}
+for row in csv.DictReader(open(f"{out}/raw.csv")):
+    def num(s):
+        try:
+            return float(s)
+        except ValueError:
+            return None
+    t, c = row["test"], row["contender"]
+    if t == "latency":
+        vals.setdefault(("p50", c), []).append(num(row["value"]))
+        vals.setdefault(("p99", c), []).append(num(row["value2"]))
+    else:
+        vals.setdefault((t, c), []).append(num(row["value"]))
+    if t == "handshakes" and row["value2"]:
+        errs[c] = errs.get(c, 0) + int(row["value2"])
+for row in csv.DictReader(open(f"{out}/idle.csv")):
+    v = row["kib_per_conn"]
+    vals.setdefault(("idle", row["contender"]), []).append(float(v) if v else None)
+
+def med(t, c):
+    v = vals.get((t, c), [])
+    good = [x for x in v if x is not None]
+    if not v:
+        return None, 0
+    return (statistics.median(good) if good else None), len(v) - len(good)
+
+rows = [
+    ("throughput", "(a) 64 KiB throughput, MB/s", "{:.0f}", "higher", "ahead of both"),
+    ("msgs1", "(b) 64 B msgs/s, 1 conn", "{:.0f}", "higher", "ahead of both"),
+    ("msgs50", "(b) 64 B msgs/s, 50 conns", "{:.0f}", "higher", "ahead of both"),
+    ("p50", "(c) latency p50, µs", "{:.1f}", "lower", None),
+    ("p99", "(c) latency p99, µs", "{:.1f}", "lower", None),
+    ("idle", f"(d) RSS per idle proxied WebSocket, KiB ({idle_conns} conns)", "{:.2f}", "lower", "no worse than nginx"),
+    ("handshakes", "(e) handshakes/s (8 workers)", "{:.0f}", "higher", "ahead of both"),
+]
+meta = open(f"{out}/meta.txt").read().strip().splitlines()
+print()
+for m in meta:
+    print(f"- {m}")
+print(f"- medians of {rounds} rounds ({warm} s warm-up + {dur} s each); (d): {idle_rounds} rounds on fresh processes")
+print()
+print("| test | wsgate | nginx | haproxy | direct (backend) | wsgate/nginx | wsgate/haproxy | target | met |")
+print("|---|---:|---:|---:|---:|---:|---:|---|---|")
+for t, label, fmt, better, target in rows:
+    m = {c: med(t, c) for c in ("wsgate", "nginx", "haproxy", "direct")}
+    def cell(c):
+        v, bad = m[c]
+        if v is None:
+            return "—" if bad == 0 else "error"
+        return fmt.format(v) + (f" ({bad} failed)" if bad else "")
+    w, n, h = m["wsgate"][0], m["nginx"][0], m["haproxy"][0]
+    rn = f"{w / n:.2f}" if w and n else "—"
+    rh = f"{w / h:.2f}" if w and h else "—"
+    met = ""
+    if target and w and n and h:
+        if target == "ahead of both":
+            met = "yes" if w > n and w > h else "**no**"
+        else:
+            met = "yes" if w <= n else "**no**"
+    print(f"| {label} | {cell('wsgate')} | {cell('nginx')} | {cell('haproxy')} | {cell('direct')} | {rn} | {rh} | {target or '(none)'} | {met} |")
+print()
+print("Ratios are wsgate ÷ the other (higher is better for (a), (b), (e); lower for (c), (d)).")
+if any(errs.values()):
+    print("Handshake errors over all rounds: " + ", ".join(f"{c} {n}" for c, n in errs.items()))
+print(f"Raw values: {out}/raw.csv, {out}/idle.csv")
+EOF
