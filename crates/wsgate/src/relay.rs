@@ -140,19 +140,32 @@ macro_rules! ready_read {
             std::future::poll_fn(|cx| $sock.as_ref().poll_read_ready(cx)).await?;
             make_room($buf, *$hint);
             let room = $buf.capacity() - $buf.len();
-            match $sock.try_read_buf($buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            // A read that did not fill the buffer drained the socket: report
+            // "would block" to `try_io` so it clears the readiness it saw
+            // before the read (a newer readiness event is kept), saving the
+            // extra read that would only return EAGAIN. The bytes are kept.
+            let mut short = None;
+            let read = $sock.as_ref().try_io(tokio::io::Interest::READABLE, || {
+                let n = $sock.try_read_buf($buf)?;
+                if n > 0 && n < room {
+                    short = Some(n);
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(n)
+            });
+            match (read, short) {
+                (_, Some(n)) | (Ok(n), None) => {
+                    grow($hint, n, room);
+                    break Ok(n);
+                }
+                (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => {
                     // Stale readiness: wait again without holding a buffer.
                     if $buf.is_empty() {
                         *$buf = BytesMut::new();
                     }
                     continue;
                 }
-                Ok(n) => {
-                    grow($hint, n, room);
-                    break Ok(n);
-                }
-                r => break r,
+                (Err(e), None) => break Err(e),
             }
         }
     }};
