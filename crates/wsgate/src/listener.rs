@@ -244,11 +244,7 @@ impl Gateway {
                         secure: false,
                         handshake_timeout: limit,
                     };
-                    if h2 {
-                        self.serve_h2(TokioIo::new(stream), c).await
-                    } else {
-                        self.serve_h1(TokioIo::new(stream), c).await
-                    }
+                    self.serve_http(stream, h2, c).await
                 }
                 Some(acceptor) => {
                     match tokio::time::timeout(limit, acceptor.accept(stream)).await {
@@ -260,11 +256,7 @@ impl Gateway {
                                 secure: true,
                                 handshake_timeout: limit,
                             };
-                            if h2 {
-                                self.serve_h2(TokioIo::new(s), c).await
-                            } else {
-                                self.serve_h1(TokioIo::new(s), c).await
-                            }
+                            self.serve_http(s, h2, c).await
                         }
                         Ok(Err(e)) => debug!("TLS handshake failed: {e}"),
                         Err(_) => debug!("TLS handshake timed out"),
@@ -274,6 +266,17 @@ impl Gateway {
         }
         .instrument(span)
         .await
+    }
+
+    async fn serve_http<I>(self: &Arc<Self>, io: I, h2: bool, c: Conn)
+    where
+        I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        if h2 {
+            self.serve_h2(TokioIo::new(io), c).await
+        } else {
+            self.serve_h1(TokioIo::new(io), c).await
+        }
     }
 
     async fn serve_h1<I>(self: &Arc<Self>, io: TokioIo<I>, c: Conn)
