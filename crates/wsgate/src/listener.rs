@@ -268,70 +268,54 @@ impl Gateway {
         .await
     }
 
+    /// Serves one connection with HTTP/1.1 or HTTP/2 until it ends; on
+    /// shutdown, asks it to finish gracefully (bounded).
     async fn serve_http<I>(self: &Arc<Self>, io: I, h2: bool, c: Conn)
     where
         I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
+        let gw = self.clone();
+        let svc = service_fn(move |req| {
+            let gw = gw.clone();
+            async move { Ok::<_, Infallible>(gw.handle(req, c).await) }
+        });
+        // The two connection types share no trait for graceful shutdown.
+        macro_rules! until_shutdown {
+            ($conn:expr, $grace:expr) => {{
+                let conn = $conn;
+                tokio::pin!(conn);
+                tokio::select! {
+                    r = &mut conn => {
+                        if let Err(e) = r {
+                            debug!("http connection ended: {e}");
+                        }
+                    }
+                    _ = self.shutdown.cancelled() => {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = tokio::time::timeout($grace, conn).await;
+                    }
+                }
+            }};
+        }
+        let io = TokioIo::new(io);
         if h2 {
-            self.serve_h2(TokioIo::new(io), c).await
+            until_shutdown!(
+                http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .enable_connect_protocol()
+                    .keep_alive_interval(Some(Duration::from_secs(30)))
+                    .serve_connection(io, svc),
+                self.config.limits.drain_timeout
+            )
         } else {
-            self.serve_h1(TokioIo::new(io), c).await
-        }
-    }
-
-    async fn serve_h1<I>(self: &Arc<Self>, io: TokioIo<I>, c: Conn)
-    where
-        I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-    {
-        let gw = self.clone();
-        let svc = service_fn(move |req| {
-            let gw = gw.clone();
-            async move { Ok::<_, Infallible>(gw.handle(req, c).await) }
-        });
-        let conn = http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(c.handshake_timeout)
-            .serve_connection(io, svc)
-            .with_upgrades();
-        tokio::pin!(conn);
-        tokio::select! {
-            r = &mut conn => {
-                if let Err(e) = r {
-                    debug!("http connection ended: {e}");
-                }
-            }
-            _ = self.shutdown.cancelled() => {
-                conn.as_mut().graceful_shutdown();
-                let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
-            }
-        }
-    }
-
-    async fn serve_h2<I>(self: &Arc<Self>, io: TokioIo<I>, c: Conn)
-    where
-        I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-    {
-        let gw = self.clone();
-        let svc = service_fn(move |req| {
-            let gw = gw.clone();
-            async move { Ok::<_, Infallible>(gw.handle(req, c).await) }
-        });
-        let conn = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .enable_connect_protocol()
-            .keep_alive_interval(Some(Duration::from_secs(30)))
-            .serve_connection(io, svc);
-        tokio::pin!(conn);
-        tokio::select! {
-            r = &mut conn => {
-                if let Err(e) = r {
-                    debug!("h2 connection ended: {e}");
-                }
-            }
-            _ = self.shutdown.cancelled() => {
-                conn.as_mut().graceful_shutdown();
-                let _ = tokio::time::timeout(self.config.limits.drain_timeout, conn).await;
-            }
+            until_shutdown!(
+                http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(c.handshake_timeout)
+                    .serve_connection(io, svc)
+                    .with_upgrades(),
+                Duration::from_secs(1)
+            )
         }
     }
 

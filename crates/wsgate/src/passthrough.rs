@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use wsframe::{close_code, parse_header, ProtocolError};
 
 use crate::limits::Bandwidth;
-use crate::relay::{with_halves, ClientIo, ConnReader, ConnWriter, FIRST_CHUNK};
+use crate::relay::{drain, with_halves, ClientIo, ConnReader, ConnWriter, FIRST_CHUNK};
 
 /// Follows frame boundaries in one direction of a WebSocket byte stream.
 #[derive(Debug, Default)]
@@ -230,21 +230,6 @@ async fn pump(
             st.buf = BytesMut::new();
         }
     }
-}
-
-/// Reads and discards until the peer closes or the timeout.
-async fn drain(src: &mut ConnReader<'_>, timeout: Duration) {
-    let _ = tokio::time::timeout(timeout, async {
-        let (mut scratch, mut hint) = (BytesMut::new(), FIRST_CHUNK);
-        loop {
-            scratch.clear();
-            match src.read(&mut scratch, &mut hint).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await;
 }
 
 /// One side of a proxied WebSocket: the upgraded connection and the bytes

@@ -979,11 +979,17 @@ async fn finish(
     }
     outcome.close_sent = Some(close.map_or(close_code::NO_STATUS, |(c, _)| c));
     cw.shutdown().await;
+    drain(cr, timeout).await;
+}
+
+/// Reads and discards until the other side closes or the timeout, so closing
+/// our socket with unread bytes in it does not reset the connection.
+pub(crate) async fn drain(src: &mut ConnReader<'_>, timeout: Duration) {
     let _ = tokio::time::timeout(timeout, async {
         let (mut scratch, mut hint) = (BytesMut::new(), FIRST_CHUNK);
         loop {
             scratch.clear();
-            match cr.read(&mut scratch, &mut hint).await {
+            match src.read(&mut scratch, &mut hint).await {
                 Ok(0) | Err(_) => break,
                 Ok(_) => {}
             }
