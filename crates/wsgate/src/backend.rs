@@ -92,6 +92,8 @@ impl FromStr for Balance {
 #[derive(Debug)]
 pub struct Backend {
     pub addr: BackendAddr,
+    /// `addr` as text, for metrics labels and logs.
+    pub label: String,
     active: AtomicUsize,
     /// Milliseconds since the pool's epoch until which it is ejected (0: not).
     ejected_until: AtomicU64,
@@ -133,6 +135,7 @@ impl Pool {
                 .into_iter()
                 .map(|addr| {
                     Arc::new(Backend {
+                        label: addr.to_string(),
                         addr,
                         active: AtomicUsize::new(0),
                         ejected_until: AtomicU64::new(0),
@@ -221,7 +224,7 @@ pub async fn health_checks(
             } else {
                 pool.eject(b);
             }
-            metrics.backend_up(&b.addr.to_string(), ok);
+            metrics.backend_up(&b.label, ok);
         }
     }
 }

@@ -86,6 +86,10 @@ struct ServeArgs {
     /// Serve Prometheus metrics at http://HOST:PORT/metrics (printed as `admin on http://...`).
     #[arg(long, value_name = "HOST:PORT")]
     admin: Option<String>,
+    /// Worker threads, each with its own event loop and listening sockets
+    /// (default: one per CPU; overrides `workers` in the config file).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    workers: Option<u16>,
     /// Log filter (also RUST_LOG), e.g. info, debug, wsgate=trace.
     #[arg(long, env = "WSGATE_LOG", default_value = "info")]
     log: String,
@@ -118,7 +122,9 @@ pub fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let rt = tokio::runtime::Builder::new_multi_thread()
+            // The main thread runs signals, the admin listener, health checks
+            // and housekeeping; connections run on the worker threads.
+            let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .expect("tokio runtime");
@@ -150,6 +156,14 @@ fn init_logging(filter: &str) -> tracing_appender::non_blocking::WorkerGuard {
 }
 
 fn build_config(a: &ServeArgs) -> anyhow::Result<Config> {
+    let mut config = config_from(a)?;
+    if let Some(n) = a.workers {
+        config.workers = Some(n.into());
+    }
+    Ok(config)
+}
+
+fn config_from(a: &ServeArgs) -> anyhow::Result<Config> {
     if let Some(path) = &a.config {
         return config::load(path).map_err(|e| anyhow::anyhow!("{e}"));
     }
@@ -233,6 +247,7 @@ fn build_config(a: &ServeArgs) -> anyhow::Result<Config> {
         health_path: "/healthz".into(),
         forwarding: Default::default(),
         admin: a.admin.clone(),
+        workers: None,
     })
 }
 
@@ -240,7 +255,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     // Signal handlers first: a signal right after the "listening" line must
     // already mean "shut down in order".
     let signals = Signals::new()?;
-    let bound = listener::bind(&config).await?;
+    let bound = listener::bind(&config, listener::worker_count(&config)).await?;
     {
         let mut out = std::io::stdout().lock();
         for b in &bound {

@@ -32,7 +32,13 @@ pub struct Config {
     pub forwarding: Forwarding,
     /// Where `/metrics` is served, if anywhere.
     pub admin: Option<String>,
+    /// Worker threads, each with its own event loop and its own listening
+    /// socket per listener (`SO_REUSEPORT`); `None`: one per CPU.
+    pub workers: Option<usize>,
 }
+
+/// The most worker threads `workers` may ask for.
+pub const MAX_WORKERS: usize = 1024;
 
 /// One listening socket.
 #[derive(Debug, Clone)]
@@ -210,6 +216,7 @@ struct FileConfig {
     #[serde(default)]
     forwarding: ForwardingFile,
     admin: Option<AdminFile>,
+    workers: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -676,6 +683,17 @@ impl Validator<'_> {
             });
         }
         let health_path = raw.health_path.unwrap_or_else(|| "/healthz".into());
+        if let Some(n) = raw.workers {
+            if !(1..=MAX_WORKERS).contains(&n) {
+                self.errors.push(ConfigError {
+                    file: self.file.to_string(),
+                    line: self.key_line("workers"),
+                    column: 1,
+                    key: "workers".into(),
+                    message: format!("must be between 1 and {MAX_WORKERS}, not {n}"),
+                });
+            }
+        }
         Config {
             listeners,
             limits,
@@ -683,6 +701,7 @@ impl Validator<'_> {
             health_path,
             forwarding,
             admin: raw.admin.map(|a| a.address),
+            workers: raw.workers,
         }
     }
 

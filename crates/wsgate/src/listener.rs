@@ -8,40 +8,40 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use anyhow::Context;
-use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use anyhow::Context as _;
+use bytes::{Bytes, BytesMut};
+use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper::server::conn::{http1, http2};
+use hyper::server::conn::{http1 as hyper_h1, http2 as hyper_h2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, warn, Instrument};
 
-use crate::backend::Pool;
-use crate::config::{Config, Route, Target};
-use crate::discovery::Discovered;
-use crate::handshake::{self, Body, Upgrade};
-use crate::limits::{Admission, AdmissionConfig, Permit};
-use crate::metrics::{Direction, HttpVersion, Metrics};
-use crate::passthrough;
+use crate::config::{Config, Target};
+use crate::handshake::{self, Body};
+use crate::http1;
+use crate::limits::{Admission, AdmissionConfig};
+use crate::metrics::Metrics;
 use crate::proxy::Proxy;
-use crate::relay::{self, ClientIo};
-use crate::route::{self, Metadata, Selection};
-use crate::upstream::{self, PeerAddr};
+use crate::relay::ClientIo;
+use crate::websocket::Dispatch;
 
-/// A bound listening socket.
+/// A bound listener: one listening socket per worker, all on one address.
 pub struct Bound {
-    pub listener: TcpListener,
+    /// Non-blocking, listening; each worker takes one.
+    pub sockets: Vec<std::net::TcpListener>,
     pub tls: Option<TlsAcceptor>,
     pub local_addr: SocketAddr,
     /// Time for the TLS handshake and the request head.
@@ -56,8 +56,16 @@ impl Bound {
     }
 }
 
-/// Loads TLS material and binds every listener; nothing is served yet.
-pub async fn bind(config: &Config) -> anyhow::Result<Vec<Bound>> {
+/// How many workers a config asks for: `workers`, else one per CPU.
+pub fn worker_count(config: &Config) -> usize {
+    config.workers.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    })
+}
+
+/// Loads TLS material and binds every listener, `workers` sockets each;
+/// nothing is served yet.
+pub async fn bind(config: &Config, workers: usize) -> anyhow::Result<Vec<Bound>> {
     let mut out = vec![];
     for l in &config.listeners {
         let tls = match &l.tls {
@@ -68,14 +76,17 @@ pub async fn bind(config: &Config) -> anyhow::Result<Vec<Bound>> {
             )?),
             None => None,
         };
-        let listener = TcpListener::bind(&l.address)
+        let addr = tokio::net::lookup_host(&l.address)
             .await
+            .with_context(|| format!("cannot resolve listen address {}", l.address))?
+            .next()
+            .with_context(|| format!("listen address {} resolves to nothing", l.address))?;
+        let sockets = reuseport_sockets(addr, workers)
             .with_context(|| format!("cannot listen on {}", l.address))?;
-        let local_addr = listener.local_addr()?;
         out.push(Bound {
-            listener,
+            local_addr: sockets[0].local_addr()?,
+            sockets,
             tls,
-            local_addr,
             handshake_timeout: l
                 .handshake_timeout
                 .unwrap_or(config.limits.handshake_timeout),
@@ -84,12 +95,34 @@ pub async fn bind(config: &Config) -> anyhow::Result<Vec<Bound>> {
     Ok(out)
 }
 
+/// `n` listening sockets on `addr` sharing it with `SO_REUSEPORT`, so the
+/// kernel spreads new connections over the workers. The address is first
+/// bound once without it, so an address someone else holds is an error (and
+/// port 0 becomes one port for all).
+fn reuseport_sockets(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    use socket2::{Domain, Socket, Type};
+    let probe = std::net::TcpListener::bind(addr)?;
+    let addr = probe.local_addr()?;
+    drop(probe);
+    (0..n)
+        .map(|_| {
+            let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+            s.set_reuse_address(true)?;
+            s.set_reuse_port(true)?;
+            s.set_nonblocking(true)?;
+            s.bind(&addr.into())?;
+            s.listen(1024)?;
+            Ok(s.into())
+        })
+        .collect()
+}
+
 /// Shared state of the running gateway.
 pub struct Gateway {
     pub config: Config,
     pub metrics: Metrics,
-    proxy: Proxy,
-    admission: Admission,
+    pub(crate) proxy: Proxy,
+    pub(crate) admission: Admission,
     next_id: AtomicU64,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
@@ -153,7 +186,7 @@ impl Gateway {
         });
     }
 
-    fn refuse(&self, reason: &'static str, resp: Response<Body>) -> Response<Body> {
+    pub(crate) fn refuse(&self, reason: &'static str, resp: Response<Body>) -> Response<Body> {
         self.metrics.refused(reason);
         resp
     }
@@ -173,10 +206,60 @@ impl Gateway {
                 });
             }
         }
-        for b in bound {
-            let gw = self.clone();
-            self.tracker.spawn(async move { gw.accept_loop(b).await });
+        self.spawn_workers(bound);
+    }
+
+    /// Starts the worker threads. Each runs its own single-threaded event
+    /// loop with its own listening socket of every listener, and serves the
+    /// connections it accepts start to end: no task crosses threads, no
+    /// thread wakes another (the "no-steal" runtime of pingora; nginx's
+    /// worker processes). Workers run until shutdown and until every task
+    /// has finished (or the process exits at the drain timeout).
+    fn spawn_workers(self: &Arc<Self>, bound: Vec<Bound>) {
+        let workers = bound.first().map_or(0, |b| b.sockets.len());
+        let mut per_worker: Vec<Vec<(std::net::TcpListener, &Bound)>> =
+            (0..workers).map(|_| vec![]).collect();
+        for b in &bound {
+            for (i, s) in b.sockets.iter().enumerate() {
+                let s = s.try_clone().expect("duplicating a listening socket");
+                per_worker[i].push((s, b));
+            }
         }
+        for (i, sockets) in per_worker.into_iter().enumerate() {
+            let listeners: Vec<_> = sockets
+                .into_iter()
+                .map(|(s, b)| (s, b.tls.clone(), b.handshake_timeout))
+                .collect();
+            let gw = self.clone();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("building a worker runtime");
+            std::thread::Builder::new()
+                .name(format!("wsgate-worker-{i}"))
+                .spawn(move || {
+                    rt.block_on(async move {
+                        for (s, tls, handshake_timeout) in listeners {
+                            let listener = match TcpListener::from_std(s) {
+                                Ok(l) => l,
+                                Err(e) => {
+                                    warn!("worker {i}: cannot use its listening socket: {e}");
+                                    continue;
+                                }
+                            };
+                            let gw2 = gw.clone();
+                            gw.tracker.spawn(async move {
+                                gw2.accept_loop(listener, tls, handshake_timeout).await
+                            });
+                        }
+                        gw.shutdown.cancelled().await;
+                        gw.tracker.wait().await;
+                    })
+                })
+                .expect("starting a worker thread");
+        }
+        // The original sockets close here; the workers hold duplicates.
+        drop(bound);
     }
 
     /// Stops accepting, closes every WebSocket with 1001 and waits (bounded by
@@ -195,19 +278,24 @@ impl Gateway {
         }
     }
 
-    async fn accept_loop(self: Arc<Self>, b: Bound) {
+    async fn accept_loop(
+        self: Arc<Self>,
+        listener: TcpListener,
+        tls: Option<TlsAcceptor>,
+        handshake_timeout: Duration,
+    ) {
         loop {
             let accepted = tokio::select! {
                 _ = self.shutdown.cancelled() => return,
-                r = b.listener.accept() => r,
+                r = listener.accept() => r,
             };
             match accepted {
                 Ok((stream, remote)) => {
                     let gw = self.clone();
-                    let tls = b.tls.clone();
-                    let limit = b.handshake_timeout;
-                    self.tracker
-                        .spawn(async move { gw.connection(stream, remote, tls, limit).await });
+                    let tls = tls.clone();
+                    self.tracker.spawn(async move {
+                        gw.connection(stream, remote, tls, handshake_timeout).await
+                    });
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off briefly
@@ -229,43 +317,103 @@ impl Gateway {
         let _ = stream.set_nodelay(true);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let span = tracing::info_span!("conn", id, %remote);
+        let mut c = Conn {
+            remote,
+            id,
+            secure: false,
+            handshake_timeout: limit,
+        };
         async move {
             match tls {
-                None => {
-                    // Cleartext: HTTP/2 with prior knowledge starts with its preface.
-                    let h2 =
-                        match tokio::time::timeout(limit, starts_with_h2_preface(&stream)).await {
-                            Ok(Ok(h2)) => h2,
-                            _ => return,
-                        };
-                    let c = Conn {
-                        remote,
-                        id,
-                        secure: false,
-                        handshake_timeout: limit,
-                    };
-                    self.serve_http(stream, h2, c).await
-                }
+                None => self.first_request(stream, true, c).await,
+                // Boxed, as every large branch is: the task's own future stays
+                // small, and spawning it copies little.
                 Some(acceptor) => {
-                    match tokio::time::timeout(limit, acceptor.accept(stream)).await {
-                        Ok(Ok(s)) => {
-                            let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
-                            let c = Conn {
-                                remote,
-                                id,
-                                secure: true,
-                                handshake_timeout: limit,
-                            };
-                            self.serve_http(s, h2, c).await
+                    Box::pin(async move {
+                        match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+                            Ok(Ok(s)) => {
+                                c.secure = true;
+                                if s.get_ref().1.alpn_protocol() == Some(b"h2") {
+                                    self.serve_http(s, true, c).await
+                                } else {
+                                    self.first_request(s, false, c).await
+                                }
+                            }
+                            Ok(Err(e)) => debug!("TLS handshake failed: {e}"),
+                            Err(_) => debug!("TLS handshake timed out"),
                         }
-                        Ok(Err(e)) => debug!("TLS handshake failed: {e}"),
-                        Err(_) => debug!("TLS handshake timed out"),
-                    }
+                    })
+                    .await
                 }
             }
         }
         .instrument(span)
         .await
+    }
+
+    /// Reads the head of a connection's first request (within the handshake
+    /// timeout). An HTTP/1.1 WebSocket handshake is answered here and its
+    /// socket goes straight to the relay; anything else — plain HTTP, HTTP/2
+    /// with prior knowledge (`cleartext`), a head we cannot parse — is served
+    /// by hyper, which reads the same bytes again.
+    async fn first_request<I: Accepted>(self: &Arc<Self>, mut io: I, cleartext: bool, c: Conn) {
+        let mut buf = BytesMut::with_capacity(1024);
+        let first = match tokio::time::timeout(
+            c.handshake_timeout,
+            read_first(&mut io, &mut buf, cleartext),
+        )
+        .await
+        {
+            Ok(f) => f,
+            Err(_) => return debug!("no request head within the handshake timeout"),
+        };
+        match first {
+            First::Gone => {}
+            First::Head(parts, len)
+                if parts.method == http::Method::GET && handshake::wants_websocket(&parts) =>
+            {
+                let leftover = buf.split_off(len).freeze();
+                drop(buf);
+                Box::pin(self.websocket_first(io, parts, leftover, c)).await
+            }
+            First::H2 => Box::pin(self.serve_http(Rewind::new(buf.freeze(), io), true, c)).await,
+            First::Head(..) | First::Other => {
+                Box::pin(self.serve_http(Rewind::new(buf.freeze(), io), false, c)).await
+            }
+        }
+    }
+
+    /// Answers an HTTP/1.1 WebSocket handshake read by [`Self::first_request`]
+    /// and runs the WebSocket in this task; a refusal is answered and the
+    /// connection closed.
+    async fn websocket_first<I: Accepted>(
+        self: &Arc<Self>,
+        mut io: I,
+        parts: http::request::Parts,
+        leftover: Bytes,
+        c: Conn,
+    ) {
+        let answer = match self.dispatch(&parts) {
+            Dispatch::Answer(r) => r,
+            Dispatch::Route {
+                route,
+                protocol,
+                meta,
+            } => match self.open_websocket(&parts, &meta, route, protocol, c).await {
+                Ok((resp, opened)) => {
+                    let mut head = BytesMut::with_capacity(256);
+                    http1::encode_response_head(&mut head, resp.status(), resp.headers());
+                    if let Err(e) = write_flush(&mut io, &head).await {
+                        return debug!("writing the 101 failed: {e}");
+                    }
+                    return Box::pin(opened.run(io.into_client_io(), leftover)).await;
+                }
+                Err(r) => r,
+            },
+        };
+        if let Err(e) = write_answer(&mut io, answer).await {
+            debug!("writing the answer failed: {e}");
+        }
     }
 
     /// Serves one connection with HTTP/1.1 or HTTP/2 until it ends; on
@@ -300,7 +448,7 @@ impl Gateway {
         let io = TokioIo::new(io);
         if h2 {
             until_shutdown!(
-                http2::Builder::new(TokioExecutor::new())
+                hyper_h2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
                     .enable_connect_protocol()
                     .keep_alive_interval(Some(Duration::from_secs(30)))
@@ -309,7 +457,7 @@ impl Gateway {
             )
         } else {
             until_shutdown!(
-                http1::Builder::new()
+                hyper_h1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(c.handshake_timeout)
                     .serve_connection(io, svc)
@@ -319,47 +467,30 @@ impl Gateway {
         }
     }
 
-    /// Answers one HTTP request: health check, refusal, upgrade or proxying.
+    /// Answers one HTTP request hyper read: health check, refusal, proxying,
+    /// or a WebSocket handshake (HTTP/2 extended CONNECT, or HTTP/1.1 after
+    /// other requests on the connection), whose relay starts once hyper hands
+    /// over the socket.
     pub async fn handle(self: &Arc<Self>, req: Request<Incoming>, c: Conn) -> Response<Body> {
-        let Conn {
-            remote, id, secure, ..
-        } = c;
         let (parts, body) = req.into_parts();
-        if parts.uri.path() == self.config.health_path {
-            return handshake::text(StatusCode::OK, "ok");
-        }
-        if parts.method == http::Method::CONNECT {
-            // CONNECT is only served as RFC 8441 WebSocket: anything else is
-            // refused before routing.
-            if let Err(resp) = handshake::validate(&parts) {
-                return self.refuse("bad_handshake", *resp);
-            }
-        }
-        let meta = Metadata::from_parts(&parts);
-        let (route, protocol) = match route::select(&self.config.routes, &meta) {
-            Selection::Route { route, protocol } => (route, protocol),
-            Selection::NotFound => {
-                return handshake::text(
-                    StatusCode::NOT_FOUND,
-                    format!("no route for {}", meta.path),
-                )
-            }
-            Selection::NoProtocol { supported } => {
-                return handshake::text(
-                    StatusCode::BAD_REQUEST,
-                    format!(
-                        "none of the offered subprotocols is supported; this endpoint speaks: {}",
-                        supported.join(", ")
-                    ),
-                )
-            }
+        let (route, protocol, meta) = match self.dispatch(&parts) {
+            Dispatch::Answer(r) => return r,
+            Dispatch::Route {
+                route,
+                protocol,
+                meta,
+            } => (route, protocol, meta),
         };
         if let Target::Proxy(pool) = &route.target {
             if !handshake::is_websocket_request(&parts) {
-                if let Err(r) = self.admission.check_rate(remote.ip()) {
+                if let Err(r) = self.admission.check_rate(c.remote.ip()) {
                     return self.refuse(r.reason(), refusal_response(&r));
                 }
-                let resp = match self.proxy.forward(pool, parts, body, remote, secure).await {
+                let resp = match self
+                    .proxy
+                    .forward(pool, parts, body, c.remote, c.secure)
+                    .await
+                {
                     Ok(r) => r,
                     Err(e) => {
                         warn!(route = %route.name, "{e:?}");
@@ -372,195 +503,16 @@ impl Gateway {
                 return resp;
             }
         }
-        let upgrade = match handshake::validate(&parts) {
-            Ok(u) => u,
-            Err(resp) => return self.refuse("bad_handshake", *resp),
-        };
-        // Admission before connecting anything, so a flood cannot open peers
-        // or backends past the limits.
-        let guard = match self.admission.admit(remote.ip()) {
-            Ok(p) => p,
-            Err(r) => return self.refuse(r.reason(), refusal_response(&r)),
-        };
-
-        if let Target::Proxy(pool) = &route.target {
-            let mut req = Request::from_parts(parts, body);
-            let client_upgrade = hyper::upgrade::on(&mut req);
-            let (parts, _) = req.into_parts();
-            return self
-                .proxy_websocket(route, pool, &parts, &upgrade, client_upgrade, c, guard)
-                .await;
-        }
-
-        let (peer, protocol, framing) = match &route.target {
-            Target::Proxy(_) => unreachable!("handled above"),
-            Target::Static(p) => (p.clone(), protocol, route.framing.clone()),
-            Target::Discovery(d) => match d.lookup(&meta) {
-                Discovered::Peer { entry, protocol } => {
-                    let framing = entry.framing.unwrap_or_else(|| route.framing.clone());
-                    (entry.peer, protocol, framing)
-                }
-                Discovered::Denied(p) => {
-                    warn!(route = %route.name, peer = %p, "discovered peer is not on the allow list");
-                    return self.refuse(
-                        "peer_not_allowed",
-                        handshake::text(StatusCode::FORBIDDEN, "peer not allowed"),
-                    );
-                }
-                Discovered::NotFound => {
-                    return handshake::text(StatusCode::NOT_FOUND, "no peer found for this request")
-                }
-            },
-        };
-        let conn = match upstream::connect(&peer, route.limits.connect_timeout).await {
-            Ok(c) => c,
-            Err(e) => {
-                warn!(route = %route.name, "{e}");
-                return self.refuse(
-                    "peer_unreachable",
-                    handshake::text(StatusCode::BAD_GATEWAY, e.to_string()),
-                );
-            }
-        };
-        info!(route = %route.name, %peer, protocol = protocol.as_deref().unwrap_or("-"), framing = %framing, "websocket open");
-
         let mut req = Request::from_parts(parts, body);
         let on_upgrade = hyper::upgrade::on(&mut req);
-        let limits = &route.limits;
-        let settings = relay::Settings {
-            max_message_size: limits.max_message_size,
-            idle_timeout: limits.idle_timeout,
-            ping_interval: limits.ping_interval,
-            pong_timeout: limits.pong_timeout,
-            close_timeout: limits.close_timeout,
-            datagram_text: matches!(framing, wsgate_framing::FramingSpec::Auto)
-                || matches!(peer, PeerAddr::Echo),
-        };
-        let shutdown = self.shutdown.clone();
-        let span = tracing::info_span!("ws", id, %remote);
-        let version = http_version(&upgrade);
-        let open = self.metrics.websocket(&route.name, version);
-        let metrics = self.metrics.clone();
-        let route_name = route.name.clone();
-        let fut = async move {
-            let upgraded = match on_upgrade.await {
-                Ok(u) => u,
-                Err(e) => {
-                    debug!("upgrade failed: {e}");
-                    return;
-                }
-            };
-            let (client, leftover) = into_client(upgraded);
-            let o = relay::run(
-                client,
-                leftover,
-                conn,
-                framing.new_framer(),
-                settings,
-                shutdown,
-            )
-            .await;
-            metrics.bytes(&route_name, Direction::ClientToUpstream, o.bytes_up);
-            metrics.bytes(&route_name, Direction::UpstreamToClient, o.bytes_down);
-            open.close(o.close_sent);
-            info!(
-                bytes_up = o.bytes_up,
-                bytes_down = o.bytes_down,
-                close_sent = ?o.close_sent,
-                close_received = ?o.close_received,
-                reason = %o.reason,
-                "websocket closed"
-            );
-            drop(guard);
-        };
-        self.tracker.spawn(fut.instrument(span));
-        handshake::accepted(&upgrade, protocol.as_deref(), None)
-    }
-
-    /// A WebSocket handshake on a proxy route: backend handshake first, then
-    /// the answer to the client, then the byte relay.
-    #[allow(clippy::too_many_arguments)]
-    async fn proxy_websocket(
-        self: &Arc<Self>,
-        route: &Route,
-        pool: &Pool,
-        parts: &http::request::Parts,
-        upgrade: &Upgrade,
-        client_upgrade: hyper::upgrade::OnUpgrade,
-        c: Conn,
-        guard: Permit,
-    ) -> Response<Body> {
-        let (resp, backend) = match self
-            .proxy
-            .open_websocket(pool, parts, upgrade, c.remote, c.secure)
-            .await
-        {
-            Ok(Ok(pair)) => pair,
-            Ok(Err(relayed)) => return relayed,
-            Err(e) => {
-                warn!(route = %route.name, "{e:?}");
-                return self.refuse(e.reason(), e.response());
+        let (parts, _) = req.into_parts();
+        match self.open_websocket(&parts, &meta, route, protocol, c).await {
+            Ok((resp, opened)) => {
+                self.tracker.spawn(opened.run_after(on_upgrade));
+                resp
             }
-        };
-        let backend_addr = backend.lease.backend.addr.to_string();
-        info!(route = %route.name, backend = %backend_addr, latency_ms = backend.latency.as_millis() as u64, h2 = matches!(upgrade, Upgrade::H2), "websocket proxied");
-        let limits = &route.limits;
-        let settings = passthrough::Settings {
-            client_idle: limits.idle_timeout,
-            backend_idle: limits.backend_idle_timeout,
-            max_lifetime: limits.max_lifetime,
-            close_timeout: limits.close_timeout,
-            bandwidth: limits.bandwidth,
-        };
-        let shutdown = self.shutdown.clone();
-        let span = tracing::info_span!("ws", id = c.id, remote = %c.remote);
-        let open = self.metrics.websocket(&route.name, http_version(upgrade));
-        let metrics = self.metrics.clone();
-        let route_name = route.name.clone();
-        self.tracker.spawn(
-            async move {
-                let (client, backend_io) = match tokio::join!(client_upgrade, backend.on_upgrade) {
-                    (Ok(c), Ok(b)) => (c, b),
-                    (c, b) => {
-                        debug!(
-                            "upgrade failed: client {:?}, backend {:?}",
-                            c.err(),
-                            b.err()
-                        );
-                        return;
-                    }
-                };
-                let (cio, cleft) = into_client(client);
-                let (bio, bleft) = into_client(backend_io);
-                let o = passthrough::run(
-                    passthrough::Side {
-                        io: cio,
-                        leftover: cleft,
-                    },
-                    passthrough::Side {
-                        io: bio,
-                        leftover: bleft,
-                    },
-                    settings,
-                    shutdown,
-                )
-                .await;
-                info!(
-                    bytes_up = o.bytes_up,
-                    bytes_down = o.bytes_down,
-                    injected = ?o.injected,
-                    reason = %o.reason,
-                    "websocket closed"
-                );
-                metrics.bytes(&route_name, Direction::ClientToUpstream, o.bytes_up);
-                metrics.bytes(&route_name, Direction::UpstreamToClient, o.bytes_down);
-                open.close(o.injected);
-                drop(backend.lease);
-                drop(guard);
-            }
-            .instrument(span),
-        );
-        resp
+            Err(r) => r,
+        }
     }
 }
 
@@ -575,15 +527,8 @@ fn give_memory_back() {
     }
 }
 
-fn http_version(u: &Upgrade) -> HttpVersion {
-    match u {
-        Upgrade::H1 { .. } => HttpVersion::H1,
-        Upgrade::H2 => HttpVersion::H2,
-    }
-}
-
 /// 429 or 503 with `Retry-After`.
-fn refusal_response(r: &crate::limits::Refusal) -> Response<Body> {
+pub(crate) fn refusal_response(r: &crate::limits::Refusal) -> Response<Body> {
     let mut resp = handshake::text(r.status(), r.to_string());
     if let Ok(v) = http::HeaderValue::from_str(&r.retry_after_secs().to_string()) {
         resp.headers_mut().insert(http::header::RETRY_AFTER, v);
@@ -602,34 +547,194 @@ pub struct Conn {
     pub handshake_timeout: Duration,
 }
 
-/// Waits for enough bytes to tell whether a cleartext connection opens with
-/// the HTTP/2 preface, without consuming them.
-async fn starts_with_h2_preface(s: &TcpStream) -> std::io::Result<bool> {
+/// A connection accepted on a listener: cleartext or TLS.
+trait Accepted: AsyncRead + AsyncWrite + Send + Unpin + 'static {
+    /// The socket as the relay takes it.
+    fn into_client_io(self) -> ClientIo;
+}
+
+impl Accepted for TcpStream {
+    fn into_client_io(self) -> ClientIo {
+        ClientIo::Tcp(self)
+    }
+}
+
+impl Accepted for TlsStream<TcpStream> {
+    fn into_client_io(self) -> ClientIo {
+        ClientIo::Io(Box::new(self))
+    }
+}
+
+/// How a connection opened.
+#[allow(clippy::large_enum_variant)] // one per connection, moved once
+enum First {
+    /// Closed (or failed) before sending anything.
+    Gone,
+    /// The HTTP/2 connection preface (cleartext, prior knowledge).
+    H2,
+    /// A complete HTTP/1.x request head of this many bytes.
+    Head(http::request::Parts, usize),
+    /// Anything else: left to hyper to answer.
+    Other,
+}
+
+/// Reads until the first request head is complete, or the connection shows
+/// itself to be something else.
+async fn read_first<I: AsyncRead + Unpin>(
+    io: &mut I,
+    buf: &mut BytesMut,
+    cleartext: bool,
+) -> First {
     const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-    let mut buf = [0u8; 24];
     loop {
-        s.readable().await?;
-        let n = match s.peek(&mut buf).await {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
+        let n = buf.len().min(PREFACE.len());
+        if cleartext && n > 0 && buf[..n] == PREFACE[..n] {
+            if n == PREFACE.len() {
+                return First::H2;
+            }
+        } else if !buf.is_empty() {
+            match http1::parse_request(buf) {
+                Ok(Some((parts, len))) => return First::Head(parts, len),
+                Ok(None) => {}
+                Err(_) => return First::Other,
+            }
+        }
+        buf.reserve(1024);
+        match io.read_buf(buf).await {
+            Ok(0) | Err(_) if buf.is_empty() => return First::Gone,
+            Ok(0) | Err(_) => return First::Other,
+            Ok(_) => {}
+        }
+    }
+}
+
+async fn write_flush<I: AsyncWrite + Unpin>(io: &mut I, data: &[u8]) -> std::io::Result<()> {
+    io.write_all(data).await?;
+    io.flush().await
+}
+
+/// Writes a whole answer (head and body) and ends the connection: the
+/// answers given in place of a 101 close it (`Connection: close`).
+async fn write_answer<I: AsyncWrite + Unpin>(
+    io: &mut I,
+    resp: Response<Body>,
+) -> std::io::Result<()> {
+    use http::header::{HeaderValue, CONNECTION, CONTENT_LENGTH};
+    use http_body::Body as _;
+    use http_body_util::BodyExt;
+    let (mut parts, mut body) = resp.into_parts();
+    if let (false, Some(n)) = (
+        parts.headers.contains_key(CONTENT_LENGTH),
+        body.size_hint().exact(),
+    ) {
+        parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(n));
+    }
+    // Without a length the body runs until the connection closes.
+    parts
+        .headers
+        .insert(CONNECTION, HeaderValue::from_static("close"));
+    let mut out = BytesMut::with_capacity(512);
+    http1::encode_response_head(&mut out, parts.status, &parts.headers);
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame
+            .map_err(|e| std::io::Error::other(e.to_string()))?
+            .into_data()
+        else {
+            continue;
         };
-        if n == 0 || buf[..n] != PREFACE[..n] {
-            return Ok(false);
+        out.extend_from_slice(&data);
+        if out.len() >= 16 * 1024 {
+            io.write_all(&out).await?;
+            out.clear();
         }
-        if n == PREFACE.len() {
-            return Ok(true);
+    }
+    write_flush(io, &out).await?;
+    io.shutdown().await
+}
+
+/// A connection whose first bytes were already read: they are read again
+/// first. How hyper gets a connection whose request head we looked at.
+pub struct Rewind<T> {
+    prefix: Bytes,
+    inner: T,
+}
+
+impl<T> Rewind<T> {
+    fn new(prefix: Bytes, inner: T) -> Self {
+        Rewind { prefix, inner }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix.split_to(n));
+            return Poll::Ready(Ok(()));
         }
-        // A prefix of the preface so far: wait for more.
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
 /// Recovers the concrete socket from hyper's upgraded connection, so plain
 /// TCP clients can be read on readiness (no idle buffer).
-fn into_client(up: hyper::upgrade::Upgraded) -> (ClientIo, Bytes) {
-    let up = match up.downcast::<TokioIo<TcpStream>>() {
-        Ok(p) => return (ClientIo::Tcp(p.io.into_inner()), p.read_buf),
+pub(crate) fn into_client(up: hyper::upgrade::Upgraded) -> (ClientIo, Bytes) {
+    fn joined(prefix: Bytes, read_buf: Bytes) -> Bytes {
+        match (prefix.is_empty(), read_buf.is_empty()) {
+            (true, _) => read_buf,
+            (false, true) => prefix,
+            (false, false) => [prefix, read_buf].concat().into(),
+        }
+    }
+    let up = match up.downcast::<TokioIo<Rewind<TcpStream>>>() {
+        Ok(p) => {
+            let r = p.io.into_inner();
+            return (ClientIo::Tcp(r.inner), joined(r.prefix, p.read_buf));
+        }
+        Err(up) => up,
+    };
+    let up = match up.downcast::<TokioIo<Rewind<TlsStream<TcpStream>>>>() {
+        Ok(p) => {
+            let r = p.io.into_inner();
+            return (
+                ClientIo::Io(Box::new(r.inner)),
+                joined(r.prefix, p.read_buf),
+            );
+        }
         Err(up) => up,
     };
     match up.downcast::<TokioIo<TlsStream<TcpStream>>>() {

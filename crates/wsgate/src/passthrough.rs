@@ -10,7 +10,7 @@
 //! end and memory is one read chunk per direction.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -102,6 +102,25 @@ pub struct Outcome {
 
 type Closing = Option<(u16, &'static str)>;
 
+/// Which directions have passed a whole Close frame on; when both have, the
+/// closing handshake is complete and the first EOF ends the connection.
+#[derive(Default)]
+struct ClosesPassed {
+    up: AtomicBool,
+    down: AtomicBool,
+}
+
+impl ClosesPassed {
+    fn set(&self, up: bool) {
+        let f = if up { &self.up } else { &self.down };
+        f.store(true, Ordering::Relaxed);
+    }
+
+    fn both(&self) -> bool {
+        self.up.load(Ordering::Relaxed) && self.down.load(Ordering::Relaxed)
+    }
+}
+
 struct Dir {
     buf: BytesMut,
     hint: usize,
@@ -165,6 +184,7 @@ async fn pump(
     to_backend: bool,
     gone: (u16, &'static str),
     activity: &AtomicU64,
+    closed: &ClosesPassed,
     epoch: Instant,
 ) -> PumpEnd {
     loop {
@@ -197,6 +217,11 @@ async fn pump(
                     Err(e) => format!("read failed: {e}"),
                     _ => "closed".to_string(),
                 };
+                if closed.both() {
+                    // The closing handshake is over: the caller closes both
+                    // sockets at once, no half-close needed.
+                    return PumpEnd::Eof(why);
+                }
                 if !st.tracker.close_seen && st.tracker.at_boundary() {
                     inject(dst, gone.0, gone.1, to_backend).await;
                 }
@@ -210,10 +235,13 @@ async fn pump(
             Ok(n) => n,
             Err(e) => return PumpEnd::Garbage(e),
         };
-        let mut chunk = st.buf.split_to(n);
         st.bytes += n as u64;
-        if let Err(e) = dst.write_all(&mut chunk).await {
+        if let Err(e) = dst.write_prefix(&mut st.buf, n).await {
             return PumpEnd::WriteFailed(e);
+        }
+        if st.tracker.close_seen && st.tracker.at_boundary() {
+            // This direction's Close frame has been passed on whole.
+            closed.set(to_backend);
         }
         if let Some(delay) = st
             .bandwidth
@@ -269,6 +297,7 @@ async fn run_halves(
     let epoch = Instant::now();
     let (tx, rx) = watch::channel::<Closing>(None);
     let (client_seen, backend_seen) = (AtomicU64::new(0), AtomicU64::new(0));
+    let closed = ClosesPassed::default();
     let mut outcome = Outcome::default();
     let mut closing: Closing = None;
     {
@@ -280,6 +309,7 @@ async fn run_halves(
             true,
             (close_code::GOING_AWAY, "client went away"),
             &client_seen,
+            &closed,
             epoch,
         );
         let b2c = pump(
@@ -290,6 +320,7 @@ async fn run_halves(
             false,
             (1014, "backend went away"),
             &backend_seen,
+            &closed,
             epoch,
         );
         tokio::pin!(c2b, b2c);
@@ -342,6 +373,11 @@ async fn run_halves(
                         closing = Some((close_code::GOING_AWAY, "backend inactivity timeout"));
                     }
                 }
+            }
+            if (c2b_done || b2c_done) && closed.both() {
+                // Both Close frames went through and one side has closed its
+                // connection: dropping both sockets ends the other one too.
+                break;
             }
             if let (Some((code, why)), None) = (closing, outcome.injected) {
                 // Both pumps inject our Close at their next frame boundary.

@@ -19,22 +19,27 @@
 //! only when the client is a trusted proxy.
 
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::upgrade::OnUpgrade;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tracing::{debug, warn};
+use tracing::warn;
 
 use crate::backend::{Lease, Pool};
 use crate::handshake::{self, Body, Upgrade};
+use crate::http1;
 use crate::metrics::Metrics;
 
 /// `X-Forwarded-*` / `Forwarded` policy.
@@ -146,7 +151,9 @@ impl BackendError {
 
 /// A backend WebSocket whose handshake succeeded.
 pub struct BackendWebSocket {
-    pub on_upgrade: OnUpgrade,
+    pub io: TcpStream,
+    /// Bytes the backend sent right after its answer head.
+    pub leftover: Bytes,
     pub lease: Lease,
     /// Connect + handshake time.
     pub latency: Duration,
@@ -176,20 +183,16 @@ const HOP_BY_HOP: &[&str] = &[
 /// Copies the end-to-end headers of `src` into `dst`: hop-by-hop headers, the
 /// headers `Connection` names, and `Host` (set by the caller) stay behind.
 pub fn copy_end_to_end(src: &HeaderMap, dst: &mut HeaderMap) {
-    let named: Vec<String> = src
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
-        .filter(|t| !t.is_empty())
-        .collect();
+    let named = |name: &str| {
+        src.get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(name))
+    };
     for (k, v) in src {
         let name = k.as_str();
-        if HOP_BY_HOP.contains(&name)
-            || name.starts_with("proxy-")
-            || name == "host"
-            || named.iter().any(|n| n == name)
+        if HOP_BY_HOP.contains(&name) || name.starts_with("proxy-") || name == "host" || named(name)
         {
             continue;
         }
@@ -207,15 +210,23 @@ fn request_host(parts: &Parts) -> Option<HeaderValue> {
     })
 }
 
-fn quote_if_needed(v: &str) -> String {
+/// Appends `v` as an RFC 7239 value: a token as it is, anything else quoted.
+fn push_quoted_if_needed(out: &mut String, v: &str) {
     let token = v
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
     if token {
-        v.to_string()
-    } else {
-        format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""))
+        out.push_str(v);
+        return;
     }
+    out.push('"');
+    for c in v.chars() {
+        if c == '\\' || c == '"' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
 }
 
 impl Proxy {
@@ -249,71 +260,77 @@ impl Proxy {
         secure: bool,
         host: Option<&HeaderValue>,
     ) {
+        use std::fmt::Write as _;
         if !self.forwarding.enabled {
             return;
         }
-        let trusted = self
-            .forwarding
-            .trusted
-            .iter()
-            .any(|n| n.contains(remote.ip()));
-        let names = [
-            "x-forwarded-for",
-            "x-forwarded-proto",
-            "x-forwarded-host",
-            "forwarded",
-        ];
-        let prior: Vec<Option<String>> = names
-            .iter()
-            .map(|n| {
-                let joined: Vec<&str> = h
-                    .get_all(*n)
-                    .iter()
-                    .filter_map(|v| v.to_str().ok())
-                    .collect();
-                (trusted && !joined.is_empty()).then(|| joined.join(", "))
-            })
-            .collect();
-        for n in names {
-            h.remove(n);
-        }
+        let trusted = !self.forwarding.trusted.is_empty()
+            && self
+                .forwarding
+                .trusted
+                .iter()
+                .any(|n| n.contains(remote.ip()));
+        // What a trusted client sent is kept and appended to; anything else
+        // a client sent is replaced.
+        let prior = |h: &mut HeaderMap, name: &'static str| -> Option<String> {
+            let mut joined: Option<String> = None;
+            if trusted {
+                for v in h.get_all(name).iter().filter_map(|v| v.to_str().ok()) {
+                    match &mut joined {
+                        Some(j) => {
+                            j.push_str(", ");
+                            j.push_str(v);
+                        }
+                        None => joined = Some(v.to_string()),
+                    }
+                }
+            }
+            h.remove(name);
+            joined
+        };
+        let xff_prior = prior(h, "x-forwarded-for");
+        let proto_prior = prior(h, "x-forwarded-proto");
+        let host_prior = prior(h, "x-forwarded-host");
+        let fwd_prior = prior(h, "forwarded");
+
         let ip = remote.ip().to_canonical();
         let proto = if secure { "https" } else { "http" };
         let host = host.and_then(|v| v.to_str().ok()).unwrap_or("");
-        let xff = match &prior[0] {
-            Some(p) => format!("{p}, {ip}"),
-            None => ip.to_string(),
-        };
-        let node = match ip {
-            IpAddr::V6(v) => format!("\"[{v}]\""),
-            v4 => v4.to_string(),
-        };
-        let mut fwd = format!("for={node};proto={proto}");
-        if !host.is_empty() {
-            fwd.push_str(&format!(";host={}", quote_if_needed(host)));
-        }
-        let fwd = match &prior[3] {
-            Some(p) => format!("{p}, {fwd}"),
-            None => fwd,
-        };
-        let set = |h: &mut HeaderMap, name: &'static str, v: String| {
-            if let Ok(v) = HeaderValue::from_str(&v) {
+        let mut set = |name: &'static str, v: &str| {
+            if let Ok(v) = HeaderValue::from_str(v) {
                 h.insert(HeaderName::from_static(name), v);
             }
         };
-        set(h, "x-forwarded-for", xff);
-        set(
-            h,
-            "x-forwarded-proto",
-            prior[1].clone().unwrap_or_else(|| proto.into()),
-        );
-        if let Some(hv) = prior[2]
-            .clone()
-            .or_else(|| (!host.is_empty()).then(|| host.to_string()))
-        {
-            set(h, "x-forwarded-host", hv);
+        let mut buf = String::with_capacity(128);
+        if let Some(p) = &xff_prior {
+            let _ = write!(buf, "{p}, ");
         }
-        set(h, "forwarded", fwd);
+        let _ = write!(buf, "{ip}");
+        set("x-forwarded-for", &buf);
+        set("x-forwarded-proto", proto_prior.as_deref().unwrap_or(proto));
+        match (&host_prior, host.is_empty()) {
+            (Some(p), _) => set("x-forwarded-host", p),
+            (None, false) => set("x-forwarded-host", host),
+            (None, true) => {}
+        }
+        buf.clear();
+        if let Some(p) = &fwd_prior {
+            let _ = write!(buf, "{p}, ");
+        }
+        match ip {
+            IpAddr::V6(v) => {
+                let _ = write!(buf, "for=\"[{v}]\"");
+            }
+            v4 => {
+                let _ = write!(buf, "for={v4}");
+            }
+        }
+        let _ = write!(buf, ";proto={proto}");
+        if !host.is_empty() {
+            buf.push_str(";host=");
+            push_quoted_if_needed(&mut buf, host);
+        }
+        set("forwarded", &buf);
     }
 
     /// Forwards a plain HTTP request to a backend of `pool` and streams the answer back.
@@ -352,7 +369,7 @@ impl Proxy {
             }
             Ok(Err(e)) if e.is_connect() => {
                 pool.eject(&lease.backend);
-                self.metrics.backend_up(&addr.to_string(), false);
+                self.metrics.backend_up(&lease.backend.label, false);
                 let text = format!("{e:?}");
                 return Err(if text.contains("timed out") || text.contains("Timeout") {
                     BackendError::Timeout(format!("backend {addr}: connect timed out"))
@@ -372,16 +389,18 @@ impl Proxy {
             Ok(Ok(r)) => r,
         };
         pool.readmit(&lease.backend);
-        self.metrics.backend_up(&addr.to_string(), true);
+        self.metrics.backend_up(&lease.backend.label, true);
         // The lease ends with the answer's head; the pooled client owns the
         // connection afterwards.
         drop(lease);
         Ok(relay_response(resp))
     }
 
-    /// Opens a backend WebSocket for a client handshake. On success returns the
-    /// answer for the client and the backend's pending upgrade; a backend's
-    /// non-101 answer comes back as `Ok(Err(response))` to be relayed as is.
+    /// Opens a backend WebSocket for a client handshake: a fresh connection,
+    /// the handshake written and its answer read by [`crate::http1`]. On
+    /// success returns the answer for the client and the backend's socket; a
+    /// backend's non-101 answer comes back as `Ok(Err(response))`, its body
+    /// streamed, to be relayed as is.
     pub async fn open_websocket(
         &self,
         pool: &Pool,
@@ -393,7 +412,7 @@ impl Proxy {
         let started = Instant::now();
         let lease = pool.pick().ok_or(BackendError::Unavailable)?;
         let addr = lease.backend.addr.clone();
-        let tcp = match tokio::time::timeout(
+        let mut tcp = match tokio::time::timeout(
             self.connect_timeout,
             TcpStream::connect((addr.host.as_str(), addr.port)),
         )
@@ -402,14 +421,14 @@ impl Proxy {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 pool.eject(&lease.backend);
-                self.metrics.backend_up(&addr.to_string(), false);
+                self.metrics.backend_up(&lease.backend.label, false);
                 return Err(BackendError::Connect(format!(
                     "backend {addr}: cannot connect: {e}"
                 )));
             }
             Err(_) => {
                 pool.eject(&lease.backend);
-                self.metrics.backend_up(&addr.to_string(), false);
+                self.metrics.backend_up(&lease.backend.label, false);
                 return Err(BackendError::Timeout(format!(
                     "backend {addr}: connect timed out after {:?}",
                     self.connect_timeout
@@ -417,15 +436,6 @@ impl Proxy {
             }
         };
         let _ = tcp.set_nodelay(true);
-        let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
-            .handshake(TokioIo::new(tcp))
-            .await
-            .map_err(|e| BackendError::Connect(format!("backend {addr}: {e}")))?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                debug!("backend handshake connection: {e}");
-            }
-        });
 
         let key = match upgrade {
             Upgrade::H1 { key, .. } => key.clone(),
@@ -449,61 +459,74 @@ impl Proxy {
         );
         self.add_forwarded(&mut headers, remote, secure, host.as_ref());
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let mut req = Request::new(http_body_util::Empty::<bytes::Bytes>::new());
-        *req.method_mut() = Method::GET;
-        *req.uri_mut() = path.parse().unwrap_or_else(|_| Uri::from_static("/"));
-        *req.headers_mut() = headers;
+        let mut buf = BytesMut::with_capacity(1024);
+        http1::encode_request_head(&mut buf, &Method::GET, path, &headers);
 
-        let mut resp =
-            match tokio::time::timeout(self.answer_timeout, sender.send_request(req)).await {
-                Ok(Ok(r)) => r,
-                Ok(Err(e)) => {
-                    return Err(BackendError::Bad(format!(
-                        "backend {addr}: {}",
-                        root_cause(&e)
-                    )))
-                }
-                Err(_) => {
-                    return Err(BackendError::Timeout(format!(
-                        "backend {addr} did not answer the handshake within {:?}",
-                        self.answer_timeout
-                    )))
-                }
-            };
+        let answer = tokio::time::timeout(self.answer_timeout, async {
+            tcp.write_all(&buf).await?;
+            buf.clear();
+            read_response_head(&mut tcp, &mut buf).await
+        })
+        .await;
+        let head = match answer {
+            Ok(Ok(head)) => head,
+            Ok(Err(e)) => return Err(BackendError::Bad(format!("backend {addr}: {e}"))),
+            Err(_) => {
+                return Err(BackendError::Timeout(format!(
+                    "backend {addr} did not answer the handshake within {:?}",
+                    self.answer_timeout
+                )))
+            }
+        };
         pool.readmit(&lease.backend);
-        self.metrics.backend_up(&addr.to_string(), true);
+        self.metrics.backend_up(&lease.backend.label, true);
         self.metrics
-            .backend_latency(&addr.to_string(), started.elapsed().as_secs_f64());
-        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            .backend_latency(&lease.backend.label, started.elapsed().as_secs_f64());
+        if head.status != StatusCode::SWITCHING_PROTOCOLS {
             // 401, 403, 404, 5xx...: the client sees the backend's own answer.
-            return Ok(Err(relay_response(resp)));
+            let framing = http1::response_framing(head.status, &head.headers)
+                .map_err(|e| BackendError::Bad(format!("backend {addr}: {e}")))?;
+            let mut out = Response::new(
+                RelayedBody {
+                    io: tcp,
+                    buf,
+                    framing,
+                    chunked: http1::ChunkedDecoder::default(),
+                }
+                .boxed_unsync(),
+            );
+            *out.status_mut() = head.status;
+            copy_end_to_end(&head.headers, out.headers_mut());
+            if !matches!(framing, http1::Framing::Length(_)) {
+                out.headers_mut().remove(header::CONTENT_LENGTH);
+            }
+            return Ok(Err(out));
         }
         let expected = wsframe::handshake::accept_key(key.as_bytes());
-        let accept_ok = resp
-            .headers()
+        let accept_ok = head
+            .headers
             .get(header::SEC_WEBSOCKET_ACCEPT)
             .is_some_and(|v| v.as_bytes() == expected.as_bytes());
         let upgrade_ok =
-            crate::handshake::header_has_token(resp.headers(), header::UPGRADE, "websocket");
+            crate::handshake::header_has_token(&head.headers, header::UPGRADE, "websocket");
         if !accept_ok || !upgrade_ok {
             warn!(backend = %addr, "backend answered 101 with a wrong Sec-WebSocket-Accept or Upgrade");
             return Err(BackendError::Bad(format!(
                 "backend {addr} answered the WebSocket handshake wrongly (Sec-WebSocket-Accept or Upgrade)"
             )));
         }
-        let on_upgrade = hyper::upgrade::on(&mut resp);
-        let protocol = resp
-            .headers()
+        let protocol = head
+            .headers
             .get(header::SEC_WEBSOCKET_PROTOCOL)
             .and_then(|v| v.to_str().ok());
         let mut out = handshake::accepted(
             upgrade,
             protocol,
-            resp.headers().get(header::SEC_WEBSOCKET_EXTENSIONS),
+            head.headers.get(header::SEC_WEBSOCKET_EXTENSIONS),
         );
         // Other end-to-end headers of the backend's answer (cookies...) pass too.
         let mut rest = HeaderMap::new();
-        copy_end_to_end(resp.headers(), &mut rest);
+        copy_end_to_end(&head.headers, &mut rest);
         for (k, v) in &rest {
             let n = k.as_str();
             if n.starts_with("sec-websocket-") || n == "content-length" {
@@ -514,11 +537,123 @@ impl Proxy {
         Ok(Ok((
             out,
             BackendWebSocket {
-                on_upgrade,
+                io: tcp,
+                leftover: buf.freeze(),
                 lease,
                 latency: started.elapsed(),
             },
         )))
+    }
+}
+
+/// Reads a backend's answer head into `buf` (informational answers other
+/// than 101 are skipped); on return `buf` holds what followed the head.
+async fn read_response_head(
+    tcp: &mut TcpStream,
+    buf: &mut BytesMut,
+) -> std::io::Result<http::response::Parts> {
+    use std::io::{Error, ErrorKind};
+    loop {
+        match http1::parse_response(buf) {
+            Ok(Some((head, len))) => {
+                buf.advance(len);
+                if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS
+                {
+                    continue;
+                }
+                return Ok(head);
+            }
+            Ok(None) => {}
+            Err(e) => return Err(Error::new(ErrorKind::InvalidData, e)),
+        }
+        buf.reserve(4096);
+        if tcp.read_buf(buf).await? == 0 {
+            return Err(Error::new(
+                ErrorKind::UnexpectedEof,
+                "closed the connection before answering the handshake",
+            ));
+        }
+    }
+}
+
+/// The body of a backend's non-101 answer to a WebSocket handshake, read from
+/// the backend's socket as the client takes it (at most one read ahead).
+struct RelayedBody {
+    io: TcpStream,
+    buf: BytesMut,
+    framing: http1::Framing,
+    chunked: http1::ChunkedDecoder,
+}
+
+impl http_body::Body for RelayedBody {
+    type Data = Bytes;
+    type Error = handshake::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        use http1::Framing;
+        let this = &mut *self;
+        loop {
+            match this.framing {
+                Framing::Empty | Framing::Length(0) => return Poll::Ready(None),
+                Framing::Length(left) if !this.buf.is_empty() => {
+                    let n = left.min(this.buf.len() as u64) as usize;
+                    this.framing = Framing::Length(left - n as u64);
+                    let data = this.buf.split_to(n).freeze();
+                    return Poll::Ready(Some(Ok(http_body::Frame::data(data))));
+                }
+                Framing::Eof if !this.buf.is_empty() => {
+                    let data = this.buf.split().freeze();
+                    return Poll::Ready(Some(Ok(http_body::Frame::data(data))));
+                }
+                Framing::Chunked => match this.chunked.decode(&mut this.buf) {
+                    Ok(http1::Chunk::Data(d)) => {
+                        return Poll::Ready(Some(Ok(http_body::Frame::data(d))))
+                    }
+                    Ok(http1::Chunk::Done) => {
+                        this.framing = Framing::Empty;
+                        continue;
+                    }
+                    Ok(http1::Chunk::NeedMore) => {}
+                    Err(e) => return Poll::Ready(Some(Err(Box::new(e)))),
+                },
+                _ => {}
+            }
+            let mut chunk = [0u8; 8192];
+            let mut rb = ReadBuf::new(&mut chunk);
+            if let Err(e) = ready!(Pin::new(&mut this.io).poll_read(cx, &mut rb)) {
+                return Poll::Ready(Some(Err(Box::new(e))));
+            }
+            if rb.filled().is_empty() {
+                if this.framing == Framing::Eof {
+                    this.framing = Framing::Empty;
+                    continue;
+                }
+                let e = std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "backend closed the connection in the middle of its answer",
+                );
+                return Poll::Ready(Some(Err(Box::new(e))));
+            }
+            this.buf.extend_from_slice(rb.filled());
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(
+            self.framing,
+            http1::Framing::Empty | http1::Framing::Length(0)
+        )
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self.framing {
+            http1::Framing::Empty => http_body::SizeHint::with_exact(0),
+            http1::Framing::Length(n) => http_body::SizeHint::with_exact(n),
+            _ => http_body::SizeHint::default(),
+        }
     }
 }
 

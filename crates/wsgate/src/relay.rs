@@ -225,6 +225,23 @@ impl ConnWriter<'_> {
         Ok(())
     }
 
+    /// Writes the first `n` bytes of `buf` and consumes them; cancel-safe.
+    pub(crate) async fn write_prefix(
+        &mut self,
+        buf: &mut BytesMut,
+        mut n: usize,
+    ) -> io::Result<()> {
+        while n > 0 {
+            let w = self.write(&buf[..n]).await?;
+            if w == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            buf.advance(w);
+            n -= w;
+        }
+        Ok(())
+    }
+
     pub(crate) async fn shutdown(&mut self) {
         let _ = match self {
             ConnWriter::Tcp(s) => s.shutdown().await,
