@@ -36,7 +36,7 @@ use crate::limits::{Admission, AdmissionConfig};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::relay::ClientIo;
-use crate::websocket::Dispatch;
+use crate::websocket::{Dispatch, Opened};
 
 /// A bound listener: one listening socket per worker, all on one address.
 pub struct Bound {
@@ -372,9 +372,16 @@ impl Gateway {
             First::Head(parts, len)
                 if parts.method == http::Method::GET && handshake::wants_websocket(&parts) =>
             {
-                let leftover = buf.split_off(len).freeze();
+                // Bytes after the head (a first frame) are copied out, so the
+                // read buffer is freed now.
+                let leftover = Bytes::copy_from_slice(&buf[len..]);
                 drop(buf);
-                Box::pin(self.websocket_first(io, parts, leftover, c)).await
+                // Boxed and finished before the WebSocket runs, so nothing of
+                // the handshake (its head, routing metadata) is held while it does.
+                let opened = Box::pin(self.websocket_first(&mut io, parts, c)).await;
+                if let Some(opened) = opened {
+                    Box::pin(opened.run(io.into_client_io(), leftover)).await
+                }
             }
             First::H2 => Box::pin(self.serve_http(Rewind::new(buf.freeze(), io), true, c)).await,
             First::Head(..) | First::Other => {
@@ -383,16 +390,15 @@ impl Gateway {
         }
     }
 
-    /// Answers an HTTP/1.1 WebSocket handshake read by [`Self::first_request`]
-    /// and runs the WebSocket in this task; a refusal is answered and the
-    /// connection closed.
+    /// Answers an HTTP/1.1 WebSocket handshake read by [`Self::first_request`]:
+    /// writes the 101 and returns the WebSocket to run, or writes the refusal
+    /// (the connection then closes).
     async fn websocket_first<I: Accepted>(
         self: &Arc<Self>,
-        mut io: I,
+        io: &mut I,
         parts: http::request::Parts,
-        leftover: Bytes,
         c: Conn,
-    ) {
+    ) -> Option<Opened> {
         let answer = match self.dispatch(&parts) {
             Dispatch::Answer(r) => r,
             Dispatch::Route {
@@ -403,17 +409,19 @@ impl Gateway {
                 Ok((resp, opened)) => {
                     let mut head = BytesMut::with_capacity(256);
                     http1::encode_response_head(&mut head, resp.status(), resp.headers());
-                    if let Err(e) = write_flush(&mut io, &head).await {
-                        return debug!("writing the 101 failed: {e}");
+                    if let Err(e) = write_flush(io, &head).await {
+                        debug!("writing the 101 failed: {e}");
+                        return None;
                     }
-                    return Box::pin(opened.run(io.into_client_io(), leftover)).await;
+                    return Some(opened);
                 }
                 Err(r) => r,
             },
         };
-        if let Err(e) = write_answer(&mut io, answer).await {
+        if let Err(e) = write_answer(io, answer).await {
             debug!("writing the answer failed: {e}");
         }
+        None
     }
 
     /// Serves one connection with HTTP/1.1 or HTTP/2 until it ends; on

@@ -538,7 +538,8 @@ impl Proxy {
             out,
             BackendWebSocket {
                 io: tcp,
-                leftover: buf.freeze(),
+                // Copied out (rarely anything): the read buffer is freed now.
+                leftover: Bytes::copy_from_slice(&buf),
                 lease,
                 latency: started.elapsed(),
             },
