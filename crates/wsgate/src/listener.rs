@@ -124,6 +124,9 @@ pub struct Gateway {
     pub(crate) proxy: Proxy,
     pub(crate) admission: Admission,
     next_id: AtomicU64,
+    /// Some route matches on headers, cookies or query, or discovers its
+    /// peer: handshakes need those tables extracted.
+    pub(crate) metadata_maps: bool,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
 }
@@ -142,7 +145,15 @@ impl Gateway {
             per_ip_max_connections: config.limits.per_ip_max_connections,
             max_connections: config.limits.max_connections,
         });
+        let metadata_maps = config.routes.iter().any(|r| {
+            let m = &r.matcher;
+            !m.headers.is_empty()
+                || !m.cookies.is_empty()
+                || !m.query.is_empty()
+                || matches!(r.target, Target::Discovery(_))
+        });
         Arc::new(Gateway {
+            metadata_maps,
             config,
             metrics,
             proxy,
@@ -252,6 +263,22 @@ impl Gateway {
                                 gw2.accept_loop(listener, tls, handshake_timeout).await
                             });
                         }
+                        // tokio's timer wakes its own event loop (an eventfd
+                        // write, an extra epoll_wait) whenever a new timer is
+                        // due before every timer it knew of when it last slept
+                        // — with none pending, that is the first timeout of
+                        // nearly every handshake. A 1 s tick keeps one pending,
+                        // so connection timeouts (seconds) are never the earliest.
+                        let stop = gw.shutdown.clone();
+                        gw.tracker.spawn(async move {
+                            let mut tick = tokio::time::interval(Duration::from_secs(1));
+                            loop {
+                                tokio::select! {
+                                    _ = stop.cancelled() => return,
+                                    _ = tick.tick() => {}
+                                }
+                            }
+                        });
                         gw.shutdown.cancelled().await;
                         gw.tracker.wait().await;
                     })

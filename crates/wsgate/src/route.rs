@@ -23,10 +23,20 @@ pub struct Metadata {
 
 impl Metadata {
     pub fn from_parts(parts: &Parts) -> Metadata {
+        Self::extract(parts, true)
+    }
+
+    /// Like [`Metadata::from_parts`]; without `maps`, the header, cookie and
+    /// query tables stay empty (no route or discovery lookup reads them), which
+    /// saves a string per header on every handshake.
+    pub fn extract(parts: &Parts, maps: bool) -> Metadata {
         let mut headers = BTreeMap::new();
         let mut cookies = BTreeMap::new();
         let mut protocols = vec![];
         for (name, value) in &parts.headers {
+            if !maps && name != http::header::SEC_WEBSOCKET_PROTOCOL {
+                continue;
+            }
             let Ok(v) = value.to_str() else { continue };
             match name.as_str() {
                 "cookie" => {
@@ -53,12 +63,18 @@ impl Metadata {
         let authority = parts
             .uri
             .authority()
-            .map(|a| a.as_str().to_string())
-            .or_else(|| headers.get("host").cloned())
+            .map(|a| a.as_str())
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+            })
             .unwrap_or_default();
         let query = parts
             .uri
             .query()
+            .filter(|_| maps)
             .map(|q| {
                 let mut m = BTreeMap::new();
                 for pair in q.split('&').filter(|p| !p.is_empty()) {
@@ -71,7 +87,7 @@ impl Metadata {
             .unwrap_or_default();
         Metadata {
             path: parts.uri.path().to_string(),
-            host: strip_port(&authority).to_ascii_lowercase(),
+            host: strip_port(authority).to_ascii_lowercase(),
             headers,
             cookies,
             query,

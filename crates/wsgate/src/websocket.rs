@@ -86,7 +86,7 @@ impl Gateway {
                 return Dispatch::Answer(self.refuse("bad_handshake", *resp));
             }
         }
-        let meta = Metadata::from_parts(parts);
+        let meta = Metadata::extract(parts, self.metadata_maps);
         match route::select(&self.config.routes, &meta) {
             Selection::Route { route, protocol } => Dispatch::Route {
                 route,
