@@ -10,11 +10,10 @@
 //! end and memory is one read chunk per direction.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use wsframe::{close_code, parse_header, ProtocolError};
@@ -102,6 +101,37 @@ pub struct Outcome {
 
 type Closing = Option<(u16, &'static str)>;
 
+/// The Closes the gateway injects, by cause.
+const SHUTTING_DOWN: usize = 0;
+const LIFETIME: usize = 1;
+const CLIENT_IDLE: usize = 2;
+const BACKEND_IDLE: usize = 3;
+const CLOSES: [(u16, &str); 4] = [
+    (close_code::GOING_AWAY, "gateway shutting down"),
+    (close_code::POLICY, "connection lifetime exceeded"),
+    (close_code::GOING_AWAY, "client inactivity timeout"),
+    (close_code::GOING_AWAY, "backend inactivity timeout"),
+];
+
+/// Whether (and why) the connection is closing, read by both pumps. The pumps
+/// run in the caller's task and are polled on its every wake-up, so setting
+/// this is all it takes for them to see it: no channel, no waker.
+#[derive(Default)]
+struct ClosingFlag(AtomicU8);
+
+impl ClosingFlag {
+    fn set(&self, cause: usize) {
+        self.0.store(cause as u8 + 1, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> Closing {
+        match self.0.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(CLOSES[usize::from(n) - 1]),
+        }
+    }
+}
+
 /// Which directions have passed a whole Close frame on; when both have, the
 /// closing handshake is complete and the first EOF ends the connection.
 #[derive(Default)]
@@ -180,15 +210,16 @@ async fn pump(
     src: &mut ConnReader<'_>,
     dst: &mut ConnWriter<'_>,
     st: &mut Dir,
-    mut closing: watch::Receiver<Closing>,
+    closing: &ClosingFlag,
     to_backend: bool,
     gone: (u16, &'static str),
     activity: &AtomicU64,
+    track_activity: bool,
     closed: &ClosesPassed,
     epoch: Instant,
 ) -> PumpEnd {
     loop {
-        let close = *closing.borrow_and_update();
+        let close = closing.get();
         if let Some((code, reason)) = close {
             if st.tracker.at_boundary() {
                 inject(dst, code, reason, to_backend).await;
@@ -201,13 +232,13 @@ async fn pump(
         } else {
             tokio::select! {
                 biased;
-                r = closing.changed(), if close.is_none() => {
-                    if r.is_err() {
-                        // The connection is being torn down.
-                        return PumpEnd::Injected;
+                () = std::future::poll_fn(|_| {
+                    if closing.get().is_some() {
+                        std::task::Poll::Ready(())
+                    } else {
+                        std::task::Poll::Pending
                     }
-                    continue;
-                }
+                }), if close.is_none() => continue,
                 r = src.read(&mut st.buf, &mut st.hint) => r,
             }
         };
@@ -228,7 +259,10 @@ async fn pump(
                 dst.shutdown().await;
                 return PumpEnd::Eof(why);
             }
-            Ok(_) => activity.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed),
+            Ok(_) if track_activity => {
+                activity.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed)
+            }
+            Ok(_) => {}
         }
         let stop = close.is_some();
         let n = match st.tracker.advance(&st.buf, stop) {
@@ -295,20 +329,23 @@ async fn run_halves(
     shutdown: CancellationToken,
 ) -> Outcome {
     let epoch = Instant::now();
-    let (tx, rx) = watch::channel::<Closing>(None);
+    let flag = ClosingFlag::default();
+    // Reading the clock per chunk only pays when an idle timeout needs it.
+    let track = settings.client_idle.is_some() || settings.backend_idle.is_some();
     let (client_seen, backend_seen) = (AtomicU64::new(0), AtomicU64::new(0));
     let closed = ClosesPassed::default();
     let mut outcome = Outcome::default();
-    let mut closing: Closing = None;
+    let mut closing: Option<usize> = None;
     {
         let c2b = pump(
             &mut cr,
             &mut bw,
             &mut up,
-            rx.clone(),
+            &flag,
             true,
             (close_code::GOING_AWAY, "client went away"),
             &client_seen,
+            track,
             &closed,
             epoch,
         );
@@ -316,10 +353,11 @@ async fn run_halves(
             &mut br,
             &mut cw,
             &mut down,
-            rx,
+            &flag,
             false,
             (1014, "backend went away"),
             &backend_seen,
+            track,
             &closed,
             epoch,
         );
@@ -358,7 +396,7 @@ async fn run_halves(
                     finish_by.get_or_insert(Instant::now() + settings.close_timeout);
                 }
                 _ = shutdown.cancelled(), if closing.is_none() => {
-                    closing = Some((close_code::GOING_AWAY, "gateway shutting down"));
+                    closing = Some(SHUTTING_DOWN);
                 }
                 _ = timer => {
                     let now = Instant::now();
@@ -366,11 +404,11 @@ async fn run_halves(
                         break;
                     }
                     if lifetime_end.is_some_and(|l| now >= l) {
-                        closing = Some((close_code::POLICY, "connection lifetime exceeded"));
+                        closing = Some(LIFETIME);
                     } else if settings.client_idle.is_some_and(|i| now >= ms(&client_seen) + i) {
-                        closing = Some((close_code::GOING_AWAY, "client inactivity timeout"));
+                        closing = Some(CLIENT_IDLE);
                     } else if settings.backend_idle.is_some_and(|i| now >= ms(&backend_seen) + i) {
-                        closing = Some((close_code::GOING_AWAY, "backend inactivity timeout"));
+                        closing = Some(BACKEND_IDLE);
                     }
                 }
             }
@@ -379,11 +417,12 @@ async fn run_halves(
                 // connection: dropping both sockets ends the other one too.
                 break;
             }
-            if let (Some((code, why)), None) = (closing, outcome.injected) {
+            if let (Some(cause), None) = (closing, outcome.injected) {
                 // Both pumps inject our Close at their next frame boundary.
+                let (code, why) = CLOSES[cause];
                 outcome.injected = Some(code);
                 outcome.reason = why.to_string();
-                let _ = tx.send(closing);
+                flag.set(cause);
                 finish_by = Some(Instant::now() + settings.close_timeout);
             }
         }
