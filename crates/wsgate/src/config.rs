@@ -950,6 +950,22 @@ framing_config = 'separator=\r\n'
     }
 
     #[test]
+    fn workers_are_counted_and_checked() {
+        let base = "[[listener]]\naddress = \"127.0.0.1:0\"\n[[route]]\nto = \"echo:\"\n";
+        let c = parse("t.toml", &format!("workers = 4\n{base}"), Path::new(".")).unwrap();
+        assert_eq!(c.workers, Some(4));
+        let c = parse("t.toml", base, Path::new(".")).unwrap();
+        assert_eq!(c.workers, None);
+        let e = errors(&format!("# comment\nworkers = 0\n{base}"));
+        assert!(
+            e[0].starts_with("t.toml:2:1: workers: must be between 1 and"),
+            "{e:?}"
+        );
+        let e = errors(&format!("workers = -1\n{base}"));
+        assert!(e[0].starts_with("t.toml:1:"), "{e:?}");
+    }
+
+    #[test]
     fn unknown_key_names_file_line_and_key() {
         let e = errors("[[listener]]\naddress = \"127.0.0.1:1\"\nbogus = 1\n");
         assert!(e[0].starts_with("t.toml:3:1: listener[0]"), "{e:?}");
