@@ -312,22 +312,12 @@ class StreamTagEcho(StreamEcho):
         super().handle(conn)
 
 
-class StreamHoldOpen(_StreamServer):
-    """Reads until EOF (`.done`, `.received`), then keeps its side of the
-    connection open (never closes it) until the test ends."""
-
-    def __init__(self, family, address):
-        self.received = bytearray()
-        self.done = threading.Event()
-        super().__init__(family, address)
+class StreamHoldOpen(StreamSink):
+    """A `StreamSink` (reads until EOF: `.done`, `.received`) that then keeps
+    its side of the connection open (never closes it) until the test ends."""
 
     def handle(self, conn):
-        while True:
-            data = conn.recv(BUF)
-            if not data:
-                break
-            self.received += data
-        self.done.set()
+        super().handle(conn)
         self._stop.wait()
 
 

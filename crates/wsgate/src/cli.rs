@@ -255,7 +255,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     // Signal handlers first: a signal right after the "listening" line must
     // already mean "shut down in order".
     let signals = Signals::new()?;
-    let bound = listener::bind(&config, listener::worker_count(&config)).await?;
+    let bound = listener::bind(&config).await?;
     {
         let mut out = std::io::stdout().lock();
         for b in &bound {

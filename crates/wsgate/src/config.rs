@@ -511,26 +511,17 @@ fn merge_limits(base: &Limits, l: &LimitsFile) -> Limits {
 
 /// Limits that belong to the whole gateway, not to one route.
 fn global_only_keys(l: &LimitsFile) -> Vec<&'static str> {
-    let mut v = vec![];
-    if l.handshake_timeout.is_some() {
-        v.push("handshake_timeout");
-    }
-    if l.max_connections.is_some() {
-        v.push("max_connections");
-    }
-    if l.drain_timeout.is_some() {
-        v.push("drain_timeout");
-    }
-    if l.per_ip_rate.is_some() {
-        v.push("per_ip_rate");
-    }
-    if l.per_ip_max_connections.is_some() {
-        v.push("per_ip_max_connections");
-    }
-    if l.eject_for.is_some() {
-        v.push("eject_for");
-    }
-    v
+    [
+        ("handshake_timeout", l.handshake_timeout.is_some()),
+        ("max_connections", l.max_connections.is_some()),
+        ("drain_timeout", l.drain_timeout.is_some()),
+        ("per_ip_rate", l.per_ip_rate.is_some()),
+        ("per_ip_max_connections", l.per_ip_max_connections.is_some()),
+        ("eject_for", l.eject_for.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(key, set)| set.then_some(key))
+    .collect()
 }
 
 struct Validator<'a> {

@@ -51,15 +51,23 @@ fn headers_from(raw: &[httparse::Header<'_>]) -> Result<HeaderMap, HeadError> {
     Ok(map)
 }
 
+/// The length of a complete head; `None` while incomplete. A head longer
+/// than [`MAX_HEAD`], complete or not, is an error.
+fn head_len(status: httparse::Status<usize>, buffered: usize) -> Result<Option<usize>, HeadError> {
+    match status {
+        httparse::Status::Complete(n) if n <= MAX_HEAD => Ok(Some(n)),
+        httparse::Status::Partial if buffered < MAX_HEAD => Ok(None),
+        _ => Err(HeadError::TooLarge),
+    }
+}
+
 /// Parses a request head at the start of `buf`: `Ok(None)` while incomplete,
 /// else the head and its length in bytes.
 pub fn parse_request(buf: &[u8]) -> Result<Option<(request::Parts, usize)>, HeadError> {
     let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut raw);
-    let len = match req.parse(buf)? {
-        httparse::Status::Complete(n) => n,
-        httparse::Status::Partial if buf.len() >= MAX_HEAD => return Err(HeadError::TooLarge),
-        httparse::Status::Partial => return Ok(None),
+    let Some(len) = head_len(req.parse(buf)?, buf.len())? else {
+        return Ok(None);
     };
     let (mut parts, ()) = Request::new(()).into_parts();
     parts.method = Method::from_bytes(req.method.unwrap_or_default().as_bytes())
@@ -78,10 +86,8 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(request::Parts, usize)>, Head
 pub fn parse_response(buf: &[u8]) -> Result<Option<(response::Parts, usize)>, HeadError> {
     let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut raw);
-    let len = match resp.parse(buf)? {
-        httparse::Status::Complete(n) => n,
-        httparse::Status::Partial if buf.len() >= MAX_HEAD => return Err(HeadError::TooLarge),
-        httparse::Status::Partial => return Ok(None),
+    let Some(len) = head_len(resp.parse(buf)?, buf.len())? else {
+        return Ok(None);
     };
     let (mut parts, ()) = Response::new(()).into_parts();
     parts.status = StatusCode::from_u16(resp.code.unwrap_or_default())

@@ -1,10 +1,13 @@
-//! Listeners and the HTTP side of a connection: accept, TLS, hyper, the
-//! request handler that routes and upgrades, and graceful shutdown.
+//! Listeners and the HTTP side of a connection: worker threads, accept, TLS,
+//! the first request head, hyper for everything else, and graceful shutdown.
 //!
-//! Life of a connection: accept → (TLS handshake) → hyper reads the request
-//! head within the handshake timeout → [`Gateway::handle`] answers plain HTTP
-//! (health, 404, 400, 426, 503) or routes the handshake, connects the peer and
-//! answers 101 → the upgraded socket and the peer go to [`relay::run`].
+//! Life of a connection: a worker accepts → (TLS handshake) →
+//! [`Gateway::first_request`] reads the first request head within the
+//! handshake timeout. An HTTP/1.1 WebSocket handshake is answered there (see
+//! [`crate::websocket`]) and the socket goes to the relay in the same task;
+//! plain HTTP and HTTP/2 go to hyper, whose [`Gateway::handle`] answers them
+//! and opens the WebSockets it is asked for (extended CONNECT, an upgrade
+//! after keep-alive requests) through the same [`crate::websocket`] code.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -56,16 +59,12 @@ impl Bound {
     }
 }
 
-/// How many workers a config asks for: `workers`, else one per CPU.
-pub fn worker_count(config: &Config) -> usize {
-    config.workers.unwrap_or_else(|| {
+/// Loads TLS material and binds every listener, one socket per worker
+/// (`workers`, else one per CPU); nothing is served yet.
+pub async fn bind(config: &Config) -> anyhow::Result<Vec<Bound>> {
+    let workers = config.workers.unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
-    })
-}
-
-/// Loads TLS material and binds every listener, `workers` sockets each;
-/// nothing is served yet.
-pub async fn bind(config: &Config, workers: usize) -> anyhow::Result<Vec<Bound>> {
+    });
     let mut out = vec![];
     for l in &config.listeners {
         let tls = match &l.tls {
@@ -228,19 +227,14 @@ impl Gateway {
     /// has finished (or the process exits at the drain timeout).
     fn spawn_workers(self: &Arc<Self>, bound: Vec<Bound>) {
         let workers = bound.first().map_or(0, |b| b.sockets.len());
-        let mut per_worker: Vec<Vec<(std::net::TcpListener, &Bound)>> =
-            (0..workers).map(|_| vec![]).collect();
-        for b in &bound {
-            for (i, s) in b.sockets.iter().enumerate() {
-                let s = s.try_clone().expect("duplicating a listening socket");
-                per_worker[i].push((s, b));
+        // Worker i takes socket i of every listener.
+        let mut per_worker: Vec<Vec<_>> = (0..workers).map(|_| vec![]).collect();
+        for b in bound {
+            for (i, s) in b.sockets.into_iter().enumerate() {
+                per_worker[i].push((s, b.tls.clone(), b.handshake_timeout));
             }
         }
-        for (i, sockets) in per_worker.into_iter().enumerate() {
-            let listeners: Vec<_> = sockets
-                .into_iter()
-                .map(|(s, b)| (s, b.tls.clone(), b.handshake_timeout))
-                .collect();
+        for (i, listeners) in per_worker.into_iter().enumerate() {
             let gw = self.clone();
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -248,45 +242,45 @@ impl Gateway {
                 .expect("building a worker runtime");
             std::thread::Builder::new()
                 .name(format!("wsgate-worker-{i}"))
-                .spawn(move || {
-                    rt.block_on(async move {
-                        for (s, tls, handshake_timeout) in listeners {
-                            let listener = match TcpListener::from_std(s) {
-                                Ok(l) => l,
-                                Err(e) => {
-                                    warn!("worker {i}: cannot use its listening socket: {e}");
-                                    continue;
-                                }
-                            };
-                            let gw2 = gw.clone();
-                            gw.tracker.spawn(async move {
-                                gw2.accept_loop(listener, tls, handshake_timeout).await
-                            });
-                        }
-                        // tokio's timer wakes its own event loop (an eventfd
-                        // write, an extra epoll_wait) whenever a new timer is
-                        // due before every timer it knew of when it last slept
-                        // — with none pending, that is the first timeout of
-                        // nearly every handshake. A 1 s tick keeps one pending,
-                        // so connection timeouts (seconds) are never the earliest.
-                        let stop = gw.shutdown.clone();
-                        gw.tracker.spawn(async move {
-                            let mut tick = tokio::time::interval(Duration::from_secs(1));
-                            loop {
-                                tokio::select! {
-                                    _ = stop.cancelled() => return,
-                                    _ = tick.tick() => {}
-                                }
-                            }
-                        });
-                        gw.shutdown.cancelled().await;
-                        gw.tracker.wait().await;
-                    })
-                })
+                .spawn(move || rt.block_on(gw.worker(i, listeners)))
                 .expect("starting a worker thread");
         }
-        // The original sockets close here; the workers hold duplicates.
-        drop(bound);
+    }
+
+    /// One worker's event loop: accepts on its sockets until shutdown, then
+    /// runs until every task has finished.
+    async fn worker(
+        self: Arc<Self>,
+        i: usize,
+        listeners: Vec<(std::net::TcpListener, Option<TlsAcceptor>, Duration)>,
+    ) {
+        for (s, tls, handshake_timeout) in listeners {
+            match TcpListener::from_std(s) {
+                Ok(l) => {
+                    let gw = self.clone();
+                    self.tracker
+                        .spawn(async move { gw.accept_loop(l, tls, handshake_timeout).await });
+                }
+                Err(e) => warn!("worker {i}: cannot use its listening socket: {e}"),
+            }
+        }
+        // tokio's timer wakes its own event loop (an eventfd write, an extra
+        // epoll_wait) whenever a new timer is due before every timer it knew
+        // of when it last slept — with none pending, that is the first timeout
+        // of nearly every handshake. A 1 s tick keeps one pending, so
+        // connection timeouts (seconds) are never the earliest.
+        let stop = self.shutdown.clone();
+        self.tracker.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+            }
+        });
+        self.shutdown.cancelled().await;
+        self.tracker.wait().await;
     }
 
     /// Stops accepting, closes every WebSocket with 1001 and waits (bounded by
@@ -745,8 +739,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
     }
 }
 
-/// Recovers the concrete socket from hyper's upgraded connection, so plain
-/// TCP clients can be read on readiness (no idle buffer).
+/// Recovers the concrete socket from hyper's upgraded HTTP/1.1 connection
+/// (always a [`Rewind`]: hyper only gets connections whose first head we
+/// read), so plain TCP clients can be read on readiness (no idle buffer).
 pub(crate) fn into_client(up: hyper::upgrade::Upgraded) -> (ClientIo, Bytes) {
     fn joined(prefix: Bytes, read_buf: Bytes) -> Bytes {
         match (prefix.is_empty(), read_buf.is_empty()) {
@@ -772,8 +767,6 @@ pub(crate) fn into_client(up: hyper::upgrade::Upgraded) -> (ClientIo, Bytes) {
         }
         Err(up) => up,
     };
-    match up.downcast::<TokioIo<TlsStream<TcpStream>>>() {
-        Ok(p) => (ClientIo::Io(Box::new(p.io.into_inner())), p.read_buf),
-        Err(up) => (ClientIo::Io(Box::new(TokioIo::new(up))), Bytes::new()),
-    }
+    // HTTP/2 streams: nothing to recover.
+    (ClientIo::Io(Box::new(TokioIo::new(up))), Bytes::new())
 }

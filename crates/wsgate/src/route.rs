@@ -22,13 +22,10 @@ pub struct Metadata {
 }
 
 impl Metadata {
-    pub fn from_parts(parts: &Parts) -> Metadata {
-        Self::extract(parts, true)
-    }
-
-    /// Like [`Metadata::from_parts`]; without `maps`, the header, cookie and
-    /// query tables stay empty (no route or discovery lookup reads them), which
-    /// saves a string per header on every handshake.
+    /// Extracts what routing reads from a request head. Without `maps`, the
+    /// header, cookie and query tables stay empty (for configs where no route
+    /// or discovery lookup reads them), which saves a string per header on
+    /// every handshake.
     pub fn extract(parts: &Parts, maps: bool) -> Metadata {
         let mut headers = BTreeMap::new();
         let mut cookies = BTreeMap::new();
@@ -56,9 +53,11 @@ impl Metadata {
                 ),
                 _ => {}
             }
-            headers
-                .entry(name.as_str().to_string())
-                .or_insert_with(|| v.to_string());
+            if maps {
+                headers
+                    .entry(name.as_str().to_string())
+                    .or_insert_with(|| v.to_string());
+            }
         }
         let authority = parts
             .uri
@@ -229,7 +228,7 @@ mod tests {
             b = b.header(*k, *v);
         }
         let (parts, ()) = b.body(()).unwrap().into_parts();
-        Metadata::from_parts(&parts)
+        Metadata::extract(&parts, true)
     }
 
     fn route(name: &str, matcher: Matcher, protocols: &[&str]) -> Route {
@@ -261,6 +260,20 @@ mod tests {
         assert_eq!(m.query["tenant"], "a b");
         assert_eq!(m.query["flag"], "");
         assert_eq!(m.protocols, vec!["redis", "cql", "kafka"]);
+
+        // Without the tables: path, host and protocols still, nothing else.
+        let (parts, ()) = http::Request::builder()
+            .uri("/p?q=1")
+            .header("Host", "H:1")
+            .header("Cookie", "a=b")
+            .header("Sec-WebSocket-Protocol", "redis")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let lean = Metadata::extract(&parts, false);
+        assert_eq!((lean.path.as_str(), lean.host.as_str()), ("/p", "h"));
+        assert_eq!(lean.protocols, vec!["redis"]);
+        assert!(lean.headers.is_empty() && lean.cookies.is_empty() && lean.query.is_empty());
     }
 
     #[test]

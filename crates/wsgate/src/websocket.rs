@@ -240,19 +240,16 @@ impl Opened {
             shutdown,
             span,
             _permit,
-            ..
         } = self;
         async move {
-            match relay {
+            // (bytes up, bytes down, the close code we sent)
+            let (up, down, close) = match relay {
                 Relay::Bridge {
                     peer,
                     framer,
                     settings,
                 } => {
                     let o = relay::run(client, leftover, peer, framer, settings, shutdown).await;
-                    metrics.bytes(&route, Direction::ClientToUpstream, o.bytes_up);
-                    metrics.bytes(&route, Direction::UpstreamToClient, o.bytes_down);
-                    open.close(o.close_sent);
                     info!(
                         bytes_up = o.bytes_up,
                         bytes_down = o.bytes_down,
@@ -261,27 +258,24 @@ impl Opened {
                         reason = %o.reason,
                         "websocket closed"
                     );
+                    (o.bytes_up, o.bytes_down, o.close_sent)
                 }
                 Relay::Proxy { backend, settings } => {
-                    let BackendWebSocket {
-                        io,
-                        leftover: bleft,
-                        lease,
-                        ..
-                    } = backend;
                     let o = passthrough::run(
                         passthrough::Side {
                             io: client,
                             leftover,
                         },
                         passthrough::Side {
-                            io: ClientIo::Tcp(io),
-                            leftover: bleft,
+                            io: ClientIo::Tcp(backend.io),
+                            leftover: backend.leftover,
                         },
                         settings,
                         shutdown,
                     )
                     .await;
+                    // The backend counts as busy until here (least-connections).
+                    drop(backend.lease);
                     info!(
                         bytes_up = o.bytes_up,
                         bytes_down = o.bytes_down,
@@ -289,13 +283,12 @@ impl Opened {
                         reason = %o.reason,
                         "websocket closed"
                     );
-                    metrics.bytes(&route, Direction::ClientToUpstream, o.bytes_up);
-                    metrics.bytes(&route, Direction::UpstreamToClient, o.bytes_down);
-                    open.close(o.injected);
-                    drop(lease);
+                    (o.bytes_up, o.bytes_down, o.injected)
                 }
-            }
-            drop(_permit);
+            };
+            metrics.bytes(&route, Direction::ClientToUpstream, up);
+            metrics.bytes(&route, Direction::UpstreamToClient, down);
+            open.close(close);
         }
         .instrument(span)
         .await

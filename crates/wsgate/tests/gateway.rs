@@ -1,8 +1,7 @@
 //! Integration tests: the real `wsgate` binary on ephemeral loopback ports,
 //! driven by the workspace's own WebSocket client (`wsframe`).
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,51 +10,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use wsframe::{DecoderConfig, Message, WebSocket};
 
+mod common;
+use common::Gateway;
+
 const LIMIT: Duration = Duration::from_secs(20);
-
-/// A running gateway, killed on drop.
-struct Gateway {
-    child: Child,
-    urls: Vec<String>,
-}
-
-impl Gateway {
-    fn start(args: &[&str]) -> Gateway {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_wsgate"))
-            .args(args)
-            .env("WSGATE_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start wsgate");
-        let stdout = child.stdout.take().unwrap();
-        let mut urls = vec![];
-        let mut lines = BufReader::new(stdout).lines();
-        let expected = args.iter().filter(|a| **a == "--listen").count().max(1);
-        while urls.len() < expected {
-            let line = lines
-                .next()
-                .expect("wsgate exited before listening")
-                .unwrap();
-            let url = line
-                .strip_prefix("listening on ")
-                .unwrap_or_else(|| panic!("unexpected line {line:?}"));
-            urls.push(url.to_string());
-        }
-        Gateway { child, urls }
-    }
-
-    fn addr(&self) -> String {
-        self.urls[0].split("://").nth(1).unwrap().to_string()
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 async fn connect(
     addr: &str,

@@ -2,8 +2,6 @@
 //! own HTTP/2 client: to a bridge route (`echo:`) and through the reverse
 //! proxy to an HTTP/1.1 WebSocket backend.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -12,34 +10,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
 use wsframe::{DecoderConfig, Message, Role, WebSocket};
 
-struct Gateway(Child, Vec<String>);
-
-impl Gateway {
-    fn start(args: &[&str]) -> Gateway {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_wsgate"))
-            .args(args)
-            .env("WSGATE_LOG", "warn")
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let mut out = vec![];
-        // Listener line, then (with --admin) the admin line.
-        let want = if args.contains(&"--admin") { 2 } else { 1 };
-        while out.len() < want {
-            let l = lines.next().unwrap().unwrap();
-            out.push(l.rsplit("//").next().unwrap().to_string());
-        }
-        Gateway(child, out)
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+mod common;
+use common::Gateway;
 
 /// Opens a WebSocket over an HTTP/2 stream with extended CONNECT.
 async fn h2_websocket(
@@ -110,7 +82,7 @@ async fn extended_connect_to_an_echo_bridge_route() {
         "--admin",
         "127.0.0.1:0",
     ]);
-    let (parts, ws) = h2_websocket(&gw.1[0], "/", Some("redis")).await;
+    let (parts, ws) = h2_websocket(&gw.addr(), "/", Some("redis")).await;
     assert_eq!(parts.headers["sec-websocket-protocol"], "redis");
     let mut ws = ws.unwrap();
     ws.send(Message::Text("over h2".into())).await.unwrap();
@@ -120,7 +92,9 @@ async fn extended_connect_to_an_echo_bridge_route() {
     assert_eq!(ws.recv().await.unwrap(), Message::Binary(big));
 
     // The metrics say it came over HTTP/2.
-    let mut s = TcpStream::connect(&gw.1[1]).await.unwrap();
+    let mut s = TcpStream::connect(gw.admin.as_deref().unwrap())
+        .await
+        .unwrap();
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .await
@@ -133,7 +107,7 @@ async fn extended_connect_to_an_echo_bridge_route() {
     );
 
     // Another :protocol is refused with a clear status, not a hang.
-    let tcp = TcpStream::connect(&gw.1[0]).await.unwrap();
+    let tcp = TcpStream::connect(&gw.addr()).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .handshake(TokioIo::new(tcp))
         .await
@@ -143,7 +117,7 @@ async fn extended_connect_to_an_echo_bridge_route() {
     for _ in 0..50 {
         let req = Request::builder()
             .method(Method::CONNECT)
-            .uri(format!("http://{}/", gw.1[0]))
+            .uri(format!("http://{}/", gw.addr()))
             .extension(hyper::ext::Protocol::from_static("connect-udp"))
             .body(http_body_util::Empty::<Bytes>::new())
             .unwrap();
@@ -211,7 +185,7 @@ async fn extended_connect_through_the_proxy_to_an_h1_backend() {
     });
     let to = format!("ws://{backend}");
     let gw = Gateway::start(&["serve", "--listen", "127.0.0.1:0", "--to", &to]);
-    let (parts, ws) = h2_websocket(&gw.1[0], "/chat?room=1", None).await;
+    let (parts, ws) = h2_websocket(&gw.addr(), "/chat?room=1", None).await;
     assert_eq!(parts.headers["x-saw-xff"], "true");
     let mut ws = ws.expect("200 to the extended CONNECT");
     for i in 0..20 {

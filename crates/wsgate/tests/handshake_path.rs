@@ -5,50 +5,18 @@
 //! refusal with a chunked body, a backend answering garbage, and several
 //! worker threads.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+mod common;
+use common::Gateway;
+
 const LIMIT: Duration = Duration::from_secs(20);
 const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 const ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
-
-struct Gateway {
-    child: Child,
-    addr: String,
-}
-
-impl Gateway {
-    fn start(args: &[&str]) -> Gateway {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_wsgate"))
-            .args(args)
-            .env("WSGATE_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start wsgate");
-        let line = BufReader::new(child.stdout.take().unwrap())
-            .lines()
-            .next()
-            .expect("wsgate exited before listening")
-            .unwrap();
-        let addr = line
-            .strip_prefix("listening on ws://")
-            .unwrap_or_else(|| panic!("unexpected line {line:?}"))
-            .to_string();
-        Gateway { child, addr }
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn ws_request(path: &str) -> String {
     format!(
@@ -89,7 +57,7 @@ fn head_end(b: &[u8]) -> Option<usize> {
 #[tokio::test]
 async fn head_in_pieces_and_a_frame_sent_with_it() {
     let gw = Gateway::start(&["serve", "--listen", "127.0.0.1:0", "--to", "echo:"]);
-    let mut s = TcpStream::connect(&gw.addr).await.unwrap();
+    let mut s = TcpStream::connect(&gw.addr()).await.unwrap();
     s.set_nodelay(true).unwrap();
     let req = ws_request("/");
     let (a, b) = req.split_at(17);
@@ -117,7 +85,7 @@ async fn head_in_pieces_and_a_frame_sent_with_it() {
 #[tokio::test]
 async fn keep_alive_requests_then_an_upgrade_on_one_connection() {
     let gw = Gateway::start(&["serve", "--listen", "127.0.0.1:0", "--to", "echo:"]);
-    let mut s = TcpStream::connect(&gw.addr).await.unwrap();
+    let mut s = TcpStream::connect(&gw.addr()).await.unwrap();
     for _ in 0..2 {
         s.write_all(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
             .await
@@ -157,7 +125,7 @@ async fn garbage_and_odd_first_requests_get_http_answers() {
             "HTTP/1.1 400",
         ),
     ] {
-        let mut s = TcpStream::connect(&gw.addr).await.unwrap();
+        let mut s = TcpStream::connect(&gw.addr()).await.unwrap();
         s.write_all(req).await.unwrap();
         let got = read_until(&mut s, |b| head_end(b).is_some()).await;
         let text = String::from_utf8_lossy(&got);
@@ -187,21 +155,29 @@ async fn backend_answering(answer: &'static [u8]) -> u16 {
     port
 }
 
-#[tokio::test]
-async fn backend_refusal_with_a_chunked_body_is_relayed() {
-    let port = backend_answering(
-        b"HTTP/1.1 401 Unauthorized\r\nTransfer-Encoding: chunked\r\nX-Why: no token\r\n\
-          Keep-Alive: timeout=5\r\n\r\n5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n",
-    )
-    .await;
+/// A WebSocket handshake to `path` through a gateway in front of a backend
+/// that answers `answer`; everything the gateway sends back before it closes
+/// the connection.
+async fn through_proxy(answer: &'static [u8], path: &str) -> String {
+    let port = backend_answering(answer).await;
     let to = format!("ws://127.0.0.1:{port}");
     let gw = Gateway::start(&["serve", "--listen", "127.0.0.1:0", "--to", &to]);
-    let mut s = TcpStream::connect(&gw.addr).await.unwrap();
-    s.write_all(ws_request("/chat").as_bytes()).await.unwrap();
-    // The gateway closes the connection after the answer.
+    let mut s = TcpStream::connect(&gw.addr()).await.unwrap();
+    s.write_all(ws_request(path).as_bytes()).await.unwrap();
+    // The gateway closes the connection after an answer other than 101.
     let got = read_until(&mut s, |_| false).await;
-    let text = String::from_utf8_lossy(&got);
-    let h = head_end(&got).expect("a head");
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test]
+async fn backend_refusal_with_a_chunked_body_is_relayed() {
+    let text = through_proxy(
+        b"HTTP/1.1 401 Unauthorized\r\nTransfer-Encoding: chunked\r\nX-Why: no token\r\n\
+          Keep-Alive: timeout=5\r\n\r\n5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n",
+        "/chat",
+    )
+    .await;
+    let h = head_end(text.as_bytes()).expect("a head");
     let head = text[..h].to_ascii_lowercase();
     assert!(head.starts_with("http/1.1 401"), "{text}");
     assert!(head.contains("x-why: no token"), "{text}");
@@ -216,13 +192,11 @@ async fn backend_refusal_with_a_chunked_body_is_relayed() {
 
 #[tokio::test]
 async fn backend_refusal_with_a_length_and_garbage_answers() {
-    let port = backend_answering(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 4\r\n\r\nnope").await;
-    let to = format!("ws://127.0.0.1:{port}");
-    let gw = Gateway::start(&["serve", "--listen", "127.0.0.1:0", "--to", &to]);
-    let mut s = TcpStream::connect(&gw.addr).await.unwrap();
-    s.write_all(ws_request("/").as_bytes()).await.unwrap();
-    let got = read_until(&mut s, |_| false).await;
-    let text = String::from_utf8_lossy(&got);
+    let text = through_proxy(
+        b"HTTP/1.1 403 Forbidden\r\nContent-Length: 4\r\n\r\nnope",
+        "/",
+    )
+    .await;
     assert!(text.starts_with("HTTP/1.1 403"), "{text}");
     assert!(
         text.to_ascii_lowercase().contains("content-length: 4"),
@@ -236,14 +210,7 @@ async fn backend_refusal_with_a_length_and_garbage_answers() {
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
           Sec-WebSocket-Accept: d3JvbmcK\r\n\r\n",
     ] {
-        let leaked: &'static [u8] = Box::leak(garbage.to_vec().into_boxed_slice());
-        let port = backend_answering(leaked).await;
-        let to = format!("ws://127.0.0.1:{port}");
-        let gw = Gateway::start(&["serve", "--listen", "127.0.0.1:0", "--to", &to]);
-        let mut s = TcpStream::connect(&gw.addr).await.unwrap();
-        s.write_all(ws_request("/").as_bytes()).await.unwrap();
-        let got = read_until(&mut s, |b| head_end(b).is_some()).await;
-        let text = String::from_utf8_lossy(&got);
+        let text = through_proxy(garbage, "/").await;
         assert!(
             text.starts_with("HTTP/1.1 502"),
             "{:?} -> {text}",
@@ -265,7 +232,7 @@ async fn several_workers_share_the_listener() {
     ]);
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..24u8 {
-        let addr = gw.addr.clone();
+        let addr = gw.addr();
         tasks.spawn(async move {
             let mut s = TcpStream::connect(&addr).await.unwrap();
             let mut req = ws_request("/").into_bytes();

@@ -1,0 +1,64 @@
+//! The real `wsgate` binary for integration tests, on ephemeral loopback
+//! ports, killed on drop.
+
+// Each test binary compiles this module and uses only part of it.
+#![allow(dead_code)]
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+pub struct Gateway {
+    child: Child,
+    /// `ws://HOST:PORT` (or `wss://`) per listener, as printed.
+    pub urls: Vec<String>,
+    /// `HOST:PORT` of the admin listener (`--admin`).
+    pub admin: Option<String>,
+}
+
+impl Gateway {
+    /// Starts `wsgate ARGS` and waits for its `listening on` lines (one per
+    /// `--listen`, one for `--config`) and, with `--admin`, its `admin on` line.
+    pub fn start(args: &[&str]) -> Gateway {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_wsgate"))
+            .args(args)
+            .env("WSGATE_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start wsgate");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut next = || {
+            lines
+                .next()
+                .expect("wsgate exited before listening")
+                .unwrap()
+        };
+        let listeners = args.iter().filter(|a| **a == "--listen").count().max(1);
+        let urls = (0..listeners)
+            .map(|_| {
+                let line = next();
+                line.strip_prefix("listening on ")
+                    .unwrap_or_else(|| panic!("unexpected line {line:?}"))
+                    .to_string()
+            })
+            .collect();
+        let admin = args.contains(&"--admin").then(|| {
+            let line = next();
+            line.strip_prefix("admin on http://")
+                .unwrap_or_else(|| panic!("unexpected line {line:?}"))
+                .to_string()
+        });
+        Gateway { child, urls, admin }
+    }
+
+    /// `HOST:PORT` of the first listener.
+    pub fn addr(&self) -> String {
+        self.urls[0].split("://").nth(1).unwrap().to_string()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
