@@ -181,6 +181,15 @@ start_proxy() {
     esac
 }
 
+# CPU time (user + system, clock ticks) used so far by PID and its children
+# (nginx's workers); all threads of a process are in its own line.
+cpu_ticks() {
+    local pids
+    pids="$1 $(cat "/proc/$1/task/"*/children 2>/dev/null)"
+    (cd /proc && cat $(printf '%s/stat ' $pids) 2>/dev/null) |
+        sed 's/^.*) //' | awk '{ s += $12 + $13 } END { print s + 0 }'
+}
+
 # Sum of VmRSS (KiB) of PID and its children (nginx's workers).
 rss_tree() {
     local pids
@@ -204,6 +213,7 @@ start_wsgate backend --to echo:
 BACKEND_PORT=$STARTED_PORT
 declare -A PORT PID
 PORT[direct]=$BACKEND_PORT
+PID[direct]=$STARTED_PID
 for c in wsgate nginx haproxy; do
     start_proxy "$c" "$c"
     PORT[$c]=$STARTED_PORT
@@ -220,7 +230,9 @@ done
 
 # ---------------------------------------------------------------- (a) (b) (c) (e)
 RAW=$OUT/raw.csv
-echo "round,test,contender,value,value2,output" >"$RAW"
+# cpu_ticks: CPU the contender (for "direct": the backend) used during the
+# cell, warm-up included.
+echo "round,test,contender,value,value2,cpu_ticks,output" >"$RAW"
 CONTENDERS=(wsgate nginx haproxy direct)
 # test id | wsbench flags
 TESTS=(
@@ -240,16 +252,18 @@ for ((r = 0; r < ROUNDS; r++)); do
         id=${t%%|*}
         read -r -a flags <<<"${t#*|}"
         for c in "${order[@]}"; do
+            t0=$(cpu_ticks "${PID[$c]}")
             line=$("$WSBENCH" "$LOAD" --target "ws://127.0.0.1:${PORT[$c]}/" "${flags[@]}" \
                 --warmup "$WARMUP" --duration "$DURATION" 2>>"$OUT/wsbench.log") ||
                 line="error: see wsbench.log"
+            t1=$(cpu_ticks "${PID[$c]}")
             v1=$(awk '{ print ($1 == "p50") ? $2 : $1 }' <<<"$line")
             v2=""
             case "$id" in
             latency) v2=$(awk '{ print $5 }' <<<"$line") ;;
             handshakes) v2=$(sed -n 's/.*(\([0-9]*\) errors).*/\1/p' <<<"$line") ;;
             esac
-            echo "$((r + 1)),$id,$c,$v1,$v2,\"$line\"" >>"$RAW"
+            echo "$((r + 1)),$id,$c,$v1,$v2,$((t1 - t0)),\"$line\"" >>"$RAW"
             printf '   %-10s %-8s %s\n' "$id" "$c" "$line" >&2
         done
     done
@@ -306,9 +320,9 @@ echo "$(cut -d' ' -f1-3 /proc/loadavg)" >"$RUN/load_after"
 } >"$OUT/meta.tmp" && mv "$OUT/meta.tmp" "$OUT/meta.txt"
 
 # ---------------------------------------------------------------- table
-python3 - "$OUT" "$ROUNDS" "$IDLE_ROUNDS" "$DURATION" "$WARMUP" "$IDLE_CONNS" <<'EOF' | tee "$OUT/table.md"
+python3 - "$OUT" "$ROUNDS" "$IDLE_ROUNDS" "$DURATION" "$WARMUP" "$IDLE_CONNS" "$(getconf CLK_TCK)" <<'EOF' | tee "$OUT/table.md"
 import csv, statistics, sys
-out, rounds, idle_rounds, dur, warm, idle_conns = sys.argv[1:]
+out, rounds, idle_rounds, dur, warm, idle_conns, clk_tck = sys.argv[1:]
 vals = {}
 errs = {}
 for row in csv.DictReader(open(f"{out}/raw.csv")):
@@ -372,6 +386,28 @@ for t, label, fmt, better, target in rows:
     print(f"| {label} | {cell('wsgate')} | {cell('nginx')} | {cell('haproxy')} | {cell('direct')} | {rn} | {rh} | {target or '(none)'} | {met} |")
 print()
 print("Ratios are wsgate ÷ the other (higher is better for (a), (b), (e); lower for (c), (d)).")
+# CPU per unit of work: the contender's CPU time in a cell over the work done
+# in it (rate × (warm-up + measured time): the warm-up runs at about the same
+# rate). Medians over rounds; "direct" is the backend's own CPU.
+cpu = {}
+for row in csv.DictReader(open(f"{out}/raw.csv")):
+    try:
+        v, ticks = float(row["value"]), int(row["cpu_ticks"])
+    except (ValueError, TypeError):
+        continue
+    if v > 0:
+        us = ticks / float(clk_tck) * 1e6 / (v * (float(warm) + float(dur)))
+        cpu.setdefault((row["test"], row["contender"]), []).append(us)
+print()
+print("CPU per unit of work, µs (user + system of the proxy's processes; clock ticks of 1/%s s, so ±1 tick per cell):" % clk_tck)
+print()
+print("| test | wsgate | nginx | haproxy | direct (backend) | wsgate/nginx | wsgate/haproxy |")
+print("|---|---:|---:|---:|---:|---:|---:|")
+for t, label in [("msgs1", "(b) per message, 1 conn"), ("msgs50", "(b) per message, 50 conns"), ("handshakes", "(e) per handshake")]:
+    m = {c: statistics.median(cpu[(t, c)]) if cpu.get((t, c)) else None for c in ("wsgate", "nginx", "haproxy", "direct")}
+    f = lambda v: "—" if v is None else f"{v:.2f}"
+    r = lambda a, b: "—" if not a or not b else f"{a / b:.2f}"
+    print(f"| {label} | {f(m['wsgate'])} | {f(m['nginx'])} | {f(m['haproxy'])} | {f(m['direct'])} | {r(m['wsgate'], m['nginx'])} | {r(m['wsgate'], m['haproxy'])} |")
 if any(errs.values()):
     print("Handshake errors over all rounds: " + ", ".join(f"{c} {n}" for c, n in errs.items()))
 print(f"Raw values: {out}/raw.csv, {out}/idle.csv")
