@@ -86,8 +86,8 @@ struct ServeArgs {
     /// Serve Prometheus metrics at http://HOST:PORT/metrics (printed as `admin on http://...`).
     #[arg(long, value_name = "HOST:PORT")]
     admin: Option<String>,
-    /// Worker threads, each with its own event loop and listening sockets
-    /// (default: one per CPU; overrides `workers` in the config file).
+    /// Worker threads, each with its own event loop; new connections go to
+    /// the least busy (default: one per CPU; overrides `workers` in the config file).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
     workers: Option<u16>,
     /// Log filter (also RUST_LOG), e.g. info, debug, wsgate=trace.

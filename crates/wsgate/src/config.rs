@@ -32,8 +32,8 @@ pub struct Config {
     pub forwarding: Forwarding,
     /// Where `/metrics` is served, if anywhere.
     pub admin: Option<String>,
-    /// Worker threads, each with its own event loop and its own listening
-    /// socket per listener (`SO_REUSEPORT`); `None`: one per CPU.
+    /// Worker threads, each with its own event loop, sharing the listening
+    /// sockets; `None`: one per CPU.
     pub workers: Option<usize>,
 }
 

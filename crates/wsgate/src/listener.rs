@@ -26,6 +26,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -62,9 +63,7 @@ impl Bound {
 /// Loads TLS material and binds every listener, one socket per worker
 /// (`workers`, else one per CPU); nothing is served yet.
 pub async fn bind(config: &Config) -> anyhow::Result<Vec<Bound>> {
-    let workers = config.workers.unwrap_or_else(|| {
-        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
-    });
+    let workers = worker_count(config);
     let mut out = vec![];
     for l in &config.listeners {
         let tls = match &l.tls {
@@ -80,7 +79,7 @@ pub async fn bind(config: &Config) -> anyhow::Result<Vec<Bound>> {
             .with_context(|| format!("cannot resolve listen address {}", l.address))?
             .next()
             .with_context(|| format!("listen address {} resolves to nothing", l.address))?;
-        let sockets = reuseport_sockets(addr, workers)
+        let sockets = shared_sockets(addr, workers)
             .with_context(|| format!("cannot listen on {}", l.address))?;
         out.push(Bound {
             local_addr: sockets[0].local_addr()?,
@@ -94,26 +93,62 @@ pub async fn bind(config: &Config) -> anyhow::Result<Vec<Bound>> {
     Ok(out)
 }
 
-/// `n` listening sockets on `addr` sharing it with `SO_REUSEPORT`, so the
-/// kernel spreads new connections over the workers. The address is first
-/// bound once without it, so an address someone else holds is an error (and
-/// port 0 becomes one port for all).
-fn reuseport_sockets(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+/// `workers` from the config, else one per CPU.
+fn worker_count(config: &Config) -> usize {
+    config.workers.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    })
+}
+
+/// One listening socket on `addr` (backlog 1024), and a duplicate of it for
+/// each of the other `n - 1` workers. Every worker's event loop watches the
+/// same queue of new connections and [`Gateway::accept_loop`] balances them:
+/// unlike `SO_REUSEPORT`, whose hash may queue a burst on one busy worker
+/// while another sits idle, whichever worker is free takes the next one.
+fn shared_sockets(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
     use socket2::{Domain, Socket, Type};
-    let probe = std::net::TcpListener::bind(addr)?;
-    let addr = probe.local_addr()?;
-    drop(probe);
-    (0..n)
-        .map(|_| {
-            let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-            s.set_reuse_address(true)?;
-            s.set_reuse_port(true)?;
-            s.set_nonblocking(true)?;
-            s.bind(&addr.into())?;
-            s.listen(1024)?;
-            Ok(s.into())
-        })
-        .collect()
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    #[cfg(unix)]
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    let first: std::net::TcpListener = s.into();
+    let mut out = Vec::with_capacity(n.max(1));
+    for _ in 1..n {
+        out.push(first.try_clone()?);
+    }
+    out.push(first);
+    Ok(out)
+}
+
+/// How many connections each worker serves, so that a worker well ahead of
+/// the least busy one leaves new connections to it (see
+/// [`Gateway::accept_loop`]).
+struct WorkerLoad {
+    /// Connections the worker serves now (`wsgate_worker_connections`).
+    open: prometheus_client::metrics::gauge::Gauge,
+    /// Wakes the worker's accept loops when it may take connections again.
+    resume: Notify,
+}
+
+/// A worker accepts while it serves at most this many connections more than
+/// the least busy worker.
+const ACCEPT_SLACK: i64 = 1;
+
+/// Counts a connection against its worker while it lives.
+struct OpenGuard {
+    gw: Arc<Gateway>,
+    worker: usize,
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        let load = &self.gw.loads[self.worker];
+        load.open.dec();
+        // Same thread: wakes the worker's own deferring accept loops, if any.
+        load.resume.notify_waiters();
+    }
 }
 
 /// Shared state of the running gateway.
@@ -126,6 +161,8 @@ pub struct Gateway {
     /// Some route matches on headers, cookies or query, or discovers its
     /// peer: handshakes need those tables extracted.
     pub(crate) metadata_maps: bool,
+    /// Per worker thread.
+    loads: Vec<WorkerLoad>,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
 }
@@ -151,8 +188,15 @@ impl Gateway {
                 || !m.query.is_empty()
                 || matches!(r.target, Target::Discovery(_))
         });
+        let loads = (0..worker_count(&config))
+            .map(|i| WorkerLoad {
+                open: metrics.worker_connections(i),
+                resume: Notify::new(),
+            })
+            .collect();
         Arc::new(Gateway {
             metadata_maps,
+            loads,
             config,
             metrics,
             proxy,
@@ -220,9 +264,9 @@ impl Gateway {
     }
 
     /// Starts the worker threads. Each runs its own single-threaded event
-    /// loop with its own listening socket of every listener, and serves the
-    /// connections it accepts start to end: no task crosses threads, no
-    /// thread wakes another (the "no-steal" runtime of pingora; nginx's
+    /// loop watching every listener (see [`Gateway::accept_loop`] for who
+    /// takes a new connection), and serves the connections it accepts start
+    /// to end: no task crosses threads, no thread wakes another (the "no-steal" runtime of pingora; nginx's
     /// worker processes). Workers run until shutdown and until every task
     /// has finished (or the process exits at the drain timeout).
     fn spawn_workers(self: &Arc<Self>, bound: Vec<Bound>) {
@@ -259,7 +303,7 @@ impl Gateway {
                 Ok(l) => {
                     let gw = self.clone();
                     self.tracker
-                        .spawn(async move { gw.accept_loop(l, tls, handshake_timeout).await });
+                        .spawn(async move { gw.accept_loop(i, l, tls, handshake_timeout).await });
                 }
                 Err(e) => warn!("worker {i}: cannot use its listening socket: {e}"),
             }
@@ -268,14 +312,25 @@ impl Gateway {
         // epoll_wait) whenever a new timer is due before every timer it knew
         // of when it last slept — with none pending, that is the first timeout
         // of nearly every handshake. A 1 s tick keeps one pending, so
-        // connection timeouts (seconds) are never the earliest.
-        let stop = self.shutdown.clone();
+        // connection timeouts (seconds) are never the earliest. The tick also
+        // hands the memory of connections that ended back to the system:
+        // mimalloc's heaps are per thread, so each worker trims its own.
+        let gw = self.clone();
         self.tracker.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
+            // Ticks since this worker's number of connections last fell.
+            let (mut last_open, mut since_drop) = (0, u32::MAX);
             loop {
                 tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tick.tick() => {}
+                    _ = gw.shutdown.cancelled() => return,
+                    _ = tick.tick() => {
+                        let open = gw.loads[i].open.get();
+                        since_drop = if open < last_open { 0 } else { since_drop.saturating_add(1) };
+                        if since_drop < 4 {
+                            release_thread_memory();
+                        }
+                        last_open = open;
+                    }
                 }
             }
         });
@@ -299,22 +354,66 @@ impl Gateway {
         }
     }
 
+    /// Whether `worker` serves more than [`ACCEPT_SLACK`] connections more
+    /// than the least busy other worker, and should leave new ones to it.
+    fn must_defer(&self, worker: usize) -> bool {
+        let mine = self.loads[worker].open.get();
+        self.loads
+            .iter()
+            .enumerate()
+            .filter(|&(j, _)| j != worker)
+            .map(|(_, l)| l.open.get())
+            .min()
+            .is_some_and(|least| mine > least + ACCEPT_SLACK)
+    }
+
+    /// Accepts for one worker until shutdown. All workers watch the same
+    /// listening socket; one well ahead of the least busy worker stops taking
+    /// connections (they go to the others, whose event loops see them too)
+    /// until one of its own ends, or until another worker gets as busy and
+    /// stops in turn (it wakes the deferring ones then): the least busy worker
+    /// always accepts, so no connection waits on a deferring one.
     async fn accept_loop(
         self: Arc<Self>,
+        worker: usize,
         listener: TcpListener,
         tls: Option<TlsAcceptor>,
         handshake_timeout: Duration,
     ) {
+        let load = &self.loads[worker];
         loop {
+            if self.must_defer(worker) {
+                let resume = load.resume.notified();
+                tokio::pin!(resume);
+                resume.as_mut().enable();
+                if self.must_defer(worker) {
+                    for (j, other) in self.loads.iter().enumerate() {
+                        if j != worker {
+                            other.resume.notify_waiters();
+                        }
+                    }
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => return,
+                        () = resume => {}
+                    }
+                }
+                continue;
+            }
             let accepted = tokio::select! {
                 _ = self.shutdown.cancelled() => return,
                 r = listener.accept() => r,
             };
             match accepted {
                 Ok((stream, remote)) => {
+                    load.open.inc();
+                    let open = OpenGuard {
+                        gw: self.clone(),
+                        worker,
+                    };
                     let gw = self.clone();
                     let tls = tls.clone();
                     self.tracker.spawn(async move {
+                        let _open = open;
                         gw.connection(stream, remote, tls, handshake_timeout).await
                     });
                 }
@@ -545,10 +644,22 @@ impl Gateway {
     }
 }
 
+/// Returns what the calling thread's mimalloc heap freed to the system at
+/// once (mimalloc otherwise purges only on the thread's next allocations,
+/// and an idle worker makes none: RSS stayed at its peak after 5,000
+/// proxied connections closed).
+fn release_thread_memory() {
+    // SAFETY: mi_collect only frees memory the thread's heap no longer uses.
+    unsafe { libmimalloc_sys::mi_collect(true) };
+}
+
 /// Returns freed heap memory to the system after connections went away.
 /// glibc keeps what its per-thread arenas freed (RSS stayed ~70 MiB after
 /// 5,000 proxied connections closed); `malloc_trim` hands it back (to ~10 MiB).
+/// (The binary allocates with mimalloc; what glibc still serves — the C
+/// parts, other threads — is trimmed here, the workers' heaps by each worker.)
 fn give_memory_back() {
+    release_thread_memory();
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only releases free memory held by the allocator.
     unsafe {

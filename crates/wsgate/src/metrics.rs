@@ -20,6 +20,7 @@
 //! | `wsgate_backend_up` | gauge | `backend` | 1 while the backend is considered healthy, 0 while ejected |
 //! | `wsgate_backend_connect_seconds` | histogram | `backend` | time to connect to a backend and complete its handshake |
 //! | `wsgate_limiter_tracked_clients` | gauge | — | clients the rate limiter remembers (bounded; see `limits`) |
+//! | `wsgate_worker_connections` | gauge | `worker` | connections (of any kind) each worker thread serves now |
 //!
 //! Label values:
 //!
@@ -38,6 +39,7 @@
 //!   string from the program, never from the client.
 //! - `backend`: the backend's address as configured.
 //! - `status`: the numeric HTTP status.
+//! - `worker`: the worker thread's index, `0` to `workers - 1`.
 //!
 //! Every label value comes from the configuration or from a fixed set, so
 //! the number of series is bounded whatever clients send.
@@ -195,6 +197,11 @@ struct BackendLabels {
 
 type LatencyFamily = Family<BackendLabels, Histogram, fn() -> Histogram>;
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct WorkerLabels {
+    worker: u32,
+}
+
 #[derive(Debug)]
 struct Inner {
     registry: Registry,
@@ -207,6 +214,7 @@ struct Inner {
     backend_up: Family<BackendLabels, Gauge>,
     backend_latency: LatencyFamily,
     tracked_clients: Gauge,
+    worker_connections: Family<WorkerLabels, Gauge>,
 }
 
 /// The gateway's metrics: a cheap-to-clone handle on one registry.
@@ -235,6 +243,7 @@ impl Metrics {
         let backend_latency: LatencyFamily =
             Family::new_with_constructor(|| Histogram::new(LATENCY_BUCKETS));
         let tracked_clients = Gauge::default();
+        let worker_connections = Family::default();
         registry.register("websockets_open", "WebSockets open now", ws_open.clone());
         registry.register(
             "websockets_opened",
@@ -272,6 +281,11 @@ impl Metrics {
             "Clients the rate limiter remembers",
             tracked_clients.clone(),
         );
+        registry.register(
+            "worker_connections",
+            "Connections each worker thread serves now",
+            worker_connections.clone(),
+        );
         Self {
             inner: Arc::new(Inner {
                 registry,
@@ -284,8 +298,18 @@ impl Metrics {
                 backend_up,
                 backend_latency,
                 tracked_clients,
+                worker_connections,
             }),
         }
+    }
+
+    /// The `wsgate_worker_connections` gauge of worker `worker`, for the
+    /// worker to count its connections on (and to balance by).
+    pub fn worker_connections(&self, worker: usize) -> Gauge {
+        let labels = WorkerLabels {
+            worker: u32::try_from(worker).unwrap_or(u32::MAX),
+        };
+        self.inner.worker_connections.get_or_create(&labels).clone()
     }
 
     /// A WebSocket on `route` has completed both handshakes.
@@ -714,6 +738,11 @@ mod tests {
             r#"wsgate_backend_connect_seconds_bucket{le="+Inf",backend="ws://10.0.0.5:9000"} 2"#,
         );
         assert_line(&text, "wsgate_limiter_tracked_clients 42");
+        let w = m.worker_connections(1);
+        w.inc();
+        w.inc();
+        m.worker_connections(1).dec();
+        assert_line(&m.render(), r#"wsgate_worker_connections{worker="1"} 1"#);
         // Every documented metric is there (once it has a series), with its
         // help text.
         for name in [

@@ -146,6 +146,12 @@ impl ClosesPassed {
         f.store(true, Ordering::Relaxed);
     }
 
+    /// Whether the direction opposite to `up` has passed its Close.
+    fn other(&self, up: bool) -> bool {
+        let f = if up { &self.down } else { &self.up };
+        f.load(Ordering::Relaxed)
+    }
+
     fn both(&self) -> bool {
         self.up.load(Ordering::Relaxed) && self.down.load(Ordering::Relaxed)
     }
@@ -270,10 +276,21 @@ async fn pump(
             Err(e) => return PumpEnd::Garbage(e),
         };
         st.bytes += n as u64;
+        let close_done = st.tracker.close_seen && st.tracker.at_boundary();
+        if close_done && n == st.buf.len() && closed.other(to_backend) && src.eof_arrived() {
+            // The closing handshake's last frame, and its sender has already
+            // closed its connection: pass the frame on with our FIN behind it
+            // (the caller closes both sockets as soon as we return).
+            closed.set(to_backend);
+            return match dst.write_last(&mut st.buf, n).await {
+                Ok(()) => PumpEnd::Eof("closed".into()),
+                Err(e) => PumpEnd::WriteFailed(e),
+            };
+        }
         if let Err(e) = dst.write_prefix(&mut st.buf, n).await {
             return PumpEnd::WriteFailed(e);
         }
-        if st.tracker.close_seen && st.tracker.at_boundary() {
+        if close_done {
             // This direction's Close frame has been passed on whole.
             closed.set(to_backend);
         }

@@ -27,7 +27,7 @@ use bytes::{Buf, Bytes, BytesMut};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -159,6 +159,44 @@ pub struct BackendWebSocket {
     pub latency: Duration,
 }
 
+/// Forwarding headers for one request.
+struct ForwardedValues {
+    xff: String,
+    proto: String,
+    host: Option<String>,
+    forwarded: String,
+}
+
+impl ForwardedValues {
+    /// Header names with their values (`None`: the header is left out).
+    fn pairs(&self) -> [(&'static str, Option<&str>); 4] {
+        [
+            ("x-forwarded-for", Some(&self.xff)),
+            ("x-forwarded-proto", Some(&self.proto)),
+            ("x-forwarded-host", self.host.as_deref()),
+            ("forwarded", Some(&self.forwarded)),
+        ]
+    }
+}
+
+/// Whether a header names something the proxy itself sets on a WebSocket
+/// request to a backend (or strips): hop-by-hop headers, those `Connection`
+/// names, `Host`, the key and version (always regenerated), and — when
+/// `forwarding` — the forwarding headers.
+fn regenerated(name: &str, connection_named: impl Fn(&str) -> bool, forwarding: bool) -> bool {
+    HOP_BY_HOP.contains(&name)
+        || name.starts_with("proxy-")
+        || name == "host"
+        || name == "sec-websocket-key"
+        || name == "sec-websocket-version"
+        || (forwarding
+            && matches!(
+                name,
+                "x-forwarded-for" | "x-forwarded-proto" | "x-forwarded-host" | "forwarded"
+            ))
+        || connection_named(name)
+}
+
 /// The proxy: forwarding rules and the pooled client for plain HTTP.
 pub struct Proxy {
     client: Client<HttpConnector, Incoming>,
@@ -183,13 +221,7 @@ const HOP_BY_HOP: &[&str] = &[
 /// Copies the end-to-end headers of `src` into `dst`: hop-by-hop headers, the
 /// headers `Connection` names, and `Host` (set by the caller) stay behind.
 pub fn copy_end_to_end(src: &HeaderMap, dst: &mut HeaderMap) {
-    let named = |name: &str| {
-        src.get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(name))
-    };
+    let named = connection_names(src);
     for (k, v) in src {
         let name = k.as_str();
         if HOP_BY_HOP.contains(&name) || name.starts_with("proxy-") || name == "host" || named(name)
@@ -197,6 +229,18 @@ pub fn copy_end_to_end(src: &HeaderMap, dst: &mut HeaderMap) {
             continue;
         }
         dst.append(k.clone(), v.clone());
+    }
+}
+
+/// Whether `Connection` in `h` names a header (RFC 9110 §7.6.1: that header
+/// is hop-by-hop too).
+fn connection_names(h: &HeaderMap) -> impl Fn(&str) -> bool + '_ {
+    move |name: &str| {
+        h.get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(name))
     }
 }
 
@@ -252,17 +296,18 @@ impl Proxy {
         }
     }
 
-    /// Adds `X-Forwarded-For`, `-Proto`, `-Host` and `Forwarded`.
-    fn add_forwarded(
+    /// The `X-Forwarded-For`, `-Proto`, `-Host` and `Forwarded` values for a
+    /// request with headers `h` (None when forwarding headers are off).
+    fn forwarded(
         &self,
-        h: &mut HeaderMap,
+        h: &HeaderMap,
         remote: SocketAddr,
         secure: bool,
         host: Option<&HeaderValue>,
-    ) {
+    ) -> Option<ForwardedValues> {
         use std::fmt::Write as _;
         if !self.forwarding.enabled {
-            return;
+            return None;
         }
         let trusted = !self.forwarding.trusted.is_empty()
             && self
@@ -272,7 +317,7 @@ impl Proxy {
                 .any(|n| n.contains(remote.ip()));
         // What a trusted client sent is kept and appended to; anything else
         // a client sent is replaced.
-        let prior = |h: &mut HeaderMap, name: &'static str| -> Option<String> {
+        let prior = |name: &'static str| -> Option<String> {
             let mut joined: Option<String> = None;
             if trusted {
                 for v in h.get_all(name).iter().filter_map(|v| v.to_str().ok()) {
@@ -285,52 +330,65 @@ impl Proxy {
                     }
                 }
             }
-            h.remove(name);
             joined
         };
-        let xff_prior = prior(h, "x-forwarded-for");
-        let proto_prior = prior(h, "x-forwarded-proto");
-        let host_prior = prior(h, "x-forwarded-host");
-        let fwd_prior = prior(h, "forwarded");
-
         let ip = remote.ip().to_canonical();
         let proto = if secure { "https" } else { "http" };
         let host = host.and_then(|v| v.to_str().ok()).unwrap_or("");
-        let mut set = |name: &'static str, v: &str| {
-            if let Ok(v) = HeaderValue::from_str(v) {
-                h.insert(HeaderName::from_static(name), v);
-            }
+
+        let mut xff = String::with_capacity(48);
+        if let Some(p) = prior("x-forwarded-for") {
+            let _ = write!(xff, "{p}, ");
+        }
+        let _ = write!(xff, "{ip}");
+        let proto_value = prior("x-forwarded-proto").unwrap_or_else(|| proto.to_string());
+        let host_value = match prior("x-forwarded-host") {
+            Some(p) => Some(p),
+            None if !host.is_empty() => Some(host.to_string()),
+            None => None,
         };
-        let mut buf = String::with_capacity(128);
-        if let Some(p) = &xff_prior {
-            let _ = write!(buf, "{p}, ");
-        }
-        let _ = write!(buf, "{ip}");
-        set("x-forwarded-for", &buf);
-        set("x-forwarded-proto", proto_prior.as_deref().unwrap_or(proto));
-        match (&host_prior, host.is_empty()) {
-            (Some(p), _) => set("x-forwarded-host", p),
-            (None, false) => set("x-forwarded-host", host),
-            (None, true) => {}
-        }
-        buf.clear();
-        if let Some(p) = &fwd_prior {
-            let _ = write!(buf, "{p}, ");
+        let mut fwd = String::with_capacity(64);
+        if let Some(p) = prior("forwarded") {
+            let _ = write!(fwd, "{p}, ");
         }
         match ip {
             IpAddr::V6(v) => {
-                let _ = write!(buf, "for=\"[{v}]\"");
+                let _ = write!(fwd, "for=\"[{v}]\"");
             }
             v4 => {
-                let _ = write!(buf, "for={v4}");
+                let _ = write!(fwd, "for={v4}");
             }
         }
-        let _ = write!(buf, ";proto={proto}");
+        let _ = write!(fwd, ";proto={proto}");
         if !host.is_empty() {
-            buf.push_str(";host=");
-            push_quoted_if_needed(&mut buf, host);
+            fwd.push_str(";host=");
+            push_quoted_if_needed(&mut fwd, host);
         }
-        set("forwarded", &buf);
+        Some(ForwardedValues {
+            xff,
+            proto: proto_value,
+            host: host_value,
+            forwarded: fwd,
+        })
+    }
+
+    /// Replaces the forwarding headers of `h` with ours.
+    fn add_forwarded(
+        &self,
+        h: &mut HeaderMap,
+        remote: SocketAddr,
+        secure: bool,
+        host: Option<&HeaderValue>,
+    ) {
+        let Some(f) = self.forwarded(h, remote, secure, host) else {
+            return;
+        };
+        for (name, v) in f.pairs() {
+            h.remove(name);
+            if let Some(v) = v.and_then(|v| HeaderValue::from_str(v).ok()) {
+                h.insert(HeaderName::from_static(name), v);
+            }
+        }
     }
 
     /// Forwards a plain HTTP request to a backend of `pool` and streams the answer back.
@@ -414,7 +472,7 @@ impl Proxy {
         let addr = lease.backend.addr.clone();
         let mut tcp = match tokio::time::timeout(
             self.connect_timeout,
-            TcpStream::connect((addr.host.as_str(), addr.port)),
+            connect_backend(&addr.host, addr.port),
         )
         .await
         {
@@ -435,32 +493,48 @@ impl Proxy {
                 )));
             }
         };
-        let _ = tcp.set_nodelay(true);
 
         let key = match upgrade {
             Upgrade::H1 { key, .. } => key.clone(),
             Upgrade::H2 => wsframe::handshake::generate_key(),
         };
-        let mut headers = HeaderMap::new();
-        copy_end_to_end(&parts.headers, &mut headers);
+        // The request head is written straight from the client's headers: on
+        // the path of every proxied handshake, no header table is built.
         let host = request_host(parts);
-        if let Some(h) = &host {
-            headers.insert(header::HOST, h.clone());
-        }
-        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-        headers.insert(
-            header::SEC_WEBSOCKET_VERSION,
-            HeaderValue::from_static("13"),
-        );
-        headers.insert(
-            header::SEC_WEBSOCKET_KEY,
-            HeaderValue::from_str(&key).expect("base64 is a valid header value"),
-        );
-        self.add_forwarded(&mut headers, remote, secure, host.as_ref());
+        let forwarded = self.forwarded(&parts.headers, remote, secure, host.as_ref());
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let mut buf = BytesMut::with_capacity(1024);
-        http1::encode_request_head(&mut buf, &Method::GET, path, &headers);
+        buf.extend_from_slice(b"GET ");
+        buf.extend_from_slice(path.as_bytes());
+        buf.extend_from_slice(b" HTTP/1.1\r\n");
+        let mut put = |name: &[u8], value: &[u8]| {
+            buf.extend_from_slice(name);
+            buf.extend_from_slice(b": ");
+            buf.extend_from_slice(value);
+            buf.extend_from_slice(b"\r\n");
+        };
+        if let Some(h) = &host {
+            put(b"host", h.as_bytes());
+        }
+        let named = connection_names(&parts.headers);
+        for (k, v) in &parts.headers {
+            if !regenerated(k.as_str(), &named, forwarded.is_some()) {
+                put(k.as_str().as_bytes(), v.as_bytes());
+            }
+        }
+        put(b"upgrade", b"websocket");
+        put(b"connection", b"Upgrade");
+        put(b"sec-websocket-version", b"13");
+        put(b"sec-websocket-key", key.as_bytes());
+        if let Some(f) = &forwarded {
+            for (name, v) in f.pairs() {
+                // Values built from header values and an address: no CR/LF.
+                if let Some(v) = v.filter(|v| !v.bytes().any(|b| b == b'\r' || b == b'\n')) {
+                    put(name.as_bytes(), v.as_bytes());
+                }
+            }
+        }
+        buf.extend_from_slice(b"\r\n");
 
         let answer = tokio::time::timeout(self.answer_timeout, async {
             tcp.write_all(&buf).await?;
@@ -545,6 +619,34 @@ impl Proxy {
             },
         )))
     }
+}
+
+/// Connects to a WebSocket backend with `TCP_NODELAY` set, and with the
+/// handshake's last ACK left to ride on the request that follows at once
+/// (`TCP_QUICKACK` off before `connect`, HAProxy's "smart connect"): one
+/// packet less each way per proxied WebSocket.
+async fn connect_backend(host: &str, port: u16) -> std::io::Result<TcpStream> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host((host, port)).await? {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_nodelay(true)?;
+        #[cfg(target_os = "linux")]
+        let _ = socket2::SockRef::from(&socket).set_tcp_quickack(false);
+        match socket.connect(addr).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{host} resolves to no address"),
+        )
+    }))
 }
 
 /// Reads a backend's answer head into `buf` (informational answers other

@@ -178,6 +178,19 @@ pub(crate) enum ConnReader<'a> {
 }
 
 impl ConnReader<'_> {
+    /// Whether the other side's FIN has already arrived with nothing unread
+    /// before it: one non-blocking peek, past tokio's readiness (which the
+    /// last short read cleared). Always `false` for TLS and other streams.
+    pub(crate) fn eof_arrived(&self) -> bool {
+        match self {
+            ConnReader::Tcp(s) => {
+                let mut b = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+                matches!(socket2::SockRef::from(s.as_ref()).peek(&mut b), Ok(0))
+            }
+            ConnReader::Io(_) => false,
+        }
+    }
+
     pub(crate) async fn read(&mut self, buf: &mut BytesMut, hint: &mut usize) -> io::Result<usize> {
         match self {
             ConnReader::Tcp(s) => ready_read!(s, buf, hint),
@@ -223,6 +236,26 @@ impl ConnWriter<'_> {
             buf.advance(n);
         }
         Ok(())
+    }
+
+    /// Like [`ConnWriter::write_prefix`], for the last bytes before our FIN
+    /// (`shutdown`, or closing the socket): on TCP they are first offered with
+    /// `MSG_MORE`, so the kernel holds them a moment and the FIN that follows
+    /// at once rides in the same segment — one packet less for both ends of
+    /// every closing handshake. The caller must end the connection right after.
+    #[cfg_attr(not(all(target_os = "linux", target_env = "gnu")), allow(unused_mut))]
+    pub(crate) async fn write_last(&mut self, buf: &mut BytesMut, mut n: usize) -> io::Result<()> {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        if let ConnWriter::Tcp(s) = self {
+            let sock = s.as_ref();
+            if let Ok(w) = sock.try_io(tokio::io::Interest::WRITABLE, || {
+                socket2::SockRef::from(sock).send_with_flags(&buf[..n], libc::MSG_MORE)
+            }) {
+                buf.advance(w);
+                n -= w;
+            }
+        }
+        self.write_prefix(buf, n).await
     }
 
     /// Writes the first `n` bytes of `buf` and consumes them; cancel-safe.
@@ -990,7 +1023,8 @@ async fn finish(
 ) {
     let payload = close.map_or_else(Vec::new, |(c, r)| wsframe::close_payload(c, r));
     push_message(out, OpCode::Close, &payload);
-    let sent = tokio::time::timeout(timeout, cw.write_all(out)).await;
+    let n = out.len();
+    let sent = tokio::time::timeout(timeout, cw.write_last(out, n)).await;
     if !matches!(sent, Ok(Ok(()))) {
         return;
     }

@@ -262,3 +262,62 @@ async fn several_workers_share_the_listener() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--workers"));
 }
+
+/// A burst of connections is spread over the workers by their load (each
+/// within a connection or two of the least busy), not queued on one of them,
+/// and `wsgate_worker_connections` shows it.
+#[tokio::test]
+async fn a_burst_of_connections_is_balanced_over_the_workers() {
+    let gw = Gateway::start(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--to",
+        "echo:",
+        "--workers",
+        "2",
+        "--admin",
+        "127.0.0.1:0",
+    ]);
+    const N: usize = 40;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..N {
+        let addr = gw.addr();
+        tasks.spawn(async move {
+            let mut s = TcpStream::connect(&addr).await.unwrap();
+            let mut req = ws_request("/").into_bytes();
+            req.extend_from_slice(&client_frame(2, &[i as u8]));
+            s.write_all(&req).await.unwrap();
+            let got = read_until(&mut s, |b| head_end(b).is_some_and(|h| b.len() >= h + 3)).await;
+            assert_eq!(&got[head_end(&got).unwrap()..], &[0x82, 1, i as u8]);
+            s // held open
+        });
+    }
+    let mut open = vec![];
+    while let Some(r) = tasks.join_next().await {
+        open.push(r.unwrap());
+    }
+    let mut s = TcpStream::connect(gw.admin.as_deref().unwrap())
+        .await
+        .unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.unwrap();
+    let count = |w: u32| -> i64 {
+        let prefix = format!("wsgate_worker_connections{{worker=\"{w}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("no worker {w} gauge in {text}"))
+            .parse()
+            .unwrap()
+    };
+    let (a, b) = (count(0), count(1));
+    assert_eq!(a + b, N as i64, "{text}");
+    assert!(
+        (a - b).abs() <= 4,
+        "worker 0 serves {a}, worker 1 serves {b}"
+    );
+    drop(open);
+}
