@@ -7,8 +7,10 @@
 
 use std::fmt;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use prometheus_client::metrics::histogram::Histogram;
 use std::time::{Duration, Instant};
 
 /// A backend's address, from `ws://HOST:PORT` or `http://HOST:PORT`.
@@ -97,12 +99,23 @@ pub struct Backend {
     active: AtomicUsize,
     /// Milliseconds since the pool's epoch until which it is ejected (0: not).
     ejected_until: AtomicU64,
+    /// Health last put in `wsgate_backend_up`: 0 never, 1 up, 2 down.
+    reported: AtomicU8,
+    /// Its `wsgate_backend_connect_seconds` series, once looked up.
+    pub(crate) latency: OnceLock<Histogram>,
 }
 
 impl Backend {
     /// Open connections (WebSockets and in-flight requests) to it.
     pub fn active(&self) -> usize {
         self.active.load(Ordering::Relaxed)
+    }
+
+    /// Records `up` as its health; true when that differs from what the
+    /// `wsgate_backend_up` gauge shows (so only changes touch the registry).
+    pub fn health_changed(&self, up: bool) -> bool {
+        let v = if up { 1 } else { 2 };
+        self.reported.swap(v, Ordering::Relaxed) != v
     }
 }
 
@@ -139,6 +152,8 @@ impl Pool {
                         addr,
                         active: AtomicUsize::new(0),
                         ejected_until: AtomicU64::new(0),
+                        reported: AtomicU8::new(0),
+                        latency: OnceLock::new(),
                     })
                 })
                 .collect(),
@@ -224,7 +239,9 @@ pub async fn health_checks(
             } else {
                 pool.eject(b);
             }
-            metrics.backend_up(&b.label, ok);
+            if b.health_changed(ok) {
+                metrics.backend_up(&b.label, ok);
+            }
         }
     }
 }

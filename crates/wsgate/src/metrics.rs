@@ -396,11 +396,14 @@ impl Metrics {
 
     /// One connect-and-handshake to `backend` took `seconds`.
     pub fn backend_latency(&self, backend: &str, seconds: f64) {
+        self.backend_latency_series(backend).observe(seconds);
+    }
+
+    /// The `wsgate_backend_connect_seconds` series of `backend`, to keep and
+    /// observe on without a registry lookup each time.
+    pub fn backend_latency_series(&self, backend: &str) -> Histogram {
         let labels = backend_labels(backend);
-        self.inner
-            .backend_latency
-            .get_or_create(&labels)
-            .observe(seconds);
+        self.inner.backend_latency.get_or_create(&labels).clone()
     }
 
     /// Sets `wsgate_limiter_tracked_clients`, e.g. from

@@ -9,6 +9,7 @@
 //! on. A pump reads only after its write finished, so backpressure is end to
 //! end and memory is one read chunk per direction.
 
+use std::borrow::Cow;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::time::Duration;
@@ -96,7 +97,8 @@ pub struct Outcome {
     pub bytes_down: u64,
     /// A close code the gateway injected, if it did.
     pub injected: Option<u16>,
-    pub reason: String,
+    /// Built once, only where it is more than a fixed phrase.
+    pub reason: Cow<'static, str>,
 }
 
 type Closing = Option<(u16, &'static str)>;
@@ -179,7 +181,7 @@ impl Dir {
 
 enum PumpEnd {
     /// The source ended (or failed); its FIN was passed on.
-    Eof(String),
+    Eof(Option<io::Error>),
     Garbage(ProtocolError),
     WriteFailed(io::Error),
     /// We injected our Close because the connection is closing.
@@ -250,10 +252,7 @@ async fn pump(
         };
         match read {
             Ok(0) | Err(_) => {
-                let why = match read {
-                    Err(e) => format!("read failed: {e}"),
-                    _ => "closed".to_string(),
-                };
+                let why = read.err();
                 if closed.both() {
                     // The closing handshake is over: the caller closes both
                     // sockets at once, no half-close needed.
@@ -283,7 +282,7 @@ async fn pump(
             // (the caller closes both sockets as soon as we return).
             closed.set(to_backend);
             return match dst.write_last(&mut st.buf, n).await {
-                Ok(()) => PumpEnd::Eof("closed".into()),
+                Ok(()) => PumpEnd::Eof(None),
                 Err(e) => PumpEnd::WriteFailed(e),
             };
         }
@@ -438,7 +437,7 @@ async fn run_halves(
                 // Both pumps inject our Close at their next frame boundary.
                 let (code, why) = CLOSES[cause];
                 outcome.injected = Some(code);
-                outcome.reason = why.to_string();
+                outcome.reason = Cow::Borrowed(why);
                 flag.set(cause);
                 finish_by = Some(Instant::now() + settings.close_timeout);
             }
@@ -456,16 +455,20 @@ async fn run_halves(
     outcome
 }
 
-fn note(outcome: &mut Outcome, side: &str, end: PumpEnd) {
-    let what = match end {
-        PumpEnd::Eof(why) => format!("{side} {why}"),
-        PumpEnd::Garbage(e) => format!("{side} sent a malformed frame header: {e}"),
-        PumpEnd::WriteFailed(e) => format!("write towards the other side of {side} failed: {e}"),
+fn note(outcome: &mut Outcome, side: &'static str, end: PumpEnd) {
+    if !outcome.reason.is_empty() {
+        return;
+    }
+    outcome.reason = match end {
+        PumpEnd::Eof(None) if side == "client" => Cow::Borrowed("client closed"),
+        PumpEnd::Eof(None) => Cow::Borrowed("backend closed"),
+        PumpEnd::Eof(Some(e)) => Cow::Owned(format!("{side} read failed: {e}")),
+        PumpEnd::Garbage(e) => Cow::Owned(format!("{side} sent a malformed frame header: {e}")),
+        PumpEnd::WriteFailed(e) => Cow::Owned(format!(
+            "write towards the other side of {side} failed: {e}"
+        )),
         PumpEnd::Injected => return,
     };
-    if outcome.reason.is_empty() {
-        outcome.reason = what;
-    }
 }
 
 #[cfg(test)]

@@ -427,7 +427,9 @@ impl Proxy {
             }
             Ok(Err(e)) if e.is_connect() => {
                 pool.eject(&lease.backend);
-                self.metrics.backend_up(&lease.backend.label, false);
+                if lease.backend.health_changed(false) {
+                    self.metrics.backend_up(&lease.backend.label, false);
+                }
                 let text = format!("{e:?}");
                 return Err(if text.contains("timed out") || text.contains("Timeout") {
                     BackendError::Timeout(format!("backend {addr}: connect timed out"))
@@ -447,7 +449,9 @@ impl Proxy {
             Ok(Ok(r)) => r,
         };
         pool.readmit(&lease.backend);
-        self.metrics.backend_up(&lease.backend.label, true);
+        if lease.backend.health_changed(true) {
+            self.metrics.backend_up(&lease.backend.label, true);
+        }
         // The lease ends with the answer's head; the pooled client owns the
         // connection afterwards.
         drop(lease);
@@ -479,14 +483,18 @@ impl Proxy {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 pool.eject(&lease.backend);
-                self.metrics.backend_up(&lease.backend.label, false);
+                if lease.backend.health_changed(false) {
+                    self.metrics.backend_up(&lease.backend.label, false);
+                }
                 return Err(BackendError::Connect(format!(
                     "backend {addr}: cannot connect: {e}"
                 )));
             }
             Err(_) => {
                 pool.eject(&lease.backend);
-                self.metrics.backend_up(&lease.backend.label, false);
+                if lease.backend.health_changed(false) {
+                    self.metrics.backend_up(&lease.backend.label, false);
+                }
                 return Err(BackendError::Timeout(format!(
                     "backend {addr}: connect timed out after {:?}",
                     self.connect_timeout
@@ -503,7 +511,8 @@ impl Proxy {
         let host = request_host(parts);
         let forwarded = self.forwarded(&parts.headers, remote, secure, host.as_ref());
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let mut buf = BytesMut::with_capacity(1024);
+        // Room for the request and then the answer head, read into it.
+        let mut buf = BytesMut::with_capacity(4096);
         buf.extend_from_slice(b"GET ");
         buf.extend_from_slice(path.as_bytes());
         buf.extend_from_slice(b" HTTP/1.1\r\n");
@@ -553,9 +562,14 @@ impl Proxy {
             }
         };
         pool.readmit(&lease.backend);
-        self.metrics.backend_up(&lease.backend.label, true);
-        self.metrics
-            .backend_latency(&lease.backend.label, started.elapsed().as_secs_f64());
+        if lease.backend.health_changed(true) {
+            self.metrics.backend_up(&lease.backend.label, true);
+        }
+        lease
+            .backend
+            .latency
+            .get_or_init(|| self.metrics.backend_latency_series(&lease.backend.label))
+            .observe(started.elapsed().as_secs_f64());
         if head.status != StatusCode::SWITCHING_PROTOCOLS {
             // 401, 403, 404, 5xx...: the client sees the backend's own answer.
             let framing = http1::response_framing(head.status, &head.headers)
