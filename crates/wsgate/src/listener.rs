@@ -122,14 +122,22 @@ fn shared_sockets(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::T
     Ok(out)
 }
 
-/// How many connections each worker serves, so that a worker well ahead of
-/// the least busy one leaves new connections to it (see
-/// [`Gateway::accept_loop`]).
-struct WorkerLoad {
-    /// Connections the worker serves now (`wsgate_worker_connections`).
+/// What one worker thread's connections share, touched by that thread
+/// alone on a connection's path (so that workers do not pass cache lines
+/// back and forth): its load, its shutdown signal, its task tracker.
+struct Worker {
+    /// Connections the worker serves now (`wsgate_worker_connections`): a
+    /// worker well ahead of the least busy one leaves new connections to it
+    /// (see [`Gateway::accept_loop`]).
     open: prometheus_client::metrics::gauge::Gauge,
     /// Wakes the worker's accept loops when it may take connections again.
     resume: Notify,
+    /// A child of [`Gateway::shutdown`].
+    shutdown: CancellationToken,
+    /// The worker's tasks; [`Gateway::shutdown`] waits for every worker's.
+    tracker: TaskTracker,
+    /// Connections it has accepted (for connection ids).
+    next_id: AtomicU64,
 }
 
 /// A worker accepts while it serves at most this many connections more than
@@ -144,10 +152,10 @@ struct OpenGuard {
 
 impl Drop for OpenGuard {
     fn drop(&mut self) {
-        let load = &self.gw.loads[self.worker];
-        load.open.dec();
+        let w = &self.gw.workers[self.worker];
+        w.open.dec();
         // Same thread: wakes the worker's own deferring accept loops, if any.
-        load.resume.notify_waiters();
+        w.resume.notify_waiters();
     }
 }
 
@@ -157,12 +165,11 @@ pub struct Gateway {
     pub metrics: Metrics,
     pub(crate) proxy: Proxy,
     pub(crate) admission: Admission,
-    next_id: AtomicU64,
     /// Some route matches on headers, cookies or query, or discovers its
     /// peer: handshakes need those tables extracted.
     pub(crate) metadata_maps: bool,
     /// Per worker thread.
-    loads: Vec<WorkerLoad>,
+    workers: Vec<Worker>,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
 }
@@ -188,21 +195,24 @@ impl Gateway {
                 || !m.query.is_empty()
                 || matches!(r.target, Target::Discovery(_))
         });
-        let loads = (0..worker_count(&config))
-            .map(|i| WorkerLoad {
+        let shutdown = CancellationToken::new();
+        let workers = (0..worker_count(&config))
+            .map(|i| Worker {
                 open: metrics.worker_connections(i),
                 resume: Notify::new(),
+                shutdown: shutdown.child_token(),
+                tracker: TaskTracker::new(),
+                next_id: AtomicU64::new(0),
             })
             .collect();
         Arc::new(Gateway {
             metadata_maps,
-            loads,
+            workers,
             config,
             metrics,
             proxy,
             admission,
-            next_id: AtomicU64::new(1),
-            shutdown: CancellationToken::new(),
+            shutdown,
             tracker: TaskTracker::new(),
         })
     }
@@ -298,11 +308,12 @@ impl Gateway {
         i: usize,
         listeners: Vec<(std::net::TcpListener, Option<TlsAcceptor>, Duration)>,
     ) {
+        let w = &self.workers[i];
         for (s, tls, handshake_timeout) in listeners {
             match TcpListener::from_std(s) {
                 Ok(l) => {
                     let gw = self.clone();
-                    self.tracker
+                    w.tracker
                         .spawn(async move { gw.accept_loop(i, l, tls, handshake_timeout).await });
                 }
                 Err(e) => warn!("worker {i}: cannot use its listening socket: {e}"),
@@ -316,15 +327,16 @@ impl Gateway {
         // hands the memory of connections that ended back to the system:
         // mimalloc's heaps are per thread, so each worker trims its own.
         let gw = self.clone();
-        self.tracker.spawn(async move {
+        w.tracker.spawn(async move {
+            let w = &gw.workers[i];
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             // Ticks since this worker's number of connections last fell.
             let (mut last_open, mut since_drop) = (0, u32::MAX);
             loop {
                 tokio::select! {
-                    _ = gw.shutdown.cancelled() => return,
+                    _ = w.shutdown.cancelled() => return,
                     _ = tick.tick() => {
-                        let open = gw.loads[i].open.get();
+                        let open = w.open.get();
                         since_drop = if open < last_open { 0 } else { since_drop.saturating_add(1) };
                         if since_drop < 4 {
                             release_thread_memory();
@@ -334,8 +346,9 @@ impl Gateway {
                 }
             }
         });
-        self.shutdown.cancelled().await;
-        self.tracker.wait().await;
+        w.shutdown.cancelled().await;
+        w.tracker.close();
+        w.tracker.wait().await;
     }
 
     /// Stops accepting, closes every WebSocket with 1001 and waits (bounded by
@@ -343,7 +356,16 @@ impl Gateway {
     pub async fn shutdown(&self) {
         self.shutdown.cancel();
         self.tracker.close();
-        if tokio::time::timeout(self.config.limits.drain_timeout, self.tracker.wait())
+        for w in &self.workers {
+            w.tracker.close();
+        }
+        let all_done = async {
+            self.tracker.wait().await;
+            for w in &self.workers {
+                w.tracker.wait().await;
+            }
+        };
+        if tokio::time::timeout(self.config.limits.drain_timeout, all_done)
             .await
             .is_err()
         {
@@ -354,11 +376,16 @@ impl Gateway {
         }
     }
 
+    /// The shutdown signal as the connections of `worker` watch it.
+    pub(crate) fn worker_shutdown(&self, worker: usize) -> CancellationToken {
+        self.workers[worker].shutdown.clone()
+    }
+
     /// Whether `worker` serves more than [`ACCEPT_SLACK`] connections more
     /// than the least busy other worker, and should leave new ones to it.
     fn must_defer(&self, worker: usize) -> bool {
-        let mine = self.loads[worker].open.get();
-        self.loads
+        let mine = self.workers[worker].open.get();
+        self.workers
             .iter()
             .enumerate()
             .filter(|&(j, _)| j != worker)
@@ -380,41 +407,45 @@ impl Gateway {
         tls: Option<TlsAcceptor>,
         handshake_timeout: Duration,
     ) {
-        let load = &self.loads[worker];
+        let w = &self.workers[worker];
+        // Registered once, not per connection.
+        let stop = w.shutdown.cancelled();
+        tokio::pin!(stop);
         loop {
             if self.must_defer(worker) {
-                let resume = load.resume.notified();
+                let resume = w.resume.notified();
                 tokio::pin!(resume);
                 resume.as_mut().enable();
                 if self.must_defer(worker) {
-                    for (j, other) in self.loads.iter().enumerate() {
+                    for (j, other) in self.workers.iter().enumerate() {
                         if j != worker {
                             other.resume.notify_waiters();
                         }
                     }
                     tokio::select! {
-                        _ = self.shutdown.cancelled() => return,
+                        () = &mut stop => return,
                         () = resume => {}
                     }
                 }
                 continue;
             }
             let accepted = tokio::select! {
-                _ = self.shutdown.cancelled() => return,
+                () = &mut stop => return,
                 r = listener.accept() => r,
             };
             match accepted {
                 Ok((stream, remote)) => {
-                    load.open.inc();
+                    w.open.inc();
                     let open = OpenGuard {
                         gw: self.clone(),
                         worker,
                     };
                     let gw = self.clone();
                     let tls = tls.clone();
-                    self.tracker.spawn(async move {
+                    w.tracker.spawn(async move {
                         let _open = open;
-                        gw.connection(stream, remote, tls, handshake_timeout).await
+                        gw.connection(worker, stream, remote, tls, handshake_timeout)
+                            .await
                     });
                 }
                 Err(e) => {
@@ -429,19 +460,23 @@ impl Gateway {
 
     async fn connection(
         self: Arc<Self>,
+        worker: usize,
         stream: TcpStream,
         remote: SocketAddr,
         tls: Option<TlsAcceptor>,
         limit: Duration,
     ) {
         let _ = stream.set_nodelay(true);
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        // Unique over the workers, each counting on its own.
+        let n = self.workers[worker].next_id.fetch_add(1, Ordering::Relaxed);
+        let id = n * self.workers.len() as u64 + worker as u64 + 1;
         let span = tracing::info_span!("conn", id, %remote);
         let mut c = Conn {
             remote,
             id,
             secure: false,
             handshake_timeout: limit,
+            worker,
         };
         async move {
             match tls {
@@ -566,7 +601,7 @@ impl Gateway {
                             debug!("http connection ended: {e}");
                         }
                     }
-                    _ = self.shutdown.cancelled() => {
+                    _ = self.workers[c.worker].shutdown.cancelled() => {
                         conn.as_mut().graceful_shutdown();
                         let _ = tokio::time::timeout($grace, conn).await;
                     }
@@ -636,7 +671,9 @@ impl Gateway {
         let (parts, _) = req.into_parts();
         match self.open_websocket(&parts, &meta, route, protocol, c).await {
             Ok((resp, opened)) => {
-                self.tracker.spawn(opened.run_after(on_upgrade));
+                self.workers[c.worker]
+                    .tracker
+                    .spawn(opened.run_after(on_upgrade));
                 resp
             }
             Err(r) => r,
@@ -685,6 +722,8 @@ pub struct Conn {
     pub secure: bool,
     /// The listener's time for a request head.
     pub handshake_timeout: Duration,
+    /// The worker thread serving it.
+    pub worker: usize,
 }
 
 /// A connection accepted on a listener: cleartext or TLS.

@@ -381,6 +381,9 @@ async fn run_halves(
         let (mut c2b_done, mut b2c_done) = (false, false);
         let mut finish_by: Option<Instant> = None;
         let lifetime_end = settings.max_lifetime.map(|l| epoch + l);
+        // Registered once, not on every turn of the loop.
+        let stop = shutdown.cancelled();
+        tokio::pin!(stop);
         while !(c2b_done && b2c_done) {
             let ms = |a: &AtomicU64| epoch + Duration::from_millis(a.load(Ordering::Relaxed));
             let mut deadline = finish_by;
@@ -411,7 +414,7 @@ async fn run_halves(
                     note(&mut outcome, "backend", end);
                     finish_by.get_or_insert(Instant::now() + settings.close_timeout);
                 }
-                _ = shutdown.cancelled(), if closing.is_none() => {
+                () = &mut stop, if closing.is_none() => {
                     closing = Some(SHUTTING_DOWN);
                 }
                 _ = timer => {

@@ -189,7 +189,7 @@ impl Gateway {
             metrics: self.metrics.clone(),
             open: self.metrics.websocket(&route.name, http_version(&upgrade)),
             route: route.name.clone(),
-            shutdown: self.shutdown.clone(),
+            shutdown: self.worker_shutdown(c.worker),
             span,
             _permit: permit,
         };
