@@ -290,8 +290,12 @@ impl Gateway {
         }
         for (i, listeners) in per_worker.into_iter().enumerate() {
             let gw = self.clone();
+            // I/O and timers only: signals are the main thread's, and a
+            // worker with the process driver would take a process-wide lock
+            // (tokio's orphan queue) every time it goes idle.
             let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
+                .enable_io()
+                .enable_time()
                 .build()
                 .expect("building a worker runtime");
             std::thread::Builder::new()
