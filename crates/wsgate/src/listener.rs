@@ -111,6 +111,8 @@ fn shared_sockets(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::T
     #[cfg(unix)]
     s.set_reuse_address(true)?;
     s.set_nonblocking(true)?;
+    // Accepted sockets inherit it on Linux: no setsockopt per connection.
+    s.set_tcp_nodelay(true)?;
     s.bind(&addr.into())?;
     s.listen(1024)?;
     let first: std::net::TcpListener = s.into();
@@ -470,6 +472,8 @@ impl Gateway {
         tls: Option<TlsAcceptor>,
         limit: Duration,
     ) {
+        // Inherited from the listening socket on Linux.
+        #[cfg(not(target_os = "linux"))]
         let _ = stream.set_nodelay(true);
         // Unique over the workers, each counting on its own.
         let n = self.workers[worker].next_id.fetch_add(1, Ordering::Relaxed);
