@@ -305,6 +305,18 @@ mod tests {
     }
 
     #[test]
+    fn health_is_reported_on_change_only() {
+        let p = Pool::new(addrs(1), Balance::RoundRobin, Duration::from_secs(60));
+        let b = &p.backends()[0];
+        // The first report always counts (the gauge has no series yet).
+        assert!(b.health_changed(true));
+        assert!(!b.health_changed(true));
+        assert!(b.health_changed(false));
+        assert!(!b.health_changed(false));
+        assert!(b.health_changed(true));
+    }
+
+    #[test]
     fn round_robin_skips_ejected() {
         let p = Pool::new(addrs(3), Balance::RoundRobin, Duration::from_secs(60));
         let ports: Vec<u16> = (0..6)

@@ -92,15 +92,7 @@ async fn extended_connect_to_an_echo_bridge_route() {
     assert_eq!(ws.recv().await.unwrap(), Message::Binary(big));
 
     // The metrics say it came over HTTP/2.
-    let mut s = TcpStream::connect(gw.admin.as_deref().unwrap())
-        .await
-        .unwrap();
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).await.unwrap();
+    let text = gw.metrics().await;
     assert!(
         text.contains("wsgate_websockets_open{route=\"default\",http_version=\"2\"} 1"),
         "{text}"

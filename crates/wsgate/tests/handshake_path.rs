@@ -297,14 +297,7 @@ async fn a_burst_of_connections_is_balanced_over_the_workers() {
     while let Some(r) = tasks.join_next().await {
         open.push(r.unwrap());
     }
-    let mut s = TcpStream::connect(gw.admin.as_deref().unwrap())
-        .await
-        .unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).await.unwrap();
+    let text = gw.metrics().await;
     let count = |w: u32| -> i64 {
         let prefix = format!("wsgate_worker_connections{{worker=\"{w}\"}} ");
         text.lines()

@@ -54,6 +54,19 @@ impl Gateway {
     pub fn addr(&self) -> String {
         self.urls[0].split("://").nth(1).unwrap().to_string()
     }
+
+    /// The text of `GET /metrics` on the admin listener (`--admin`).
+    pub async fn metrics(&self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let admin = self.admin.as_deref().expect("started without --admin");
+        let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).await.unwrap();
+        text
+    }
 }
 
 impl Drop for Gateway {
