@@ -184,9 +184,7 @@ impl ForwardedValues {
 /// names, `Host`, the key and version (always regenerated), and — when
 /// `forwarding` — the forwarding headers.
 fn regenerated(name: &str, connection_named: impl Fn(&str) -> bool, forwarding: bool) -> bool {
-    HOP_BY_HOP.contains(&name)
-        || name.starts_with("proxy-")
-        || name == "host"
+    hop_by_hop(name, connection_named)
         || name == "sec-websocket-key"
         || name == "sec-websocket-version"
         || (forwarding
@@ -194,7 +192,6 @@ fn regenerated(name: &str, connection_named: impl Fn(&str) -> bool, forwarding: 
                 name,
                 "x-forwarded-for" | "x-forwarded-proto" | "x-forwarded-host" | "forwarded"
             ))
-        || connection_named(name)
 }
 
 /// The proxy: forwarding rules and the pooled client for plain HTTP.
@@ -223,13 +220,16 @@ const HOP_BY_HOP: &[&str] = &[
 pub fn copy_end_to_end(src: &HeaderMap, dst: &mut HeaderMap) {
     let named = connection_names(src);
     for (k, v) in src {
-        let name = k.as_str();
-        if HOP_BY_HOP.contains(&name) || name.starts_with("proxy-") || name == "host" || named(name)
-        {
-            continue;
+        if !hop_by_hop(k.as_str(), &named) {
+            dst.append(k.clone(), v.clone());
         }
-        dst.append(k.clone(), v.clone());
     }
+}
+
+/// Whether header `name` stays behind at a hop: the hop-by-hop headers,
+/// `Proxy-*`, those `Connection` names (`named`), and `Host` (set anew).
+fn hop_by_hop(name: &str, named: impl Fn(&str) -> bool) -> bool {
+    HOP_BY_HOP.contains(&name) || name.starts_with("proxy-") || name == "host" || named(name)
 }
 
 /// Whether `Connection` in `h` names a header (RFC 9110 §7.6.1: that header
@@ -613,11 +613,10 @@ impl Proxy {
             head.headers.get(header::SEC_WEBSOCKET_EXTENSIONS),
         );
         // Other end-to-end headers of the backend's answer (cookies...) pass too.
-        let mut rest = HeaderMap::new();
-        copy_end_to_end(&head.headers, &mut rest);
-        for (k, v) in &rest {
+        let named = connection_names(&head.headers);
+        for (k, v) in &head.headers {
             let n = k.as_str();
-            if n.starts_with("sec-websocket-") || n == "content-length" {
+            if hop_by_hop(n, &named) || n.starts_with("sec-websocket-") || n == "content-length" {
                 continue;
             }
             out.headers_mut().append(k.clone(), v.clone());
