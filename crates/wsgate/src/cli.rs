@@ -40,13 +40,14 @@ enum Command {
 #[derive(Debug, Args)]
 struct ServeArgs {
     /// The TOML config file (see examples/). Not combined with the route flags.
-    #[arg(long, short, conflicts_with_all = ["listen", "to"])]
+    #[arg(long, short, conflicts_with_all = ["listen", "to", "backend_ca"])]
     config: Option<PathBuf>,
     /// Address to listen on, HOST:PORT (port 0 picks a free one). Repeatable.
     #[arg(long, value_name = "HOST:PORT")]
     listen: Vec<String>,
     /// The peer: tcp://HOST:PORT, udp://HOST:PORT, unix:/PATH, unix-dgram:/PATH or echo:
-    /// (bridge), or ws://HOST:PORT / http://HOST:PORT (reverse proxy to a backend).
+    /// (bridge), or ws://HOST:PORT / http://HOST:PORT (reverse proxy to a backend;
+    /// wss:// / https:// for a backend spoken to over TLS).
     #[arg(long, value_name = "PEER")]
     to: Option<String>,
     /// How peer bytes become messages: binary, auto, lines, length-prefixed, resp, cql, kafka.
@@ -65,6 +66,10 @@ struct ServeArgs {
     /// PEM private key for --tls-cert.
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// PEM CA certificates a wss:// / https:// backend's certificate must chain
+    /// to (default: the built-in Mozilla roots).
+    #[arg(long, value_name = "PEM")]
+    backend_ca: Option<PathBuf>,
     /// Largest message, e.g. 16MiB (close 1009 past it).
     #[arg(long)]
     max_message_size: Option<String>,
@@ -248,6 +253,16 @@ fn config_from(a: &ServeArgs) -> anyhow::Result<Config> {
         forwarding: Default::default(),
         admin: a.admin.clone(),
         workers: None,
+        backend_tls: match &a.backend_ca {
+            Some(ca) => Some(
+                crate::tls::backend_client_config(&crate::tls::BackendTlsFiles {
+                    ca: Some(ca.clone()),
+                    identity: None,
+                })
+                .context("--backend-ca")?,
+            ),
+            None => None,
+        },
     })
 }
 

@@ -35,6 +35,10 @@ pub struct Config {
     /// Worker threads, each with its own event loop, sharing the listening
     /// sockets; `None`: one per CPU.
     pub workers: Option<usize>,
+    /// TLS towards `wss://` and `https://` backends (`[backend_tls]`), loaded
+    /// and checked up front; `None`: the built-in Mozilla roots, no client
+    /// certificate.
+    pub backend_tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 /// The most worker threads `workers` may ask for.
@@ -217,6 +221,16 @@ struct FileConfig {
     forwarding: ForwardingFile,
     admin: Option<AdminFile>,
     workers: Option<usize>,
+    backend_tls: Option<BackendTlsFile>,
+}
+
+/// `[backend_tls]`: how the gateway verifies (and shows itself to) TLS backends.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackendTlsFile {
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -674,6 +688,7 @@ impl Validator<'_> {
             });
         }
         let health_path = raw.health_path.unwrap_or_else(|| "/healthz".into());
+        let backend_tls = raw.backend_tls.and_then(|t| self.backend_tls(t, &resolve));
         if let Some(n) = raw.workers {
             if !(1..=MAX_WORKERS).contains(&n) {
                 self.errors.push(ConfigError {
@@ -693,6 +708,54 @@ impl Validator<'_> {
             forwarding,
             admin: raw.admin.map(|a| a.address),
             workers: raw.workers,
+            backend_tls,
+        }
+    }
+
+    /// Loads `[backend_tls]` now: an unreadable CA or a key that does not
+    /// belong to its certificate is a configuration error.
+    fn backend_tls(
+        &mut self,
+        t: BackendTlsFile,
+        resolve: &dyn Fn(PathBuf) -> PathBuf,
+    ) -> Option<std::sync::Arc<rustls::ClientConfig>> {
+        let mut fail = |key: &str, message: String| {
+            self.errors.push(ConfigError {
+                file: self.file.to_string(),
+                line: self.key_line(key),
+                column: 1,
+                key: format!("backend_tls.{key}"),
+                message,
+            });
+        };
+        let identity = match (t.cert, t.key) {
+            (Some(c), Some(k)) => Some((resolve(c), resolve(k))),
+            (None, None) => None,
+            (Some(_), None) => {
+                fail("cert", "cert needs key too".into());
+                return None;
+            }
+            (None, Some(_)) => {
+                fail("key", "key needs cert too".into());
+                return None;
+            }
+        };
+        let files = crate::tls::BackendTlsFiles {
+            ca: t.ca.map(resolve),
+            identity,
+        };
+        match crate::tls::backend_client_config(&files) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                let message = format!("{e:#}");
+                let names = |p: &PathBuf| message.contains(&*p.to_string_lossy());
+                let key = match &files.identity {
+                    Some((c, k)) if names(c) || names(k) => "cert",
+                    _ => "ca",
+                };
+                fail(key, message);
+                None
+            }
         }
     }
 
@@ -1038,12 +1101,12 @@ proxy = "http://127.0.0.1:8000"
     #[test]
     fn proxy_route_errors() {
         let e = errors(
-            "[[listener]]\naddress = \"127.0.0.1:1\"\n[[route]]\nproxy = \"wss://x:1\"\n\
+            "[[listener]]\naddress = \"127.0.0.1:1\"\n[[route]]\nproxy = \"wsx://x:1\"\n\
              [[route]]\nto = \"echo:\"\nbalance = \"random\"\n\
              [[route]]\nproxy = \"ws://a:1\"\n[route.limits]\nmax_connections = 5\n",
         );
         assert!(
-            e[0].contains("route[0].proxy: invalid backend `wss://x:1`"),
+            e[0].contains("route[0].proxy: invalid backend `wsx://x:1`"),
             "{e:?}"
         );
         assert!(
@@ -1056,6 +1119,25 @@ proxy = "http://127.0.0.1:8000"
                 .any(|x| x.contains("`max_connections` applies to the whole gateway")),
             "{e:?}"
         );
+    }
+
+    #[test]
+    fn backend_tls_table() {
+        let route = "[[listener]]\naddress = \"127.0.0.1:1\"\n[[route]]\nproxy = \"wss://x:1\"\n";
+        let c = parse("t.toml", route, Path::new(".")).unwrap();
+        assert!(c.backend_tls.is_none(), "built-in roots by default");
+        let e = errors(&format!("{route}[backend_tls]\ncert = \"c.pem\"\n"));
+        assert!(
+            e[0].contains("t.toml:6:1: backend_tls.cert: cert needs key too"),
+            "{e:?}"
+        );
+        let e = errors(&format!("{route}[backend_tls]\nca = \"nope.pem\"\n"));
+        assert!(
+            e[0].contains("t.toml:6:1: backend_tls.ca: cannot read"),
+            "{e:?}"
+        );
+        let e = errors(&format!("{route}[backend_tls]\nverify = false\n"));
+        assert!(e[0].contains("unknown field `verify`"), "{e:?}");
     }
 
     #[test]

@@ -183,6 +183,7 @@ impl Gateway {
             config.forwarding.clone(),
             config.limits.connect_timeout,
             config.limits.backend_timeout,
+            config.backend_tls.clone(),
             metrics.clone(),
         );
         let admission = Admission::new(AdmissionConfig {
@@ -266,9 +267,12 @@ impl Gateway {
                 let (pool, path, every) = (pool.clone(), path.clone(), *every);
                 let (metrics, shutdown) = (self.metrics.clone(), self.shutdown.clone());
                 let timeout = self.config.limits.connect_timeout;
+                let tls = self.proxy.tls_connector();
                 self.tracker.spawn(async move {
-                    crate::backend::health_checks(pool, path, every, timeout, metrics, shutdown)
-                        .await
+                    crate::backend::health_checks(
+                        pool, path, every, timeout, metrics, tls, shutdown,
+                    )
+                    .await
                 });
             }
         }

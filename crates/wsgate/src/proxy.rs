@@ -20,6 +20,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -30,14 +31,15 @@ use http::request::Parts;
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 use tracing::warn;
 
-use crate::backend::{Lease, Pool};
+use crate::backend::{BackendIo, Lease, Pool};
 use crate::handshake::{self, Body, Upgrade};
 use crate::http1;
 use crate::metrics::Metrics;
@@ -151,7 +153,7 @@ impl BackendError {
 
 /// A backend WebSocket whose handshake succeeded.
 pub struct BackendWebSocket {
-    pub io: TcpStream,
+    pub io: BackendIo,
     /// Bytes the backend sent right after its answer head.
     pub leftover: Bytes,
     pub lease: Lease,
@@ -194,9 +196,11 @@ fn regenerated(name: &str, connection_named: impl Fn(&str) -> bool, forwarding: 
             ))
 }
 
-/// The proxy: forwarding rules and the pooled client for plain HTTP.
+/// The proxy: forwarding rules, the pooled client for plain HTTP and TLS
+/// towards `wss://` / `https://` backends.
 pub struct Proxy {
-    client: Client<HttpConnector, Incoming>,
+    client: Client<HttpsConnector<HttpConnector>, Incoming>,
+    tls: TlsConnector,
     metrics: Metrics,
     forwarding: Forwarding,
     connect_timeout: Duration,
@@ -273,27 +277,62 @@ fn push_quoted_if_needed(out: &mut String, v: &str) {
     out.push('"');
 }
 
+/// The TLS client configuration for backends: `config` from `[backend_tls]`,
+/// or the built-in Mozilla roots. No ALPN: the users set their own.
+fn backend_tls_base(config: Option<Arc<rustls::ClientConfig>>) -> rustls::ClientConfig {
+    match config {
+        Some(c) => (*c).clone(),
+        None => (*crate::tls::backend_client_config(&Default::default())
+            .expect("a TLS client configuration from the built-in roots"))
+        .clone(),
+    }
+}
+
+/// A [`TlsConnector`] for WebSocket backends and health checks, offering
+/// `http/1.1` by ALPN (a WebSocket handshake is HTTP/1.1).
+pub fn backend_tls_connector(config: Option<Arc<rustls::ClientConfig>>) -> TlsConnector {
+    let mut c = backend_tls_base(config);
+    c.alpn_protocols = vec![b"http/1.1".to_vec()];
+    TlsConnector::from(Arc::new(c))
+}
+
 impl Proxy {
     pub fn new(
         forwarding: Forwarding,
         connect_timeout: Duration,
         answer_timeout: Duration,
+        backend_tls: Option<Arc<rustls::ClientConfig>>,
         metrics: Metrics,
     ) -> Proxy {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(connect_timeout));
         connector.set_nodelay(true);
+        // `https://` URIs reach the TLS layer below.
+        connector.enforce_http(false);
+        let tls = backend_tls_connector(backend_tls.clone());
+        // hyper-rustls sets ALPN itself (`http/1.1`, from `enable_http1`).
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(backend_tls_base(backend_tls))
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(64)
             .build(connector);
         Proxy {
             client,
+            tls,
             metrics,
             forwarding,
             connect_timeout,
             answer_timeout,
         }
+    }
+
+    /// The TLS client for backends (health checks use it too).
+    pub fn tls_connector(&self) -> TlsConnector {
+        self.tls.clone()
     }
 
     /// The `X-Forwarded-For`, `-Proto`, `-Host` and `Forwarded` values for a
@@ -403,7 +442,8 @@ impl Proxy {
         let lease = pool.pick().ok_or(BackendError::Unavailable)?;
         let addr = &lease.backend.addr;
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let uri: Uri = format!("http://{addr}{path}")
+        let scheme = if addr.tls { "https" } else { "http" };
+        let uri: Uri = format!("{scheme}://{addr}{path}")
             .parse()
             .map_err(|e| BackendError::Bad(format!("cannot build backend URI: {e}")))?;
         let mut headers = HeaderMap::new();
@@ -476,7 +516,7 @@ impl Proxy {
         let addr = lease.backend.addr.clone();
         let mut tcp = match tokio::time::timeout(
             self.connect_timeout,
-            connect_backend(&addr.host, addr.port),
+            crate::backend::connect(&addr, &self.tls),
         )
         .await
         {
@@ -547,6 +587,7 @@ impl Proxy {
 
         let answer = tokio::time::timeout(self.answer_timeout, async {
             tcp.write_all(&buf).await?;
+            tcp.flush().await?;
             buf.clear();
             read_response_head(&mut tcp, &mut buf).await
         })
@@ -634,38 +675,10 @@ impl Proxy {
     }
 }
 
-/// Connects to a WebSocket backend with `TCP_NODELAY` set, and with the
-/// handshake's last ACK left to ride on the request that follows at once
-/// (`TCP_QUICKACK` off before `connect`, HAProxy's "smart connect"): one
-/// packet less each way per proxied WebSocket.
-async fn connect_backend(host: &str, port: u16) -> std::io::Result<TcpStream> {
-    let mut last = None;
-    for addr in tokio::net::lookup_host((host, port)).await? {
-        let socket = if addr.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
-        } else {
-            tokio::net::TcpSocket::new_v6()?
-        };
-        socket.set_nodelay(true)?;
-        #[cfg(target_os = "linux")]
-        let _ = socket2::SockRef::from(&socket).set_tcp_quickack(false);
-        match socket.connect(addr).await {
-            Ok(s) => return Ok(s),
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(last.unwrap_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            format!("{host} resolves to no address"),
-        )
-    }))
-}
-
 /// Reads a backend's answer head into `buf` (informational answers other
 /// than 101 are skipped); on return `buf` holds what followed the head.
 async fn read_response_head(
-    tcp: &mut TcpStream,
+    tcp: &mut BackendIo,
     buf: &mut BytesMut,
 ) -> std::io::Result<http::response::Parts> {
     use std::io::{Error, ErrorKind};
@@ -695,7 +708,7 @@ async fn read_response_head(
 /// The body of a backend's non-101 answer to a WebSocket handshake, read from
 /// the backend's socket as the client takes it (at most one read ahead).
 struct RelayedBody {
-    io: TcpStream,
+    io: BackendIo,
     buf: BytesMut,
     framing: http1::Framing,
     chunked: http1::ChunkedDecoder,
@@ -858,6 +871,7 @@ mod tests {
             Forwarding::default(),
             Duration::from_secs(1),
             Duration::from_secs(1),
+            None,
             Metrics::new(),
         );
         p.add_forwarded(&mut h, remote, true, Some(&host));
@@ -876,6 +890,7 @@ mod tests {
             },
             Duration::from_secs(1),
             Duration::from_secs(1),
+            None,
             Metrics::new(),
         );
         let mut h = HeaderMap::new();

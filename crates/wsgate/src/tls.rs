@@ -1,4 +1,6 @@
-//! TLS for `wss://` listeners: rustls through tokio-rustls, PEM files.
+//! TLS with rustls through tokio-rustls, PEM files: the server side of
+//! `wss://` / `https://` listeners, and the client side towards `wss://` and
+//! `https://` backends.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -10,23 +12,8 @@ use tokio_rustls::TlsAcceptor;
 /// Loads a PEM certificate chain and private key; a key that does not belong
 /// to the certificate is a clear error.
 pub fn acceptor(cert: &Path, key: &Path, alpn: &[&[u8]]) -> anyhow::Result<TlsAcceptor> {
-    let certs: Vec<CertificateDer<'static>> = {
-        let pem = std::fs::read(cert)
-            .with_context(|| format!("cannot read TLS certificate {}", cert.display()))?;
-        rustls_pemfile::certs(&mut &pem[..])
-            .collect::<Result<_, _>>()
-            .with_context(|| format!("{}: invalid PEM certificate", cert.display()))?
-    };
-    if certs.is_empty() {
-        return Err(anyhow!("{}: no CERTIFICATE block found", cert.display()));
-    }
-    let key_der: PrivateKeyDer<'static> = {
-        let pem =
-            std::fs::read(key).with_context(|| format!("cannot read TLS key {}", key.display()))?;
-        rustls_pemfile::private_key(&mut &pem[..])
-            .with_context(|| format!("{}: invalid PEM private key", key.display()))?
-            .ok_or_else(|| anyhow!("{}: no PRIVATE KEY block found", key.display()))?
-    };
+    let certs = load_certs(cert)?;
+    let key_der = load_key(key)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -47,4 +34,72 @@ pub fn acceptor(cert: &Path, key: &Path, alpn: &[&[u8]]) -> anyhow::Result<TlsAc
         })?;
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// The PEM certificates of `path`; none at all is an error.
+fn load_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let pem = std::fs::read(path)
+        .with_context(|| format!("cannot read TLS certificate {}", path.display()))?;
+    let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut &pem[..])
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("{}: invalid PEM certificate", path.display()))?;
+    if certs.is_empty() {
+        return Err(anyhow!("{}: no CERTIFICATE block found", path.display()));
+    }
+    Ok(certs)
+}
+
+/// The PEM private key of `path`.
+fn load_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
+    let pem =
+        std::fs::read(path).with_context(|| format!("cannot read TLS key {}", path.display()))?;
+    rustls_pemfile::private_key(&mut &pem[..])
+        .with_context(|| format!("{}: invalid PEM private key", path.display()))?
+        .ok_or_else(|| anyhow!("{}: no PRIVATE KEY block found", path.display()))
+}
+
+/// How the gateway speaks TLS to `wss://` and `https://` backends.
+#[derive(Debug, Clone, Default)]
+pub struct BackendTlsFiles {
+    /// CA certificates (PEM) that backend certificates must chain to, instead
+    /// of the built-in Mozilla roots (`webpki-roots`).
+    pub ca: Option<std::path::PathBuf>,
+    /// A client certificate chain and key shown to backends that ask for one
+    /// (mutual TLS).
+    pub identity: Option<(std::path::PathBuf, std::path::PathBuf)>,
+}
+
+/// The client configuration for TLS backends. Backend certificates are always
+/// verified, against `files.ca` or the built-in Mozilla roots, for the host
+/// named in the backend URL (a DNS name or an IP address).
+pub fn backend_client_config(files: &BackendTlsFiles) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    let mut roots = rustls::RootCertStore::empty();
+    match &files.ca {
+        Some(ca) => {
+            for c in load_certs(ca)? {
+                roots
+                    .add(c)
+                    .with_context(|| format!("{}: not a usable CA certificate", ca.display()))?;
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_root_certificates(roots);
+    let config = match &files.identity {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
+            .map_err(|e| {
+                anyhow!(
+                    "TLS client certificate {} / key {}: {e}",
+                    cert.display(),
+                    key.display()
+                )
+            })?,
+        None => builder.with_no_client_auth(),
+    };
+    Ok(Arc::new(config))
 }

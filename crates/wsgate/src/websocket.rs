@@ -267,7 +267,7 @@ impl Opened {
                             leftover,
                         },
                         passthrough::Side {
-                            io: ClientIo::Tcp(backend.io),
+                            io: backend.io.into_relay_io(),
                             leftover: backend.leftover,
                         },
                         settings,
