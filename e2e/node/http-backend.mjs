@@ -1,8 +1,10 @@
 // A backend for reverse-proxy tests (issue 3): plain HTTP and WebSocket on one port.
 //
 //   node http-backend.mjs [--host 127.0.0.1] [--port 0] [--name NAME] [--bad-accept]
+//                         [--tls-cert PEM --tls-key PEM]
 //
-// Prints `listening on ws://HOST:PORT` once bound.
+// Prints `listening on ws://HOST:PORT` once bound (`wss://` with --tls-cert:
+// HTTPS and WebSocket over TLS on the same port).
 // HTTP:  every request is answered with JSON {name, method, url, httpVersion,
 //        headers, body} (the body read in full, chunked or not);
 //        /status/NNN answers with status NNN (same JSON body);
@@ -14,6 +16,7 @@
 //        With --bad-accept every upgrade is answered with a 101 whose
 //        Sec-WebSocket-Accept is wrong.
 import http from 'node:http';
+import https from 'node:https';
 import { readFileSync } from 'node:fs';
 import { WebSocketServer } from 'ws';
 
@@ -22,15 +25,19 @@ let host = '127.0.0.1';
 let port = 0;
 let name = 'backend';
 let badAccept = false;
+let tlsCert = null;
+let tlsKey = null;
 for (let i = 0; i < args.length; i++) {
   if (args[i] === '--host') host = args[++i];
   else if (args[i] === '--port') port = Number(args[++i]);
   else if (args[i] === '--name') name = args[++i];
   else if (args[i] === '--bad-accept') badAccept = true;
+  else if (args[i] === '--tls-cert') tlsCert = args[++i];
+  else if (args[i] === '--tls-key') tlsKey = args[++i];
   else { console.error(`unknown argument ${args[i]}`); process.exit(2); }
 }
 
-const server = http.createServer((req, res) => {
+const handler = (req, res) => {
   const chunks = [];
   req.on('data', (c) => chunks.push(c));
   req.on('end', () => {
@@ -49,7 +56,10 @@ const server = http.createServer((req, res) => {
     res.writeHead(status, { 'content-type': 'application/json', 'x-backend': name });
     res.end(body);
   });
-});
+};
+const server = tlsCert
+  ? https.createServer({ cert: readFileSync(tlsCert), key: readFileSync(tlsKey) }, handler)
+  : http.createServer(handler);
 
 const wss = new WebSocketServer({
   noServer: true, maxPayload: 64 * 1024 * 1024, maxFragments: 0, perMessageDeflate: false,
@@ -77,7 +87,7 @@ server.on('upgrade', (req, socket, head) => {
 
 server.listen(port, host, () => {
   const a = server.address();
-  process.stdout.write(`listening on ws://${a.address}:${a.port}\n`);
+  process.stdout.write(`listening on ${tlsCert ? 'wss' : 'ws'}://${a.address}:${a.port}\n`);
 });
 const stop = () => { for (const c of wss.clients) c.close(1001); server.close(() => process.exit(0)); setTimeout(() => process.exit(0), 1000).unref(); };
 process.on('SIGTERM', stop);

@@ -195,3 +195,79 @@ def test_autobahn_compression_through_proxy(start_gateway, write_config, node_ec
     res = autobahn.run_fuzzingclient(gw.url, cases=cases, agent="wsgate-proxy-deflate", outdir=tmp_path / "ab")
     print(res.summary())
     assert res.expected and res.ok, res.summary()
+
+
+def _leaf_cert(tmp_path):
+    """A self-signed end-entity certificate for localhost / 127.0.0.1 (CA:FALSE:
+    a verifying TLS client refuses a CA certificate as a server's)."""
+    openssl = shutil.which("openssl")
+    if not openssl:
+        pytest.fail("openssl not found: run scripts/install-test-deps.sh")
+    cert, key = tmp_path / "backend.crt", tmp_path / "backend.key"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                    "-addext", "basicConstraints=critical,CA:FALSE"],
+                   check=True, capture_output=True, timeout=30)
+    return cert, key
+
+
+def test_tls_backend_with_real_peers(start_gateway, write_config, http_backend, tmp_path):
+    """wss:// and https:// backends (Node ws and https on one TLS port): the
+    Python websockets client and curl through the gateway, the certificate
+    checked against [backend_tls] ca; without it, 502."""
+    cert, key = _leaf_cert(tmp_path)
+    backend = http_backend("--name", "tls", "--tls-cert", cert, "--tls-key", key)
+    assert backend.startswith("wss://"), backend
+    port = backend.rsplit(":", 1)[1]
+    routes = f"""
+        [[route]]
+        path_prefix = "/ws"
+        proxy = "wss://localhost:{port}"
+
+        [[route]]
+        path_prefix = "/"
+        proxy = "https://127.0.0.1:{port}"
+    """
+    gw = start_gateway("serve", "--config", write_config(f"""
+        [[listener]]
+        address = "127.0.0.1:0"
+
+        [backend_tls]
+        ca = "{cert}"
+        {routes}
+    """), listeners=1)
+
+    sent = clients.payloads([0, 1, 125, 126, 65535, 65536, 1 << 20])
+    with clients.connect(gw.ws("/ws/echo")) as ws:
+        for p in sent:
+            ws.send(p)
+            assert clients.as_bytes(ws.recv(timeout=20)) == p
+        ws.send("text stays text")
+        assert ws.recv(timeout=20) == "text stays text"
+
+    curl = shutil.which("curl")
+    r = subprocess.run([curl, "-sS", "--max-time", "20", "-d", "hello body", f"http://127.0.0.1:{gw.port}/app?q=1"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    seen = json.loads(r.stdout)
+    assert (seen["name"], seen["method"], seen["url"], seen["body"]) == ("tls", "POST", "/app?q=1", "hello body"), seen
+    assert "127.0.0.1" in seen["headers"].get("x-forwarded-for", ""), seen["headers"]
+
+    # The same backend without its CA: the certificate is not trusted.
+    untrusting = start_gateway("serve", "--config", write_config(f"""
+        [[listener]]
+        address = "127.0.0.1:0"
+        {routes}
+    """), listeners=1)
+    r = subprocess.run([curl, "-sS", "--max-time", "20", "-o", "/dev/null", "-w", "%{http_code}",
+                        f"http://127.0.0.1:{untrusting.port}/app"], capture_output=True, text=True, timeout=30)
+    assert r.stdout == "502", (r.stdout, r.stderr)
+    s = rawws.connect(untrusting.host, untrusting.port, 10)
+    try:
+        s.sendall(rawws.ws_request("/ws/echo", host=f"localhost:{untrusting.port}"))
+        resp, _ = rawws.read_http_response(s, 10)
+    finally:
+        s.close()
+    assert resp.status == 502, resp
+    assert b"certificate" in resp.body, resp.body
