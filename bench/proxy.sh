@@ -190,6 +190,13 @@ cpu_ticks() {
         sed 's/^.*) //' | awk '{ s += $12 + $13 } END { print s + 0 }'
 }
 
+# The machine's CPU time taken by the hypervisor (steal) and all CPU time so
+# far, in clock ticks: "STEAL TOTAL". On a shared VM, steal is why a cell
+# can come out at half speed for every contender alike.
+steal_total() {
+    awk '/^cpu / { t = 0; for (i = 2; i <= 9; i++) t += $i; print $9, t }' /proc/stat
+}
+
 # Sum of VmRSS (KiB) of PID and its children (nginx's workers).
 rss_tree() {
     local pids
@@ -232,7 +239,8 @@ done
 RAW=$OUT/raw.csv
 # cpu_ticks: CPU the contender (for "direct": the backend) used during the
 # cell, warm-up included.
-echo "round,test,contender,value,value2,cpu_ticks,output" >"$RAW"
+echo "round,test,contender,value,value2,cpu_ticks,steal_ticks,output" >"$RAW"
+read -r STEAL0 TOTAL0 < <(steal_total)
 CONTENDERS=(wsgate nginx haproxy direct)
 # test id | wsbench flags
 TESTS=(
@@ -253,22 +261,25 @@ for ((r = 0; r < ROUNDS; r++)); do
         read -r -a flags <<<"${t#*|}"
         for c in "${order[@]}"; do
             t0=$(cpu_ticks "${PID[$c]}")
+            read -r s0 _ < <(steal_total)
             line=$("$WSBENCH" "$LOAD" --target "ws://127.0.0.1:${PORT[$c]}/" "${flags[@]}" \
                 --warmup "$WARMUP" --duration "$DURATION" 2>>"$OUT/wsbench.log") ||
                 line="error: see wsbench.log"
             t1=$(cpu_ticks "${PID[$c]}")
+            read -r s1 _ < <(steal_total)
             v1=$(awk '{ print ($1 == "p50") ? $2 : $1 }' <<<"$line")
             v2=""
             case "$id" in
             latency) v2=$(awk '{ print $5 }' <<<"$line") ;;
             handshakes) v2=$(sed -n 's/.*(\([0-9]*\) errors).*/\1/p' <<<"$line") ;;
             esac
-            echo "$((r + 1)),$id,$c,$v1,$v2,$((t1 - t0)),\"$line\"" >>"$RAW"
+            echo "$((r + 1)),$id,$c,$v1,$v2,$((t1 - t0)),$((s1 - s0)),\"$line\"" >>"$RAW"
             printf '   %-10s %-8s %s\n' "$id" "$c" "$line" >&2
         done
     done
 done
 
+read -r STEAL1 TOTAL1 < <(steal_total)
 # The measuring proxies are done: (d) starts fresh ones.
 for c in wsgate nginx haproxy; do stop_group "${PID[$c]}"; done
 
@@ -317,6 +328,8 @@ echo "$(cut -d' ' -f1-3 /proc/loadavg)" >"$RUN/load_after"
 {
     cat "$OUT/meta.txt"
     echo "load average: $LOAD_BEFORE before, $(cat "$RUN/load_after") after"
+    awk -v s="$((STEAL1 - STEAL0))" -v t="$((TOTAL1 - TOTAL0))" \
+        'BEGIN { printf "steal (CPU time the hypervisor took) while (a)-(e) ran: %.1f%%\n", t ? 100 * s / t : 0 }' 
 } >"$OUT/meta.tmp" && mv "$OUT/meta.tmp" "$OUT/meta.txt"
 
 # ---------------------------------------------------------------- table
