@@ -123,7 +123,8 @@ pub(crate) struct Inner {
     conn_committed: usize,
     /// The part of `conn_committed` due to auto-tuning (windows above
     /// `initial_window`); kept at or under half of `max_session_memory`, so
-    /// grown windows can never crowd out new streams.
+    /// grown windows never take the other half: new streams always have room
+    /// for `max_session_memory / 2 / initial_window` initial windows.
     conn_grown: usize,
     rtt: Option<Duration>,
 }
