@@ -9,6 +9,7 @@ use crate::transport::{Message, Transport};
 use bytes::{Bytes, BytesMut};
 use std::collections::{HashMap, VecDeque};
 use std::future::{poll_fn, Future};
+use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
@@ -553,6 +554,9 @@ struct Driver<T> {
     /// When the last message arrived from the peer.
     last_rx: Instant,
     need_flush: bool,
+    /// A send that failed, judged once reading has caught up or by the
+    /// deadline (see [`Driver::send_failed`]).
+    send_error: Option<(io::Error, Pin<Box<Sleep>>)>,
 }
 
 impl<T: Transport> Driver<T> {
@@ -593,7 +597,8 @@ impl<T: Transport> Driver<T> {
                     return Poll::Ready(());
                 }
                 Poll::Ready(Some(Err(e))) => {
-                    self.fail(Error::Transport(Arc::new(e)));
+                    let err = self.transport_error(e);
+                    self.fail(err);
                     return Poll::Ready(());
                 }
                 Poll::Ready(Some(Ok(msg))) => {
@@ -637,6 +642,17 @@ impl<T: Transport> Driver<T> {
         }
 
         // 3. Outgoing messages.
+        if let Some((_, deadline)) = &mut self.send_error {
+            // Sending failed: nothing more is sent; reading goes on until it
+            // ends the session, or until the deadline.
+            if deadline.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let (e, _) = self.send_error.take().expect("checked above");
+            let err = self.transport_error(e);
+            self.fail(err);
+            return Poll::Ready(());
+        }
         let mut sent = 0;
         loop {
             if sent == WRITE_BUDGET {
@@ -645,27 +661,20 @@ impl<T: Transport> Driver<T> {
             }
             match self.transport.poll_ready(cx) {
                 Poll::Pending => break,
-                Poll::Ready(Err(e)) => {
-                    self.fail(Error::Transport(Arc::new(e)));
-                    return Poll::Ready(());
-                }
+                Poll::Ready(Err(e)) => return self.send_failed(cx, e),
                 Poll::Ready(Ok(())) => {}
             }
             let next = self.shared.lock().next_frame(Instant::now());
             let Some(msg) = next else { break };
             if let Err(e) = self.transport.start_send(msg) {
-                self.fail(Error::Transport(Arc::new(e)));
-                return Poll::Ready(());
+                return self.send_failed(cx, e);
             }
             sent += 1;
         }
         if sent > 0 || self.need_flush {
             match self.transport.poll_flush(cx) {
                 Poll::Ready(Ok(())) => self.need_flush = false,
-                Poll::Ready(Err(e)) => {
-                    self.fail(Error::Transport(Arc::new(e)));
-                    return Poll::Ready(());
-                }
+                Poll::Ready(Err(e)) => return self.send_failed(cx, e),
                 Poll::Pending => self.need_flush = true,
             }
         }
@@ -679,6 +688,36 @@ impl<T: Transport> Driver<T> {
             cx.waker().wake_by_ref();
         }
         Poll::Pending
+    }
+
+    /// A send failed. A peer that closes its transport right after its GOAWAY
+    /// and WebSocket close makes a send of ours fail (EPIPE) while those
+    /// messages may still wait to be read. So the failure is judged later:
+    /// reading goes on (for at most `close_timeout`), and ends the session as
+    /// `TransportClosed` when it reaches the close; otherwise the error is
+    /// judged with what reading learnt (see [`Driver::transport_error`]).
+    fn send_failed(&mut self, cx: &mut Context<'_>, e: io::Error) -> Poll<()> {
+        let limit = self.shared.lock().cfg.close_timeout;
+        self.send_error = Some((e, Box::pin(tokio::time::sleep(limit))));
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// The session's error for a failed transport: after the peer's GOAWAY,
+    /// the transport going away (broken pipe, reset) is the expected end —
+    /// `TransportClosed`, as a clean close would be — not a failure.
+    fn transport_error(&self, e: io::Error) -> Error {
+        let gone = matches!(
+            e.kind(),
+            io::ErrorKind::BrokenPipe
+                | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::ConnectionAborted
+        );
+        if gone && self.shared.lock().peer_goaway {
+            Error::TransportClosed
+        } else {
+            Error::Transport(Arc::new(e))
+        }
     }
 
     fn poll_keepalive(&mut self, cx: &mut Context<'_>) -> Result<()> {
@@ -852,6 +891,7 @@ impl Session {
             timer_at: now,
             last_rx: now,
             need_flush: false,
+            send_error: None,
         };
         tokio::spawn(run_driver(driver));
         Session { shared }
