@@ -514,7 +514,7 @@ impl Proxy {
         let started = Instant::now();
         let lease = pool.pick().ok_or(BackendError::Unavailable)?;
         let addr = lease.backend.addr.clone();
-        let mut tcp = match tokio::time::timeout(
+        let mut conn = match tokio::time::timeout(
             self.connect_timeout,
             crate::backend::connect(&addr, &self.tls),
         )
@@ -586,10 +586,10 @@ impl Proxy {
         buf.extend_from_slice(b"\r\n");
 
         let answer = tokio::time::timeout(self.answer_timeout, async {
-            tcp.write_all(&buf).await?;
-            tcp.flush().await?;
+            conn.write_all(&buf).await?;
+            conn.flush().await?;
             buf.clear();
-            read_response_head(&mut tcp, &mut buf).await
+            read_response_head(&mut conn, &mut buf).await
         })
         .await;
         let head = match answer {
@@ -617,7 +617,7 @@ impl Proxy {
                 .map_err(|e| BackendError::Bad(format!("backend {addr}: {e}")))?;
             let mut out = Response::new(
                 RelayedBody {
-                    io: tcp,
+                    io: conn,
                     buf,
                     framing,
                     chunked: http1::ChunkedDecoder::default(),
@@ -665,7 +665,7 @@ impl Proxy {
         Ok(Ok((
             out,
             BackendWebSocket {
-                io: tcp,
+                io: conn,
                 // Copied out (rarely anything): the read buffer is freed now.
                 leftover: Bytes::copy_from_slice(&buf),
                 lease,
@@ -678,7 +678,7 @@ impl Proxy {
 /// Reads a backend's answer head into `buf` (informational answers other
 /// than 101 are skipped); on return `buf` holds what followed the head.
 async fn read_response_head(
-    tcp: &mut BackendIo,
+    conn: &mut BackendIo,
     buf: &mut BytesMut,
 ) -> std::io::Result<http::response::Parts> {
     use std::io::{Error, ErrorKind};
@@ -696,7 +696,7 @@ async fn read_response_head(
             Err(e) => return Err(Error::new(ErrorKind::InvalidData, e)),
         }
         buf.reserve(4096);
-        if tcp.read_buf(buf).await? == 0 {
+        if conn.read_buf(buf).await? == 0 {
             return Err(Error::new(
                 ErrorKind::UnexpectedEof,
                 "closed the connection before answering the handshake",
