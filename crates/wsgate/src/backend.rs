@@ -6,15 +6,13 @@
 //! When every backend is ejected, `pick` finds none and the gateway answers 503.
 
 use std::fmt;
-use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+use tokio_util::either::Either;
 
 use prometheus_client::metrics::histogram::Histogram;
 use std::time::{Duration, Instant};
@@ -290,59 +288,15 @@ async fn probe(addr: &BackendAddr, path: &str, tls: &TlsConnector) -> std::io::R
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP answer"))
 }
 
-/// A connection to a backend: plain TCP, or TLS over it.
-pub enum BackendIo {
-    Tcp(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
+/// A connection to a backend: plain TCP, or TLS over it (`Either` reads and
+/// writes through whichever it holds).
+pub type BackendIo = Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
 
-impl BackendIo {
-    /// The connection as the relays take it: plain TCP is read on readiness.
-    pub fn into_relay_io(self) -> crate::relay::ClientIo {
-        match self {
-            BackendIo::Tcp(s) => crate::relay::ClientIo::Tcp(s),
-            BackendIo::Tls(s) => crate::relay::ClientIo::Io(s),
-        }
-    }
-}
-
-impl AsyncRead for BackendIo {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            BackendIo::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            BackendIo::Tls(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for BackendIo {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            BackendIo::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            BackendIo::Tls(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            BackendIo::Tcp(s) => Pin::new(s).poll_flush(cx),
-            BackendIo::Tls(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            BackendIo::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            BackendIo::Tls(s) => Pin::new(s).poll_shutdown(cx),
-        }
+/// The connection as the relays take it: plain TCP is read on readiness.
+pub fn into_relay_io(io: BackendIo) -> crate::relay::ClientIo {
+    match io {
+        Either::Left(s) => crate::relay::ClientIo::Tcp(s),
+        Either::Right(s) => crate::relay::ClientIo::Io(s),
     }
 }
 
@@ -355,7 +309,7 @@ impl AsyncWrite for BackendIo {
 pub async fn connect(addr: &BackendAddr, tls: &TlsConnector) -> std::io::Result<BackendIo> {
     let tcp = connect_tcp(&addr.host, addr.port).await?;
     if !addr.tls {
-        return Ok(BackendIo::Tcp(tcp));
+        return Ok(Either::Left(tcp));
     }
     let name = rustls::pki_types::ServerName::try_from(addr.host.clone()).map_err(|_| {
         std::io::Error::new(
@@ -367,7 +321,7 @@ pub async fn connect(addr: &BackendAddr, tls: &TlsConnector) -> std::io::Result<
         .connect(name, tcp)
         .await
         .map_err(|e| std::io::Error::new(e.kind(), format!("TLS handshake failed: {e}")))?;
-    Ok(BackendIo::Tls(Box::new(s)))
+    Ok(Either::Right(Box::new(s)))
 }
 
 async fn connect_tcp(host: &str, port: u16) -> std::io::Result<TcpStream> {

@@ -267,7 +267,7 @@ impl Opened {
                             leftover,
                         },
                         passthrough::Side {
-                            io: backend.io.into_relay_io(),
+                            io: crate::backend::into_relay_io(backend.io),
                             leftover: backend.leftover,
                         },
                         settings,
