@@ -302,3 +302,29 @@ fn check_names_the_backend_tls_key_of_a_bad_file() {
     assert!(err.contains("backend_tls.ca"), "{err}");
     assert!(err.contains("missing.pem"), "{err}");
 }
+
+#[test]
+fn a_bad_backend_ca_flag_is_refused_before_listening() {
+    let dir = tempfile::tempdir().unwrap();
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate\n").unwrap();
+    for ca in [garbage.to_str().unwrap(), "/nonexistent/ca.pem"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wsgate"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--to",
+                "wss://localhost:9443",
+                "--backend-ca",
+                ca,
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--backend-ca"), "{err}");
+        assert!(err.contains(ca), "{err}");
+        assert!(out.stdout.is_empty(), "nothing announced");
+    }
+}
