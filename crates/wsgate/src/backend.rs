@@ -103,13 +103,17 @@ impl FromStr for Balance {
     }
 }
 
-/// One backend and its live state.
+/// One backend and its live state. Every worker leases it on each
+/// connection: aligned, so that the reference count of its `Arc` is not in
+/// a cache line with the fields every handshake reads, and the connection
+/// count in one of its own.
 #[derive(Debug)]
+#[repr(align(128))]
 pub struct Backend {
     pub addr: BackendAddr,
     /// `addr` as text, for metrics labels and logs.
     pub label: String,
-    active: AtomicUsize,
+    active: crossbeam_utils::CachePadded<AtomicUsize>,
     /// Milliseconds since the pool's epoch until which it is ejected (0: not).
     ejected_until: AtomicU64,
     /// Health last put in `wsgate_backend_up`: 0 never, 1 up, 2 down.
@@ -128,7 +132,9 @@ impl Backend {
     /// `wsgate_backend_up` gauge shows (so only changes touch the registry).
     pub fn health_changed(&self, up: bool) -> bool {
         let v = if up { 1 } else { 2 };
-        self.reported.swap(v, Ordering::Relaxed) != v
+        // Read first: on every handshake the answer is "no change", and a
+        // read keeps the cache line shared between the workers.
+        self.reported.load(Ordering::Relaxed) != v && self.reported.swap(v, Ordering::Relaxed) != v
     }
 }
 
@@ -163,7 +169,7 @@ impl Pool {
                     Arc::new(Backend {
                         label: addr.to_string(),
                         addr,
-                        active: AtomicUsize::new(0),
+                        active: Default::default(),
                         ejected_until: AtomicU64::new(0),
                         reported: AtomicU8::new(0),
                         latency: OnceLock::new(),
@@ -196,6 +202,8 @@ impl Pool {
         let up = |b: &&Arc<Backend>| b.ejected_until.load(Ordering::Relaxed) <= now;
         let n = self.backends.len();
         let chosen = match self.balance {
+            // One backend: no shared counter to bump.
+            _ if n == 1 => self.backends.first().filter(up),
             Balance::RoundRobin => {
                 let start = self.next.fetch_add(1, Ordering::Relaxed);
                 (0..n)
@@ -223,7 +231,10 @@ impl Pool {
 
     /// A success: back in rotation.
     pub fn readmit(&self, b: &Backend) {
-        b.ejected_until.store(0, Ordering::Relaxed);
+        // Written only when ejected: see `Backend::health_changed`.
+        if b.ejected_until.load(Ordering::Relaxed) != 0 {
+            b.ejected_until.store(0, Ordering::Relaxed);
+        }
     }
 }
 
@@ -324,6 +335,75 @@ pub async fn connect(addr: &BackendAddr, tls: &TlsConnector) -> std::io::Result<
     Ok(Either::Right(Box::new(s)))
 }
 
+/// [`connect`] for a backend that is sent `first` at once (a handshake's
+/// request head). To a plain TCP backend, the send is tried as soon as
+/// `connect(2)` returns, before waiting for the connection to be writable:
+/// where the connection is already established by then (loopback, whose
+/// handshake completes within the call), the request leaves without a trip
+/// through the event loop and without the `SO_ERROR` check; elsewhere the
+/// send would block and this waits as [`connect`] does. Returns the
+/// connection and how much of `first` went out (TLS: none).
+pub async fn connect_sending(
+    addr: &BackendAddr,
+    tls: &TlsConnector,
+    first: &[u8],
+) -> std::io::Result<(BackendIo, usize)> {
+    if addr.tls {
+        return Ok((connect(addr, tls).await?, 0));
+    }
+    let mut last = None;
+    for sa in tokio::net::lookup_host((addr.host.as_str(), addr.port)).await? {
+        match connect_tcp_sending(sa, first).await {
+            Ok((s, n)) => return Ok((Either::Left(s), n)),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| no_address(&addr.host)))
+}
+
+async fn connect_tcp_sending(
+    sa: std::net::SocketAddr,
+    first: &[u8],
+) -> std::io::Result<(TcpStream, usize)> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    use std::io::ErrorKind;
+    let socket = Socket::new(
+        Domain::for_address(sa),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
+    socket.set_tcp_nodelay(true)?;
+    #[cfg(target_os = "linux")]
+    let _ = socket.set_tcp_quickack(false);
+    match socket.connect(&sa.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    // Still connecting: EAGAIN. Refused or unreachable: that error.
+    let sent = match socket.send_with_flags(first, libc::MSG_NOSIGNAL) {
+        Ok(n) => Some(n),
+        Err(e) if e.kind() == ErrorKind::WouldBlock => None,
+        Err(e) => return Err(e),
+    };
+    let stream = TcpStream::from_std(socket.into())?;
+    if let Some(n) = sent {
+        return Ok((stream, n));
+    }
+    stream.writable().await?;
+    match stream.take_error()? {
+        Some(e) => Err(e),
+        None => Ok((stream, 0)),
+    }
+}
+
+fn no_address(host: &str) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::NotFound,
+        format!("{host} resolves to no address"),
+    )
+}
+
 async fn connect_tcp(host: &str, port: u16) -> std::io::Result<TcpStream> {
     let mut last = None;
     for addr in tokio::net::lookup_host((host, port)).await? {
@@ -340,12 +420,7 @@ async fn connect_tcp(host: &str, port: u16) -> std::io::Result<TcpStream> {
             Err(e) => last = Some(e),
         }
     }
-    Err(last.unwrap_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            format!("{host} resolves to no address"),
-        )
-    }))
+    Err(last.unwrap_or_else(|| no_address(host)))
 }
 
 #[cfg(test)]

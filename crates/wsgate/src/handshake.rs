@@ -27,8 +27,13 @@ pub fn empty() -> Body {
 /// Which kind of WebSocket handshake a request is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Upgrade {
-    /// HTTP/1.1 `GET` + `Upgrade: websocket`; answered with 101.
-    H1 { key: String, accept: String },
+    /// HTTP/1.1 `GET` + `Upgrade: websocket`; answered with 101. The key is
+    /// the client's own header value (shared, not copied); the accept is
+    /// computed once, and a proxy that forwards the key expects it back.
+    H1 {
+        key: HeaderValue,
+        accept: HeaderValue,
+    },
     /// HTTP/2 extended CONNECT with `:protocol = websocket` (RFC 8441); answered with 200.
     H2,
 }
@@ -120,12 +125,13 @@ pub fn validate(parts: &Parts) -> Result<Upgrade, Box<Response<Body>>> {
         };
     }
     let key = validate_h1(parts)?;
-    let accept = wsframe::handshake::accept_key(key.as_bytes());
+    let accept = HeaderValue::try_from(wsframe::handshake::accept_key(key.as_bytes()))
+        .expect("base64 is a valid header value");
     Ok(Upgrade::H1 { key, accept })
 }
 
 /// Checks an HTTP/1.1 WebSocket handshake; returns its `Sec-WebSocket-Key`.
-fn validate_h1(parts: &Parts) -> Result<String, Box<Response<Body>>> {
+fn validate_h1(parts: &Parts) -> Result<HeaderValue, Box<Response<Body>>> {
     let bad = |why: &str| Box::new(text(StatusCode::BAD_REQUEST, why));
     if parts.method != Method::GET {
         let mut r = text(
@@ -159,7 +165,7 @@ fn validate_h1(parts: &Parts) -> Result<String, Box<Response<Body>>> {
             "invalid Sec-WebSocket-Key (must be base64 of 16 bytes)",
         ));
     }
-    Ok(key.to_str().unwrap_or_default().to_string())
+    Ok(key.clone())
 }
 
 /// The success answer: `101 Switching Protocols` over HTTP/1.1, `200` for an
@@ -169,21 +175,29 @@ pub fn accepted(
     protocol: Option<&str>,
     extensions: Option<&HeaderValue>,
 ) -> Response<Body> {
-    let mut b = match upgrade {
-        Upgrade::H1 { accept, .. } => Response::builder()
-            .status(StatusCode::SWITCHING_PROTOCOLS)
-            .header(header::UPGRADE, "websocket")
-            .header(header::CONNECTION, "Upgrade")
-            .header(header::SEC_WEBSOCKET_ACCEPT, accept.as_str()),
-        Upgrade::H2 => Response::builder().status(StatusCode::OK),
-    };
-    if let Some(p) = protocol {
-        b = b.header(header::SEC_WEBSOCKET_PROTOCOL, p);
+    // On the path of every handshake: built in place (no `Builder`, whose
+    // `Result`-wrapped parts move at every step), static values shared.
+    let mut r = Response::new(empty());
+    let h = r.headers_mut();
+    h.reserve(6);
+    match upgrade {
+        Upgrade::H1 { accept, .. } => {
+            *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            let h = r.headers_mut();
+            h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+            h.insert(header::SEC_WEBSOCKET_ACCEPT, accept.clone());
+        }
+        Upgrade::H2 => *r.status_mut() = StatusCode::OK,
+    }
+    let h = r.headers_mut();
+    if let Some(p) = protocol.and_then(|p| HeaderValue::from_str(p).ok()) {
+        h.insert(header::SEC_WEBSOCKET_PROTOCOL, p);
     }
     if let Some(e) = extensions {
-        b = b.header(header::SEC_WEBSOCKET_EXTENSIONS, e);
+        h.insert(header::SEC_WEBSOCKET_EXTENSIONS, e.clone());
     }
-    b.body(empty()).expect("valid response")
+    r
 }
 
 #[cfg(test)]

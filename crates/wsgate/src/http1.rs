@@ -40,15 +40,26 @@ fn version(minor: Option<u8>) -> Version {
     }
 }
 
-fn headers_from(raw: &[httparse::Header<'_>]) -> Result<HeaderMap, HeadError> {
+/// The header table of a head parsed from `buf`: each value is a slice of
+/// `buf` (shared, not copied: one allocation per head instead of one per
+/// value, on the path of every handshake).
+fn headers_from(raw: &[httparse::Header<'_>], buf: &Bytes) -> Result<HeaderMap, HeadError> {
     let mut map = HeaderMap::with_capacity(raw.len());
     for h in raw {
         let name =
             HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| HeadError::Invalid("name"))?;
-        let value = HeaderValue::from_bytes(h.value).map_err(|_| HeadError::Invalid("value"))?;
+        let value = HeaderValue::from_maybe_shared(buf.slice_ref(h.value))
+            .map_err(|_| HeadError::Invalid("value"))?;
         map.append(name, value);
     }
     Ok(map)
+}
+
+/// A buffer frozen to parse a head from (see [`parse_request`]) back as a
+/// `BytesMut` to read more into: no copy while nothing else refers to it.
+pub fn unfreeze(buf: Bytes) -> BytesMut {
+    buf.try_into_mut()
+        .unwrap_or_else(|shared| BytesMut::from(&shared[..]))
 }
 
 /// The length of a complete head; `None` while incomplete. A head longer
@@ -62,11 +73,12 @@ fn head_len(status: httparse::Status<usize>, buffered: usize) -> Result<Option<u
 }
 
 /// Parses a request head at the start of `buf`: `Ok(None)` while incomplete,
-/// else the head and its length in bytes.
-pub fn parse_request(buf: &[u8]) -> Result<Option<(request::Parts, usize)>, HeadError> {
-    let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut raw);
-    let Some(len) = head_len(req.parse(buf)?, buf.len())? else {
+/// else the head and its length in bytes. Header values refer to `buf`.
+pub fn parse_request(buf: &Bytes) -> Result<Option<(request::Parts, usize)>, HeadError> {
+    // Uninitialised: the 4 KiB of empty headers need no writing per parse.
+    let mut raw = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let Some(len) = head_len(req.parse_with_uninit_headers(buf, &mut raw)?, buf.len())? else {
         return Ok(None);
     };
     let (mut parts, ()) = Request::new(()).into_parts();
@@ -78,22 +90,24 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(request::Parts, usize)>, Head
         .parse::<Uri>()
         .map_err(|_| HeadError::Invalid("request target"))?;
     parts.version = version(req.version);
-    parts.headers = headers_from(req.headers)?;
+    parts.headers = headers_from(req.headers, buf)?;
     Ok(Some((parts, len)))
 }
 
 /// Parses a response head at the start of `buf`, like [`parse_request`].
-pub fn parse_response(buf: &[u8]) -> Result<Option<(response::Parts, usize)>, HeadError> {
-    let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut raw);
-    let Some(len) = head_len(resp.parse(buf)?, buf.len())? else {
+pub fn parse_response(buf: &Bytes) -> Result<Option<(response::Parts, usize)>, HeadError> {
+    let mut raw = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let status = httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut resp, buf, &mut raw)?;
+    let Some(len) = head_len(status, buf.len())? else {
         return Ok(None);
     };
     let (mut parts, ()) = Response::new(()).into_parts();
     parts.status = StatusCode::from_u16(resp.code.unwrap_or_default())
         .map_err(|_| HeadError::Invalid("status"))?;
     parts.version = version(resp.version);
-    parts.headers = headers_from(resp.headers)?;
+    parts.headers = headers_from(resp.headers, buf)?;
     Ok(Some((parts, len)))
 }
 
@@ -293,6 +307,14 @@ impl ChunkedDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn parse_request(b: &[u8]) -> Result<Option<(request::Parts, usize)>, HeadError> {
+        super::parse_request(&Bytes::copy_from_slice(b))
+    }
+
+    fn parse_response(b: &[u8]) -> Result<Option<(response::Parts, usize)>, HeadError> {
+        super::parse_response(&Bytes::copy_from_slice(b))
+    }
 
     #[test]
     fn request_heads() {

@@ -429,6 +429,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Aligned, and with `open` padded: every admitted WebSocket, on any worker,
+/// bumps the `Arc`'s count and `open`; the rest is read on every handshake.
+#[repr(align(128))]
 struct Inner {
     origin: Instant,
     gcra: Option<Gcra>,
@@ -438,7 +441,7 @@ struct Inner {
     per_ip_max: Option<usize>,
     conn_shards: Box<[Mutex<HashMap<ClientKey, usize>>]>,
     max_connections: usize,
-    open: AtomicUsize,
+    open: crossbeam_utils::CachePadded<AtomicUsize>,
     config: AdmissionConfig,
     max_tracked: usize,
 }
@@ -518,7 +521,7 @@ impl Admission {
                 per_ip_max: cfg.per_ip_max_connections,
                 conn_shards: (0..shards).map(|_| Mutex::default()).collect(),
                 max_connections: cfg.max_connections,
-                open: AtomicUsize::new(0),
+                open: Default::default(),
                 config: cfg,
                 max_tracked,
             }),

@@ -46,18 +46,21 @@
 //!
 //! # Hot paths
 //!
-//! The recording methods look their series up by label (a short lock and a
-//! `String` for the route): fine once per connection. Per-chunk recording
-//! uses a handle resolved once: [`Metrics::byte_counter`] gives a
+//! The recording methods of [`Metrics`] look their series up by label (a
+//! lock shared by every worker and a `String` for the route). Every proxied
+//! or bridged WebSocket instead goes through its route's [`RouteSeries`],
+//! which the gateway makes once per route and which keeps each series once
+//! looked up: its opening, bytes and close cost atomic adds. Per-chunk
+//! recording uses a handle resolved once: [`Metrics::byte_counter`] gives a
 //! [`ByteCounter`] whose [`add`](ByteCounter::add) is one atomic add.
-//! [`Metrics::websocket`] gives an [`OpenWebSocket`] guard that records the
-//! open and, exactly once, the close — with code `none` if it is dropped
-//! without [`OpenWebSocket::close`] — so the gauge cannot drift on early
-//! returns.
+//! [`RouteSeries::websocket`] (and [`Metrics::websocket`]) give an
+//! [`OpenWebSocket`] guard that records the open and, exactly once, the
+//! close — with code `none` if it is dropped without
+//! [`OpenWebSocket::close`] — so the gauge cannot drift on early returns.
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -214,7 +217,7 @@ struct Inner {
     backend_up: Family<BackendLabels, Gauge>,
     backend_latency: LatencyFamily,
     tracked_clients: Gauge,
-    worker_connections: Family<WorkerLabels, Gauge>,
+    worker_connections: Family<WorkerLabels, WorkerGauge>,
 }
 
 /// The gateway's metrics: a cheap-to-clone handle on one registry.
@@ -305,7 +308,7 @@ impl Metrics {
 
     /// The `wsgate_worker_connections` gauge of worker `worker`, for the
     /// worker to count its connections on (and to balance by).
-    pub fn worker_connections(&self, worker: usize) -> Gauge {
+    pub fn worker_connections(&self, worker: usize) -> WorkerGauge {
         let labels = WorkerLabels {
             worker: u32::try_from(worker).unwrap_or(u32::MAX),
         };
@@ -338,16 +341,9 @@ impl Metrics {
 
     /// Records the opening of a WebSocket and returns the guard that records
     /// its close; see [`OpenWebSocket`].
+    /// (The gateway keeps a [`RouteSeries`] per route instead.)
     pub fn websocket(&self, route: &str, http_version: HttpVersion) -> OpenWebSocket {
-        let labels = ws_labels(route, http_version);
-        let open = self.inner.ws_open.get_or_create(&labels).clone();
-        open.inc();
-        self.inner.ws_opened.get_or_create(&labels).inc();
-        OpenWebSocket {
-            metrics: self.clone(),
-            open,
-            labels: Some(labels),
-        }
+        RouteSeries::new(self, route).websocket(http_version)
     }
 
     /// A plain HTTP request on `route` was answered with `status`.
@@ -448,26 +444,155 @@ impl ByteCounter {
     }
 }
 
+/// An `i64` in cache lines of its own. Each worker writes its gauge on
+/// every connection and reads the others' when it accepts; as separate
+/// small allocations they would sit side by side, and every write by one
+/// worker would evict the line another worker reads.
+#[derive(Debug, Default)]
+pub struct PaddedI64(crossbeam_utils::CachePadded<std::sync::atomic::AtomicI64>);
+
+impl prometheus_client::metrics::gauge::Atomic<i64> for PaddedI64 {
+    fn inc(&self) -> i64 {
+        self.inc_by(1)
+    }
+    fn inc_by(&self, v: i64) -> i64 {
+        self.0.fetch_add(v, std::sync::atomic::Ordering::Relaxed)
+    }
+    fn dec(&self) -> i64 {
+        self.dec_by(1)
+    }
+    fn dec_by(&self, v: i64) -> i64 {
+        self.0.fetch_sub(v, std::sync::atomic::Ordering::Relaxed)
+    }
+    fn set(&self, v: i64) -> i64 {
+        self.0.swap(v, std::sync::atomic::Ordering::Relaxed)
+    }
+    fn get(&self) -> i64 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// The `wsgate_worker_connections` gauge of one worker.
+pub type WorkerGauge = Gauge<i64, PaddedI64>;
+
+/// Close codes whose series a [`RouteSeries`] keeps: `none`, then 1000–1015.
+const KEPT_CLOSES: usize = 17;
+
+/// One route's WebSocket series, each looked up in the registry at most once
+/// and then kept: opening a WebSocket, counting its bytes and recording its
+/// close cost a few atomic adds instead of label lookups (a `String` and a
+/// lock shared by every worker, five times per WebSocket). A series is made
+/// on first use, so the exposition lists exactly the series that were used.
+/// Aligned so that the reference count, which every WebSocket's guard bumps,
+/// is not in a cache line with the slots that every handshake reads.
+#[derive(Debug)]
+#[repr(align(128))]
+pub struct RouteSeries {
+    metrics: Metrics,
+    route: String,
+    /// By HTTP version: the `open` gauge and the `opened` counter.
+    open: [OnceLock<(Gauge, Counter)>; 2],
+    /// By direction.
+    bytes: [OnceLock<Counter>; 2],
+    /// By HTTP version, then [`KEPT_CLOSES`] codes; others are looked up.
+    closes: [[OnceLock<Counter>; KEPT_CLOSES]; 2],
+}
+
+impl RouteSeries {
+    /// The series of `route`, none made yet.
+    pub fn new(metrics: &Metrics, route: &str) -> Arc<RouteSeries> {
+        Arc::new(RouteSeries {
+            metrics: metrics.clone(),
+            route: route.to_owned(),
+            open: Default::default(),
+            bytes: Default::default(),
+            closes: Default::default(),
+        })
+    }
+
+    fn open_pair(&self, v: HttpVersion) -> &(Gauge, Counter) {
+        self.open[v as usize].get_or_init(|| {
+            let labels = ws_labels(&self.route, v);
+            let m = &self.metrics.inner;
+            (
+                m.ws_open.get_or_create(&labels).clone(),
+                m.ws_opened.get_or_create(&labels).clone(),
+            )
+        })
+    }
+
+    /// Records a WebSocket's opening; the guard records its close.
+    pub fn websocket(self: &Arc<Self>, http_version: HttpVersion) -> OpenWebSocket {
+        let (open, opened) = self.open_pair(http_version);
+        open.inc();
+        opened.inc();
+        OpenWebSocket {
+            series: Some(self.clone()),
+            http_version,
+        }
+    }
+
+    /// `n` payload bytes went `direction`.
+    pub fn bytes(&self, direction: Direction, n: u64) {
+        self.bytes[direction as usize]
+            .get_or_init(|| self.metrics.byte_counter(&self.route, direction).0)
+            .inc_by(n);
+    }
+
+    fn closed(&self, v: HttpVersion, close_code: Option<u16>) {
+        self.open_pair(v).0.dec();
+        let kept = match close_code {
+            None => Some(0),
+            Some(c @ 1000..=1015) => Some(usize::from(c - 999)),
+            Some(_) => None,
+        };
+        let record = || {
+            self.metrics
+                .record_close(ws_labels(&self.route, v), close_code)
+        };
+        match kept {
+            Some(i) => {
+                self.closes[v as usize][i]
+                    .get_or_init(|| {
+                        let labels = CloseLabels {
+                            route: self.route.clone(),
+                            http_version: v,
+                            code: close_code.into(),
+                        };
+                        self.metrics.inner.ws_closes.get_or_create(&labels).clone()
+                    })
+                    .inc();
+            }
+            None => record(),
+        }
+    }
+}
+
 /// One open WebSocket as the metrics see it: counted open when made, closed
 /// exactly once — by [`close`](Self::close) with its code, or on drop with
 /// code `none`.
 #[derive(Debug)]
 pub struct OpenWebSocket {
-    metrics: Metrics,
-    open: Gauge,
-    labels: Option<WsLabels>,
+    series: Option<Arc<RouteSeries>>,
+    http_version: HttpVersion,
 }
 
 impl OpenWebSocket {
+    /// `n` payload bytes of this WebSocket went `direction`.
+    pub fn bytes(&self, direction: Direction, n: u64) {
+        if let Some(s) = &self.series {
+            s.bytes(direction, n);
+        }
+    }
+
     /// The WebSocket ended with `close_code` (`None`: no close frame).
     pub fn close(mut self, close_code: Option<u16>) {
         self.finish(close_code);
     }
 
     fn finish(&mut self, close_code: Option<u16>) {
-        if let Some(labels) = self.labels.take() {
-            self.open.dec();
-            self.metrics.record_close(labels, close_code);
+        if let Some(series) = self.series.take() {
+            series.closed(self.http_version, close_code);
         }
     }
 }

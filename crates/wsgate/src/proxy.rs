@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
@@ -511,40 +511,19 @@ impl Proxy {
         remote: SocketAddr,
         secure: bool,
     ) -> Result<Result<(Response<Body>, BackendWebSocket), Response<Body>>, BackendError> {
-        let started = Instant::now();
-        let lease = pool.pick().ok_or(BackendError::Unavailable)?;
-        let addr = lease.backend.addr.clone();
-        let mut conn = match tokio::time::timeout(
-            self.connect_timeout,
-            crate::backend::connect(&addr, &self.tls),
-        )
-        .await
-        {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                pool.eject(&lease.backend);
-                if lease.backend.health_changed(false) {
-                    self.metrics.backend_up(&lease.backend.label, false);
-                }
-                return Err(BackendError::Connect(format!(
-                    "backend {addr}: cannot connect: {e}"
-                )));
+        // The client's key goes on as it is, so the accept the backend must
+        // answer with is the one already computed for the client; RFC 8441
+        // carries no key, so one is made up for an h2 client.
+        let (key, expected) = match upgrade {
+            Upgrade::H1 { key, accept } => (key.clone(), accept.clone()),
+            Upgrade::H2 => {
+                let key = wsframe::handshake::generate_key();
+                let accept = wsframe::handshake::accept_key(key.as_bytes());
+                (
+                    HeaderValue::try_from(key).expect("base64 is a valid header value"),
+                    HeaderValue::try_from(accept).expect("base64 is a valid header value"),
+                )
             }
-            Err(_) => {
-                pool.eject(&lease.backend);
-                if lease.backend.health_changed(false) {
-                    self.metrics.backend_up(&lease.backend.label, false);
-                }
-                return Err(BackendError::Timeout(format!(
-                    "backend {addr}: connect timed out after {:?}",
-                    self.connect_timeout
-                )));
-            }
-        };
-
-        let key = match upgrade {
-            Upgrade::H1 { key, .. } => key.clone(),
-            Upgrade::H2 => wsframe::handshake::generate_key(),
         };
         // The request head is written straight from the client's headers: on
         // the path of every proxied handshake, no header table is built.
@@ -585,8 +564,41 @@ impl Proxy {
         }
         buf.extend_from_slice(b"\r\n");
 
+        let started = Instant::now();
+        let lease = pool.pick().ok_or(BackendError::Unavailable)?;
+        let addr = &lease.backend.addr;
+        // The request goes out with the connect where it can (see
+        // `connect_sending`); the rest of it within the answer timeout.
+        let (mut conn, sent) = match tokio::time::timeout(
+            self.connect_timeout,
+            crate::backend::connect_sending(addr, &self.tls, &buf),
+        )
+        .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                pool.eject(&lease.backend);
+                if lease.backend.health_changed(false) {
+                    self.metrics.backend_up(&lease.backend.label, false);
+                }
+                return Err(BackendError::Connect(format!(
+                    "backend {addr}: cannot connect: {e}"
+                )));
+            }
+            Err(_) => {
+                pool.eject(&lease.backend);
+                if lease.backend.health_changed(false) {
+                    self.metrics.backend_up(&lease.backend.label, false);
+                }
+                return Err(BackendError::Timeout(format!(
+                    "backend {addr}: connect timed out after {:?}",
+                    self.connect_timeout
+                )));
+            }
+        };
+
         let answer = tokio::time::timeout(self.answer_timeout, async {
-            conn.write_all(&buf).await?;
+            conn.write_all(&buf[sent..]).await?;
             conn.flush().await?;
             buf.clear();
             read_response_head(&mut conn, &mut buf).await
@@ -631,7 +643,6 @@ impl Proxy {
             }
             return Ok(Err(out));
         }
-        let expected = wsframe::handshake::accept_key(key.as_bytes());
         let accept_ok = head
             .headers
             .get(header::SEC_WEBSOCKET_ACCEPT)
@@ -683,17 +694,24 @@ async fn read_response_head(
 ) -> std::io::Result<http::response::Parts> {
     use std::io::{Error, ErrorKind};
     loop {
-        match http1::parse_response(buf) {
-            Ok(Some((head, len))) => {
-                buf.advance(len);
-                if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS
-                {
-                    continue;
+        if !buf.is_empty() {
+            // Frozen so that the header values can share it.
+            let read = std::mem::take(buf).freeze();
+            match http1::parse_response(&read) {
+                Ok(Some((head, len))) => {
+                    // What follows the head (rarely anything) is copied
+                    // out; the head's buffer lives as long as its values.
+                    *buf = BytesMut::from(&read[len..]);
+                    if head.status.is_informational()
+                        && head.status != StatusCode::SWITCHING_PROTOCOLS
+                    {
+                        continue;
+                    }
+                    return Ok(head);
                 }
-                return Ok(head);
+                Ok(None) => *buf = http1::unfreeze(read),
+                Err(e) => return Err(Error::new(ErrorKind::InvalidData, e)),
             }
-            Ok(None) => {}
-            Err(e) => return Err(Error::new(ErrorKind::InvalidData, e)),
         }
         buf.reserve(4096);
         if conn.read_buf(buf).await? == 0 {

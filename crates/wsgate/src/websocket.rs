@@ -22,7 +22,7 @@ use crate::discovery::Discovered;
 use crate::handshake::{self, Body, Upgrade};
 use crate::limits::Permit;
 use crate::listener::{Conn, Gateway};
-use crate::metrics::{Direction, HttpVersion, Metrics, OpenWebSocket};
+use crate::metrics::{Direction, HttpVersion, OpenWebSocket, RouteSeries};
 use crate::passthrough;
 use crate::proxy::BackendWebSocket;
 use crate::relay::{self, ClientIo};
@@ -45,9 +45,7 @@ pub enum Dispatch<'a> {
 /// socket.
 pub struct Opened {
     relay: Relay,
-    metrics: Metrics,
     open: OpenWebSocket,
-    route: String,
     shutdown: CancellationToken,
     span: Span,
     /// Held until the WebSocket ends: it counts against the limits.
@@ -184,11 +182,13 @@ impl Gateway {
                 (response, relay)
             }
         };
+        let open = match self.series.get(&route.name) {
+            Some(s) => s.websocket(http_version(&upgrade)),
+            None => RouteSeries::new(&self.metrics, &route.name).websocket(http_version(&upgrade)),
+        };
         let opened = Opened {
             relay,
-            metrics: self.metrics.clone(),
-            open: self.metrics.websocket(&route.name, http_version(&upgrade)),
-            route: route.name.clone(),
+            open,
             shutdown: self.worker_shutdown(c.worker),
             span,
             _permit: permit,
@@ -234,9 +234,7 @@ impl Opened {
     pub async fn run(self, client: ClientIo, leftover: Bytes) {
         let Opened {
             relay,
-            metrics,
             open,
-            route,
             shutdown,
             span,
             _permit,
@@ -286,8 +284,8 @@ impl Opened {
                     (o.bytes_up, o.bytes_down, o.injected)
                 }
             };
-            metrics.bytes(&route, Direction::ClientToUpstream, up);
-            metrics.bytes(&route, Direction::UpstreamToClient, down);
+            open.bytes(Direction::ClientToUpstream, up);
+            open.bytes(Direction::UpstreamToClient, down);
             open.close(close);
         }
         .instrument(span)

@@ -314,3 +314,65 @@ async fn a_burst_of_connections_is_balanced_over_the_workers() {
     );
     drop(open);
 }
+
+/// Proxies one WebSocket handshake to `backend` (with `connect_timeout`)
+/// and returns the gateway's whole answer (it closes the connection after).
+async fn handshake_to_backend(backend: &str, connect_timeout: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("gw.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[listener]]\naddress = \"127.0.0.1:0\"\n\n[limits]\nconnect_timeout = \"{connect_timeout}\"\n\n\
+             [[route]]\nproxy = \"ws://{backend}\"\n"
+        ),
+    )
+    .unwrap();
+    let gw = Gateway::start(&["serve", "--config", cfg.to_str().unwrap()]);
+    let mut s = TcpStream::connect(&gw.addr()).await.unwrap();
+    s.write_all(ws_request("/").as_bytes()).await.unwrap();
+    let answer = read_until(&mut s, |_| false).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// The backend's request is sent along with the connect where the connection
+/// is already up (loopback); where it is not, the gateway waits for it, and a
+/// connection that never comes up is a 504 after the connect timeout. A
+/// backend that refuses is a 502.
+#[tokio::test]
+async fn backend_that_never_connects_or_refuses() {
+    use socket2::{Domain, Socket, Type};
+    // Backlog 0 and never accepting: once the queue holds a connection, the
+    // kernel drops further SYNs, and a connect stays pending.
+    let full = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    full.bind(
+        &"127.0.0.1:0"
+            .parse::<std::net::SocketAddr>()
+            .unwrap()
+            .into(),
+    )
+    .unwrap();
+    full.listen(0).unwrap();
+    let addr = full.local_addr().unwrap().as_socket().unwrap();
+    let mut fillers = vec![];
+    for _ in 0..2 {
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        s.set_nonblocking(true).unwrap();
+        let _ = s.connect(&addr.into());
+        fillers.push(s);
+    }
+    let started = std::time::Instant::now();
+    let head = handshake_to_backend(&addr.to_string(), "400ms").await;
+    assert!(head.starts_with("HTTP/1.1 504"), "{head}");
+    assert!(head.contains("connect timed out"), "{head}");
+    assert!(started.elapsed() >= Duration::from_millis(400), "{head}");
+
+    // A port nobody listens on: refused at once.
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let head = handshake_to_backend(&format!("127.0.0.1:{port}"), "5s").await;
+    assert!(head.starts_with("HTTP/1.1 502"), "{head}");
+    assert!(head.contains("cannot connect"), "{head}");
+    drop(fillers);
+}
