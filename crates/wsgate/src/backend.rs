@@ -113,6 +113,9 @@ pub struct Backend {
     pub addr: BackendAddr,
     /// `addr` as text, for metrics labels and logs.
     pub label: String,
+    /// `addr` as a socket address when its host is an IP address (no
+    /// lookup, not even parsing, per connection).
+    pub ip_addr: Option<std::net::SocketAddr>,
     active: crossbeam_utils::CachePadded<AtomicUsize>,
     /// Milliseconds since the pool's epoch until which it is ejected (0: not).
     ejected_until: AtomicU64,
@@ -168,6 +171,11 @@ impl Pool {
                 .map(|addr| {
                     Arc::new(Backend {
                         label: addr.to_string(),
+                        ip_addr: addr
+                            .host
+                            .parse::<std::net::IpAddr>()
+                            .ok()
+                            .map(|ip| std::net::SocketAddr::new(ip, addr.port)),
                         addr,
                         active: Default::default(),
                         ejected_until: AtomicU64::new(0),
@@ -344,12 +352,17 @@ pub async fn connect(addr: &BackendAddr, tls: &TlsConnector) -> std::io::Result<
 /// send would block and this waits as [`connect`] does. Returns the
 /// connection and how much of `first` went out (TLS: none).
 pub async fn connect_sending(
-    addr: &BackendAddr,
+    backend: &Backend,
     tls: &TlsConnector,
     first: &[u8],
 ) -> std::io::Result<(BackendIo, usize)> {
+    let addr = &backend.addr;
     if addr.tls {
         return Ok((connect(addr, tls).await?, 0));
+    }
+    if let Some(sa) = backend.ip_addr {
+        let (s, n) = connect_tcp_sending(sa, first).await?;
+        return Ok((Either::Left(s), n));
     }
     let mut last = None;
     for sa in tokio::net::lookup_host((addr.host.as_str(), addr.port)).await? {

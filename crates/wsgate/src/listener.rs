@@ -431,7 +431,7 @@ impl Gateway {
     ) {
         let w = &self.workers[worker];
         // Registered once, not per connection.
-        let stop = w.shutdown.cancelled();
+        let stop = crate::relay::cancelled(&w.shutdown);
         tokio::pin!(stop);
         // What each connection's task holds of the gateway: a handle of this
         // worker's own, so that a connection's start and end touch a

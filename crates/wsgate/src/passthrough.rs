@@ -382,7 +382,7 @@ async fn run_halves(
         let mut finish_by: Option<Instant> = None;
         let lifetime_end = settings.max_lifetime.map(|l| epoch + l);
         // Registered once, not on every turn of the loop.
-        let stop = shutdown.cancelled();
+        let stop = crate::relay::cancelled(&shutdown);
         tokio::pin!(stop);
         while !(c2b_done && b2c_done) {
             let ms = |a: &AtomicU64| epoch + Duration::from_millis(a.load(Ordering::Relaxed));

@@ -571,7 +571,7 @@ impl Proxy {
         // `connect_sending`); the rest of it within the answer timeout.
         let (mut conn, sent) = match tokio::time::timeout(
             self.connect_timeout,
-            crate::backend::connect_sending(addr, &self.tls, &buf),
+            crate::backend::connect_sending(&lease.backend, &self.tls, &buf),
         )
         .await
         {

@@ -1035,6 +1035,27 @@ async fn finish(
 
 /// Reads and discards until the other side closes or the timeout, so closing
 /// our socket with unread bytes in it does not reset the connection.
+/// `token.cancelled()` for a `select!` that polls it on every wake-up of its
+/// task: the waiter is registered on the first poll only, and later polls
+/// read the token's flag (one atomic load) instead of taking the waiter
+/// list's lock to compare wakers — the task's own, which does not change.
+pub(crate) async fn cancelled(token: &CancellationToken) {
+    let mut wait = std::pin::pin!(token.cancelled());
+    let mut registered = false;
+    std::future::poll_fn(|cx| {
+        if registered {
+            return if token.is_cancelled() {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            };
+        }
+        registered = true;
+        std::future::Future::poll(wait.as_mut(), cx)
+    })
+    .await
+}
+
 pub(crate) async fn drain(src: &mut ConnReader<'_>, timeout: Duration) {
     let _ = tokio::time::timeout(timeout, async {
         let (mut scratch, mut hint) = (BytesMut::new(), FIRST_CHUNK);
