@@ -1069,3 +1069,38 @@ pub(crate) async fn drain(src: &mut ConnReader<'_>, timeout: Duration) {
     })
     .await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+
+    #[test]
+    fn cancelled_registers_once_and_still_completes() {
+        let token = CancellationToken::new();
+        let mut wait = std::pin::pin!(cancelled(&token));
+        let waker = Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        // Polled again and again while not cancelled: pending every time.
+        for _ in 0..3 {
+            assert!(wait.as_mut().poll(&mut cx).is_pending());
+        }
+        token.cancel();
+        assert_eq!(wait.as_mut().poll(&mut cx), Poll::Ready(()));
+    }
+
+    #[tokio::test]
+    async fn cancelling_wakes_a_task_waiting_on_it() {
+        let token = CancellationToken::new();
+        let t = token.clone();
+        let waiter = tokio::spawn(async move { cancelled(&t).await });
+        // Let the waiter register, then cancel: it must be woken and finish.
+        tokio::task::yield_now().await;
+        token.cancel();
+        tokio::time::timeout(Duration::from_secs(10), waiter)
+            .await
+            .expect("woken by the cancel")
+            .unwrap();
+    }
+}
