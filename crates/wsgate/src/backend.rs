@@ -326,7 +326,7 @@ pub fn into_relay_io(io: BackendIo) -> crate::relay::ClientIo {
 /// certificate verified for the host of the backend URL. ALPN offers
 /// `http/1.1` only (`tls` is built that way by the proxy).
 pub async fn connect(addr: &BackendAddr, tls: &TlsConnector) -> std::io::Result<BackendIo> {
-    let tcp = connect_tcp(&addr.host, addr.port).await?;
+    let (tcp, _) = connect_tcp(addr, None, &[]).await?;
     if !addr.tls {
         return Ok(Either::Left(tcp));
     }
@@ -356,25 +356,40 @@ pub async fn connect_sending(
     tls: &TlsConnector,
     first: &[u8],
 ) -> std::io::Result<(BackendIo, usize)> {
-    let addr = &backend.addr;
-    if addr.tls {
-        return Ok((connect(addr, tls).await?, 0));
+    if backend.addr.tls {
+        return Ok((connect(&backend.addr, tls).await?, 0));
     }
-    if let Some(sa) = backend.ip_addr {
-        let (s, n) = connect_tcp_sending(sa, first).await?;
-        return Ok((Either::Left(s), n));
+    let (tcp, sent) = connect_tcp(&backend.addr, backend.ip_addr, first).await?;
+    Ok((Either::Left(tcp), sent))
+}
+
+/// A TCP connection to `addr` (to `known` when its host is an IP address,
+/// else to each address it resolves to in turn), with `first` sent along as
+/// [`connect_sending`] describes. Returns how much of `first` went out.
+async fn connect_tcp(
+    addr: &BackendAddr,
+    known: Option<std::net::SocketAddr>,
+    first: &[u8],
+) -> std::io::Result<(TcpStream, usize)> {
+    if let Some(sa) = known {
+        return connect_one(sa, first).await;
     }
     let mut last = None;
     for sa in tokio::net::lookup_host((addr.host.as_str(), addr.port)).await? {
-        match connect_tcp_sending(sa, first).await {
-            Ok((s, n)) => return Ok((Either::Left(s), n)),
+        match connect_one(sa, first).await {
+            Ok(r) => return Ok(r),
             Err(e) => last = Some(e),
         }
     }
-    Err(last.unwrap_or_else(|| no_address(&addr.host)))
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{} resolves to no address", addr.host),
+        )
+    }))
 }
 
-async fn connect_tcp_sending(
+async fn connect_one(
     sa: std::net::SocketAddr,
     first: &[u8],
 ) -> std::io::Result<(TcpStream, usize)> {
@@ -394,10 +409,13 @@ async fn connect_tcp_sending(
         Err(e) => return Err(e),
     }
     // Still connecting: EAGAIN. Refused or unreachable: that error.
-    let sent = match socket.send_with_flags(first, libc::MSG_NOSIGNAL) {
-        Ok(n) => Some(n),
-        Err(e) if e.kind() == ErrorKind::WouldBlock => None,
-        Err(e) => return Err(e),
+    let sent = match first {
+        [] => None,
+        _ => match socket.send_with_flags(first, libc::MSG_NOSIGNAL) {
+            Ok(n) => Some(n),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => None,
+            Err(e) => return Err(e),
+        },
     };
     let stream = TcpStream::from_std(socket.into())?;
     if let Some(n) = sent {
@@ -408,32 +426,6 @@ async fn connect_tcp_sending(
         Some(e) => Err(e),
         None => Ok((stream, 0)),
     }
-}
-
-fn no_address(host: &str) -> std::io::Error {
-    std::io::Error::new(
-        std::io::ErrorKind::NotFound,
-        format!("{host} resolves to no address"),
-    )
-}
-
-async fn connect_tcp(host: &str, port: u16) -> std::io::Result<TcpStream> {
-    let mut last = None;
-    for addr in tokio::net::lookup_host((host, port)).await? {
-        let socket = if addr.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
-        } else {
-            tokio::net::TcpSocket::new_v6()?
-        };
-        socket.set_nodelay(true)?;
-        #[cfg(target_os = "linux")]
-        let _ = socket2::SockRef::from(&socket).set_tcp_quickack(false);
-        match socket.connect(addr).await {
-            Ok(s) => return Ok(s),
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(last.unwrap_or_else(|| no_address(host)))
 }
 
 #[cfg(test)]

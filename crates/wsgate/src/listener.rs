@@ -330,9 +330,10 @@ impl Gateway {
     ) {
         let w = &self.workers[i];
         for (s, tls, handshake_timeout) in listeners {
+            let l = mio::net::TcpListener::from_std(s);
             // SAFETY: the listener owns its descriptor, which stays open as
             // long as the `AsyncFd` holds it.
-            match unsafe { AsyncFd::register_with_interest(s, tokio::io::Interest::READABLE) } {
+            match unsafe { AsyncFd::register_with_interest(l, tokio::io::Interest::READABLE) } {
                 Ok(l) => {
                     let gw = self.clone();
                     w.tracker
@@ -425,7 +426,7 @@ impl Gateway {
     async fn accept_loop(
         self: Arc<Self>,
         worker: usize,
-        listener: AsyncFd<std::net::TcpListener>,
+        listener: AsyncFd<mio::net::TcpListener>,
         tls: Option<TlsAcceptor>,
         handshake_timeout: Duration,
     ) {
@@ -803,60 +804,20 @@ enum First {
     Other,
 }
 
-/// Accepts one connection when the listener has one: `accept4` with
-/// `SOCK_NONBLOCK` (no `fcntl` afterwards). The socket is not registered with
-/// the event loop yet; [`read_now`] may read it first.
+/// Accepts one connection when the listener has one. mio's accept is
+/// `accept4` with `SOCK_NONBLOCK | SOCK_CLOEXEC` and, unlike tokio's, leaves
+/// the socket unregistered: [`read_now`] may read it before it joins the
+/// event loop.
 async fn accept(
-    listener: &AsyncFd<std::net::TcpListener>,
+    listener: &AsyncFd<mio::net::TcpListener>,
 ) -> std::io::Result<(std::net::TcpStream, SocketAddr)> {
     loop {
         let mut ready = listener.readable().await?;
         // `try_io` clears the readiness on "would block": the next round waits.
-        if let Ok(r) = ready.try_io(|l| accept_nonblocking(l.get_ref())) {
-            return r;
+        if let Ok(r) = ready.try_io(|l| l.get_ref().accept()) {
+            return r.map(|(s, remote)| (s.into(), remote));
         }
     }
-}
-
-#[cfg(target_os = "linux")]
-fn accept_nonblocking(
-    l: &std::net::TcpListener,
-) -> std::io::Result<(std::net::TcpStream, SocketAddr)> {
-    use std::os::fd::{AsRawFd, FromRawFd};
-    // std and socket2 accept with SOCK_CLOEXEC only; a non-blocking socket
-    // straight from accept4 saves a syscall per connection (nginx does the same).
-    // SAFETY: socket2 hands a zeroed address buffer and its length to fill;
-    // the descriptor returned is new and owned by nobody else.
-    let (fd, addr) = unsafe {
-        socket2::SockAddr::try_init(|storage, len| {
-            let fd = libc::accept4(
-                l.as_raw_fd(),
-                storage.cast(),
-                len,
-                libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            );
-            if fd < 0 {
-                Err(std::io::Error::last_os_error())
-            } else {
-                Ok(fd)
-            }
-        })?
-    };
-    // SAFETY: as above.
-    let stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
-    let remote = addr
-        .as_socket()
-        .ok_or_else(|| std::io::Error::other("accepted a connection with no IP address"))?;
-    Ok((stream, remote))
-}
-
-#[cfg(not(target_os = "linux"))]
-fn accept_nonblocking(
-    l: &std::net::TcpListener,
-) -> std::io::Result<(std::net::TcpStream, SocketAddr)> {
-    let (s, remote) = l.accept()?;
-    s.set_nonblocking(true)?;
-    Ok((s, remote))
 }
 
 /// Reads what a just-accepted connection has already sent, before the

@@ -514,15 +514,15 @@ impl Proxy {
         // The client's key goes on as it is, so the accept the backend must
         // answer with is the one already computed for the client; RFC 8441
         // carries no key, so one is made up for an h2 client.
+        let made_up;
         let (key, expected) = match upgrade {
-            Upgrade::H1 { key, accept } => (key.clone(), accept.clone()),
+            Upgrade::H1 { key, accept } => (key, accept),
             Upgrade::H2 => {
                 let key = wsframe::handshake::generate_key();
                 let accept = wsframe::handshake::accept_key(key.as_bytes());
-                (
-                    HeaderValue::try_from(key).expect("base64 is a valid header value"),
-                    HeaderValue::try_from(accept).expect("base64 is a valid header value"),
-                )
+                made_up = [key, accept]
+                    .map(|v| HeaderValue::try_from(v).expect("base64 is a valid header value"));
+                (&made_up[0], &made_up[1])
             }
         };
         // The request head is written straight from the client's headers: on
@@ -576,24 +576,20 @@ impl Proxy {
         .await
         {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
+            failed => {
                 pool.eject(&lease.backend);
                 if lease.backend.health_changed(false) {
                     self.metrics.backend_up(&lease.backend.label, false);
                 }
-                return Err(BackendError::Connect(format!(
-                    "backend {addr}: cannot connect: {e}"
-                )));
-            }
-            Err(_) => {
-                pool.eject(&lease.backend);
-                if lease.backend.health_changed(false) {
-                    self.metrics.backend_up(&lease.backend.label, false);
-                }
-                return Err(BackendError::Timeout(format!(
-                    "backend {addr}: connect timed out after {:?}",
-                    self.connect_timeout
-                )));
+                return Err(match failed {
+                    Ok(Err(e)) => {
+                        BackendError::Connect(format!("backend {addr}: cannot connect: {e}"))
+                    }
+                    _ => BackendError::Timeout(format!(
+                        "backend {addr}: connect timed out after {:?}",
+                        self.connect_timeout
+                    )),
+                });
             }
         };
 
