@@ -331,12 +331,17 @@ impl Metrics {
     }
 
     fn record_close(&self, labels: WsLabels, close_code: Option<u16>) {
+        self.close_counter(labels, close_code).inc();
+    }
+
+    /// The `wsgate_websocket_closes_total` series of `labels` and `close_code`.
+    fn close_counter(&self, labels: WsLabels, close_code: Option<u16>) -> Counter {
         let close = CloseLabels {
             route: labels.route,
             http_version: labels.http_version,
             code: close_code.into(),
         };
-        self.inner.ws_closes.get_or_create(&close).inc();
+        self.inner.ws_closes.get_or_create(&close).clone()
     }
 
     /// Records the opening of a WebSocket and returns the guard that records
@@ -542,29 +547,21 @@ impl RouteSeries {
     fn closed(&self, v: HttpVersion, close_code: Option<u16>) {
         self.open_pair(v).0.dec();
         let kept = match close_code {
-            None => Some(0),
-            Some(c @ 1000..=1015) => Some(usize::from(c - 999)),
-            Some(_) => None,
-        };
-        let record = || {
-            self.metrics
-                .record_close(ws_labels(&self.route, v), close_code)
-        };
-        match kept {
-            Some(i) => {
-                self.closes[v as usize][i]
-                    .get_or_init(|| {
-                        let labels = CloseLabels {
-                            route: self.route.clone(),
-                            http_version: v,
-                            code: close_code.into(),
-                        };
-                        self.metrics.inner.ws_closes.get_or_create(&labels).clone()
-                    })
+            None => 0,
+            Some(c @ 1000..=1015) => usize::from(c - 999),
+            Some(_) => {
+                self.metrics
+                    .close_counter(ws_labels(&self.route, v), close_code)
                     .inc();
+                return;
             }
-            None => record(),
-        }
+        };
+        self.closes[v as usize][kept]
+            .get_or_init(|| {
+                self.metrics
+                    .close_counter(ws_labels(&self.route, v), close_code)
+            })
+            .inc();
     }
 }
 

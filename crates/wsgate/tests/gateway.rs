@@ -421,17 +421,7 @@ fn self_signed(dir: &std::path::Path) -> (String, String, rcgen::CertifiedKey) {
 async fn wss_echo_and_mismatched_key_error() {
     let dir = tempfile::tempdir().unwrap();
     let (cert, key, ck) = self_signed(dir.path());
-    let gw = Gateway::start(&[
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--to",
-        "echo:",
-        "--tls-cert",
-        &cert,
-        "--tls-key",
-        &key,
-    ]);
+    let gw = Gateway::tls_echo(&cert, &key);
     assert!(gw.urls[0].starts_with("wss://"), "{:?}", gw.urls);
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ck.cert.der().clone()).unwrap();

@@ -64,17 +64,7 @@ impl Pki {
 /// A `wss://` backend: wsgate's own `echo:` route behind a certificate of `pki`.
 fn wss_echo_backend(pki: &Pki) -> Gateway {
     let (cert, key) = pki.leaf("backend", ExtendedKeyUsagePurpose::ServerAuth);
-    Gateway::start(&[
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--to",
-        "echo:",
-        "--tls-cert",
-        &cert,
-        "--tls-key",
-        &key,
-    ])
+    Gateway::tls_echo(&cert, &key)
 }
 
 async fn raw_http(addr: &str, request: &str) -> String {

@@ -50,6 +50,22 @@ impl Gateway {
         Gateway { child, urls, admin }
     }
 
+    /// `wsgate serve` with the `echo:` route on a `wss://` listener with
+    /// the PEM files `cert` and `key`.
+    pub fn tls_echo(cert: &str, key: &str) -> Gateway {
+        Gateway::start(&[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--to",
+            "echo:",
+            "--tls-cert",
+            cert,
+            "--tls-key",
+            key,
+        ])
+    }
+
     /// `HOST:PORT` of the first listener.
     pub fn addr(&self) -> String {
         self.urls[0].split("://").nth(1).unwrap().to_string()
