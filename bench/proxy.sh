@@ -399,6 +399,37 @@ for t, label, fmt, better, target in rows:
     print(f"| {label} | {cell('wsgate')} | {cell('nginx')} | {cell('haproxy')} | {cell('direct')} | {rn} | {rh} | {target or '(none)'} | {met} |")
 print()
 print("Ratios are wsgate ÷ the other (higher is better for (a), (b), (e); lower for (c), (d)).")
+# Paired view: within a round the contenders run one right after the other,
+# so the ratio of their two cells is measured at nearly the same machine
+# speed; the speed drifts far more between rounds (steal, other guests) than
+# within one. The median of the per-round ratios cancels that drift, which
+# the ratio of two medians (taken over different rounds) does not.
+per_round = {}
+for row in csv.DictReader(open(f"{out}/raw.csv")):
+    try:
+        v = float(row["value"])  # latency: its p50
+    except ValueError:
+        continue
+    t = "p50" if row["test"] == "latency" else row["test"]
+    per_round.setdefault((t, row["round"]), {})[row["contender"]] = v
+print()
+print(f"Paired per round: the median over {rounds} rounds of each round's ratio, and in how many rounds wsgate was better:")
+print()
+print("| test | wsgate/nginx | better than nginx | wsgate/haproxy | better than haproxy |")
+print("|---|---:|---:|---:|---:|")
+for t, label, _, better, _ in rows:
+    if t in ("idle", "p99"):
+        continue
+    cells = [per_round[k] for k in sorted(per_round, key=lambda k: int(k[1])) if k[0] == t]
+    out_cells = []
+    for other in ("nginx", "haproxy"):
+        rs = [c["wsgate"] / c[other] for c in cells if c.get("wsgate") and c.get(other)]
+        if not rs:
+            out_cells += ["—", "—"]
+            continue
+        wins = sum(1 for r in rs if (r > 1 if better == "higher" else r < 1))
+        out_cells += [f"{statistics.median(rs):.2f}", f"{wins}/{len(rs)}"]
+    print(f"| {label} | " + " | ".join(out_cells) + " |")
 # CPU per unit of work: the contender's CPU time in a cell over the work done
 # in it (rate × (warm-up + measured time): the warm-up runs at about the same
 # rate). Medians over rounds; "direct" is the backend's own CPU.
