@@ -357,7 +357,9 @@ pub async fn connect_sending(
     first: &[u8],
 ) -> std::io::Result<(BackendIo, usize)> {
     if backend.addr.tls {
-        return Ok((connect(&backend.addr, tls).await?, 0));
+        // Boxed: the TLS handshake's future is large, and inline it would
+        // make every proxied handshake's future (moved, boxed) that large too.
+        return Ok((Box::pin(connect(&backend.addr, tls)).await?, 0));
     }
     let (tcp, sent) = connect_tcp(&backend.addr, backend.ip_addr, first).await?;
     Ok((Either::Left(tcp), sent))

@@ -69,11 +69,20 @@ pub fn has_token(parts: &Parts, name: header::HeaderName, token: &str) -> bool {
 
 /// Whether a comma-separated header of `headers` contains `token`.
 pub fn header_has_token(headers: &http::HeaderMap, name: header::HeaderName, token: &str) -> bool {
-    headers.get_all(name).iter().any(|v| {
-        v.to_str()
-            .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-            .unwrap_or(false)
-    })
+    headers
+        .get_all(name)
+        .iter()
+        .any(|v| list_has_token(v.as_bytes(), token))
+}
+
+/// Whether the comma-separated list `value` (a header value, bytes as sent)
+/// contains `token`, compared case-insensitively, spaces around items
+/// ignored. Read as bytes: no UTF-8 check, no `str` searcher, on the path of
+/// every handshake (several times).
+pub fn list_has_token(value: &[u8], token: &str) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
 /// Whether the request asks for a WebSocket at all (`Upgrade: websocket`).
@@ -218,6 +227,18 @@ mod tests {
         ("Sec-WebSocket-Version", "13"),
         ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
     ];
+
+    #[test]
+    fn token_lists() {
+        assert!(list_has_token(b"keep-alive, Upgrade", "upgrade"));
+        assert!(list_has_token(b"Upgrade", "upgrade"));
+        assert!(list_has_token(b" websocket ,h2c", "WebSocket"));
+        assert!(!list_has_token(b"upgrade-please", "upgrade"));
+        assert!(!list_has_token(b"", "upgrade"));
+        assert!(!list_has_token(b"up grade", "upgrade"));
+        // Bytes that are not UTF-8 around a token do not hide it.
+        assert!(list_has_token(b"\xff\xfe, upgrade", "upgrade"));
+    }
 
     #[test]
     fn accepts_a_good_handshake() {

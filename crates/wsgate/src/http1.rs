@@ -94,6 +94,27 @@ pub fn parse_request(buf: &Bytes) -> Result<Option<(request::Parts, usize)>, Hea
     Ok(Some((parts, len)))
 }
 
+/// Parses a response head at the start of `buf` without building a header
+/// table (a backend's `101`, on the path of every proxied handshake, is read
+/// from its lines): `Ok(None)` while incomplete, else what `f` makes of the
+/// status and the header lines (names as sent, in any case), and the head's
+/// length.
+pub fn parse_response_lines<R>(
+    buf: &[u8],
+    f: impl FnOnce(StatusCode, &[httparse::Header<'_>]) -> R,
+) -> Result<Option<(R, usize)>, HeadError> {
+    let mut raw = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let status = httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut resp, buf, &mut raw)?;
+    let Some(len) = head_len(status, buf.len())? else {
+        return Ok(None);
+    };
+    let code = StatusCode::from_u16(resp.code.unwrap_or_default())
+        .map_err(|_| HeadError::Invalid("status"))?;
+    Ok(Some((f(code, resp.headers), len)))
+}
+
 /// Parses a response head at the start of `buf`, like [`parse_request`].
 pub fn parse_response(buf: &Bytes) -> Result<Option<(response::Parts, usize)>, HeadError> {
     let mut raw = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];

@@ -18,6 +18,7 @@
 //! `Forwarded` are added; values a client sent are kept (and appended to)
 //! only when the client is a trusted proxy.
 
+use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -161,15 +162,17 @@ pub struct BackendWebSocket {
     pub latency: Duration,
 }
 
-/// Forwarding headers for one request.
-struct ForwardedValues {
+/// Forwarding headers for one request. Proto and host borrow from the
+/// request unless a trusted client sent its own to append to: on the path of
+/// every proxied handshake, two strings are built, not four.
+struct ForwardedValues<'a> {
     xff: String,
-    proto: String,
-    host: Option<String>,
+    proto: Cow<'a, str>,
+    host: Option<Cow<'a, str>>,
     forwarded: String,
 }
 
-impl ForwardedValues {
+impl ForwardedValues<'_> {
     /// Header names with their values (`None`: the header is left out).
     fn pairs(&self) -> [(&'static str, Option<&str>); 4] {
         [
@@ -239,12 +242,12 @@ fn hop_by_hop(name: &str, named: impl Fn(&str) -> bool) -> bool {
 /// Whether `Connection` in `h` names a header (RFC 9110 §7.6.1: that header
 /// is hop-by-hop too).
 fn connection_names(h: &HeaderMap) -> impl Fn(&str) -> bool + '_ {
+    // Looked up once, not once per header asked about.
+    let values = h.get_all(header::CONNECTION);
     move |name: &str| {
-        h.get_all(header::CONNECTION)
+        values
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(name))
+            .any(|v| handshake::list_has_token(v.as_bytes(), name))
     }
 }
 
@@ -256,6 +259,31 @@ fn request_host(parts: &Parts) -> Option<HeaderValue> {
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     })
+}
+
+/// Appends `ip` as text. An IPv4 address is written digit by digit: on the
+/// path of every proxied handshake (twice), `fmt` costs several times more.
+fn push_ip(out: &mut String, ip: IpAddr) {
+    use std::fmt::Write as _;
+    match ip {
+        IpAddr::V4(v4) => {
+            for (i, o) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                if o >= 100 {
+                    out.push(char::from(b'0' + o / 100));
+                }
+                if o >= 10 {
+                    out.push(char::from(b'0' + o / 10 % 10));
+                }
+                out.push(char::from(b'0' + o % 10));
+            }
+        }
+        IpAddr::V6(v6) => {
+            let _ = write!(out, "{v6}");
+        }
+    }
 }
 
 /// Appends `v` as an RFC 7239 value: a token as it is, anything else quoted.
@@ -337,13 +365,13 @@ impl Proxy {
 
     /// The `X-Forwarded-For`, `-Proto`, `-Host` and `Forwarded` values for a
     /// request with headers `h` (None when forwarding headers are off).
-    fn forwarded(
+    fn forwarded<'a>(
         &self,
         h: &HeaderMap,
         remote: SocketAddr,
         secure: bool,
-        host: Option<&HeaderValue>,
-    ) -> Option<ForwardedValues> {
+        host: Option<&'a HeaderValue>,
+    ) -> Option<ForwardedValues<'a>> {
         use std::fmt::Write as _;
         if !self.forwarding.enabled {
             return None;
@@ -379,26 +407,27 @@ impl Proxy {
         if let Some(p) = prior("x-forwarded-for") {
             let _ = write!(xff, "{p}, ");
         }
-        let _ = write!(xff, "{ip}");
-        let proto_value = prior("x-forwarded-proto").unwrap_or_else(|| proto.to_string());
+        push_ip(&mut xff, ip);
+        let proto_value = prior("x-forwarded-proto").map_or(Cow::Borrowed(proto), Cow::Owned);
         let host_value = match prior("x-forwarded-host") {
-            Some(p) => Some(p),
-            None if !host.is_empty() => Some(host.to_string()),
+            Some(p) => Some(Cow::Owned(p)),
+            None if !host.is_empty() => Some(Cow::Borrowed(host)),
             None => None,
         };
         let mut fwd = String::with_capacity(64);
         if let Some(p) = prior("forwarded") {
             let _ = write!(fwd, "{p}, ");
         }
-        match ip {
-            IpAddr::V6(v) => {
-                let _ = write!(fwd, "for=\"[{v}]\"");
-            }
-            v4 => {
-                let _ = write!(fwd, "for={v4}");
-            }
+        if ip.is_ipv6() {
+            fwd.push_str("for=\"[");
+            push_ip(&mut fwd, ip);
+            fwd.push_str("]\"");
+        } else {
+            fwd.push_str("for=");
+            push_ip(&mut fwd, ip);
         }
-        let _ = write!(fwd, ";proto={proto}");
+        fwd.push_str(";proto=");
+        fwd.push_str(proto);
         if !host.is_empty() {
             fwd.push_str(";host=");
             push_quoted_if_needed(&mut fwd, host);
@@ -600,8 +629,12 @@ impl Proxy {
             read_response_head(&mut conn, &mut buf).await
         })
         .await;
-        let head = match answer {
-            Ok(Ok(head)) => head,
+        let AnswerHead {
+            status,
+            head,
+            switched,
+        } = match answer {
+            Ok(Ok(answer)) => answer,
             Ok(Err(e)) => return Err(BackendError::Bad(format!("backend {addr}: {e}"))),
             Err(_) => {
                 return Err(BackendError::Timeout(format!(
@@ -619,8 +652,13 @@ impl Proxy {
             .latency
             .get_or_init(|| self.metrics.backend_latency_series(&lease.backend.label))
             .observe(started.elapsed().as_secs_f64());
-        if head.status != StatusCode::SWITCHING_PROTOCOLS {
+        if status != StatusCode::SWITCHING_PROTOCOLS {
             // 401, 403, 404, 5xx...: the client sees the backend's own answer.
+            let head = match http1::parse_response(&head) {
+                Ok(Some((head, _))) => head,
+                Ok(None) => unreachable!("a complete head parses again"),
+                Err(e) => return Err(BackendError::Bad(format!("backend {addr}: {e}"))),
+            };
             let framing = http1::response_framing(head.status, &head.headers)
                 .map_err(|e| BackendError::Bad(format!("backend {addr}: {e}")))?;
             let mut out = Response::new(
@@ -639,35 +677,20 @@ impl Proxy {
             }
             return Ok(Err(out));
         }
-        let accept_ok = head
-            .headers
-            .get(header::SEC_WEBSOCKET_ACCEPT)
-            .is_some_and(|v| v.as_bytes() == expected.as_bytes());
-        let upgrade_ok =
-            crate::handshake::header_has_token(&head.headers, header::UPGRADE, "websocket");
-        if !accept_ok || !upgrade_ok {
+        let switched = switched
+            .expect("a 101 is read as it is parsed")
+            .map_err(|e| BackendError::Bad(format!("backend {addr}: {e}")))?;
+        if !switched.accept_is(expected.as_bytes()) || !switched.upgrade_ok {
             warn!(backend = %addr, "backend answered 101 with a wrong Sec-WebSocket-Accept or Upgrade");
             return Err(BackendError::Bad(format!(
                 "backend {addr} answered the WebSocket handshake wrongly (Sec-WebSocket-Accept or Upgrade)"
             )));
         }
-        let protocol = head
-            .headers
-            .get(header::SEC_WEBSOCKET_PROTOCOL)
-            .and_then(|v| v.to_str().ok());
-        let mut out = handshake::accepted(
-            upgrade,
-            protocol,
-            head.headers.get(header::SEC_WEBSOCKET_EXTENSIONS),
-        );
+        let protocol = switched.protocol.as_ref().and_then(|v| v.to_str().ok());
+        let mut out = handshake::accepted(upgrade, protocol, switched.extensions.as_ref());
         // Other end-to-end headers of the backend's answer (cookies...) pass too.
-        let named = connection_names(&head.headers);
-        for (k, v) in &head.headers {
-            let n = k.as_str();
-            if hop_by_hop(n, &named) || n.starts_with("sec-websocket-") || n == "content-length" {
-                continue;
-            }
-            out.headers_mut().append(k.clone(), v.clone());
+        for (k, v) in switched.others {
+            out.headers_mut().append(k, v);
         }
         Ok(Ok((
             out,
@@ -682,28 +705,113 @@ impl Proxy {
     }
 }
 
+/// What the gateway takes from a backend's `101`, read from the lines of its
+/// head as sent: on the path of every proxied handshake no header table is
+/// built for it (the client's answer is built anyway). Header values are
+/// slices of the head's buffer.
+#[derive(Default)]
+struct Switched {
+    /// The first `Sec-WebSocket-Accept` value.
+    accept: Option<HeaderValue>,
+    /// `Upgrade` names `websocket`.
+    upgrade_ok: bool,
+    /// The first `Sec-WebSocket-Protocol` and `-Extensions` values.
+    protocol: Option<HeaderValue>,
+    extensions: Option<HeaderValue>,
+    /// Other end-to-end headers (cookies...): rarely any.
+    others: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl Switched {
+    fn read(lines: &[httparse::Header<'_>], head: &Bytes) -> Result<Switched, http1::HeadError> {
+        let value = |raw: &[u8]| {
+            HeaderValue::from_maybe_shared(head.slice_ref(raw))
+                .map_err(|_| http1::HeadError::Invalid("value"))
+        };
+        // Headers the `Connection` header names are hop-by-hop too.
+        let named = |name: &str| {
+            lines
+                .iter()
+                .filter(|l| l.name.eq_ignore_ascii_case("connection"))
+                .any(|l| handshake::list_has_token(l.value, name))
+        };
+        let mut s = Switched::default();
+        for l in lines {
+            let n = l.name;
+            if n.eq_ignore_ascii_case("sec-websocket-accept") {
+                if s.accept.is_none() {
+                    s.accept = Some(value(l.value)?);
+                }
+            } else if n.eq_ignore_ascii_case("upgrade") {
+                s.upgrade_ok |= handshake::list_has_token(l.value, "websocket");
+            } else if n.eq_ignore_ascii_case("sec-websocket-protocol") {
+                if s.protocol.is_none() {
+                    s.protocol = Some(value(l.value)?);
+                }
+            } else if n.eq_ignore_ascii_case("sec-websocket-extensions") {
+                if s.extensions.is_none() {
+                    s.extensions = Some(value(l.value)?);
+                }
+            } else if !n.eq_ignore_ascii_case("connection") {
+                let name = HeaderName::from_bytes(n.as_bytes())
+                    .map_err(|_| http1::HeadError::Invalid("name"))?;
+                let k = name.as_str();
+                if !(hop_by_hop(k, named)
+                    || k.starts_with("sec-websocket-")
+                    || k == "content-length")
+                {
+                    s.others.push((name, value(l.value)?));
+                }
+            }
+        }
+        Ok(s)
+    }
+
+    /// Whether the backend's (first) accept is `expected`.
+    fn accept_is(&self, expected: &[u8]) -> bool {
+        self.accept
+            .as_ref()
+            .is_some_and(|a| a.as_bytes() == expected)
+    }
+}
+
+/// A backend's answer to a WebSocket handshake.
+struct AnswerHead {
+    status: StatusCode,
+    /// The head's bytes (an answer other than 101 is parsed again from them).
+    head: Bytes,
+    /// A 101, read from its lines as it was parsed.
+    switched: Option<Result<Switched, http1::HeadError>>,
+}
+
 /// Reads a backend's answer head into `buf` (informational answers other
 /// than 101 are skipped); on return `buf` holds what followed the head.
 async fn read_response_head(
     conn: &mut BackendIo,
     buf: &mut BytesMut,
-) -> std::io::Result<http::response::Parts> {
+) -> std::io::Result<AnswerHead> {
     use std::io::{Error, ErrorKind};
     loop {
         if !buf.is_empty() {
-            // Frozen so that the header values can share it.
+            // Frozen so that header values can share it.
             let read = std::mem::take(buf).freeze();
-            match http1::parse_response(&read) {
-                Ok(Some((head, len))) => {
-                    // What follows the head (rarely anything) is copied
-                    // out; the head's buffer lives as long as its values.
+            let parsed = http1::parse_response_lines(&read, |status, lines| {
+                let switched = (status == StatusCode::SWITCHING_PROTOCOLS)
+                    .then(|| Switched::read(lines, &read));
+                (status, switched)
+            });
+            match parsed {
+                Ok(Some(((status, switched), len))) => {
+                    // What follows the head (rarely anything) is copied out.
                     *buf = BytesMut::from(&read[len..]);
-                    if head.status.is_informational()
-                        && head.status != StatusCode::SWITCHING_PROTOCOLS
-                    {
+                    if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
                         continue;
                     }
-                    return Ok(head);
+                    return Ok(AnswerHead {
+                        status,
+                        head: read.slice(..len),
+                        switched,
+                    });
                 }
                 Ok(None) => *buf = http1::unfreeze(read),
                 Err(e) => return Err(Error::new(ErrorKind::InvalidData, e)),
@@ -824,6 +932,67 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn switched(head: &str) -> Result<Switched, http1::HeadError> {
+        let head = Bytes::copy_from_slice(head.as_bytes());
+        let ((status, s), len) =
+            http1::parse_response_lines(&head, |status, l| (status, Switched::read(l, &head)))
+                .unwrap()
+                .unwrap();
+        assert_eq!((status, len), (StatusCode::SWITCHING_PROTOCOLS, head.len()));
+        s
+    }
+
+    #[test]
+    fn a_backends_101_is_read_from_its_lines() {
+        let s = switched(
+            "HTTP/1.1 101 Switching Protocols\r\nUPGRADE: WebSocket\r\nConnection: Upgrade, X-Hop\r\n\
+             Sec-WebSocket-Accept: abc=\r\nsec-websocket-accept: second\r\n\
+             Sec-WebSocket-Protocol: chat\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\
+             X-Hop: 1\r\nKeep-Alive: timeout=5\r\nContent-Length: 0\r\nSet-Cookie: a=b\r\n\r\n",
+        )
+        .unwrap();
+        assert!(s.upgrade_ok);
+        assert!(s.accept_is(b"abc="));
+        assert!(!s.accept_is(b"second"));
+        assert_eq!(s.protocol.unwrap(), "chat");
+        assert_eq!(s.extensions.unwrap(), "permessage-deflate");
+        // Only the end-to-end header passes, its name in lower case.
+        let others: Vec<_> = s
+            .others
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.to_str().unwrap()))
+            .collect();
+        assert_eq!(others, [("set-cookie", "a=b")]);
+    }
+
+    #[test]
+    fn a_backends_101_without_websocket_or_accept_is_caught() {
+        let s = switched("HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n").unwrap();
+        assert!(!s.upgrade_ok);
+        assert!(!s.accept_is(b""));
+        // A value with a control character is refused before any line is read.
+        let bad = b"HTTP/1.1 101 OK\r\nSet-Cookie: a\x7fb\r\n\r\n";
+        assert!(http1::parse_response_lines(bad, |_, _| ()).is_err());
+    }
+
+    #[test]
+    fn addresses_are_written_as_fmt_writes_them() {
+        for ip in [
+            "0.0.0.0",
+            "9.10.99.100",
+            "127.0.0.1",
+            "255.255.255.255",
+            "192.0.2.7",
+            "::1",
+            "2001:db8::7",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let mut s = String::new();
+            push_ip(&mut s, ip);
+            assert_eq!(s, ip.to_string());
+        }
+    }
 
     #[test]
     fn hop_by_hop_headers_stay_behind() {
