@@ -1,7 +1,7 @@
 //! The WebSocket opening handshake on the server side (RFC 6455 §4.2):
 //! checking the request and building the answers.
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderValue};
 use http::{request::Parts, Method, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full};
@@ -177,36 +177,111 @@ fn validate_h1(parts: &Parts) -> Result<HeaderValue, Box<Response<Body>>> {
     Ok(key.clone())
 }
 
-/// The success answer: `101 Switching Protocols` over HTTP/1.1, `200` for an
-/// extended CONNECT over HTTP/2; with the selected subprotocol and extensions.
-pub fn accepted(
-    upgrade: &Upgrade,
-    protocol: Option<&str>,
-    extensions: Option<&HeaderValue>,
-) -> Response<Body> {
-    // On the path of every handshake: built in place (no `Builder`, whose
-    // `Result`-wrapped parts move at every step), static values shared.
-    let mut r = Response::new(empty());
-    let h = r.headers_mut();
-    h.reserve(6);
-    match upgrade {
-        Upgrade::H1 { accept, .. } => {
-            *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-            let h = r.headers_mut();
+/// The success answer to a WebSocket handshake, before it is written:
+/// `101 Switching Protocols` over HTTP/1.1, `200` for an extended CONNECT
+/// over HTTP/2; with the selected subprotocol and extensions, and (proxied)
+/// the backend's other end-to-end headers. A connection's first request
+/// gets it written straight into its buffer ([`Accepted::encode_h1`]), with
+/// no header table built; hyper gets a `Response` ([`Accepted::into_response`]).
+#[derive(Debug)]
+pub struct Accepted {
+    /// `Sec-WebSocket-Accept` (HTTP/1.1); `None`: HTTP/2.
+    accept: Option<HeaderValue>,
+    protocol: Option<HeaderValue>,
+    extensions: Option<HeaderValue>,
+    /// Other headers, written after those.
+    pub others: Vec<(header::HeaderName, HeaderValue)>,
+}
+
+impl Accepted {
+    pub fn new(
+        upgrade: &Upgrade,
+        protocol: Option<HeaderValue>,
+        extensions: Option<HeaderValue>,
+    ) -> Accepted {
+        Accepted {
+            accept: match upgrade {
+                Upgrade::H1 { accept, .. } => Some(accept.clone()),
+                Upgrade::H2 => None,
+            },
+            protocol,
+            extensions,
+            others: Vec::new(),
+        }
+    }
+
+    /// The status: 101 over HTTP/1.1, 200 over HTTP/2.
+    pub fn status(&self) -> StatusCode {
+        if self.accept.is_some() {
+            StatusCode::SWITCHING_PROTOCOLS
+        } else {
+            StatusCode::OK
+        }
+    }
+
+    /// The headers in the order they are written.
+    fn headers(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        let h1 = self.accept.as_ref().map(|a| {
+            [
+                ("upgrade", &b"websocket"[..]),
+                ("connection", &b"Upgrade"[..]),
+                ("sec-websocket-accept", a.as_bytes()),
+            ]
+        });
+        h1.into_iter()
+            .flatten()
+            .chain(
+                self.protocol
+                    .iter()
+                    .map(|p| ("sec-websocket-protocol", p.as_bytes())),
+            )
+            .chain(
+                self.extensions
+                    .iter()
+                    .map(|e| ("sec-websocket-extensions", e.as_bytes())),
+            )
+            .chain(self.others.iter().map(|(k, v)| (k.as_str(), v.as_bytes())))
+    }
+
+    /// Appends the HTTP/1.1 answer head (what `into_response` would give,
+    /// written as [`crate::http1::encode_response_head`] writes one).
+    pub fn encode_h1(&self, out: &mut BytesMut) {
+        let status = self.status();
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(status.as_str().as_bytes());
+        out.extend_from_slice(b" ");
+        out.extend_from_slice(status.canonical_reason().unwrap_or("Unknown").as_bytes());
+        out.extend_from_slice(b"\r\n");
+        for (k, v) in self.headers() {
+            out.extend_from_slice(k.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(v);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        let mut r = Response::new(empty());
+        *r.status_mut() = self.status();
+        let h = r.headers_mut();
+        h.reserve(5 + self.others.len());
+        if let Some(accept) = self.accept {
             h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
             h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-            h.insert(header::SEC_WEBSOCKET_ACCEPT, accept.clone());
+            h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
         }
-        Upgrade::H2 => *r.status_mut() = StatusCode::OK,
+        if let Some(p) = self.protocol {
+            h.insert(header::SEC_WEBSOCKET_PROTOCOL, p);
+        }
+        if let Some(e) = self.extensions {
+            h.insert(header::SEC_WEBSOCKET_EXTENSIONS, e);
+        }
+        for (k, v) in self.others {
+            h.append(k, v);
+        }
+        r
     }
-    let h = r.headers_mut();
-    if let Some(p) = protocol.and_then(|p| HeaderValue::from_str(p).ok()) {
-        h.insert(header::SEC_WEBSOCKET_PROTOCOL, p);
-    }
-    if let Some(e) = extensions {
-        h.insert(header::SEC_WEBSOCKET_EXTENSIONS, e.clone());
-    }
-    r
 }
 
 #[cfg(test)]
@@ -227,6 +302,42 @@ mod tests {
         ("Sec-WebSocket-Version", "13"),
         ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
     ];
+
+    #[test]
+    fn the_written_101_is_the_response_hyper_would_write() {
+        let h1 = || Upgrade::H1 {
+            key: HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZQ=="),
+            accept: HeaderValue::from_static("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+        };
+        let plain = Accepted::new(&h1(), None, None);
+        let mut full = Accepted::new(
+            &h1(),
+            Some(HeaderValue::from_static("chat")),
+            Some(HeaderValue::from_static("permessage-deflate")),
+        );
+        full.others
+            .push((header::SET_COOKIE, HeaderValue::from_static("a=b")));
+        for a in [plain, full] {
+            let mut direct = BytesMut::new();
+            a.encode_h1(&mut direct);
+            let r = a.into_response();
+            let mut via = BytesMut::new();
+            crate::http1::encode_response_head(&mut via, r.status(), r.headers());
+            assert_eq!(direct, via);
+        }
+        let mut out = BytesMut::new();
+        Accepted::new(&h1(), Some(HeaderValue::from_static("chat")), None).encode_h1(&mut out);
+        assert_eq!(
+            &out[..],
+            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\
+              sec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nsec-websocket-protocol: chat\r\n\r\n"
+        );
+        let h2 = Accepted::new(&Upgrade::H2, Some(HeaderValue::from_static("chat")), None)
+            .into_response();
+        assert_eq!(h2.status(), StatusCode::OK);
+        assert_eq!(h2.headers().len(), 1);
+        assert_eq!(h2.headers()["sec-websocket-protocol"], "chat");
+    }
 
     #[test]
     fn token_lists() {

@@ -616,9 +616,9 @@ impl Gateway {
                 protocol,
                 meta,
             } => match self.open_websocket(&parts, &meta, route, protocol, c).await {
-                Ok((resp, opened)) => {
+                Ok((accepted, opened)) => {
                     let mut head = BytesMut::with_capacity(256);
-                    http1::encode_response_head(&mut head, resp.status(), resp.headers());
+                    accepted.encode_h1(&mut head);
                     if let Err(e) = write_flush(io, &head).await {
                         debug!("writing the 101 failed: {e}");
                         return None;
@@ -725,11 +725,11 @@ impl Gateway {
         let on_upgrade = hyper::upgrade::on(&mut req);
         let (parts, _) = req.into_parts();
         match self.open_websocket(&parts, &meta, route, protocol, c).await {
-            Ok((resp, opened)) => {
+            Ok((accepted, opened)) => {
                 self.workers[c.worker]
                     .tracker
                     .spawn(opened.run_after(on_upgrade));
-                resp
+                accepted.into_response()
             }
             Err(r) => r,
         }
@@ -838,7 +838,8 @@ async fn accept(
 /// `buf` stays empty and the request is read the usual way.
 fn read_now(stream: &std::net::TcpStream, buf: &mut BytesMut) {
     use std::io::Read;
-    buf.resize(1024, 0);
+    // Zeroed by the allocator (fresh memory usually is): no separate fill.
+    *buf = BytesMut::zeroed(1024);
     match (&*stream).read(&mut buf[..]) {
         Ok(n) => buf.truncate(n),
         Err(_) => buf.clear(),

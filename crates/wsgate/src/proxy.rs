@@ -539,7 +539,7 @@ impl Proxy {
         upgrade: &Upgrade,
         remote: SocketAddr,
         secure: bool,
-    ) -> Result<Result<(Response<Body>, BackendWebSocket), Response<Body>>, BackendError> {
+    ) -> Result<Result<(handshake::Accepted, BackendWebSocket), Response<Body>>, BackendError> {
         // The client's key goes on as it is, so the accept the backend must
         // answer with is the one already computed for the client; RFC 8441
         // carries no key, so one is made up for an h2 client.
@@ -643,6 +643,7 @@ impl Proxy {
                 )))
             }
         };
+        let latency = started.elapsed();
         pool.readmit(&lease.backend);
         if lease.backend.health_changed(true) {
             self.metrics.backend_up(&lease.backend.label, true);
@@ -651,7 +652,7 @@ impl Proxy {
             .backend
             .latency
             .get_or_init(|| self.metrics.backend_latency_series(&lease.backend.label))
-            .observe(started.elapsed().as_secs_f64());
+            .observe(latency.as_secs_f64());
         if status != StatusCode::SWITCHING_PROTOCOLS {
             // 401, 403, 404, 5xx...: the client sees the backend's own answer.
             let head = match http1::parse_response(&head) {
@@ -686,12 +687,11 @@ impl Proxy {
                 "backend {addr} answered the WebSocket handshake wrongly (Sec-WebSocket-Accept or Upgrade)"
             )));
         }
-        let protocol = switched.protocol.as_ref().and_then(|v| v.to_str().ok());
-        let mut out = handshake::accepted(upgrade, protocol, switched.extensions.as_ref());
+        // A subprotocol that is not plain text is left out, as before.
+        let protocol = switched.protocol.filter(|v| v.to_str().is_ok());
+        let mut out = handshake::Accepted::new(upgrade, protocol, switched.extensions);
         // Other end-to-end headers of the backend's answer (cookies...) pass too.
-        for (k, v) in switched.others {
-            out.headers_mut().append(k, v);
-        }
+        out.others = switched.others;
         Ok(Ok((
             out,
             BackendWebSocket {
@@ -699,7 +699,7 @@ impl Proxy {
                 // Copied out (rarely anything): the read buffer is freed now.
                 leftover: Bytes::copy_from_slice(&buf),
                 lease,
-                latency: started.elapsed(),
+                latency,
             },
         )))
     }

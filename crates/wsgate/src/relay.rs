@@ -44,7 +44,11 @@ pub(crate) const FIRST_CHUNK: usize = 4 * 1024;
 
 /// Makes room for the next read according to the adaptive size `hint`.
 fn make_room(buf: &mut BytesMut, hint: usize) {
-    if buf.capacity() - buf.len() < hint / 4 {
+    if buf.capacity() == 0 {
+        // The usual case (buffers are freed between chunks): a plain
+        // allocation, not `reserve`'s growth path.
+        *buf = BytesMut::with_capacity(hint);
+    } else if buf.capacity() - buf.len() < hint / 4 {
         buf.reserve(hint);
     }
 }

@@ -12,14 +12,14 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::{Response, StatusCode};
+use http::{HeaderValue, Response, StatusCode};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument, Span};
 use wsgate_framing::{AnyFramer, FramingSpec};
 
 use crate::config::{Route, Target};
 use crate::discovery::Discovered;
-use crate::handshake::{self, Body, Upgrade};
+use crate::handshake::{self, Accepted, Body, Upgrade};
 use crate::limits::Permit;
 use crate::listener::{Conn, Gateway};
 use crate::metrics::{Direction, HttpVersion, OpenWebSocket, RouteSeries};
@@ -117,7 +117,7 @@ impl Gateway {
         route: &Route,
         protocol: Option<String>,
         c: Conn,
-    ) -> Result<(Response<Body>, Opened), Response<Body>> {
+    ) -> Result<(Accepted, Opened), Response<Body>> {
         let upgrade = handshake::validate(parts).map_err(|r| self.refuse("bad_handshake", *r))?;
         // Admission before connecting anything, so a flood cannot open peers
         // or backends past the limits.
@@ -173,7 +173,8 @@ impl Gateway {
                     datagram_text: matches!(framing, FramingSpec::Auto)
                         || matches!(peer, PeerAddr::Echo),
                 };
-                let response = handshake::accepted(&upgrade, protocol.as_deref(), None);
+                let protocol = protocol.and_then(|p| HeaderValue::try_from(p).ok());
+                let response = Accepted::new(&upgrade, protocol, None);
                 let relay = Relay::Bridge {
                     peer: conn,
                     framer: framing.new_framer(),
