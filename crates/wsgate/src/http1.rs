@@ -94,14 +94,12 @@ pub fn parse_request(buf: &Bytes) -> Result<Option<(request::Parts, usize)>, Hea
     Ok(Some((parts, len)))
 }
 
-/// Parses a response head at the start of `buf` without building a header
-/// table (a backend's `101`, on the path of every proxied handshake, is read
-/// from its lines): `Ok(None)` while incomplete, else what `f` makes of the
-/// status and the header lines (names as sent, in any case), and the head's
-/// length.
-pub fn parse_response_lines<R>(
+/// The one parse of a response head both readings share: `Ok(None)` while
+/// incomplete, else what `f` makes of the status and the parsed head, and
+/// the head's length.
+fn parse_response_with<R>(
     buf: &[u8],
-    f: impl FnOnce(StatusCode, &[httparse::Header<'_>]) -> R,
+    f: impl FnOnce(StatusCode, &httparse::Response<'_, '_>) -> Result<R, HeadError>,
 ) -> Result<Option<(R, usize)>, HeadError> {
     let mut raw = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut []);
@@ -112,24 +110,30 @@ pub fn parse_response_lines<R>(
     };
     let code = StatusCode::from_u16(resp.code.unwrap_or_default())
         .map_err(|_| HeadError::Invalid("status"))?;
-    Ok(Some((f(code, resp.headers), len)))
+    Ok(Some((f(code, &resp)?, len)))
+}
+
+/// Parses a response head at the start of `buf` without building a header
+/// table (a backend's `101`, on the path of every proxied handshake, is read
+/// from its lines): `Ok(None)` while incomplete, else what `f` makes of the
+/// status and the header lines (names as sent, in any case), and the head's
+/// length.
+pub fn parse_response_lines<R>(
+    buf: &[u8],
+    f: impl FnOnce(StatusCode, &[httparse::Header<'_>]) -> R,
+) -> Result<Option<(R, usize)>, HeadError> {
+    parse_response_with(buf, |code, resp| Ok(f(code, resp.headers)))
 }
 
 /// Parses a response head at the start of `buf`, like [`parse_request`].
 pub fn parse_response(buf: &Bytes) -> Result<Option<(response::Parts, usize)>, HeadError> {
-    let mut raw = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut []);
-    let status = httparse::ParserConfig::default()
-        .parse_response_with_uninit_headers(&mut resp, buf, &mut raw)?;
-    let Some(len) = head_len(status, buf.len())? else {
-        return Ok(None);
-    };
-    let (mut parts, ()) = Response::new(()).into_parts();
-    parts.status = StatusCode::from_u16(resp.code.unwrap_or_default())
-        .map_err(|_| HeadError::Invalid("status"))?;
-    parts.version = version(resp.version);
-    parts.headers = headers_from(resp.headers, buf)?;
-    Ok(Some((parts, len)))
+    parse_response_with(buf, |code, resp| {
+        let (mut parts, ()) = Response::new(()).into_parts();
+        parts.status = code;
+        parts.version = version(resp.version);
+        parts.headers = headers_from(resp.headers, buf)?;
+        Ok(parts)
+    })
 }
 
 fn put_headers(out: &mut BytesMut, headers: &HeaderMap) {

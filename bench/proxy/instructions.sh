@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# User-space instructions per proxied WebSocket handshake, counted by
+# valgrind's callgrind: deterministic where rates and CPU times on a shared
+# VM are not, so it is what small changes to the handshake path are judged by.
+#
+#   bench/proxy/instructions.sh [wsgate|nginx]...     (default: wsgate nginx)
+#
+# For each contender (one worker, under callgrind) in front of a wsgate
+# `echo:` backend: 1 s of warm-up, counters zeroed, 3 s of 4 looping clients
+# (`wsbench load --test handshakes`: connect, handshake, one 64 B echo,
+# closing handshake), counters dumped; prints instructions ÷ handshakes.
+# Under valgrind SHA-1 runs in software (valgrind hides the SHA
+# instructions): about 3,500 of wsgate's count, a few hundred on the CPU.
+# Needs valgrind (Debian: apt-get install valgrind) and a release build
+# (cargo build --release -p wsgate -p wsgate-bench).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+command -v callgrind_control >/dev/null || { echo "instructions.sh: valgrind is missing" >&2; exit 1; }
+WSGATE=$PWD/target/release/wsgate
+WSBENCH=$PWD/target/release/wsbench
+[ -x "$WSGATE" ] && [ -x "$WSBENCH" ] || { echo "instructions.sh: build first (see the header)" >&2; exit 1; }
+[ $# -gt 0 ] || set -- wsgate nginx
+
+RUN=$(mktemp -d /tmp/wsgate-instructions.XXXXXX)
+PIDS=()
+cleanup() {
+    local p
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    rm -rf "$RUN"
+}
+trap cleanup EXIT
+
+# Waits (at most 20 s) for "listening on ws://127.0.0.1:PORT" in FILE; prints PORT.
+port_of() {
+    local i p
+    for ((i = 0; i < 100; i++)); do
+        p=$(sed -n 's#^listening on ws://127\.0\.0\.1:\([0-9]*\)$#\1#p' "$1")
+        [ -n "$p" ] && { echo "$p"; return 0; }
+        sleep 0.2
+    done
+    echo "instructions.sh: nothing listening, see $1" >&2
+    return 1
+}
+
+"$WSGATE" serve --listen 127.0.0.1:0 --to echo: --log warn >"$RUN/backend.out" 2>&1 &
+PIDS+=($!)
+BACKEND=$(port_of "$RUN/backend.out")
+
+for c in "$@"; do
+    out=$RUN/$c.callgrind
+    case "$c" in
+    wsgate)
+        valgrind --tool=callgrind --callgrind-out-file="$out" "$WSGATE" serve \
+            --listen 127.0.0.1:0 --to "ws://127.0.0.1:$BACKEND" --workers 1 --log warn \
+            >"$RUN/$c.out" 2>"$RUN/$c.err" &
+        pid=$!
+        PIDS+=("$pid")
+        port=$(port_of "$RUN/$c.out")
+        ;;
+    nginx)
+        port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+        mkdir -p "$RUN/nginx"
+        sed -e "s#@PORT@#$port#g" -e "s#@BACKEND@#$BACKEND#g" -e "s#@DIR@#$RUN/nginx#g" \
+            -e 's/^worker_processes 2;/worker_processes 1;/' -e 's/^master_process on;/master_process off;/' \
+            bench/proxy/nginx.conf.in >"$RUN/nginx/conf"
+        valgrind --tool=callgrind --callgrind-out-file="$out" nginx -p "$RUN/nginx" \
+            -c "$RUN/nginx/conf" -e "$RUN/nginx/error.log" >"$RUN/$c.err" 2>&1 &
+        pid=$!
+        PIDS+=("$pid")
+        for ((i = 0; i < 100; i++)); do
+            (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+            sleep 0.2
+        done
+        ;;
+    *) echo "instructions.sh: unknown contender $c" >&2; exit 2 ;;
+    esac
+    load() {
+        "$WSBENCH" load --target "ws://127.0.0.1:$port/echo" --test handshakes --conns 4 \
+            --size 64 --warmup 0 --duration "$1" | tail -1
+    }
+    load 1 >/dev/null
+    callgrind_control -z "$pid" >/dev/null 2>&1
+    line=$(load 3)
+    callgrind_control -d "$pid" >/dev/null 2>&1
+    kill "$pid"
+    wait "$pid" 2>/dev/null || true
+    total=$(awk '/^(summary|totals):/ { print $2; exit }' "$out".*)
+    rate=$(awk '{ print $1 }' <<<"$line")
+    awk -v c="$c" -v t="$total" -v r="$rate" -v l="$line" \
+        'BEGIN { printf "%-7s %6.0f instructions per handshake  (%s under valgrind)\n", c, t / (r * 3), l }'
+done
