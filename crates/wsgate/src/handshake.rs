@@ -80,9 +80,17 @@ pub fn header_has_token(headers: &http::HeaderMap, name: header::HeaderName, tok
 /// ignored. Read as bytes: no UTF-8 check, no `str` searcher, on the path of
 /// every handshake (several times).
 pub fn list_has_token(value: &[u8], token: &str) -> bool {
+    let token = token.as_bytes();
+    // The usual values: too short to hold the token, or exactly the token.
+    if value.len() < token.len() {
+        return false;
+    }
+    if value.eq_ignore_ascii_case(token) {
+        return true;
+    }
     value
         .split(|&b| b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
 /// Whether the request asks for a WebSocket at all (`Upgrade: websocket`).

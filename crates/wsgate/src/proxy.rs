@@ -210,18 +210,6 @@ pub struct Proxy {
     answer_timeout: Duration,
 }
 
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
-
 /// Copies the end-to-end headers of `src` into `dst`: hop-by-hop headers, the
 /// headers `Connection` names, and `Host` (set by the caller) stay behind.
 pub fn copy_end_to_end(src: &HeaderMap, dst: &mut HeaderMap) {
@@ -236,7 +224,13 @@ pub fn copy_end_to_end(src: &HeaderMap, dst: &mut HeaderMap) {
 /// Whether header `name` stays behind at a hop: the hop-by-hop headers,
 /// `Proxy-*`, those `Connection` names (`named`), and `Host` (set anew).
 fn hop_by_hop(name: &str, named: impl Fn(&str) -> bool) -> bool {
-    HOP_BY_HOP.contains(&name) || name.starts_with("proxy-") || name == "host" || named(name)
+    // One `match` (dispatched on the length first), not a scan of a list:
+    // it runs for every header of every proxied request.
+    matches!(
+        name,
+        "connection" | "keep-alive" | "te" | "trailer" | "transfer-encoding" | "upgrade" | "host"
+    ) || name.starts_with("proxy-")
+        || named(name)
 }
 
 /// Whether `Connection` in `h` names a header (RFC 9110 §7.6.1: that header
@@ -288,20 +282,21 @@ fn push_ip(out: &mut String, ip: IpAddr) {
 
 /// Appends `v` as an RFC 7239 value: a token as it is, anything else quoted.
 fn push_quoted_if_needed(out: &mut String, v: &str) {
-    let token = v
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
-    if token {
+    let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    if !v.is_empty() && v.bytes().all(tchar) {
         out.push_str(v);
         return;
     }
     out.push('"');
-    for c in v.chars() {
-        if c == '\\' || c == '"' {
-            out.push('\\');
-        }
-        out.push(c);
+    // Runs without a backslash or a quote are copied whole (a host is one).
+    let mut rest = v;
+    while let Some(i) = rest.find(['\\', '"']) {
+        out.push_str(&rest[..i]);
+        out.push('\\');
+        out.push_str(&rest[i..=i]);
+        rest = &rest[i + 1..];
     }
+    out.push_str(rest);
     out.push('"');
 }
 
@@ -1004,7 +999,10 @@ mod tests {
         src.insert("x-secret", "1".parse().unwrap());
         src.insert("keep-alive", "timeout=5".parse().unwrap());
         src.insert("proxy-authorization", "Basic x".parse().unwrap());
+        src.insert("proxy-connection", "keep-alive".parse().unwrap());
         src.insert("te", "trailers".parse().unwrap());
+        src.insert("trailer", "x-checksum".parse().unwrap());
+        src.insert("transfer-encoding", "chunked".parse().unwrap());
         src.insert("upgrade", "websocket".parse().unwrap());
         src.insert("host", "a".parse().unwrap());
         src.insert("sec-websocket-protocol", "chat".parse().unwrap());
@@ -1025,6 +1023,22 @@ mod tests {
                 "sec-websocket-protocol"
             ]
         );
+    }
+
+    #[test]
+    fn forwarded_values_are_tokens_or_quoted_strings() {
+        for (v, want) in [
+            ("example.com", "example.com"),
+            ("example.com:8080", "\"example.com:8080\""),
+            ("[::1]:80", "\"[::1]:80\""),
+            ("a\"b\\c", "\"a\\\"b\\\\c\""),
+            ("\"", "\"\\\"\""),
+            ("", "\"\""),
+        ] {
+            let mut s = String::from(";host=");
+            push_quoted_if_needed(&mut s, v);
+            assert_eq!(s, format!(";host={want}"), "{v:?}");
+        }
     }
 
     #[test]
