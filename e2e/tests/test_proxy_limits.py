@@ -253,7 +253,7 @@ def test_max_lifetime_closes_1008(start_gateway, write_config, node_echo_server)
         ws.close()
 
 
-def test_idle_timeout_closes_1001(start_gateway, write_config, node_echo_server):
+def test_idle_timeout_closes_1008(start_gateway, write_config, node_echo_server):
     gw = limits_gateway(start_gateway, write_config, node_echo_server(), 'idle_timeout = "500ms"')
     busy = clients.connect(gw.url + "/busy")
     resp, idle = handshake_from(GOOD, gw, "/idle")
@@ -268,13 +268,42 @@ def test_idle_timeout_closes_1001(start_gateway, write_config, node_echo_server)
         frames, close = idle.recv_until_close(timeout=10)
         waited = time.monotonic() - t0
         assert close is not None, "idle connection dropped without a Close frame"
-        assert close.close_code == 1001, (close.close_code, close.payload)
+        # A limit that strikes after the upgrade closes with 1008 (policy).
+        assert close.close_code == 1008, (close.close_code, close.payload)
         assert waited < 5, waited
         busy.send("still open")
         assert busy.recv(timeout=5) == "still open"
     finally:
         idle.close()
         busy.close()
+
+
+def test_backend_idle_timeout_closes_1008(start_gateway, write_config, node_echo_server):
+    gw = limits_gateway(start_gateway, write_config, node_echo_server(), 'backend_idle_timeout = "500ms"')
+    resp, ws = handshake_from(GOOD, gw, "/quiet-backend")
+    assert ws is not None, resp.status
+    try:
+        assert echo_ok(ws, b"before the backend falls silent")
+        t0 = time.monotonic()
+        close = None
+        # The client stays busy with unsolicited Pongs, which the backend
+        # takes without a word: only the backend is idle.
+        while close is None and time.monotonic() - t0 < 5:
+            ws.send_frame(rawws.OP_PONG, b"still here")
+            try:
+                f = ws.recv_frame(timeout=0.1)
+            except TimeoutError:
+                continue
+            assert f is not None, "dropped without a Close frame"
+            if f.opcode == OP_CLOSE:
+                close = f
+        waited = time.monotonic() - t0
+        assert close is not None, "no Close within 5 s"
+        assert close.close_code == 1008, (close.close_code, close.payload)
+        assert b"backend inactivity" in close.payload, close.payload
+        assert 0.4 <= waited < 5, waited
+    finally:
+        ws.close()
 
 
 def test_sigterm_closes_proxied_1001_and_exits_0(start_gateway, write_config, node_echo_server):

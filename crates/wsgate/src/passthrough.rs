@@ -111,8 +111,8 @@ const BACKEND_IDLE: usize = 3;
 const CLOSES: [(u16, &str); 4] = [
     (close_code::GOING_AWAY, "gateway shutting down"),
     (close_code::POLICY, "connection lifetime exceeded"),
-    (close_code::GOING_AWAY, "client inactivity timeout"),
-    (close_code::GOING_AWAY, "backend inactivity timeout"),
+    (close_code::POLICY, "client inactivity timeout"),
+    (close_code::POLICY, "backend inactivity timeout"),
 ];
 
 /// Whether (and why) the connection is closing, read by both pumps. The pumps
