@@ -84,7 +84,7 @@ pub struct Limits {
     pub drain_timeout: Duration,
     /// Proxy routes: time a backend has to answer a request or handshake (504 past it).
     pub backend_timeout: Duration,
-    /// Proxy routes: close (1001) a WebSocket whose backend sent nothing this long.
+    /// Proxy routes: close (1008) a WebSocket whose backend sent nothing this long.
     pub backend_idle_timeout: Option<Duration>,
     /// Proxy routes: close (1008) a WebSocket older than this.
     pub max_lifetime: Option<Duration>,
