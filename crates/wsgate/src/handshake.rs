@@ -360,6 +360,53 @@ mod tests {
     }
 
     #[test]
+    fn token_list_shortcuts_agree_with_the_plain_split() {
+        // Every list of up to 4 items drawn from these pieces, joined by
+        // "," or ", ", against each token: the early answers (too short,
+        // exactly the token) never disagree with splitting and comparing.
+        let pieces: [&[u8]; 7] = [
+            b"",
+            b" ",
+            b"Upgrade",
+            b"upgrade ",
+            b"up",
+            b"websocketx",
+            b"WebSocket",
+        ];
+        let plain = |v: &[u8], t: &str| {
+            v.split(|&b| b == b',')
+                .any(|i| i.trim_ascii().eq_ignore_ascii_case(t.as_bytes()))
+        };
+        let mut lists: Vec<Vec<u8>> = vec![vec![]];
+        for _ in 0..4 {
+            let mut next = vec![];
+            for l in &lists {
+                for p in pieces {
+                    for sep in [&b","[..], b", "] {
+                        let mut v = l.clone();
+                        if !v.is_empty() {
+                            v.extend_from_slice(sep);
+                        }
+                        v.extend_from_slice(p);
+                        next.push(v);
+                    }
+                }
+            }
+            lists.extend(next);
+        }
+        for v in &lists {
+            for t in ["upgrade", "websocket", "up", "sec-websocket-extensions"] {
+                assert_eq!(
+                    list_has_token(v, t),
+                    plain(v, t),
+                    "{:?} {t}",
+                    String::from_utf8_lossy(v)
+                );
+            }
+        }
+    }
+
+    #[test]
     fn accepts_a_good_handshake() {
         match validate(&parts(GOOD)).unwrap() {
             Upgrade::H1 { accept, key } => {
