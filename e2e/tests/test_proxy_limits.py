@@ -45,7 +45,8 @@ def limits_gateway(start_gateway, write_config, backend: str, limits: str):
 
 
 def handshake_from(src: str, gw, path: str = "/", timeout: float = 10.0):
-    """A WebSocket handshake from source address `src` -> (response, RawWebSocket or None)."""
+    """A WebSocket handshake from source address `src` -> (response, RawWebSocket or None).
+    `gw`: the gateway (its first listener) or one of its listeners."""
     s = socket.create_connection((gw.host, gw.port), timeout=timeout, source_address=(src, 0))
     s.settimeout(timeout)
     try:
@@ -304,6 +305,44 @@ def test_backend_idle_timeout_closes_1008(start_gateway, write_config, node_echo
         assert 0.4 <= waited < 5, waited
     finally:
         ws.close()
+
+
+def test_listener_limits_apply_on_their_listener_only(start_gateway, write_config, node_echo_server):
+    backend = node_echo_server()
+    cfg = write_config(f"""
+        [[listener]]
+        address = "127.0.0.1:0"
+
+        [[listener]]
+        address = "127.0.0.3:0"
+        [listener.limits]
+        idle_timeout = "500ms"
+
+        [[route]]
+        name = "echo"
+        path_prefix = "/"
+        proxy = "{backend}"
+    """)
+    gw = start_gateway("serve", "--config", cfg, listeners=2)
+    by_host = {l.host: l for l in gw.listeners}
+    plain_listener, strict_listener = by_host["127.0.0.1"], by_host["127.0.0.3"]
+    resp, plain = handshake_from(GOOD, plain_listener, "/plain")
+    assert plain is not None, resp.status
+    resp, strict = handshake_from(GOOD, strict_listener, "/strict")
+    assert strict is not None, resp.status
+    try:
+        assert echo_ok(plain, b"plain") and echo_ok(strict, b"strict")
+        t0 = time.monotonic()
+        _, close = strict.recv_until_close(timeout=10)
+        waited = time.monotonic() - t0
+        assert close is not None, "dropped without a Close frame"
+        assert close.close_code == 1008, (close.close_code, close.payload)
+        assert 0.4 <= waited < 5, waited
+        # Idle just as long, on the listener without the limit: still open.
+        assert echo_ok(plain, b"still open")
+    finally:
+        plain.close()
+        strict.close()
 
 
 def test_sigterm_closes_proxied_1001_and_exits_0(start_gateway, write_config, node_echo_server):

@@ -247,6 +247,7 @@ fn config_from(a: &ServeArgs) -> anyhow::Result<Config> {
             target,
             framing,
             limits,
+            limits_by_listener: vec![],
             health_check: None,
         }],
         health_path: "/healthz".into(),

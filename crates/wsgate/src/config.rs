@@ -132,8 +132,21 @@ pub struct Route {
     pub framing: FramingSpec,
     /// The gateway's limits with this route's `[route.limits]` applied.
     pub limits: Limits,
+    /// By listener, when a listener has `[listener.limits]`: the gateway's
+    /// limits, then the listener's, then the route's (empty otherwise).
+    pub limits_by_listener: Vec<Limits>,
     /// Proxy routes: active health check (path, interval).
     pub health_check: Option<(String, Duration)>,
+}
+
+impl Route {
+    /// The limits of this route's connections that came in on `listener`
+    /// (its index in [`Config::listeners`]).
+    pub fn limits_for(&self, listener: usize) -> &Limits {
+        self.limits_by_listener
+            .get(listener)
+            .unwrap_or(&self.limits)
+    }
 }
 
 /// Where a route's connections go.
@@ -276,9 +289,11 @@ struct ListenerFile {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     handshake_timeout: Option<Dur>,
+    #[serde(default)]
+    limits: LimitsFile,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct LimitsFile {
     max_message_size: Option<ByteSize>,
@@ -523,7 +538,47 @@ fn merge_limits(base: &Limits, l: &LimitsFile) -> Limits {
     }
 }
 
-/// Limits that belong to the whole gateway, not to one route.
+impl LimitsFile {
+    /// Whether any key is set.
+    fn sets_any(&self) -> bool {
+        let LimitsFile {
+            max_message_size,
+            handshake_timeout,
+            idle_timeout,
+            ping_interval,
+            pong_timeout,
+            max_connections,
+            connect_timeout,
+            close_timeout,
+            drain_timeout,
+            backend_timeout,
+            backend_idle_timeout,
+            max_lifetime,
+            eject_for,
+            per_ip_rate,
+            per_ip_max_connections,
+            bandwidth,
+        } = self;
+        max_message_size.is_some()
+            || handshake_timeout.is_some()
+            || idle_timeout.is_some()
+            || ping_interval.is_some()
+            || pong_timeout.is_some()
+            || max_connections.is_some()
+            || connect_timeout.is_some()
+            || close_timeout.is_some()
+            || drain_timeout.is_some()
+            || backend_timeout.is_some()
+            || backend_idle_timeout.is_some()
+            || max_lifetime.is_some()
+            || eject_for.is_some()
+            || per_ip_rate.is_some()
+            || per_ip_max_connections.is_some()
+            || bandwidth.is_some()
+    }
+}
+
+/// Limits that belong to the whole gateway, not to one route or listener.
 fn global_only_keys(l: &LimitsFile) -> Vec<&'static str> {
     [
         ("handshake_timeout", l.handshake_timeout.is_some()),
@@ -573,9 +628,12 @@ impl Validator<'_> {
             }
             if seen == index {
                 if !key.is_empty() {
+                    let sub = format!("[{table}.");
                     for (j, k) in lines.iter().enumerate().skip(i + 1) {
                         let t = k.trim_start();
-                        if t.starts_with('[') {
+                        // This entry's own sub-tables (`[route.limits]`) are
+                        // searched too; any other table ends the entry.
+                        if t.starts_with('[') && !t.starts_with(&sub) {
                             break;
                         }
                         if let Some(rest) = t.strip_prefix(key) {
@@ -595,7 +653,21 @@ impl Validator<'_> {
     fn build(&mut self, raw: FileConfig, base: &Path) -> Config {
         let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
         let mut listeners = vec![];
+        // Each listener's `[listener.limits]`, applied between the gateway's
+        // and a route's own.
+        let mut listener_limits = vec![];
         for (i, l) in raw.listeners.into_iter().enumerate() {
+            for key in global_only_keys(&l.limits) {
+                let message = if key == "handshake_timeout" {
+                    "set a listener's handshake timeout on the listener itself \
+                     (handshake_timeout = ...), not in [listener.limits]"
+                        .to_string()
+                } else {
+                    format!("`{key}` applies to the whole gateway: set it in [limits]")
+                };
+                self.error("listener", i, key, message);
+            }
+            listener_limits.push(l.limits.clone());
             let tls = match (l.tls_cert, l.tls_key) {
                 (Some(cert), Some(key)) => {
                     let (cert, key) = (resolve(cert), resolve(key));
@@ -673,8 +745,16 @@ impl Validator<'_> {
         };
 
         let mut routes = vec![];
+        let any_listener_limits = listener_limits.iter().any(LimitsFile::sets_any);
         for (i, r) in raw.routes.into_iter().enumerate() {
-            if let Some(route) = self.route(i, r, base, &limits) {
+            let own = r.limits.clone();
+            if let Some(mut route) = self.route(i, r, base, &limits) {
+                if any_listener_limits {
+                    route.limits_by_listener = listener_limits
+                        .iter()
+                        .map(|l| merge_limits(&merge_limits(&limits, l), &own))
+                        .collect();
+                }
                 routes.push(route);
             }
         }
@@ -947,6 +1027,7 @@ impl Validator<'_> {
             target: target?,
             framing: framing?,
             limits: route_limits,
+            limits_by_listener: vec![],
             health_check,
         })
     }
@@ -963,6 +1044,94 @@ mod tests {
             .iter()
             .map(|e| e.to_string())
             .collect()
+    }
+
+    #[test]
+    fn listener_limits_sit_between_the_gateways_and_a_routes() {
+        let c = parse(
+            "t.toml",
+            r#"
+[limits]
+idle_timeout = "10s"
+
+[[listener]]
+address = "127.0.0.1:0"
+[listener.limits]
+idle_timeout = "1s"
+max_lifetime = "1h"
+
+[[listener]]
+address = "127.0.0.1:0"
+
+[[route]]
+name = "plain"
+path_prefix = "/a"
+to = "echo:"
+
+[[route]]
+name = "own"
+path_prefix = "/"
+to = "echo:"
+[route.limits]
+idle_timeout = "5s"
+"#,
+            Path::new("."),
+        )
+        .unwrap();
+        let secs = |d: Option<Duration>| d.map(|d| d.as_secs());
+        let (plain, own) = (&c.routes[0], &c.routes[1]);
+        assert_eq!(secs(plain.limits_for(0).idle_timeout), Some(1));
+        assert_eq!(secs(plain.limits_for(0).max_lifetime), Some(3600));
+        assert_eq!(secs(plain.limits_for(1).idle_timeout), Some(10));
+        assert_eq!(secs(plain.limits_for(1).max_lifetime), None);
+        // The route's own value wins over the listener's.
+        assert_eq!(secs(own.limits_for(0).idle_timeout), Some(5));
+        assert_eq!(secs(own.limits_for(0).max_lifetime), Some(3600));
+        assert_eq!(secs(own.limits_for(1).idle_timeout), Some(5));
+        // Without listener limits nothing is precomputed.
+        let c = parse(
+            "t.toml",
+            "[[listener]]\naddress = \"127.0.0.1:0\"\n[[route]]\npath_prefix = \"/\"\nto = \"echo:\"\n",
+            Path::new("."),
+        )
+        .unwrap();
+        assert!(c.routes[0].limits_by_listener.is_empty());
+        assert_eq!(
+            c.routes[0].limits_for(0).idle_timeout,
+            c.limits.idle_timeout
+        );
+    }
+
+    #[test]
+    fn gateway_wide_limits_are_refused_on_a_listener() {
+        let e = errors(
+            r#"
+[[listener]]
+address = "127.0.0.1:0"
+[listener.limits]
+max_connections = 10
+handshake_timeout = "1s"
+
+[[route]]
+path_prefix = "/"
+to = "echo:"
+"#,
+        );
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(
+            e.iter().any(
+                |m| m.starts_with("t.toml:5:1: listener[0].max_connections: ")
+                    && m.contains("set it in [limits]")
+            ),
+            "{e:?}"
+        );
+        assert!(
+            e.iter().any(
+                |m| m.starts_with("t.toml:6:1: listener[0].handshake_timeout: ")
+                    && m.contains("on the listener itself")
+            ),
+            "{e:?}"
+        );
     }
 
     #[test]

@@ -338,15 +338,16 @@ impl Gateway {
         listeners: Vec<(std::net::TcpListener, Option<TlsAcceptor>, Duration)>,
     ) {
         let w = &self.workers[i];
-        for (s, tls, handshake_timeout) in listeners {
+        for (index, (s, tls, handshake_timeout)) in listeners.into_iter().enumerate() {
             let l = mio::net::TcpListener::from_std(s);
             // SAFETY: the listener owns its descriptor, which stays open as
             // long as the `AsyncFd` holds it.
             match unsafe { AsyncFd::register_with_interest(l, tokio::io::Interest::READABLE) } {
                 Ok(l) => {
                     let gw = self.clone();
-                    w.tracker
-                        .spawn(async move { gw.accept_loop(i, l, tls, handshake_timeout).await });
+                    w.tracker.spawn(async move {
+                        gw.accept_loop(i, index, l, tls, handshake_timeout).await
+                    });
                 }
                 Err(e) => warn!("worker {i}: cannot use its listening socket: {e}"),
             }
@@ -435,6 +436,7 @@ impl Gateway {
     async fn accept_loop(
         self: Arc<Self>,
         worker: usize,
+        index: usize,
         listener: AsyncFd<mio::net::TcpListener>,
         tls: Option<TlsAcceptor>,
         handshake_timeout: Duration,
@@ -478,7 +480,7 @@ impl Gateway {
                     let tls = tls.clone();
                     w.tracker.spawn(async move {
                         let _open = OpenGuard(&gw.workers[worker]);
-                        gw.connection(worker, stream, remote, tls, handshake_timeout)
+                        gw.connection(worker, index, stream, remote, tls, handshake_timeout)
                             .await
                     });
                 }
@@ -492,9 +494,11 @@ impl Gateway {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn connection(
         self: &Arc<Self>,
         worker: usize,
+        listener: usize,
         stream: std::net::TcpStream,
         remote: SocketAddr,
         tls: Option<TlsAcceptor>,
@@ -523,6 +527,7 @@ impl Gateway {
             secure: false,
             handshake_timeout: limit,
             worker,
+            listener,
         };
         async move {
             match tls {
@@ -779,6 +784,8 @@ pub struct Conn {
     pub handshake_timeout: Duration,
     /// The worker thread serving it.
     pub worker: usize,
+    /// The listener it came in on (its index in the config's listeners).
+    pub listener: usize,
 }
 
 /// A connection accepted on a listener: cleartext or TLS.

@@ -239,6 +239,7 @@ mod tests {
             target: Target::Static(PeerAddr::Echo),
             framing: FramingSpec::Binary,
             limits: Default::default(),
+            limits_by_listener: vec![],
             health_check: None,
         }
     }

@@ -125,7 +125,7 @@ impl Gateway {
             .admission
             .admit(c.remote.ip())
             .map_err(|r| self.refuse(r.reason(), crate::listener::refusal_response(&r)))?;
-        let limits = &route.limits;
+        let limits = route.limits_for(c.listener);
         let span = tracing::info_span!("ws", id = c.id, remote = %c.remote);
         let (response, relay) = match &route.target {
             Target::Proxy(pool) => {
