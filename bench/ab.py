@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Side-by-side A/B of already running servers: rate and CPU per unit of work.
+"""Side-by-side A/B of already running servers: rate, CPU and context switches per unit of work.
 
     bench/ab.py [--rounds N] [--warmup S] [--duration S] TEST NAME=PORT:PID[,PID...] ...
 
@@ -57,6 +57,23 @@ def oncpu_ns(pids):
     return total
 
 
+def switches(pids):
+    """Context switches so far (voluntary and not) of every thread of the
+    processes `pids`: on a VM each costs microseconds of wake-up, often more
+    than the work between two."""
+    total = 0
+    for pid in pids:
+        for t in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{t}/status") as f:
+                    for line in f:
+                        if line.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")):
+                            total += int(line.split()[1])
+            except FileNotFoundError:
+                pass  # a thread that has just ended
+    return total
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=10)
@@ -81,6 +98,7 @@ def main():
         for name, port, pids in targets[k:] + targets[:k]:
             u0, s0 = ticks(pids)
             c0 = oncpu_ns(pids)
+            x0 = switches(pids)
             out = subprocess.run(
                 [a.wsbench, "load", "--target", f"ws://127.0.0.1:{port}/", *TESTS[a.test].split(),
                  "--warmup", str(a.warmup), "--duration", str(a.duration)],
@@ -88,6 +106,7 @@ def main():
             )
             u1, s1 = ticks(pids)
             c1 = oncpu_ns(pids)
+            x1 = switches(pids)
             try:
                 rate = float(out.stdout.split()[0])
             except (IndexError, ValueError):
@@ -95,18 +114,19 @@ def main():
             # CPU during warm-up and measurement, over the work done in both.
             units = rate * (a.warmup + a.duration)
             results[name].append(
-                (rate, (u1 - u0) * TICK_US / units, (s1 - s0) * TICK_US / units, (c1 - c0) / 1e3 / units)
+                (rate, (u1 - u0) * TICK_US / units, (s1 - s0) * TICK_US / units, (c1 - c0) / 1e3 / units,
+                 (x1 - x0) / units)
             )
     print(
         f"{a.test}: medians of {a.rounds} rounds; CPU in µs per unit: user and sys from clock ticks "
-        f"(±1 tick of {TICK_US:.0f} µs per cell), oncpu from the scheduler (ns)"
+        f"(±1 tick of {TICK_US:.0f} µs per cell), oncpu from the scheduler's ns counters; context switches per unit"
     )
     for name, v in results.items():
         med = lambda i: statistics.median(x[i] for x in v)  # noqa: E731
         total = statistics.median(x[1] + x[2] for x in v)
         print(
             f"  {name:10s} rate {med(0):12.0f}  user {med(1):8.3f}  sys {med(2):8.3f}  total {total:8.3f}"
-            f"  oncpu {med(3):8.3f}"
+            f"  oncpu {med(3):8.3f}  switches {med(4):6.3f}"
         )
 
 

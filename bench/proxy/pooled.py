@@ -11,9 +11,10 @@ swing up to 2x between rounds); tens of rounds can. Pool only runs of the
 same code and machine.
 """
 import csv
-import math
-import statistics
+import os
 import sys
+
+from stats import format_ci
 
 TESTS = [
     ("throughput", "(a) 64 KiB throughput", True),
@@ -24,19 +25,14 @@ TESTS = [
 ]
 
 
-def t975(df):
-    """Student's t at 0.975 for `df` degrees of freedom (1.96 past 30)."""
-    table = [12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23, 2.20, 2.18, 2.16, 2.14, 2.13,
-             2.12, 2.11, 2.10, 2.09, 2.09, 2.08, 2.07, 2.07, 2.06, 2.06, 2.06, 2.05, 2.05, 2.05, 2.04]
-    return table[df - 1] if df <= len(table) else 1.96
-
-
 def main(dirs):
     if not dirs:
         sys.exit(__doc__)
     ratios = {}
     for d in dirs:
         cells = {}
+        if not os.path.isfile(f"{d}/raw.csv"):
+            sys.exit(f"pooled.py: {d}: no raw.csv here (not a bench/proxy.sh results folder)")
         with open(f"{d}/raw.csv") as f:
             for row in csv.DictReader(f):
                 try:
@@ -60,11 +56,8 @@ def main(dirs):
                 cols += ["—", "—"]
                 continue
             n = len(rs)
-            logs = [math.log(r) for r in rs]
-            m = statistics.fmean(logs)
-            h = t975(n - 1) * statistics.stdev(logs) / math.sqrt(n)
             ahead = sum(1 for r in rs if (r > 1 if higher else r < 1))
-            cols += [f"{math.exp(m):.3f} [{math.exp(m - h):.3f}, {math.exp(m + h):.3f}]", f"{ahead}/{n}"]
+            cols += [format_ci(rs), f"{ahead}/{n}"]
         print(f"| {label}{'' if higher else ' (lower is better)'} | {n} | " + " | ".join(cols) + " |")
 
 

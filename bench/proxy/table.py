@@ -6,7 +6,9 @@
 `proxy.sh` runs it at the end of a run; run it again to re-read a kept
 folder. Pooling the rounds of several runs: `bench/proxy/pooled.py`.
 """
-import csv, math, statistics, sys
+import csv, statistics, sys
+
+from stats import format_ci
 out, rounds, idle_rounds, dur, warm, idle_conns, clk_tck = sys.argv[1:]
 vals = {}
 errs = {}
@@ -76,19 +78,6 @@ print("Ratios are wsgate ÷ the other (higher is better for (a), (b), (e); lower
 # speed; the speed drifts far more between rounds (steal, other guests) than
 # within one. The median of the per-round ratios cancels that drift, which
 # the ratio of two medians (taken over different rounds) does not.
-def geomean_ci(rs):
-    """Geometric mean of ratios and its 95% interval, from the mean and the
-    standard error of their logarithms (Student's t for small samples)."""
-    logs = [math.log(r) for r in rs]
-    m = statistics.fmean(logs)
-    if len(logs) < 2:
-        return f"{math.exp(m):.3f}"
-    # t(0.975, n - 1) for n - 1 = 1..30; 1.96 beyond.
-    t = [12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23, 2.20, 2.18, 2.16, 2.14, 2.13,
-         2.12, 2.11, 2.10, 2.09, 2.09, 2.08, 2.07, 2.07, 2.06, 2.06, 2.06, 2.05, 2.05, 2.05, 2.04]
-    k = t[len(logs) - 2] if len(logs) - 1 <= len(t) else 1.96
-    h = k * statistics.stdev(logs) / math.sqrt(len(logs))
-    return f"{math.exp(m):.3f} [{math.exp(m - h):.3f}, {math.exp(m + h):.3f}]"
 per_round = {}
 for row in csv.DictReader(open(f"{out}/raw.csv")):
     try:
@@ -115,7 +104,7 @@ for t, label, _, better, _ in rows:
             out_cells += ["—", "—", "—"]
             continue
         wins = sum(1 for r in rs if (r > 1 if better == "higher" else r < 1))
-        out_cells += [f"{statistics.median(rs):.2f}", f"{wins}/{len(rs)}", geomean_ci(rs)]
+        out_cells += [f"{statistics.median(rs):.2f}", f"{wins}/{len(rs)}", format_ci(rs)]
     print(f"| {label} | " + " | ".join(out_cells) + " |")
 # CPU per unit of work: the contender's CPU time in a cell over the work done
 # in it (rate × (warm-up + measured time): the warm-up runs at about the same

@@ -293,7 +293,7 @@ struct ListenerFile {
     limits: LimitsFile,
 }
 
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct LimitsFile {
     max_message_size: Option<ByteSize>,
@@ -352,7 +352,7 @@ struct DiscoveryFile {
 }
 
 /// A duration written as `250ms`, `10s`, `5m`, `1h`, or `0`/`off` (disabled).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 struct Dur(Option<Duration>);
 
 impl<'de> Deserialize<'de> for Dur {
@@ -394,7 +394,7 @@ pub fn parse_duration(s: &str) -> Result<Option<Duration>, String> {
 }
 
 /// A size written as a number of bytes or with a unit: `64KiB`, `16MiB`, `1GiB`, `1MB`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 struct ByteSize(u64);
 
 impl<'de> Deserialize<'de> for ByteSize {
@@ -541,40 +541,7 @@ fn merge_limits(base: &Limits, l: &LimitsFile) -> Limits {
 impl LimitsFile {
     /// Whether any key is set.
     fn sets_any(&self) -> bool {
-        let LimitsFile {
-            max_message_size,
-            handshake_timeout,
-            idle_timeout,
-            ping_interval,
-            pong_timeout,
-            max_connections,
-            connect_timeout,
-            close_timeout,
-            drain_timeout,
-            backend_timeout,
-            backend_idle_timeout,
-            max_lifetime,
-            eject_for,
-            per_ip_rate,
-            per_ip_max_connections,
-            bandwidth,
-        } = self;
-        max_message_size.is_some()
-            || handshake_timeout.is_some()
-            || idle_timeout.is_some()
-            || ping_interval.is_some()
-            || pong_timeout.is_some()
-            || max_connections.is_some()
-            || connect_timeout.is_some()
-            || close_timeout.is_some()
-            || drain_timeout.is_some()
-            || backend_timeout.is_some()
-            || backend_idle_timeout.is_some()
-            || max_lifetime.is_some()
-            || eject_for.is_some()
-            || per_ip_rate.is_some()
-            || per_ip_max_connections.is_some()
-            || bandwidth.is_some()
+        *self != LimitsFile::default()
     }
 }
 
@@ -629,6 +596,9 @@ impl Validator<'_> {
             if seen == index {
                 if !key.is_empty() {
                     let sub = format!("[{table}.");
+                    // `limits.max_connections` is written `max_connections`
+                    // in `[route.limits]`.
+                    let key = key.rsplit('.').next().unwrap_or(key);
                     for (j, k) in lines.iter().enumerate().skip(i + 1) {
                         let t = k.trim_start();
                         // This entry's own sub-tables (`[route.limits]`) are
@@ -665,7 +635,7 @@ impl Validator<'_> {
                 } else {
                     format!("`{key}` applies to the whole gateway: set it in [limits]")
                 };
-                self.error("listener", i, key, message);
+                self.error("listener", i, &format!("limits.{key}"), message);
             }
             listener_limits.push(l.limits.clone());
             let tls = match (l.tls_cert, l.tls_key) {
@@ -901,7 +871,7 @@ impl Validator<'_> {
             self.error(
                 "route",
                 i,
-                key,
+                &format!("limits.{key}"),
                 format!("`{key}` applies to the whole gateway: set it in [limits]"),
             );
         }
@@ -1120,14 +1090,14 @@ to = "echo:"
         assert_eq!(e.len(), 2, "{e:?}");
         assert!(
             e.iter().any(
-                |m| m.starts_with("t.toml:5:1: listener[0].max_connections: ")
+                |m| m.starts_with("t.toml:5:1: listener[0].limits.max_connections: ")
                     && m.contains("set it in [limits]")
             ),
             "{e:?}"
         );
         assert!(
             e.iter().any(
-                |m| m.starts_with("t.toml:6:1: listener[0].handshake_timeout: ")
+                |m| m.starts_with("t.toml:6:1: listener[0].limits.handshake_timeout: ")
                     && m.contains("on the listener itself")
             ),
             "{e:?}"
@@ -1286,6 +1256,35 @@ proxy = "http://127.0.0.1:8000"
         assert!(
             e.iter()
                 .any(|x| x.contains("`max_connections` applies to the whole gateway")),
+            "{e:?}"
+        );
+        // Pointed at the key's own line in `[route.limits]`.
+        assert!(
+            e.iter()
+                .any(|x| x.starts_with("t.toml:11:1: route[2].limits.max_connections: ")),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn garbage_in_listener_limits_names_file_line_and_key() {
+        let e = errors(
+            "[[listener]]\naddress = \"127.0.0.1:0\"\n[listener.limits]\nidle_timeout = \"soon\"\n\
+             [[route]]\npath_prefix = \"/\"\nto = \"echo:\"\n",
+        );
+        assert!(
+            e.len() == 1
+                && e[0]
+                    .starts_with("t.toml:4:16: listener[0].limits.idle_timeout: invalid duration"),
+            "{e:?}"
+        );
+        let e = errors(
+            "[[listener]]\naddress = \"127.0.0.1:0\"\n[listener.limits]\nidle_timout = \"1s\"\n\
+             [[route]]\npath_prefix = \"/\"\nto = \"echo:\"\n",
+        );
+        assert!(
+            e.len() == 1
+                && e[0].starts_with("t.toml:4:1: listener[0].limits.idle_timout: unknown field"),
             "{e:?}"
         );
     }

@@ -254,17 +254,9 @@ impl Accepted {
     /// Appends the HTTP/1.1 answer head (what `into_response` would give,
     /// written as [`crate::http1::encode_response_head`] writes one).
     pub fn encode_h1(&self, out: &mut BytesMut) {
-        let status = self.status();
-        out.extend_from_slice(b"HTTP/1.1 ");
-        out.extend_from_slice(status.as_str().as_bytes());
-        out.extend_from_slice(b" ");
-        out.extend_from_slice(status.canonical_reason().unwrap_or("Unknown").as_bytes());
-        out.extend_from_slice(b"\r\n");
+        crate::http1::put_status_line(out, self.status());
         for (k, v) in self.headers() {
-            out.extend_from_slice(k.as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(v);
-            out.extend_from_slice(b"\r\n");
+            crate::http1::put_header(out, k.as_bytes(), v);
         }
         out.extend_from_slice(b"\r\n");
     }

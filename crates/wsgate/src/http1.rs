@@ -136,13 +136,27 @@ pub fn parse_response(buf: &Bytes) -> Result<Option<(response::Parts, usize)>, H
     })
 }
 
+/// Appends one header line, `name: value`.
+pub fn put_header(out: &mut BytesMut, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
 fn put_headers(out: &mut BytesMut, headers: &HeaderMap) {
     for (k, v) in headers {
-        out.extend_from_slice(k.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(v.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        put_header(out, k.as_str().as_bytes(), v.as_bytes());
     }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends an HTTP/1.1 status line.
+pub fn put_status_line(out: &mut BytesMut, status: StatusCode) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.extend_from_slice(b" ");
+    out.extend_from_slice(status.canonical_reason().unwrap_or("Unknown").as_bytes());
     out.extend_from_slice(b"\r\n");
 }
 
@@ -157,11 +171,7 @@ pub fn encode_request_head(out: &mut BytesMut, method: &Method, target: &str, he
 
 /// Appends an HTTP/1.1 response head.
 pub fn encode_response_head(out: &mut BytesMut, status: StatusCode, headers: &HeaderMap) {
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(status.as_str().as_bytes());
-    out.extend_from_slice(b" ");
-    out.extend_from_slice(status.canonical_reason().unwrap_or("Unknown").as_bytes());
-    out.extend_from_slice(b"\r\n");
+    put_status_line(out, status);
     put_headers(out, headers);
 }
 

@@ -494,7 +494,6 @@ impl Gateway {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn connection(
         self: &Arc<Self>,
         worker: usize,

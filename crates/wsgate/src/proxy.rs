@@ -559,12 +559,7 @@ impl Proxy {
         buf.extend_from_slice(b"GET ");
         buf.extend_from_slice(path.as_bytes());
         buf.extend_from_slice(b" HTTP/1.1\r\n");
-        let mut put = |name: &[u8], value: &[u8]| {
-            buf.extend_from_slice(name);
-            buf.extend_from_slice(b": ");
-            buf.extend_from_slice(value);
-            buf.extend_from_slice(b"\r\n");
-        };
+        let mut put = |name: &[u8], value: &[u8]| http1::put_header(&mut buf, name, value);
         if let Some(h) = &host {
             put(b"host", h.as_bytes());
         }
@@ -626,11 +621,7 @@ impl Proxy {
             read_response_head(&mut conn, &mut buf).await
         })
         .await;
-        let AnswerHead {
-            status,
-            head,
-            switched,
-        } = match answer {
+        let answer = match answer {
             Ok(Ok(answer)) => answer,
             Ok(Err(e)) => return Err(BackendError::Bad(format!("backend {addr}: {e}"))),
             Err(_) => {
@@ -650,34 +641,12 @@ impl Proxy {
             .latency
             .get_or_init(|| self.metrics.backend_latency_series(&lease.backend.label))
             .observe(latency.as_secs_f64());
-        if status != StatusCode::SWITCHING_PROTOCOLS {
+        let switched = match answer {
+            Answer::Switched(s) => s,
             // 401, 403, 404, 5xx...: the client sees the backend's own answer.
-            let head = match http1::parse_response(&head) {
-                Ok(Some((head, _))) => head,
-                Ok(None) => unreachable!("a complete head parses again"),
-                Err(e) => return Err(BackendError::Bad(format!("backend {addr}: {e}"))),
-            };
-            let framing = http1::response_framing(head.status, &head.headers)
-                .map_err(|e| BackendError::Bad(format!("backend {addr}: {e}")))?;
-            let mut out = Response::new(
-                RelayedBody {
-                    io: conn,
-                    buf,
-                    framing,
-                    chunked: http1::ChunkedDecoder::default(),
-                }
-                .boxed_unsync(),
-            );
-            *out.status_mut() = head.status;
-            copy_end_to_end(&head.headers, out.headers_mut());
-            if !matches!(framing, http1::Framing::Length(_)) {
-                out.headers_mut().remove(header::CONTENT_LENGTH);
-            }
-            return Ok(Err(out));
+            Answer::Other(head) => return relay_answer(addr, &head, conn, buf).map(Err),
         }
-        let switched = switched
-            .expect("a 101 is read as it is parsed")
-            .map_err(|e| BackendError::Bad(format!("backend {addr}: {e}")))?;
+        .map_err(|e| BackendError::Bad(format!("backend {addr}: {e}")))?;
         if !switched.accept_is(expected.as_bytes()) || !switched.upgrade_ok {
             warn!(backend = %addr, "backend answered 101 with a wrong Sec-WebSocket-Accept or Upgrade");
             return Err(BackendError::Bad(format!(
@@ -773,20 +742,49 @@ impl Switched {
 }
 
 /// A backend's answer to a WebSocket handshake.
-struct AnswerHead {
-    status: StatusCode,
-    /// The head's bytes (an answer other than 101 is parsed again from them).
-    head: Bytes,
+enum Answer {
     /// A 101, read from its lines as it was parsed.
-    switched: Option<Result<Switched, http1::HeadError>>,
+    Switched(Result<Switched, http1::HeadError>),
+    /// Anything else: the head's bytes, parsed again in full to be relayed.
+    Other(Bytes),
+}
+
+/// The client's copy of a backend's answer other than 101 (401, 403, 404,
+/// 5xx...): its status, end-to-end headers and body, the body read from the
+/// backend's socket as the client takes it.
+fn relay_answer(
+    addr: &crate::backend::BackendAddr,
+    head: &Bytes,
+    conn: BackendIo,
+    buf: BytesMut,
+) -> Result<Response<Body>, BackendError> {
+    let bad = |e: &dyn std::fmt::Display| BackendError::Bad(format!("backend {addr}: {e}"));
+    let head = match http1::parse_response(head) {
+        Ok(Some((head, _))) => head,
+        Ok(None) => unreachable!("a complete head parses again"),
+        Err(e) => return Err(bad(&e)),
+    };
+    let framing = http1::response_framing(head.status, &head.headers).map_err(|e| bad(&e))?;
+    let mut out = Response::new(
+        RelayedBody {
+            io: conn,
+            buf,
+            framing,
+            chunked: http1::ChunkedDecoder::default(),
+        }
+        .boxed_unsync(),
+    );
+    *out.status_mut() = head.status;
+    copy_end_to_end(&head.headers, out.headers_mut());
+    if !matches!(framing, http1::Framing::Length(_)) {
+        out.headers_mut().remove(header::CONTENT_LENGTH);
+    }
+    Ok(out)
 }
 
 /// Reads a backend's answer head into `buf` (informational answers other
 /// than 101 are skipped); on return `buf` holds what followed the head.
-async fn read_response_head(
-    conn: &mut BackendIo,
-    buf: &mut BytesMut,
-) -> std::io::Result<AnswerHead> {
+async fn read_response_head(conn: &mut BackendIo, buf: &mut BytesMut) -> std::io::Result<Answer> {
     use std::io::{Error, ErrorKind};
     loop {
         if !buf.is_empty() {
@@ -804,10 +802,9 @@ async fn read_response_head(
                     if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
                         continue;
                     }
-                    return Ok(AnswerHead {
-                        status,
-                        head: read.slice(..len),
-                        switched,
+                    return Ok(match switched {
+                        Some(s) => Answer::Switched(s),
+                        None => Answer::Other(read.slice(..len)),
                     });
                 }
                 Ok(None) => *buf = http1::unfreeze(read),
