@@ -21,26 +21,8 @@ WSBENCH=$PWD/target/release/wsbench
 [ -x "$WSGATE" ] && [ -x "$WSBENCH" ] || { echo "instructions.sh: build first (see the header)" >&2; exit 1; }
 [ $# -gt 0 ] || set -- wsgate nginx
 
-RUN=$(mktemp -d /tmp/wsgate-instructions.XXXXXX)
-PIDS=()
-cleanup() {
-    local p
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    rm -rf "$RUN"
-}
-trap cleanup EXIT
-
-# Waits (at most 20 s) for "listening on ws://127.0.0.1:PORT" in FILE; prints PORT.
-port_of() {
-    local i p
-    for ((i = 0; i < 100; i++)); do
-        p=$(sed -n 's#^listening on ws://127\.0\.0\.1:\([0-9]*\)$#\1#p' "$1")
-        [ -n "$p" ] && { echo "$p"; return 0; }
-        sleep 0.2
-    done
-    echo "instructions.sh: nothing listening, see $1" >&2
-    return 1
-}
+# shellcheck source=bench/proxy/common.sh
+source bench/proxy/common.sh instructions
 
 "$WSGATE" serve --listen 127.0.0.1:0 --to echo: --log warn >"$RUN/backend.out" 2>&1 &
 PIDS+=($!)
@@ -58,7 +40,7 @@ for c in "$@"; do
         port=$(port_of "$RUN/$c.out")
         ;;
     nginx)
-        port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+        port=$(free_port)
         mkdir -p "$RUN/nginx"
         sed -e "s#@PORT@#$port#g" -e "s#@BACKEND@#$BACKEND#g" -e "s#@DIR@#$RUN/nginx#g" \
             -e 's/^worker_processes 2;/worker_processes 1;/' -e 's/^master_process on;/master_process off;/' \
@@ -67,10 +49,7 @@ for c in "$@"; do
             -c "$RUN/nginx/conf" -e "$RUN/nginx/error.log" >"$RUN/$c.err" 2>&1 &
         pid=$!
         PIDS+=("$pid")
-        for ((i = 0; i < 100; i++)); do
-            (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-            sleep 0.2
-        done
+        wait_port "$port"
         ;;
     *) echo "instructions.sh: unknown contender $c" >&2; exit 2 ;;
     esac

@@ -9,26 +9,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 [ $# -gt 0 ] || set -- --rounds 8 e
-RUN=$(mktemp -d /tmp/wsgate-workers.XXXXXX)
-PIDS=()
-cleanup() {
-    local p
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    rm -rf "$RUN"
-}
-trap cleanup EXIT
-
-# Waits (at most 10 s) for "listening on ws://127.0.0.1:PORT" in FILE; prints PORT.
-port_of() {
-    local i p
-    for ((i = 0; i < 100; i++)); do
-        p=$(sed -n 's#^listening on ws://127\.0\.0\.1:\([0-9]*\)$#\1#p' "$1")
-        [ -n "$p" ] && { echo "$p"; return 0; }
-        sleep 0.1
-    done
-    echo "workers.sh: nothing listening, see $1" >&2
-    return 1
-}
+# shellcheck source=bench/proxy/common.sh
+source bench/proxy/common.sh workers
 
 target/release/wsgate serve --listen 127.0.0.1:0 --to echo: --log warn >"$RUN/backend.out" 2>&1 &
 PIDS+=($!)
@@ -40,17 +22,14 @@ for w in 1 2; do
     pid=$!
     PIDS+=("$pid")
     TARGETS+=("wsgate-$w=$(port_of "$RUN/wsgate-$w.out"):$pid")
-    port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    port=$(free_port)
     mkdir -p "$RUN/nginx-$w"
     sed -e "s#@PORT@#$port#g" -e "s#@BACKEND@#$BACKEND#g" -e "s#@DIR@#$RUN/nginx-$w#g" \
         -e "s/^worker_processes 2;/worker_processes $w;/" bench/proxy/nginx.conf.in >"$RUN/nginx-$w/conf"
     nginx -p "$RUN/nginx-$w" -c "$RUN/nginx-$w/conf" -e "$RUN/nginx-$w/error.log" &
     pid=$!
     PIDS+=("$pid")
-    for ((i = 0; i < 100; i++)); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-        sleep 0.1
-    done
+    wait_port "$port"
     TARGETS+=("nginx-$w=$port:$pid,$(pgrep -d, -P "$pid")")
 done
 python3 bench/ab.py "$@" "${TARGETS[@]}"
