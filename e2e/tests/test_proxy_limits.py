@@ -237,6 +237,101 @@ def test_global_cap_is_503(start_gateway, write_config, node_echo_server):
             ws.close()
 
 
+# ------------------------------------- admission per listener and per route
+def test_admission_limits_per_listener_and_per_route(start_gateway, write_config, node_echo_server):
+    """`[route.limits]` and `[listener.limits]` caps and per-client limits: each
+    counts its own WebSockets; the most specific per-client limit wins; caps
+    add up (503 `route_cap` / `listener_cap`)."""
+    backend = node_echo_server()
+    cfg = write_config(f"""
+        [admin]
+        address = "127.0.0.1:0"
+
+        [[listener]]
+        address = "127.0.0.1:0"
+
+        [[listener]]
+        address = "127.0.0.3:0"
+        [listener.limits]
+        max_connections = 2
+
+        [limits]
+        per_ip_max_connections = 3
+
+        [[route]]
+        name = "capped"
+        path = "/capped"
+        proxy = "{backend}"
+        [route.limits]
+        per_ip_max_connections = 1
+        max_connections = 2
+
+        [[route]]
+        name = "slow"
+        path = "/slow"
+        proxy = "{backend}"
+        [route.limits]
+        per_ip_rate = "1/h burst 2"
+
+        [[route]]
+        name = "rest"
+        path_prefix = "/"
+        proxy = "{backend}"
+    """)
+    gw = start_gateway("serve", "--config", cfg, listeners=2, admin=True)
+    by_host = {l.host: l for l in gw.listeners}
+    main, small = by_host["127.0.0.1"], by_host["127.0.0.3"]
+    before = refusals(gw.admin)
+    held: list[RawWebSocket] = []
+
+    def open_ok(src, listener, path):
+        resp, ws = handshake_from(src, listener, path)
+        assert ws is not None, (src, path, resp.status, resp.body)
+        held.append(ws)
+        assert echo_ok(ws, path.encode())
+
+    def refused(src, listener, path, status):
+        resp, ws = handshake_from(src, listener, path)
+        if ws is not None:
+            held.append(ws)
+        assert ws is None and resp.status == status, (src, path, resp.status, resp.body)
+        retry_after(resp)
+
+    try:
+        # /capped: one per address (the route's own cap, stricter than [limits])...
+        open_ok(FLOODER, main, "/capped")
+        refused(FLOODER, main, "/capped", 429)
+        open_ok(GOOD, main, "/capped")
+        # ...and two in all on the route.
+        refused("127.0.0.4", main, "/capped", 503)
+        # The route's WebSockets are not counted against [limits]' per-address
+        # cap: the flooder still gets its 3 elsewhere, then 429.
+        for i in range(3):
+            open_ok(FLOODER, main, f"/rest{i}")
+        refused(FLOODER, main, "/rest-over", 429)
+        # /slow: the route's own rate (burst 2), then 429 with Retry-After.
+        open_ok("127.0.0.5", main, "/slow")
+        open_ok("127.0.0.5", main, "/slow")
+        refused("127.0.0.5", main, "/slow", 429)
+        open_ok("127.0.0.5", main, "/rest-after-slow")
+        # The 127.0.0.3 listener lets two WebSockets in, whoever asks.
+        open_ok("127.0.0.6", small, "/rest")
+        open_ok("127.0.0.7", small, "/rest")
+        refused("127.0.0.8", small, "/rest", 503)
+        open_ok("127.0.0.8", main, "/rest")
+
+        after = refusals(gw.admin)
+        delta = {k: after.get(k, 0) - before.get(k, 0) for k in set(after) | set(before)}
+        assert {k: v for k, v in delta.items() if v} == {
+            "per_ip_cap": 2, "route_cap": 1, "rate_limited": 1, "listener_cap": 1,
+        }, delta
+        for ws in held:
+            assert echo_ok(ws, b"all still open")
+    finally:
+        for ws in held:
+            ws.close()
+
+
 # -------------------------------------------------- injected close frames
 def test_max_lifetime_closes_1008(start_gateway, write_config, node_echo_server):
     gw = limits_gateway(start_gateway, write_config, node_echo_server(), 'max_lifetime = "1s"')

@@ -237,6 +237,7 @@ fn config_from(a: &ServeArgs) -> anyhow::Result<Config> {
                 address: address.clone(),
                 tls: tls.clone(),
                 handshake_timeout: None,
+                admission: Default::default(),
             })
             .collect(),
         limits: limits.clone(),
@@ -248,6 +249,7 @@ fn config_from(a: &ServeArgs) -> anyhow::Result<Config> {
             framing,
             limits,
             limits_by_listener: vec![],
+            admission: Default::default(),
             health_check: None,
         }],
         health_path: "/healthz".into(),

@@ -52,6 +52,9 @@ pub struct ListenerConfig {
     pub tls: Option<TlsFiles>,
     /// Overrides `[limits] handshake_timeout` on this listener.
     pub handshake_timeout: Option<Duration>,
+    /// This listener's own admission limits (`[listener.limits]`): a cap on
+    /// its WebSockets and per-client limits over the gateway's.
+    pub admission: crate::limits::ScopeLimits,
 }
 
 #[derive(Debug, Clone)]
@@ -135,6 +138,9 @@ pub struct Route {
     /// By listener, when a listener has `[listener.limits]`: the gateway's
     /// limits, then the listener's, then the route's (empty otherwise).
     pub limits_by_listener: Vec<Limits>,
+    /// This route's own admission limits (`[route.limits]`): a cap on its
+    /// WebSockets and per-client limits over the listener's and gateway's.
+    pub admission: crate::limits::ScopeLimits,
     /// Proxy routes: active health check (path, interval).
     pub health_check: Option<(String, Duration)>,
 }
@@ -545,14 +551,22 @@ impl LimitsFile {
     }
 }
 
+/// Takes the admission keys out of a listener's or route's limits: they are
+/// not merged into [`Limits`] but counted by a gate of that listener's or
+/// route's own (see [`crate::limits::Gates`]).
+fn take_scope_limits(l: &mut LimitsFile) -> crate::limits::ScopeLimits {
+    crate::limits::ScopeLimits {
+        per_ip_rate: l.per_ip_rate.take(),
+        per_ip_max_connections: l.per_ip_max_connections.take(),
+        max_connections: l.max_connections.take(),
+    }
+}
+
 /// Limits that belong to the whole gateway, not to one route or listener.
 fn global_only_keys(l: &LimitsFile) -> Vec<&'static str> {
     [
         ("handshake_timeout", l.handshake_timeout.is_some()),
-        ("max_connections", l.max_connections.is_some()),
         ("drain_timeout", l.drain_timeout.is_some()),
-        ("per_ip_rate", l.per_ip_rate.is_some()),
-        ("per_ip_max_connections", l.per_ip_max_connections.is_some()),
         ("eject_for", l.eject_for.is_some()),
     ]
     .into_iter()
@@ -626,7 +640,8 @@ impl Validator<'_> {
         // Each listener's `[listener.limits]`, applied between the gateway's
         // and a route's own.
         let mut listener_limits = vec![];
-        for (i, l) in raw.listeners.into_iter().enumerate() {
+        for (i, mut l) in raw.listeners.into_iter().enumerate() {
+            let admission = take_scope_limits(&mut l.limits);
             for key in global_only_keys(&l.limits) {
                 let message = if key == "handshake_timeout" {
                     "set a listener's handshake timeout on the listener itself \
@@ -682,6 +697,7 @@ impl Validator<'_> {
                 handshake_timeout: l
                     .handshake_timeout
                     .map(|d| d.0.unwrap_or(Duration::from_secs(3600))),
+                admission,
             });
         }
         if listeners.is_empty() {
@@ -716,9 +732,11 @@ impl Validator<'_> {
 
         let mut routes = vec![];
         let any_listener_limits = listener_limits.iter().any(LimitsFile::sets_any);
-        for (i, r) in raw.routes.into_iter().enumerate() {
+        for (i, mut r) in raw.routes.into_iter().enumerate() {
+            let admission = take_scope_limits(&mut r.limits);
             let own = r.limits.clone();
             if let Some(mut route) = self.route(i, r, base, &limits) {
+                route.admission = admission;
                 if any_listener_limits {
                     route.limits_by_listener = listener_limits
                         .iter()
@@ -998,6 +1016,7 @@ impl Validator<'_> {
             framing: framing?,
             limits: route_limits,
             limits_by_listener: vec![],
+            admission: Default::default(),
             health_check,
         })
     }
@@ -1079,7 +1098,7 @@ idle_timeout = "5s"
 [[listener]]
 address = "127.0.0.1:0"
 [listener.limits]
-max_connections = 10
+drain_timeout = "10s"
 handshake_timeout = "1s"
 
 [[route]]
@@ -1090,7 +1109,7 @@ to = "echo:"
         assert_eq!(e.len(), 2, "{e:?}");
         assert!(
             e.iter().any(
-                |m| m.starts_with("t.toml:5:1: listener[0].limits.max_connections: ")
+                |m| m.starts_with("t.toml:5:1: listener[0].limits.drain_timeout: ")
                     && m.contains("set it in [limits]")
             ),
             "{e:?}"
@@ -1100,6 +1119,74 @@ to = "echo:"
                 |m| m.starts_with("t.toml:6:1: listener[0].limits.handshake_timeout: ")
                     && m.contains("on the listener itself")
             ),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn admission_limits_belong_to_their_listener_or_route() {
+        let c = parse(
+            "t.toml",
+            r#"
+[limits]
+per_ip_rate = "20/s"
+max_connections = 100
+
+[[listener]]
+address = "127.0.0.1:0"
+[listener.limits]
+per_ip_max_connections = 4
+max_connections = 50
+
+[[listener]]
+address = "127.0.0.1:0"
+
+[[route]]
+path = "/a"
+to = "echo:"
+[route.limits]
+per_ip_rate = "1/s burst 2"
+max_connections = 3
+idle_timeout = "1s"
+
+[[route]]
+path_prefix = "/"
+to = "echo:"
+"#,
+            Path::new("."),
+        )
+        .unwrap();
+        let listener = crate::limits::ScopeLimits {
+            per_ip_rate: None,
+            per_ip_max_connections: Some(4),
+            max_connections: Some(50),
+        };
+        assert_eq!(c.listeners[0].admission, listener);
+        assert!(!c.listeners[1].admission.sets_any());
+        let a = &c.routes[0].admission;
+        assert_eq!(a.per_ip_rate, Some("1/s burst 2".parse().unwrap()));
+        assert_eq!(a.max_connections, Some(3));
+        assert_eq!(a.per_ip_max_connections, None);
+        assert!(!c.routes[1].admission.sets_any());
+        // Not merged into the per-connection limits: those stay the gateway's.
+        for r in &c.routes {
+            for l in 0..2 {
+                assert_eq!(r.limits_for(l).max_connections, 100);
+                assert_eq!(r.limits_for(l).per_ip_rate, c.limits.per_ip_rate);
+                assert_eq!(r.limits_for(l).per_ip_max_connections, None);
+            }
+        }
+        assert_eq!(
+            c.routes[0].limits_for(1).idle_timeout,
+            Some(Duration::from_secs(1))
+        );
+        // Garbage there names file, line and key like anywhere else.
+        let e = errors(
+            "[[listener]]\naddress = \"127.0.0.1:0\"\n[[route]]\npath_prefix = \"/\"\nto = \"echo:\"\n\
+             [route.limits]\nper_ip_rate = \"lots\"\nmax_connections = -1\n",
+        );
+        assert!(
+            e.len() == 1 && e[0].starts_with("t.toml:7:15: route[0].limits.per_ip_rate: "),
             "{e:?}"
         );
     }
@@ -1242,7 +1329,7 @@ proxy = "http://127.0.0.1:8000"
         let e = errors(
             "[[listener]]\naddress = \"127.0.0.1:1\"\n[[route]]\nproxy = \"wsx://x:1\"\n\
              [[route]]\nto = \"echo:\"\nbalance = \"random\"\n\
-             [[route]]\nproxy = \"ws://a:1\"\n[route.limits]\nmax_connections = 5\n",
+             [[route]]\nproxy = \"ws://a:1\"\n[route.limits]\neject_for = \"5s\"\n",
         );
         assert!(
             e[0].contains("route[0].proxy: invalid backend `wsx://x:1`"),
@@ -1255,13 +1342,13 @@ proxy = "http://127.0.0.1:8000"
         );
         assert!(
             e.iter()
-                .any(|x| x.contains("`max_connections` applies to the whole gateway")),
+                .any(|x| x.contains("`eject_for` applies to the whole gateway")),
             "{e:?}"
         );
         // Pointed at the key's own line in `[route.limits]`.
         assert!(
             e.iter()
-                .any(|x| x.starts_with("t.toml:11:1: route[2].limits.max_connections: ")),
+                .any(|x| x.starts_with("t.toml:11:1: route[2].limits.eject_for: ")),
             "{e:?}"
         );
     }

@@ -14,6 +14,19 @@
 //! refused one gets a [`Refusal`], which knows its HTTP status (429 with
 //! `Retry-After`, or 503) and its metrics label.
 //!
+//! # Gates per listener and per route
+//!
+//! [`Gates`] puts the gateway's [`Admission`] together with one of its own for
+//! every listener and route that sets admission limits ([`ScopeLimits`]:
+//! `[listener.limits]`, `[route.limits]`). Each gate counts only what it
+//! admitted. For a handshake on route R that came in on listener L:
+//!
+//! - the gateway's cap, L's cap and R's cap all apply (caps only add up);
+//! - the per-client rate is the most specific one set — R's, else L's, else the
+//!   gateway's — like every other per-connection limit; likewise, and on its
+//!   own, the per-client cap. So a route can be stricter *or* more generous
+//!   than the default, and counts its own clients in a table of its own.
+//!
 //! # Who is a client
 //!
 //! An IPv4 client is its address; an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`,
@@ -90,6 +103,33 @@ const MAX_SHARDS: usize = 16;
 
 /// Each shard forgets recovered clients at most this often (on access).
 const SWEEP_EVERY_NS: u64 = 1_000_000_000;
+
+/// The admission limits one listener or route sets for itself; `None` leaves
+/// the key to the enclosing scope (see [`Gates`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ScopeLimits {
+    /// New WebSocket handshakes and plain HTTP requests per client.
+    pub per_ip_rate: Option<RateSpec>,
+    /// Concurrent WebSockets per client.
+    pub per_ip_max_connections: Option<usize>,
+    /// Concurrent WebSockets through this listener or route.
+    pub max_connections: Option<usize>,
+}
+
+impl ScopeLimits {
+    /// Whether any key is set.
+    pub fn sets_any(&self) -> bool {
+        *self != Self::default()
+    }
+}
+
+/// Whose gate refused: its cap's refusal says so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    Gateway,
+    Listener,
+    Route,
+}
 
 /// What [`Admission`] enforces.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -267,6 +307,9 @@ pub enum Refusal {
     /// The gateway has as many open WebSockets as it takes.
     #[error("too many open WebSockets")]
     TooManyTotal,
+    /// A listener or route has as many open WebSockets as its own cap allows.
+    #[error("too many open WebSockets on this {}", if *scope == Scope::Listener { "listener" } else { "route" })]
+    ScopeFull { scope: Scope },
 }
 
 impl Refusal {
@@ -274,7 +317,7 @@ impl Refusal {
     pub fn status(&self) -> StatusCode {
         match self {
             Refusal::RateLimited { .. } | Refusal::TooManyFromIp => StatusCode::TOO_MANY_REQUESTS,
-            Refusal::TooManyTotal => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::TooManyTotal | Refusal::ScopeFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -284,6 +327,10 @@ impl Refusal {
             Refusal::RateLimited { .. } => "rate_limited",
             Refusal::TooManyFromIp => "per_ip_cap",
             Refusal::TooManyTotal => "global_cap",
+            Refusal::ScopeFull {
+                scope: Scope::Listener,
+            } => "listener_cap",
+            Refusal::ScopeFull { .. } => "route_cap",
         }
     }
 
@@ -291,7 +338,9 @@ impl Refusal {
     pub fn retry_after(&self) -> Duration {
         match self {
             Refusal::RateLimited { retry_after } => *retry_after,
-            Refusal::TooManyFromIp | Refusal::TooManyTotal => CAP_RETRY_AFTER,
+            Refusal::TooManyFromIp | Refusal::TooManyTotal | Refusal::ScopeFull { .. } => {
+                CAP_RETRY_AFTER
+            }
         }
     }
 
@@ -444,6 +493,7 @@ struct Inner {
     open: crossbeam_utils::CachePadded<AtomicUsize>,
     config: AdmissionConfig,
     max_tracked: usize,
+    scope: Scope,
 }
 
 impl Inner {
@@ -509,6 +559,21 @@ impl Admission {
     /// A gate whose rate limiter remembers at most `max_tracked_ips` clients
     /// (at least 1).
     pub fn with_max_tracked_ips(cfg: AdmissionConfig, max_tracked_ips: usize) -> Self {
+        Self::build(cfg, max_tracked_ips, Scope::Gateway)
+    }
+
+    /// The gate of one listener or route: its own per-client limits, and a cap
+    /// on what it lets in (none when `max_connections` is unset).
+    pub fn scoped(scope: Scope, limits: &ScopeLimits) -> Self {
+        let cfg = AdmissionConfig {
+            per_ip_rate: limits.per_ip_rate,
+            per_ip_max_connections: limits.per_ip_max_connections,
+            max_connections: limits.max_connections.unwrap_or(usize::MAX),
+        };
+        Self::build(cfg, DEFAULT_MAX_TRACKED_IPS, scope)
+    }
+
+    fn build(cfg: AdmissionConfig, max_tracked_ips: usize, scope: Scope) -> Self {
         let max_tracked = max_tracked_ips.max(1);
         let shards = (max_tracked / 4096).clamp(1, MAX_SHARDS);
         Self {
@@ -524,6 +589,7 @@ impl Admission {
                 open: Default::default(),
                 config: cfg,
                 max_tracked,
+                scope,
             }),
         }
     }
@@ -536,21 +602,37 @@ impl Admission {
 
     /// [`admit`](Self::admit) at an explicit instant.
     pub fn admit_at(&self, ip: IpAddr, now: Instant) -> Result<Permit, Refusal> {
+        self.admit_checking(ClientKey::from(ip), now, true, true)
+    }
+
+    /// Checks the cap, the rate when `rate`, and the per-client cap when
+    /// `per_ip`; see [`Gates`] for who checks what.
+    fn admit_checking(
+        &self,
+        key: ClientKey,
+        now: Instant,
+        rate: bool,
+        per_ip: bool,
+    ) -> Result<Permit, Refusal> {
         let inner = &self.inner;
-        let key = ClientKey::from(ip);
-        inner.check_rate(key, now)?;
+        if rate {
+            inner.check_rate(key, now)?;
+        }
         inner
             .open
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < inner.max_connections).then_some(n + 1)
             })
-            .map_err(|_| Refusal::TooManyTotal)?;
-        // From here on, dropping `permit` gives the global slot back.
+            .map_err(|_| match inner.scope {
+                Scope::Gateway => Refusal::TooManyTotal,
+                scope => Refusal::ScopeFull { scope },
+            })?;
+        // From here on, dropping `permit` gives the slot back.
         let mut permit = Permit {
             inner: Arc::clone(inner),
             key: None,
         };
-        if let Some(max) = inner.per_ip_max {
+        if let (Some(max), true) = (inner.per_ip_max, per_ip) {
             let mut conns = lock(&inner.conn_shards[inner.shard(&key)]);
             let n = conns.get(&key).copied().unwrap_or(0);
             if n >= max {
@@ -630,6 +712,145 @@ impl fmt::Debug for Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         self.inner.release(self.key.take());
+    }
+}
+
+/// The gateway's gate and those of the listeners and routes that set
+/// admission limits of their own (see the module docs for who checks what).
+#[derive(Debug)]
+pub struct Gates {
+    gateway: Admission,
+    /// By listener index; `None` where a listener sets no admission limit.
+    listeners: Vec<Option<Admission>>,
+    /// By route index, likewise.
+    routes: Vec<Option<Admission>>,
+}
+
+/// What one admitted WebSocket holds: a [`Permit`] of every gate it passed.
+#[derive(Debug)]
+pub struct Permits {
+    _gateway: Permit,
+    /// Empty (and not allocated) unless a listener or route has a gate.
+    _scoped: Vec<Permit>,
+}
+
+impl Gates {
+    /// `listeners` and `routes` are the limits each sets, by index.
+    pub fn new(
+        gateway: AdmissionConfig,
+        listeners: &[ScopeLimits],
+        routes: &[ScopeLimits],
+    ) -> Self {
+        let scoped = |scope, all: &[ScopeLimits]| -> Vec<Option<Admission>> {
+            if !all.iter().any(ScopeLimits::sets_any) {
+                return vec![];
+            }
+            all.iter()
+                .map(|l| l.sets_any().then(|| Admission::scoped(scope, l)))
+                .collect()
+        };
+        Self {
+            gateway: Admission::new(gateway),
+            listeners: scoped(Scope::Listener, listeners),
+            routes: scoped(Scope::Route, routes),
+        }
+    }
+
+    /// The gateway-wide gate.
+    pub fn gateway(&self) -> &Admission {
+        &self.gateway
+    }
+
+    /// Whether some route has a gate: only then does [`admit`](Self::admit)
+    /// need to know the route.
+    pub fn per_route(&self) -> bool {
+        !self.routes.is_empty()
+    }
+
+    /// The gates a connection on `listener` to `route` passes, the gateway's
+    /// first.
+    fn chain(&self, listener: usize, route: Option<usize>) -> [Option<&Admission>; 3] {
+        [
+            Some(&self.gateway),
+            self.listeners.get(listener).and_then(Option::as_ref),
+            route.and_then(|r| self.routes.get(r)?.as_ref()),
+        ]
+    }
+
+    /// Admits a WebSocket handshake from `ip` that came in on `listener` and
+    /// was routed to `route` (indexes; `route` may be `None` when
+    /// [`per_route`](Self::per_route) is false).
+    pub fn admit(
+        &self,
+        ip: IpAddr,
+        listener: usize,
+        route: Option<usize>,
+    ) -> Result<Permits, Refusal> {
+        let now = Instant::now();
+        let key = ClientKey::from(ip);
+        if self.listeners.is_empty() && self.routes.is_empty() {
+            return Ok(Permits {
+                _gateway: self.gateway.admit_checking(key, now, true, true)?,
+                _scoped: Vec::new(),
+            });
+        }
+        let chain = self.chain(listener, route);
+        // The most specific gate that sets each per-client limit owns it.
+        let owner = |sets: fn(&AdmissionConfig) -> bool| {
+            chain
+                .iter()
+                .rposition(|g| g.is_some_and(|g| sets(g.config())))
+                .unwrap_or(0)
+        };
+        let rate_owner = owner(|c| c.per_ip_rate.is_some());
+        let per_ip_owner = owner(|c| c.per_ip_max_connections.is_some());
+        let mut gateway = None;
+        let mut scoped = Vec::new();
+        for (i, gate) in chain.iter().enumerate() {
+            let Some(gate) = gate else { continue };
+            let permit = gate.admit_checking(key, now, i == rate_owner, i == per_ip_owner)?;
+            if i == 0 {
+                gateway = Some(permit);
+            } else {
+                scoped.push(permit);
+            }
+        }
+        Ok(Permits {
+            _gateway: gateway.expect("the gateway's gate is always first"),
+            _scoped: scoped,
+        })
+    }
+
+    /// The rate check alone, for a plain HTTP request on `listener` routed to
+    /// `route`: the most specific rate set applies.
+    pub fn check_rate(
+        &self,
+        ip: IpAddr,
+        listener: usize,
+        route: Option<usize>,
+    ) -> Result<(), Refusal> {
+        let now = Instant::now();
+        let owner = self
+            .chain(listener, route)
+            .into_iter()
+            .flatten()
+            .rfind(|g| g.config().per_ip_rate.is_some())
+            .unwrap_or(&self.gateway);
+        owner.inner.check_rate(ClientKey::from(ip), now)
+    }
+
+    fn all(&self) -> impl Iterator<Item = &Admission> {
+        std::iter::once(&self.gateway).chain(self.listeners.iter().chain(&self.routes).flatten())
+    }
+
+    /// Forgets recovered clients in every gate ([`Admission::purge`]).
+    pub fn purge(&self) {
+        self.all().for_each(Admission::purge);
+    }
+
+    /// Clients the rate limiters remember now, over every gate.
+    pub fn tracked_ips(&self) -> usize {
+        self.all().map(Admission::tracked_ips).sum()
     }
 }
 
@@ -1020,6 +1241,120 @@ mod tests {
         send_sync_static::<Admission>();
         send_sync_static::<Permit>();
         send_sync_static::<Refusal>();
+    }
+
+    fn scope(rate: Option<&str>, per_ip: Option<usize>, cap: Option<usize>) -> ScopeLimits {
+        ScopeLimits {
+            per_ip_rate: rate.map(|r| r.parse().unwrap()),
+            per_ip_max_connections: per_ip,
+            max_connections: cap,
+        }
+    }
+
+    #[test]
+    fn scoped_caps_add_up_and_say_whose_cap_refused() {
+        let gates = Gates::new(
+            AdmissionConfig {
+                max_connections: 4,
+                ..AdmissionConfig::default()
+            },
+            &[scope(None, None, Some(3)), ScopeLimits::default()],
+            &[scope(None, None, Some(1)), ScopeLimits::default()],
+        );
+        assert!(gates.per_route());
+        let a = v4(1);
+        let on_route0 = gates.admit(a, 0, Some(0)).unwrap();
+        let e = gates.admit(a, 0, Some(0)).unwrap_err();
+        assert_eq!(
+            e,
+            Refusal::ScopeFull {
+                scope: Scope::Route
+            }
+        );
+        assert_eq!(
+            (e.status(), e.reason()),
+            (StatusCode::SERVICE_UNAVAILABLE, "route_cap")
+        );
+        assert_eq!(e.to_string(), "too many open WebSockets on this route");
+        let mut held = vec![
+            gates.admit(a, 0, Some(1)).unwrap(),
+            gates.admit(a, 0, Some(1)).unwrap(),
+        ];
+        let e = gates.admit(a, 0, Some(1)).unwrap_err();
+        assert_eq!(
+            (e.status(), e.reason()),
+            (StatusCode::SERVICE_UNAVAILABLE, "listener_cap")
+        );
+        // Listener 1 has no cap of its own: the gateway's (4) is the last word.
+        held.push(gates.admit(a, 1, Some(1)).unwrap());
+        assert_eq!(
+            gates.admit(a, 1, Some(1)).unwrap_err(),
+            Refusal::TooManyTotal
+        );
+        // A refusal by a later gate gave the earlier gates' slots back.
+        assert_eq!(gates.gateway().open(), 4);
+        drop(on_route0);
+        assert_eq!(gates.gateway().open(), 3);
+        gates.admit(a, 1, Some(0)).unwrap();
+        drop(held);
+        assert_eq!(gates.gateway().open(), 0);
+    }
+
+    #[test]
+    fn the_most_specific_per_client_limits_win_and_count_on_their_own() {
+        let gates = Gates::new(
+            AdmissionConfig {
+                per_ip_max_connections: Some(1),
+                per_ip_rate: Some("1/h burst 100".parse().unwrap()),
+                ..AdmissionConfig::default()
+            },
+            &[scope(Some("1/h burst 2"), None, None)],
+            &[scope(None, Some(3), None), ScopeLimits::default()],
+        );
+        let a = v4(7);
+        // Route 0's own per-client cap (3), more generous than the gateway's.
+        let held: Vec<_> = (0..2)
+            .map(|_| gates.admit(a, 0, Some(0)).unwrap())
+            .collect();
+        // Listener 0's rate (burst 2) applies to both routes: it is spent.
+        let e = gates.admit(a, 0, Some(0)).unwrap_err();
+        assert!(matches!(e, Refusal::RateLimited { .. }), "{e:?}");
+        let e = gates.admit(a, 0, Some(1)).unwrap_err();
+        assert!(matches!(e, Refusal::RateLimited { .. }), "{e:?}");
+        // Plain HTTP requests are checked against that same rate.
+        assert!(gates.check_rate(a, 0, Some(1)).is_err());
+        // Another listener index has no gate: the gateway's rate (burst 100)
+        // and the gateway's per-client cap (1), untouched by route 0's two.
+        let b = gates.admit(a, 1, Some(1)).unwrap();
+        assert_eq!(
+            gates.admit(a, 1, Some(1)).unwrap_err(),
+            Refusal::TooManyFromIp
+        );
+        assert!(gates.check_rate(a, 1, Some(1)).is_ok());
+        drop((held, b));
+        assert_eq!(gates.gateway().open(), 0);
+        assert!(gates.tracked_ips() >= 2);
+    }
+
+    #[test]
+    fn without_scoped_limits_the_gates_are_the_gateways_alone() {
+        let gates = Gates::new(
+            AdmissionConfig {
+                per_ip_max_connections: Some(1),
+                ..AdmissionConfig::default()
+            },
+            &[ScopeLimits::default(); 2],
+            &[ScopeLimits::default(); 3],
+        );
+        assert!(!gates.per_route());
+        assert_eq!(gates.all().count(), 1);
+        let p = gates.admit(v4(1), 1, None).unwrap();
+        assert_eq!(
+            gates.admit(v4(1), 0, None).unwrap_err(),
+            Refusal::TooManyFromIp
+        );
+        drop(p);
+        gates.admit(v4(1), 0, None).unwrap();
     }
 
     #[test]

@@ -38,7 +38,7 @@ use tracing::{debug, warn, Instrument};
 use crate::config::{Config, Target};
 use crate::handshake::{self, Body};
 use crate::http1;
-use crate::limits::{Admission, AdmissionConfig};
+use crate::limits::{AdmissionConfig, Gates};
 use crate::metrics::{Metrics, RouteSeries};
 use crate::proxy::Proxy;
 use crate::relay::ClientIo;
@@ -174,7 +174,8 @@ pub struct Gateway {
     pub config: Config,
     pub metrics: Metrics,
     pub(crate) proxy: Proxy,
-    pub(crate) admission: Admission,
+    /// Admission: the gateway's gate and those of listeners and routes.
+    pub(crate) gates: Gates,
     /// Some route matches on headers, cookies or query, or discovers its
     /// peer: handshakes need those tables extracted.
     pub(crate) metadata_maps: bool,
@@ -197,11 +198,23 @@ impl Gateway {
             config.backend_tls.clone(),
             metrics.clone(),
         );
-        let admission = Admission::new(AdmissionConfig {
-            per_ip_rate: config.limits.per_ip_rate,
-            per_ip_max_connections: config.limits.per_ip_max_connections,
-            max_connections: config.limits.max_connections,
-        });
+        let gates = Gates::new(
+            AdmissionConfig {
+                per_ip_rate: config.limits.per_ip_rate,
+                per_ip_max_connections: config.limits.per_ip_max_connections,
+                max_connections: config.limits.max_connections,
+            },
+            &config
+                .listeners
+                .iter()
+                .map(|l| l.admission)
+                .collect::<Vec<_>>(),
+            &config
+                .routes
+                .iter()
+                .map(|r| r.admission)
+                .collect::<Vec<_>>(),
+        );
         let metadata_maps = config.routes.iter().any(|r| {
             let m = &r.matcher;
             !m.headers.is_empty()
@@ -233,7 +246,7 @@ impl Gateway {
             config,
             metrics,
             proxy,
-            admission,
+            gates,
             shutdown,
             tracker: TaskTracker::new(),
         })
@@ -241,7 +254,7 @@ impl Gateway {
 
     /// Open WebSockets right now.
     pub fn active(&self) -> usize {
-        self.admission.open()
+        self.gates.gateway().open()
     }
 
     /// Keeps the limiter's state small and its gauge current.
@@ -255,8 +268,8 @@ impl Gateway {
                 tokio::select! {
                     _ = gw.shutdown.cancelled() => return,
                     _ = tick.tick() => {
-                        gw.admission.purge();
-                        gw.metrics.limiter_tracked_clients(gw.admission.tracked_ips());
+                        gw.gates.purge();
+                        gw.metrics.limiter_tracked_clients(gw.gates.tracked_ips());
                         // Trim while connections go away and for a few ticks
                         // after (closing handshakes and backend sockets free
                         // their memory late).
@@ -705,7 +718,10 @@ impl Gateway {
         };
         if let Target::Proxy(pool) = &route.target {
             if !handshake::is_websocket_request(&parts) {
-                if let Err(r) = self.admission.check_rate(c.remote.ip()) {
+                if let Err(r) =
+                    self.gates
+                        .check_rate(c.remote.ip(), c.listener, self.route_index(route))
+                {
                     return self.refuse(r.reason(), refusal_response(&r));
                 }
                 let resp = match self

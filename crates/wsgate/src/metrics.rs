@@ -33,7 +33,8 @@
 //!   classes so that clients cannot mint series), `other` for anything else,
 //!   and `none` when the connection dropped without a close frame.
 //! - `direction`: `client_to_upstream` or `upstream_to_client`.
-//! - `reason`: `rate_limited`, `per_ip_cap`, `global_cap` (from
+//! - `reason`: `rate_limited`, `per_ip_cap`, `global_cap`, `listener_cap`,
+//!   `route_cap` (from
 //!   `limits::Refusal::reason`), and the gateway's own: `no_route`,
 //!   `bad_handshake`, `backend_unavailable`, `backend_error`, … — always a
 //!   string from the program, never from the client.

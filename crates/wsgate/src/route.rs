@@ -240,6 +240,7 @@ mod tests {
             framing: FramingSpec::Binary,
             limits: Default::default(),
             limits_by_listener: vec![],
+            admission: Default::default(),
             health_check: None,
         }
     }

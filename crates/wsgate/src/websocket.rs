@@ -20,7 +20,7 @@ use wsgate_framing::{AnyFramer, FramingSpec};
 use crate::config::{Route, Target};
 use crate::discovery::Discovered;
 use crate::handshake::{self, Accepted, Body, Upgrade};
-use crate::limits::Permit;
+use crate::limits::Permits;
 use crate::listener::{Conn, Gateway};
 use crate::metrics::{Direction, HttpVersion, OpenWebSocket, RouteSeries};
 use crate::passthrough;
@@ -49,7 +49,7 @@ pub struct Opened {
     shutdown: CancellationToken,
     span: Span,
     /// Held until the WebSocket ends: it counts against the limits.
-    _permit: Permit,
+    _permit: Permits,
 }
 
 enum Relay {
@@ -105,6 +105,18 @@ impl Gateway {
         }
     }
 
+    /// `route`'s index in the config, when some route has a gate of its own
+    /// (`None` otherwise: no gate needs it).
+    pub(crate) fn route_index(&self, route: &Route) -> Option<usize> {
+        if !self.gates.per_route() {
+            return None;
+        }
+        self.config
+            .routes
+            .iter()
+            .position(|r| std::ptr::eq(r, route))
+    }
+
     /// Checks and admits a WebSocket handshake routed to `route`, then connects
     /// its peer (bridge) or performs the backend handshake (proxy). Returns
     /// the answer for the client (`101` over HTTP/1.1, `200` over HTTP/2) and
@@ -122,8 +134,8 @@ impl Gateway {
         // Admission before connecting anything, so a flood cannot open peers
         // or backends past the limits.
         let permit = self
-            .admission
-            .admit(c.remote.ip())
+            .gates
+            .admit(c.remote.ip(), c.listener, self.route_index(route))
             .map_err(|r| self.refuse(r.reason(), crate::listener::refusal_response(&r)))?;
         let limits = route.limits_for(c.listener);
         let span = tracing::info_span!("ws", id = c.id, remote = %c.remote);
