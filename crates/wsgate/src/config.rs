@@ -886,12 +886,14 @@ impl Validator<'_> {
             }
         };
         for key in global_only_keys(&r.limits) {
-            self.error(
-                "route",
-                i,
-                &format!("limits.{key}"),
-                format!("`{key}` applies to the whole gateway: set it in [limits]"),
-            );
+            let message = if key == "handshake_timeout" {
+                "a route is chosen once the request head is read, too late for its \
+                 timeout: set handshake_timeout on a [[listener]] or in [limits]"
+                    .to_string()
+            } else {
+                format!("`{key}` applies to the whole gateway: set it in [limits]")
+            };
+            self.error("route", i, &format!("limits.{key}"), message);
         }
         let route_limits = merge_limits(limits, &r.limits);
         let health_check = match (&r.health_check, r.proxy.is_some()) {
@@ -1329,7 +1331,7 @@ proxy = "http://127.0.0.1:8000"
         let e = errors(
             "[[listener]]\naddress = \"127.0.0.1:1\"\n[[route]]\nproxy = \"wsx://x:1\"\n\
              [[route]]\nto = \"echo:\"\nbalance = \"random\"\n\
-             [[route]]\nproxy = \"ws://a:1\"\n[route.limits]\neject_for = \"5s\"\n",
+             [[route]]\nproxy = \"ws://a:1\"\n[route.limits]\neject_for = \"5s\"\nhandshake_timeout = \"1s\"\n",
         );
         assert!(
             e[0].contains("route[0].proxy: invalid backend `wsx://x:1`"),
@@ -1349,6 +1351,13 @@ proxy = "http://127.0.0.1:8000"
         assert!(
             e.iter()
                 .any(|x| x.starts_with("t.toml:11:1: route[2].limits.eject_for: ")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter().any(
+                |x| x.starts_with("t.toml:12:1: route[2].limits.handshake_timeout: ")
+                    && x.contains("set handshake_timeout on a [[listener]] or in [limits]")
+            ),
             "{e:?}"
         );
     }
