@@ -599,6 +599,28 @@ impl Validator<'_> {
         });
     }
 
+    /// Reports every key of the `index`-th `[[table]]`'s `[table.limits]`
+    /// that belongs to the whole gateway (or, for `handshake_timeout`, to a
+    /// listener), saying where it goes instead.
+    fn misplaced_limits(&mut self, table: &str, index: usize, l: &LimitsFile) {
+        for key in global_only_keys(l) {
+            let message = match (key, table) {
+                ("handshake_timeout", "listener") => {
+                    "set a listener's handshake timeout on the listener itself \
+                     (handshake_timeout = ...), not in [listener.limits]"
+                        .to_string()
+                }
+                ("handshake_timeout", _) => {
+                    "a route is chosen once the request head is read, too late for its \
+                     timeout: set handshake_timeout on a [[listener]] or in [limits]"
+                        .to_string()
+                }
+                _ => format!("`{key}` applies to the whole gateway: set it in [limits]"),
+            };
+            self.error(table, index, &format!("limits.{key}"), message);
+        }
+    }
+
     fn locate(&self, table: &str, index: usize, key: &str) -> (usize, usize) {
         let header = format!("[[{table}]]");
         let lines: Vec<&str> = self.text.lines().collect();
@@ -642,16 +664,7 @@ impl Validator<'_> {
         let mut listener_limits = vec![];
         for (i, mut l) in raw.listeners.into_iter().enumerate() {
             let admission = take_scope_limits(&mut l.limits);
-            for key in global_only_keys(&l.limits) {
-                let message = if key == "handshake_timeout" {
-                    "set a listener's handshake timeout on the listener itself \
-                     (handshake_timeout = ...), not in [listener.limits]"
-                        .to_string()
-                } else {
-                    format!("`{key}` applies to the whole gateway: set it in [limits]")
-                };
-                self.error("listener", i, &format!("limits.{key}"), message);
-            }
+            self.misplaced_limits("listener", i, &l.limits);
             listener_limits.push(l.limits.clone());
             let tls = match (l.tls_cert, l.tls_key) {
                 (Some(cert), Some(key)) => {
@@ -885,16 +898,7 @@ impl Validator<'_> {
                 Balance::RoundRobin
             }
         };
-        for key in global_only_keys(&r.limits) {
-            let message = if key == "handshake_timeout" {
-                "a route is chosen once the request head is read, too late for its \
-                 timeout: set handshake_timeout on a [[listener]] or in [limits]"
-                    .to_string()
-            } else {
-                format!("`{key}` applies to the whole gateway: set it in [limits]")
-            };
-            self.error("route", i, &format!("limits.{key}"), message);
-        }
+        self.misplaced_limits("route", i, &r.limits);
         let route_limits = merge_limits(limits, &r.limits);
         let health_check = match (&r.health_check, r.proxy.is_some()) {
             (Some(p), true) if p.starts_with('/') => Some((

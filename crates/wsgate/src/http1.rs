@@ -162,11 +162,16 @@ pub fn put_status_line(out: &mut BytesMut, status: StatusCode) {
 
 /// Appends an HTTP/1.1 request head.
 pub fn encode_request_head(out: &mut BytesMut, method: &Method, target: &str, headers: &HeaderMap) {
+    put_request_line(out, method, target);
+    put_headers(out, headers);
+}
+
+/// Appends an HTTP/1.1 request line.
+pub fn put_request_line(out: &mut BytesMut, method: &Method, target: &str) {
     out.extend_from_slice(method.as_str().as_bytes());
     out.extend_from_slice(b" ");
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    put_headers(out, headers);
 }
 
 /// Appends an HTTP/1.1 response head.

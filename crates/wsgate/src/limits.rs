@@ -123,12 +123,22 @@ impl ScopeLimits {
     }
 }
 
-/// Whose gate refused: its cap's refusal says so.
+/// Whose gate it is: a full cap's refusal says so.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scope {
     Gateway,
     Listener,
     Route,
+}
+
+impl Scope {
+    fn full(self) -> &'static str {
+        match self {
+            Scope::Gateway => "too many open WebSockets",
+            Scope::Listener => "too many open WebSockets on this listener",
+            Scope::Route => "too many open WebSockets on this route",
+        }
+    }
 }
 
 /// What [`Admission`] enforces.
@@ -304,12 +314,10 @@ pub enum Refusal {
     /// The client already has its share of open WebSockets.
     #[error("too many open WebSockets from this client")]
     TooManyFromIp,
-    /// The gateway has as many open WebSockets as it takes.
-    #[error("too many open WebSockets")]
-    TooManyTotal,
-    /// A listener or route has as many open WebSockets as its own cap allows.
-    #[error("too many open WebSockets on this {}", if *scope == Scope::Listener { "listener" } else { "route" })]
-    ScopeFull { scope: Scope },
+    /// The gateway, or a listener or route with a cap of its own, has as
+    /// many open WebSockets as its `max_connections` allows.
+    #[error("{}", scope.full())]
+    Full { scope: Scope },
 }
 
 impl Refusal {
@@ -317,7 +325,7 @@ impl Refusal {
     pub fn status(&self) -> StatusCode {
         match self {
             Refusal::RateLimited { .. } | Refusal::TooManyFromIp => StatusCode::TOO_MANY_REQUESTS,
-            Refusal::TooManyTotal | Refusal::ScopeFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::Full { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -326,11 +334,15 @@ impl Refusal {
         match self {
             Refusal::RateLimited { .. } => "rate_limited",
             Refusal::TooManyFromIp => "per_ip_cap",
-            Refusal::TooManyTotal => "global_cap",
-            Refusal::ScopeFull {
+            Refusal::Full {
+                scope: Scope::Gateway,
+            } => "global_cap",
+            Refusal::Full {
                 scope: Scope::Listener,
             } => "listener_cap",
-            Refusal::ScopeFull { .. } => "route_cap",
+            Refusal::Full {
+                scope: Scope::Route,
+            } => "route_cap",
         }
     }
 
@@ -338,9 +350,7 @@ impl Refusal {
     pub fn retry_after(&self) -> Duration {
         match self {
             Refusal::RateLimited { retry_after } => *retry_after,
-            Refusal::TooManyFromIp | Refusal::TooManyTotal | Refusal::ScopeFull { .. } => {
-                CAP_RETRY_AFTER
-            }
+            Refusal::TooManyFromIp | Refusal::Full { .. } => CAP_RETRY_AFTER,
         }
     }
 
@@ -623,10 +633,7 @@ impl Admission {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < inner.max_connections).then_some(n + 1)
             })
-            .map_err(|_| match inner.scope {
-                Scope::Gateway => Refusal::TooManyTotal,
-                scope => Refusal::ScopeFull { scope },
-            })?;
+            .map_err(|_| Refusal::Full { scope: inner.scope })?;
         // From here on, dropping `permit` gives the slot back.
         let mut permit = Permit {
             inner: Arc::clone(inner),
@@ -777,6 +784,15 @@ impl Gates {
         ]
     }
 
+    /// Which gate of `chain` owns a per-client limit: the most specific one
+    /// that sets it (the gateway's when none does).
+    fn owner(chain: &[Option<&Admission>; 3], sets: fn(&AdmissionConfig) -> bool) -> usize {
+        chain
+            .iter()
+            .rposition(|g| g.is_some_and(|g| sets(g.config())))
+            .unwrap_or(0)
+    }
+
     /// Admits a WebSocket handshake from `ip` that came in on `listener` and
     /// was routed to `route` (indexes; `route` may be `None` when
     /// [`per_route`](Self::per_route) is false).
@@ -788,35 +804,21 @@ impl Gates {
     ) -> Result<Permits, Refusal> {
         let now = Instant::now();
         let key = ClientKey::from(ip);
-        if self.listeners.is_empty() && self.routes.is_empty() {
-            return Ok(Permits {
-                _gateway: self.gateway.admit_checking(key, now, true, true)?,
-                _scoped: Vec::new(),
-            });
-        }
         let chain = self.chain(listener, route);
-        // The most specific gate that sets each per-client limit owns it.
-        let owner = |sets: fn(&AdmissionConfig) -> bool| {
-            chain
-                .iter()
-                .rposition(|g| g.is_some_and(|g| sets(g.config())))
-                .unwrap_or(0)
+        let rate_owner = Self::owner(&chain, |c| c.per_ip_rate.is_some());
+        let per_ip_owner = Self::owner(&chain, |c| c.per_ip_max_connections.is_some());
+        let pass = |i: usize, gate: &Admission| {
+            gate.admit_checking(key, now, i == rate_owner, i == per_ip_owner)
         };
-        let rate_owner = owner(|c| c.per_ip_rate.is_some());
-        let per_ip_owner = owner(|c| c.per_ip_max_connections.is_some());
-        let mut gateway = None;
+        let gateway = pass(0, &self.gateway)?;
         let mut scoped = Vec::new();
-        for (i, gate) in chain.iter().enumerate() {
-            let Some(gate) = gate else { continue };
-            let permit = gate.admit_checking(key, now, i == rate_owner, i == per_ip_owner)?;
-            if i == 0 {
-                gateway = Some(permit);
-            } else {
-                scoped.push(permit);
+        for (i, gate) in chain.iter().enumerate().skip(1) {
+            if let Some(gate) = gate {
+                scoped.push(pass(i, gate)?);
             }
         }
         Ok(Permits {
-            _gateway: gateway.expect("the gateway's gate is always first"),
+            _gateway: gateway,
             _scoped: scoped,
         })
     }
@@ -829,14 +831,10 @@ impl Gates {
         listener: usize,
         route: Option<usize>,
     ) -> Result<(), Refusal> {
-        let now = Instant::now();
-        let owner = self
-            .chain(listener, route)
-            .into_iter()
-            .flatten()
-            .rfind(|g| g.config().per_ip_rate.is_some())
-            .unwrap_or(&self.gateway);
-        owner.inner.check_rate(ClientKey::from(ip), now)
+        let chain = self.chain(listener, route);
+        let owner =
+            chain[Self::owner(&chain, |c| c.per_ip_rate.is_some())].unwrap_or(&self.gateway);
+        owner.inner.check_rate(ClientKey::from(ip), Instant::now())
     }
 
     fn all(&self) -> impl Iterator<Item = &Admission> {
@@ -1194,7 +1192,12 @@ mod tests {
         });
         let permits: Vec<_> = (0..3).map(|i| a.admit(v4(i)).unwrap()).collect();
         let r = a.admit(v4(7)).unwrap_err();
-        assert_eq!(r, Refusal::TooManyTotal);
+        assert_eq!(
+            r,
+            Refusal::Full {
+                scope: Scope::Gateway
+            }
+        );
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!((r.reason(), r.retry_after_secs()), ("global_cap", 1));
         assert_eq!(
@@ -1267,7 +1270,7 @@ mod tests {
         let e = gates.admit(a, 0, Some(0)).unwrap_err();
         assert_eq!(
             e,
-            Refusal::ScopeFull {
+            Refusal::Full {
                 scope: Scope::Route
             }
         );
@@ -1289,7 +1292,9 @@ mod tests {
         held.push(gates.admit(a, 1, Some(1)).unwrap());
         assert_eq!(
             gates.admit(a, 1, Some(1)).unwrap_err(),
-            Refusal::TooManyTotal
+            Refusal::Full {
+                scope: Scope::Gateway
+            }
         );
         // A refusal by a later gate gave the earlier gates' slots back.
         assert_eq!(gates.gateway().open(), 4);

@@ -808,7 +808,12 @@ mod tests {
         down.add(5);
         down.add(7);
         m.bytes("chat", Direction::ClientToUpstream, 1);
-        m.refused(crate::limits::Refusal::TooManyTotal.reason());
+        m.refused(
+            crate::limits::Refusal::Full {
+                scope: crate::limits::Scope::Gateway,
+            }
+            .reason(),
+        );
         m.refused("no_route");
         m.refused("no_route");
         m.backend_up("ws://10.0.0.5:9000", true);

@@ -556,9 +556,7 @@ impl Proxy {
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         // Room for the request and then the answer head, read into it.
         let mut buf = BytesMut::with_capacity(4096);
-        buf.extend_from_slice(b"GET ");
-        buf.extend_from_slice(path.as_bytes());
-        buf.extend_from_slice(b" HTTP/1.1\r\n");
+        http1::put_request_line(&mut buf, &http::Method::GET, path);
         let mut put = |name: &[u8], value: &[u8]| http1::put_header(&mut buf, name, value);
         if let Some(h) = &host {
             put(b"host", h.as_bytes());
