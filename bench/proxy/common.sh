@@ -13,11 +13,12 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Waits (at most 20 s) for "listening on ws://127.0.0.1:PORT" in FILE; prints PORT.
+# Waits (at most 20 s) for "listening on ws://127.0.0.1:PORT" in FILE (which a
+# server started in the background may not have created yet); prints PORT.
 port_of() {
     local i p
     for ((i = 0; i < 100; i++)); do
-        p=$(sed -n 's#^listening on ws://127\.0\.0\.1:\([0-9]*\)$#\1#p' "$1")
+        p=$(sed -n 's#^listening on ws://127\.0\.0\.1:\([0-9]*\)$#\1#p' "$1" 2>/dev/null)
         [ -n "$p" ] && { echo "$p"; return 0; }
         sleep 0.2
     done
