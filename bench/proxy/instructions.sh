@@ -4,11 +4,17 @@
 # VM are not, so it is what small changes to the handshake path are judged by.
 #
 #   bench/proxy/instructions.sh [wsgate|nginx]...     (default: wsgate nginx)
+#   INSTR_TEST=messages bench/proxy/instructions.sh   per relayed 64 B message
+#   INSTR_KEEP=DIR bench/proxy/instructions.sh        keep the callgrind files in DIR
 #
 # For each contender (one worker, under callgrind) in front of a wsgate
 # `echo:` backend: 1 s of warm-up, counters zeroed, 3 s of 4 looping clients
 # (`wsbench load --test handshakes`: connect, handshake, one 64 B echo,
 # closing handshake), counters dumped; prints instructions ÷ handshakes.
+# With INSTR_TEST=messages the load is one connection doing strict ping-pong
+# of 64 B messages (`--test messages --inflight 1`): every message costs the
+# proxy two wake-ups, two reads and two writes, with no batching to blur it,
+# and the count is instructions ÷ messages echoed.
 # Under valgrind SHA-1 runs in software (valgrind hides the SHA
 # instructions): about 3,500 of wsgate's count, a few hundred on the CPU.
 # Needs valgrind (Debian: apt-get install valgrind) and a release build
@@ -54,8 +60,13 @@ for c in "$@"; do
     *) echo "instructions.sh: unknown contender $c" >&2; exit 2 ;;
     esac
     load() {
-        "$WSBENCH" load --target "ws://127.0.0.1:$port/echo" --test handshakes --conns 4 \
-            --size 64 --warmup 0 --duration "$1" | tail -1
+        if [ "${INSTR_TEST:-handshakes}" = messages ]; then
+            "$WSBENCH" load --target "ws://127.0.0.1:$port/echo" --test messages --conns 1 \
+                --inflight 1 --size 64 --warmup 0 --duration "$1" | tail -1
+        else
+            "$WSBENCH" load --target "ws://127.0.0.1:$port/echo" --test handshakes --conns 4 \
+                --size 64 --warmup 0 --duration "$1" | tail -1
+        fi
     }
     load 1 >/dev/null
     callgrind_control -z "$pid" >/dev/null 2>&1
@@ -63,8 +74,10 @@ for c in "$@"; do
     callgrind_control -d "$pid" >/dev/null 2>&1
     kill "$pid"
     wait "$pid" 2>/dev/null || true
+    if [ -n "${INSTR_KEEP:-}" ]; then mkdir -p "$INSTR_KEEP" && cp "$out".* "$INSTR_KEEP"/; fi
     total=$(awk '/^(summary|totals):/ { print $2; exit }' "$out".*)
     rate=$(awk '{ print $1 }' <<<"$line")
     awk -v c="$c" -v t="$total" -v r="$rate" -v l="$line" \
-        'BEGIN { printf "%-7s %6.0f instructions per handshake  (%s under valgrind)\n", c, t / (r * 3), l }'
+        -v u="${INSTR_TEST:-handshakes}" \
+        'BEGIN { sub(/s$/, "", u); printf "%-7s %6.0f instructions per %s  (%s under valgrind)\n", c, t / (r * 3), u, l }'
 done

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use wsframe::{close_code, parse_header, ProtocolError};
 
 use crate::limits::Bandwidth;
-use crate::relay::{drain, with_halves, ClientIo, ConnReader, ConnWriter, FIRST_CHUNK};
+use crate::relay::{drain, release, with_halves, ClientIo, ConnReader, ConnWriter, FIRST_CHUNK};
 
 /// Follows frame boundaries in one direction of a WebSocket byte stream.
 #[derive(Debug, Default)]
@@ -305,7 +305,7 @@ async fn pump(
             st.buf.clear();
         }
         if st.buf.is_empty() {
-            st.buf = BytesMut::new();
+            release(&mut st.buf);
         }
     }
 }

@@ -42,14 +42,51 @@ const CHUNK: usize = 64 * 1024;
 /// `CHUNK`, so chatty connections stay small and bulk ones get big reads.
 pub(crate) const FIRST_CHUNK: usize = 4 * 1024;
 
+/// Most first-size read buffers a worker thread keeps for reuse (64 KiB).
+const SPARES: usize = 16;
+
+thread_local! {
+    /// Read buffers of `FIRST_CHUNK` bytes that this thread's connections
+    /// gave back. A relay frees its read buffer as soon as a chunk is written
+    /// on (an idle connection holds none), so a busy worker would otherwise
+    /// allocate and free one per chunk; with mimalloc, a block of this size
+    /// takes the generic allocation path and its page is retired and set up
+    /// again each time it empties: about 600 instructions per relayed echo,
+    /// a tenth of the gateway's user-space work for a small message (counted
+    /// with `INSTR_TEST=messages bench/proxy/instructions.sh`). Connections
+    /// stay on the worker that accepted them, so a buffer is taken and
+    /// given back on the same thread; the stack is short and bounded.
+    static SPARE: std::cell::RefCell<Vec<BytesMut>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Makes room for the next read according to the adaptive size `hint`.
 fn make_room(buf: &mut BytesMut, hint: usize) {
     if buf.capacity() == 0 {
-        // The usual case (buffers are freed between chunks): a plain
-        // allocation, not `reserve`'s growth path.
-        *buf = BytesMut::with_capacity(hint);
+        // The usual case (buffers are given back between chunks): a spare
+        // one, else a plain allocation, not `reserve`'s growth path.
+        *buf = match hint {
+            FIRST_CHUNK => SPARE
+                .with(|s| s.borrow_mut().pop())
+                .unwrap_or_else(|| BytesMut::with_capacity(FIRST_CHUNK)),
+            _ => BytesMut::with_capacity(hint),
+        };
     } else if buf.capacity() - buf.len() < hint / 4 {
         buf.reserve(hint);
+    }
+}
+
+/// Gives an emptied read buffer back (`buf` is left without one): a whole
+/// first-size buffer is kept for this thread's next read, any other freed.
+pub(crate) fn release(buf: &mut BytesMut) {
+    let mut b = std::mem::take(buf);
+    b.clear();
+    if b.try_reclaim(FIRST_CHUNK) && b.capacity() == FIRST_CHUNK {
+        SPARE.with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < SPARES {
+                s.push(b);
+            }
+        });
     }
 }
 
@@ -165,7 +202,7 @@ macro_rules! ready_read {
                 (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => {
                     // Stale readiness: wait again without holding a buffer.
                     if $buf.is_empty() {
-                        *$buf = BytesMut::new();
+                        release($buf);
                     }
                     continue;
                 }
@@ -508,7 +545,7 @@ async fn up_loop(
         }
         if st.buf.is_empty() && st.buf.capacity() > 0 && matches!(cr, ConnReader::Tcp(_)) {
             // Idle connections hold no read buffer.
-            st.buf = BytesMut::new();
+            release(&mut st.buf);
         }
         match cr.read(&mut st.buf, &mut st.hint).await {
             Ok(0) => {
@@ -617,7 +654,7 @@ async fn down_loop(
             continue;
         }
         if st.buf.is_empty() && st.buf.capacity() > 0 {
-            st.buf = BytesMut::new();
+            release(&mut st.buf);
         }
         tokio::select! {
             biased;
@@ -1079,6 +1116,44 @@ mod tests {
     use super::*;
     use std::future::Future;
     use std::task::{Context, Poll, Waker};
+
+    #[test]
+    fn read_buffers_are_reused_on_their_thread_and_the_spares_stay_few() {
+        // Run on a thread of its own: the spares are per thread.
+        std::thread::spawn(|| {
+            let mut buf = BytesMut::new();
+            make_room(&mut buf, FIRST_CHUNK);
+            let first = buf.as_ptr();
+            buf.extend_from_slice(b"a chunk");
+            buf.advance(7); // written on: empty, its start moved
+            release(&mut buf);
+            assert_eq!(buf.capacity(), 0, "an idle connection holds no buffer");
+            make_room(&mut buf, FIRST_CHUNK);
+            assert_eq!(buf.as_ptr(), first, "the same allocation, whole again");
+            assert_eq!(buf.capacity(), FIRST_CHUNK);
+            // Bigger buffers (bulk connections) and ones still shared are
+            // freed, not kept.
+            let mut big = BytesMut::with_capacity(CHUNK);
+            release(&mut big);
+            let mut shared = BytesMut::with_capacity(FIRST_CHUNK);
+            let _other = shared.split_off(FIRST_CHUNK / 2);
+            release(&mut shared);
+            assert_eq!(SPARE.with(|s| s.borrow().len()), 0);
+            // Many connections giving buffers back at once: a bounded stack.
+            for _ in 0..SPARES * 3 {
+                let mut b = BytesMut::new();
+                make_room(&mut b, FIRST_CHUNK);
+                release(&mut b);
+                let mut held: Vec<BytesMut> = (0..SPARES * 2)
+                    .map(|_| BytesMut::with_capacity(FIRST_CHUNK))
+                    .collect();
+                held.iter_mut().for_each(release);
+            }
+            assert_eq!(SPARE.with(|s| s.borrow().len()), SPARES);
+        })
+        .join()
+        .unwrap();
+    }
 
     #[test]
     fn cancelled_registers_once_and_still_completes() {
