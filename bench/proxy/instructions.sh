@@ -27,6 +27,12 @@ WSBENCH=$PWD/target/release/wsbench
 [ -x "$WSGATE" ] && [ -x "$WSBENCH" ] || { echo "instructions.sh: build first (see the header)" >&2; exit 1; }
 [ $# -gt 0 ] || set -- wsgate nginx
 
+case "${INSTR_TEST:=handshakes}" in
+handshakes) LOAD=(--test handshakes --conns 4) ;;
+messages) LOAD=(--test messages --conns 1 --inflight 1) ;;
+*) echo "instructions.sh: INSTR_TEST is handshakes or messages, not '$INSTR_TEST'" >&2; exit 2 ;;
+esac
+
 # shellcheck source=bench/proxy/common.sh
 source bench/proxy/common.sh instructions
 
@@ -60,13 +66,8 @@ for c in "$@"; do
     *) echo "instructions.sh: unknown contender $c" >&2; exit 2 ;;
     esac
     load() {
-        if [ "${INSTR_TEST:-handshakes}" = messages ]; then
-            "$WSBENCH" load --target "ws://127.0.0.1:$port/echo" --test messages --conns 1 \
-                --inflight 1 --size 64 --warmup 0 --duration "$1" | tail -1
-        else
-            "$WSBENCH" load --target "ws://127.0.0.1:$port/echo" --test handshakes --conns 4 \
-                --size 64 --warmup 0 --duration "$1" | tail -1
-        fi
+        "$WSBENCH" load --target "ws://127.0.0.1:$port/echo" "${LOAD[@]}" --size 64 --warmup 0 \
+            --duration "$1" | tail -1
     }
     load 1 >/dev/null
     callgrind_control -z "$pid" >/dev/null 2>&1
@@ -78,6 +79,6 @@ for c in "$@"; do
     total=$(awk '/^(summary|totals):/ { print $2; exit }' "$out".*)
     rate=$(awk '{ print $1 }' <<<"$line")
     awk -v c="$c" -v t="$total" -v r="$rate" -v l="$line" \
-        -v u="${INSTR_TEST:-handshakes}" \
+        -v u="$INSTR_TEST" \
         'BEGIN { sub(/s$/, "", u); printf "%-7s %6.0f instructions per %s  (%s under valgrind)\n", c, t / (r * 3), u, l }'
 done
