@@ -4,6 +4,7 @@
 #
 #   bench/proxy/syscalls.sh handshakes   strace -c on one worker of each, per handshake
 #   bench/proxy/syscalls.sh messages     perf stat per 64 B message at one connection
+#   bench/proxy/syscalls.sh segments     TCP segments per 64 B message at one connection (nstat)
 #
 # handshakes: wsgate `--workers 1` and nginx with one worker (no master),
 # `strace -c -f` attached for 3 s of `wsbench load --test handshakes --conns
@@ -19,7 +20,15 @@
 # the whole load, which runs without warm-up, so the window is the load's
 # (plus its connect).
 #
-# Needs strace or perf (root, for the tracepoints), nginx, haproxy and a
+# segments: the same contenders and load as messages, with the kernel's TCP
+# counters (`nstat`, system-wide: the load generator's and the backend's
+# segments are in them too) read before and after; prints segments sent,
+# pure ACKs and fast-path hits per message. The load and the backend are the
+# same for every contender, so what differs is what the proxy makes them do:
+# a proxy that split messages into more segments, or made the kernel send
+# ACKs of their own, would show it here.
+#
+# Needs strace, perf (root, for the tracepoints) or nstat, nginx, haproxy and a
 # release build (cargo build --release -p wsgate -p wsgate-bench).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -29,7 +38,8 @@ WSBENCH=$PWD/target/release/wsbench
 case "${1:-}" in
 handshakes) TOOL=strace; CONTENDERS=(wsgate nginx); LOAD=(--test handshakes --conns 4) ;;
 messages) TOOL=perf; CONTENDERS=(wsgate nginx haproxy); LOAD=(--test messages --conns 1) ;;
-*) echo "usage: bench/proxy/syscalls.sh handshakes|messages" >&2; exit 2 ;;
+segments) TOOL=nstat; CONTENDERS=(wsgate nginx haproxy); LOAD=(--test messages --conns 1) ;;
+*) echo "usage: bench/proxy/syscalls.sh handshakes|messages|segments" >&2; exit 2 ;;
 esac
 command -v "$TOOL" >/dev/null || { echo "syscalls.sh: $TOOL is missing" >&2; exit 1; }
 SECS=3
@@ -76,6 +86,29 @@ for c in "${CONTENDERS[@]}"; do
     # Warm-up, untraced.
     "$WSBENCH" load --target "$target" "${LOAD[@]}" --size 64 --warmup 0 --duration 1 >/dev/null
     out=$RUN/$c.$TOOL
+    if [ "$TOOL" = nstat ]; then
+        # A private history file: `nstat -n` marks the start, `nstat -z`
+        # prints every counter's change since (zeros included).
+        export NSTAT_HISTORY=$RUN/nstat.history
+        nstat -n
+        line=$("$WSBENCH" load --target "$target" "${LOAD[@]}" --size 64 --warmup 0 --duration "$SECS" | tail -1)
+        nstat -z >"$out"
+        kill "$pid"
+        wait "$pid" 2>/dev/null || true
+        rate=$(awk '{ print $1 }' <<<"$line")
+        awk -v c="$c" -v n="$(awk -v r="$rate" -v s="$SECS" 'BEGIN { print r * s }')" -v l="$line" '
+            { v[$1] = $2 }
+            END {
+                if (n == 0 || v["TcpOutSegs"] + 0 == 0) {
+                    print "syscalls.sh: nothing counted for " c ": " l > "/dev/stderr"
+                    exit 1
+                }
+                printf "%-8s %s: per message %.3f segments sent, %.3f with data, %.3f pure ACKs received, %.3f fast-path hits\n",
+                    c, l, v["TcpOutSegs"] / n, v["TcpExtTCPOrigDataSent"] / n,
+                    v["TcpExtTCPPureAcks"] / n, v["TcpExtTCPHPHits"] / n
+            }' "$out"
+        continue
+    fi
     if [ "$TOOL" = strace ]; then
         strace -c -f -p "$pid" -o "$out" 2>/dev/null &
     else
