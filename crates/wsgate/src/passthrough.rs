@@ -55,6 +55,22 @@ impl Tracker {
             if stop && self.head_len == 0 {
                 return Ok(i);
             }
+            if self.head_len == 0 {
+                // The usual case: the whole header is in `data`, parsed where
+                // it lies instead of being copied to `head` first — about 60
+                // instructions less per echoed small message, 6 % of the
+                // gateway's user-space work at 16 messages in flight
+                // (`bench/proxy/instructions.sh`).
+                if let Some(h) = parse_header(&data[i..])? {
+                    i += h.header_len;
+                    self.remaining = h.payload_len;
+                    self.close_seen |= h.opcode == 0x8;
+                    if self.remaining == 0 && stop {
+                        return Ok(i);
+                    }
+                    continue;
+                }
+            }
             let take = (self.head.len() - self.head_len).min(data.len() - i);
             self.head[self.head_len..self.head_len + take].copy_from_slice(&data[i..i + take]);
             match parse_header(&self.head[..self.head_len + take])? {
@@ -527,6 +543,49 @@ mod tests {
         }
         // 8-byte header + 300; 2-byte empty frame; 10-byte header + 70,000; close.
         assert_eq!(boundaries, vec![308, 310, 310 + 10 + 70_000, wire.len()]);
+    }
+
+    /// Headers whole in one read and headers split across reads take two
+    /// paths through `advance`; both must find every boundary, with `stop`
+    /// and without, whatever the lengths' encodings (7, 16, 64 bits).
+    #[test]
+    fn every_boundary_of_mixed_frames_in_any_chunking() {
+        let mut wire = BytesMut::new();
+        let mut ends = vec![];
+        let mut seed = 0x2545_f491_u32;
+        for k in 0..200 {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            let len = [0, 1, 64, 125, 126, 127, 65_535, 65_536][(seed >> 8) as usize % 8];
+            let mask = (k % 3 == 0).then_some([9, 8, 7, 6]);
+            encode_frame(&mut wire, true, OpCode::Binary, mask, &vec![5; len]);
+            ends.push(wire.len());
+        }
+        for chunk in [1, 2, 5, 14, 64, 1000, 70_000, 1 << 24] {
+            let (mut t, mut u) = (Tracker::default(), Tracker::default());
+            let (mut at, mut covered) = (0, 0);
+            let mut found = vec![];
+            for c in wire.chunks(chunk) {
+                covered += u.advance(c, false).unwrap();
+                let mut i = 0;
+                while i < c.len() {
+                    let n = t.advance(&c[i..], true).unwrap();
+                    // At a boundary with bytes left: step into the next frame.
+                    let n = if n == 0 {
+                        t.advance(&c[i..i + 1], false).unwrap()
+                    } else {
+                        n
+                    };
+                    i += n;
+                    at += n;
+                    if t.at_boundary() {
+                        found.push(at);
+                    }
+                }
+            }
+            assert_eq!(covered, wire.len(), "chunk {chunk}");
+            assert!(u.at_boundary(), "chunk {chunk}");
+            assert_eq!(found, ends, "chunk {chunk}");
+        }
     }
 
     #[test]
