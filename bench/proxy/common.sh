@@ -41,3 +41,12 @@ wait_port() {
     echo "nothing accepts on port $1" >&2
     return 1
 }
+
+# Writes $RUN/nginx/conf: the bench config for PORT in front of $BACKEND,
+# with one worker and no master (one process to trace or count).
+nginx_one_worker_conf() {
+    mkdir -p "$RUN/nginx"
+    sed -e "s#@PORT@#$1#g" -e "s#@BACKEND@#$BACKEND#g" -e "s#@DIR@#$RUN/nginx#g" \
+        -e 's/^worker_processes 2;/worker_processes 1;/' -e 's/^master_process on;/master_process off;/' \
+        bench/proxy/nginx.conf.in >"$RUN/nginx/conf"
+}

@@ -5,6 +5,7 @@
 #
 #   bench/proxy/instructions.sh [wsgate|nginx]...     (default: wsgate nginx)
 #   INSTR_TEST=messages bench/proxy/instructions.sh   per relayed 64 B message
+#   INSTR_TEST=batched bench/proxy/instructions.sh    ... with 16 in flight, as in (b)
 #   INSTR_KEEP=DIR bench/proxy/instructions.sh        keep the callgrind files in DIR
 #
 # For each contender (one worker, under callgrind) in front of a wsgate
@@ -30,7 +31,8 @@ WSBENCH=$PWD/target/release/wsbench
 case "${INSTR_TEST:=handshakes}" in
 handshakes) LOAD=(--test handshakes --conns 4) ;;
 messages) LOAD=(--test messages --conns 1 --inflight 1) ;;
-*) echo "instructions.sh: INSTR_TEST is handshakes or messages, not '$INSTR_TEST'" >&2; exit 2 ;;
+batched) LOAD=(--test messages --conns 1 --inflight 16) ;;
+*) echo "instructions.sh: INSTR_TEST is handshakes, messages or batched, not '$INSTR_TEST'" >&2; exit 2 ;;
 esac
 
 # shellcheck source=bench/proxy/common.sh
@@ -53,10 +55,7 @@ for c in "$@"; do
         ;;
     nginx)
         port=$(free_port)
-        mkdir -p "$RUN/nginx"
-        sed -e "s#@PORT@#$port#g" -e "s#@BACKEND@#$BACKEND#g" -e "s#@DIR@#$RUN/nginx#g" \
-            -e 's/^worker_processes 2;/worker_processes 1;/' -e 's/^master_process on;/master_process off;/' \
-            bench/proxy/nginx.conf.in >"$RUN/nginx/conf"
+        nginx_one_worker_conf "$port"
         valgrind --tool=callgrind --callgrind-out-file="$out" nginx -p "$RUN/nginx" \
             -c "$RUN/nginx/conf" -e "$RUN/nginx/error.log" >"$RUN/$c.err" 2>&1 &
         pid=$!
@@ -80,5 +79,5 @@ for c in "$@"; do
     rate=$(awk '{ print $1 }' <<<"$line")
     awk -v c="$c" -v t="$total" -v r="$rate" -v l="$line" \
         -v u="$INSTR_TEST" \
-        'BEGIN { sub(/s$/, "", u); printf "%-7s %6.0f instructions per %s  (%s under valgrind)\n", c, t / (r * 3), u, l }'
+        'BEGIN { sub(/s$/, "", u); if (u == "batched") u = "message, 16 in flight"; printf "%-7s %6.0f instructions per %s  (%s under valgrind)\n", c, t / (r * 3), u, l }'
 done

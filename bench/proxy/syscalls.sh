@@ -64,10 +64,7 @@ for c in "${CONTENDERS[@]}"; do
         ;;
     nginx)
         port=$(free_port)
-        mkdir -p "$RUN/nginx"
-        sed -e "s#@PORT@#$port#g" -e "s#@BACKEND@#$BACKEND#g" -e "s#@DIR@#$RUN/nginx#g" \
-            -e 's/^worker_processes 2;/worker_processes 1;/' -e 's/^master_process on;/master_process off;/' \
-            bench/proxy/nginx.conf.in >"$RUN/nginx/conf"
+        nginx_one_worker_conf "$port"
         nginx -p "$RUN/nginx" -c "$RUN/nginx/conf" -e "$RUN/nginx/error.log" >"$RUN/$c.err" 2>&1 &
         pid=$!
         PIDS+=("$pid")
