@@ -84,6 +84,24 @@ class AutobahnResult:
                 pass
         return detail
 
+    def response_extensions(self) -> dict[str, str]:
+        """Per case that ran, the `Sec-WebSocket-Extensions` of the 101 that
+        Autobahn received ("" when the answer had none, or its report could
+        not be read)."""
+        out = {}
+        for case, r in self.results.items():
+            value = ""
+            try:
+                rep = json.loads((self.outdir / r.get("reportfile", "")).read_text())
+                for line in rep.get("httpResponse", "").split("\r\n"):
+                    name, _, v = line.partition(":")
+                    if name.strip().lower() == "sec-websocket-extensions":
+                        value = v.strip()
+            except (OSError, ValueError):
+                pass
+            out[case] = value
+        return out
+
     def summary(self) -> str:
         lines = [
             f"Autobahn|Testsuite fuzzingclient against {self.agent} at {self.url}: "
