@@ -61,6 +61,18 @@ def test_autobahn_harness_reports_failures(node_echo_server, tmp_path):
     assert {"1.1.1", "1.1.2"} <= set(res.bad), res.summary()
 
 
+@pytest.mark.autobahn
+@pytest.mark.parametrize("deflate", [False, True])
+def test_autobahn_harness_sees_whether_deflate_was_negotiated(node_echo_server, tmp_path, deflate):
+    """What the proxy's compression test relies on: a backend that offers no
+    permessage-deflate is told apart from one that does, case by case."""
+    url = node_echo_server(*(["--deflate"] if deflate else []))
+    res = autobahn.run_fuzzingclient(url, cases=["12.1.1", "13.1.1"], agent="node-ws", outdir=tmp_path / "ab")
+    print(res.summary())
+    assert res.expected == ["12.1.1", "13.1.1"] and set(res.results) == set(res.expected), res.summary()
+    assert res.cases_without_deflate() == ([] if deflate else ["12.1.1", "13.1.1"])
+
+
 def test_autobahn_harness_reports_missing_cases(tmp_path):
     # Nothing listens at this URL: every case is missing or failed, never clean.
     from wsgate_e2e.peers import closed_tcp_port

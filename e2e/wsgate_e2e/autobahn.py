@@ -71,35 +71,36 @@ class AutobahnResult:
     def ok(self) -> bool:
         return bool(self.expected) and not self.bad and not self.missing
 
+    def report(self, case: str) -> dict | None:
+        """The case's own JSON report, or None when it has none or it cannot be read."""
+        rf = self.results.get(case, {}).get("reportfile")
+        if not rf:
+            return None
+        try:
+            return json.loads((self.outdir / rf).read_text())
+        except (OSError, ValueError):
+            return None
+
     def case_detail(self, case: str) -> str:
         r = self.results.get(case, {})
         detail = f"{case}: behavior={r.get('behavior')} behaviorClose={r.get('behaviorClose')}"
-        rf = r.get("reportfile")
-        if rf:
-            try:
-                rep = json.loads((self.outdir / rf).read_text())
-                detail += f"\n    {rep.get('description', '')[:200]}\n    result: {rep.get('result', '')[:300]}"
-                detail += f"\n    resultClose: {rep.get('resultClose', '')[:200]}"
-            except (OSError, ValueError):
-                pass
+        rep = self.report(case)
+        if rep is not None:
+            detail += f"\n    {rep.get('description', '')[:200]}\n    result: {rep.get('result', '')[:300]}"
+            detail += f"\n    resultClose: {rep.get('resultClose', '')[:200]}"
         return detail
 
-    def response_extensions(self) -> dict[str, str]:
-        """Per case that ran, the `Sec-WebSocket-Extensions` of the 101 that
-        Autobahn received ("" when the answer had none, or its report could
-        not be read)."""
-        out = {}
-        for case, r in self.results.items():
-            value = ""
-            try:
-                rep = json.loads((self.outdir / r.get("reportfile", "")).read_text())
-                for line in rep.get("httpResponse", "").split("\r\n"):
-                    name, _, v = line.partition(":")
-                    if name.strip().lower() == "sec-websocket-extensions":
-                        value = v.strip()
-            except (OSError, ValueError):
-                pass
-            out[case] = value
+    def cases_without_deflate(self) -> list[str]:
+        """The cases that ran whose 101, as Autobahn received it, negotiated no
+        permessage-deflate (`Sec-WebSocket-Extensions` absent or without it),
+        and those whose report cannot be read."""
+        out = []
+        for case in sorted(self.results, key=_case_key):
+            rep = self.report(case)
+            head = rep.get("httpResponse", "") if rep is not None else ""
+            if not any(name.strip().lower() == "sec-websocket-extensions" and "permessage-deflate" in value
+                       for name, _, value in (line.partition(":") for line in head.split("\r\n"))):
+                out.append(case)
         return out
 
     def summary(self) -> str:
