@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import ssl
 import subprocess
 
 import pytest
@@ -215,6 +216,24 @@ def _leaf_cert(tmp_path):
                     "-addext", "basicConstraints=critical,CA:FALSE"],
                    check=True, capture_output=True, timeout=30)
     return cert, key
+
+
+def test_quick_mode_wss_in_front_of_a_ws_backend(start_gateway, node_echo_server, tmp_path):
+    """The issue's quick mode, spelled as it spells it: `serve --listen
+    --tls-cert --tls-key --to ws://BACKEND`. The Node ws backend picks the
+    subprotocol, so a selected `chat` shows the handshake went through to it."""
+    backend = node_echo_server("--protocol", "chat")
+    cert, key = _leaf_cert(tmp_path)
+    gw = start_gateway("serve", "--listen", "127.0.0.1:0", "--tls-cert", cert, "--tls-key", key, "--to", backend)
+    assert gw.listeners[0].scheme == "wss", gw.listeners
+    ctx = ssl.create_default_context(cafile=str(cert))
+    with clients.connect(gw.url, protocols=["superchat", "chat"], ssl=ctx) as ws:
+        assert ws.subprotocol == "chat", ws.subprotocol
+        ws.send("text stays text")
+        assert ws.recv(timeout=20) == "text stays text"
+        big = clients.rand(1 << 20)
+        ws.send(big)
+        assert ws.recv(timeout=20) == big
 
 
 def test_tls_backend_with_real_peers(start_gateway, write_config, http_backend, tmp_path):
