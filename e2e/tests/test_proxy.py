@@ -235,6 +235,23 @@ def test_quick_mode_wss_in_front_of_a_ws_backend(start_gateway, node_echo_server
         ws.send(big)
         assert ws.recv(timeout=20) == big
 
+    # A plain GET on the same route is proxied as HTTP, as nginx would: the
+    # backend's own answer (Node ws: 426 "Upgrade Required") comes back over
+    # the gateway's TLS, the same as curl gets from the backend directly.
+    curl = shutil.which("curl")
+
+    def get(url, *extra):
+        r = subprocess.run([curl, "-sS", "--max-time", "20", *extra, "-w", "\n%{http_code}", url],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, (url, r.stderr)
+        body, _, code = r.stdout.rpartition("\n")
+        return code, body
+
+    direct = get(backend.replace("ws://", "http://", 1) + "/app")
+    assert direct[0] == "426", direct
+    through = get(f"https://localhost:{gw.port}/app", "--cacert", str(cert))
+    assert through == direct, (through, direct)
+
 
 def test_tls_backend_with_real_peers(start_gateway, write_config, http_backend, tmp_path):
     """wss:// and https:// backends (Node ws and https on one TLS port): the
