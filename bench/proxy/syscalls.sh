@@ -4,6 +4,7 @@
 #
 #   bench/proxy/syscalls.sh handshakes   strace -c on one worker of each, per handshake
 #   bench/proxy/syscalls.sh messages     perf stat per 64 B message at one connection
+#   bench/proxy/syscalls.sh messages50   the same at 50 connections, one worker each
 #   bench/proxy/syscalls.sh segments     TCP segments per 64 B message at one connection (nstat)
 #
 # handshakes: wsgate `--workers 1` and nginx with one worker (no master),
@@ -18,7 +19,12 @@
 # tracepoints and its context switches; every message crosses the proxy twice,
 # so messages per read = 2 × messages ÷ recvfrom. perf stat is attached for
 # the whole load, which runs without warm-up, so the window is the load's
-# (plus its connect).
+# (plus its connect); its task-clock gives the proxy's CPU time per message.
+#
+# messages50: the same with `--conns 50`, wsgate `--workers 1` and nginx's one
+# worker (HAProxy left out: its bench config runs two threads), so that both
+# serve every connection from one event loop and each one's per-message counts
+# and CPU compare directly.
 #
 # segments: the same contenders and load as messages, with the kernel's TCP
 # counters (`nstat`, system-wide: the load generator's and the backend's
@@ -38,8 +44,9 @@ WSBENCH=$PWD/target/release/wsbench
 case "${1:-}" in
 handshakes) TOOL=strace; CONTENDERS=(wsgate nginx); LOAD=(--test handshakes --conns 4) ;;
 messages) TOOL=perf; CONTENDERS=(wsgate nginx haproxy); LOAD=(--test messages --conns 1) ;;
+messages50) TOOL=perf; CONTENDERS=(wsgate nginx); LOAD=(--test messages --conns 50) ;;
 segments) TOOL=nstat; CONTENDERS=(wsgate nginx haproxy); LOAD=(--test messages --conns 1) ;;
-*) echo "usage: bench/proxy/syscalls.sh handshakes|messages|segments" >&2; exit 2 ;;
+*) echo "usage: bench/proxy/syscalls.sh handshakes|messages|messages50|segments" >&2; exit 2 ;;
 esac
 command -v "$TOOL" >/dev/null || { echo "syscalls.sh: $TOOL is missing" >&2; exit 1; }
 SECS=3
@@ -55,7 +62,7 @@ for c in "${CONTENDERS[@]}"; do
     case "$c" in
     wsgate)
         workers=()
-        [ "$TOOL" = strace ] && workers=(--workers 1)
+        [ "$TOOL" = strace ] || [ "$1" = messages50 ] && workers=(--workers 1)
         "$WSGATE" serve --listen 127.0.0.1:0 --to "ws://127.0.0.1:$BACKEND" "${workers[@]}" \
             --log warn >"$RUN/$c.out" 2>&1 &
         pid=$!
@@ -110,7 +117,7 @@ for c in "${CONTENDERS[@]}"; do
         strace -c -f -p "$pid" -o "$out" 2>/dev/null &
     else
         perf stat -x, -o "$out" -p "$pid" -e syscalls:sys_enter_recvfrom,syscalls:sys_enter_sendto \
-            -e syscalls:sys_enter_writev,syscalls:sys_enter_epoll_wait,context-switches 2>/dev/null &
+            -e syscalls:sys_enter_writev,syscalls:sys_enter_epoll_wait,context-switches,task-clock 2>/dev/null &
     fi
     tracer=$!
     # Give the tracer time to attach (strace prints nothing to wait for).
@@ -143,10 +150,10 @@ for c in "${CONTENDERS[@]}"; do
                     print "syscalls.sh: nothing counted for " c " (tracepoints need root): " l > "/dev/stderr"
                     exit 1
                 }
-                printf "%-8s %s: %.2f messages per recvfrom, per message %.3f recvfrom, %.3f sendto, %.3f writev, %.3f epoll_wait, %.3f context switches\n",
+                printf "%-8s %s: %.2f messages per recvfrom, per message %.3f recvfrom, %.3f sendto, %.3f writev, %.3f epoll_wait, %.3f context switches, %.2f µs CPU\n",
                     c, l, 2 * n / r, r / n, v["syscalls:sys_enter_sendto"] / n,
                     v["syscalls:sys_enter_writev"] / n, v["syscalls:sys_enter_epoll_wait"] / n,
-                    v["context-switches"] / n
+                    v["context-switches"] / n, v["task-clock"] * 1000 / n
             }' "$out"
     fi
 done
