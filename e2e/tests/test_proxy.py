@@ -227,13 +227,11 @@ def test_quick_mode_wss_in_front_of_a_ws_backend(start_gateway, node_echo_server
     gw = start_gateway("serve", "--listen", "127.0.0.1:0", "--tls-cert", cert, "--tls-key", key, "--to", backend)
     assert gw.listeners[0].scheme == "wss", gw.listeners
     ctx = ssl.create_default_context(cafile=str(cert))
-    with clients.connect(gw.url, protocols=["superchat", "chat"], ssl=ctx) as ws:
-        assert ws.subprotocol == "chat", ws.subprotocol
-        ws.send("text stays text")
-        assert ws.recv(timeout=20) == "text stays text"
-        big = clients.rand(1 << 20)
-        ws.send(big)
-        assert ws.recv(timeout=20) == big
+    big = clients.rand(1 << 20)
+    protocol, replies = clients.echo_tls(gw.url, ctx, ["text stays text", big], protocols=["superchat", "chat"])
+    assert protocol == "chat", protocol
+    assert replies[0] == "text stays text"
+    assert replies[1] == big
 
     # A plain GET on the same route is proxied as HTTP, as nginx would: the
     # backend's own answer (Node ws: 426 "Upgrade Required") comes back over
