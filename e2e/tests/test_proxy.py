@@ -186,7 +186,7 @@ def test_chromium_wss_h2_extended_connect(start_gateway, write_config, http_back
 def test_autobahn_compression_through_proxy(request, start_gateway, write_config, node_echo_server, tmp_path, cases):
     """permessage-deflate negotiated end to end between Autobahn and the Node ws
     backend: every case of 12.1.* and 13.1.* (36 cases, ~2 min) in the default
-    run; the whole 12/13 set (216 cases, 16–21 min on 2 cores) is the separate
+    run; the whole 12/13 set (216 cases, 12–21 min on 2 cores) is the separate
     command `scripts/e2e.sh -m slow`."""
     backend = node_echo_server("--deflate")
     gw = proxy_gateway(start_gateway, write_config, [backend])
