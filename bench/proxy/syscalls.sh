@@ -42,10 +42,10 @@ WSGATE=$PWD/target/release/wsgate
 WSBENCH=$PWD/target/release/wsbench
 [ -x "$WSGATE" ] && [ -x "$WSBENCH" ] || { echo "syscalls.sh: build first (see the header)" >&2; exit 1; }
 case "${1:-}" in
-handshakes) TOOL=strace; CONTENDERS=(wsgate nginx); LOAD=(--test handshakes --conns 4) ;;
-messages) TOOL=perf; CONTENDERS=(wsgate nginx haproxy); LOAD=(--test messages --conns 1) ;;
-messages50) TOOL=perf; CONTENDERS=(wsgate nginx); LOAD=(--test messages --conns 50) ;;
-segments) TOOL=nstat; CONTENDERS=(wsgate nginx haproxy); LOAD=(--test messages --conns 1) ;;
+handshakes) TOOL=strace; CONTENDERS=(wsgate nginx); LOAD=(--test handshakes --conns 4); WORKERS=(--workers 1) ;;
+messages) TOOL=perf; CONTENDERS=(wsgate nginx haproxy); LOAD=(--test messages --conns 1); WORKERS=() ;;
+messages50) TOOL=perf; CONTENDERS=(wsgate nginx); LOAD=(--test messages --conns 50); WORKERS=(--workers 1) ;;
+segments) TOOL=nstat; CONTENDERS=(wsgate nginx haproxy); LOAD=(--test messages --conns 1); WORKERS=() ;;
 *) echo "usage: bench/proxy/syscalls.sh handshakes|messages|messages50|segments" >&2; exit 2 ;;
 esac
 command -v "$TOOL" >/dev/null || { echo "syscalls.sh: $TOOL is missing" >&2; exit 1; }
@@ -61,9 +61,7 @@ BACKEND=$(port_of "$RUN/backend.out")
 for c in "${CONTENDERS[@]}"; do
     case "$c" in
     wsgate)
-        workers=()
-        [ "$TOOL" = strace ] || [ "$1" = messages50 ] && workers=(--workers 1)
-        "$WSGATE" serve --listen 127.0.0.1:0 --to "ws://127.0.0.1:$BACKEND" "${workers[@]}" \
+        "$WSGATE" serve --listen 127.0.0.1:0 --to "ws://127.0.0.1:$BACKEND" "${WORKERS[@]}" \
             --log warn >"$RUN/$c.out" 2>&1 &
         pid=$!
         PIDS+=("$pid")

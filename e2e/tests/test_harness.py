@@ -20,6 +20,13 @@ def test_python_client_helpers_against_node_ws(node_echo_server):
     assert n == len(sent)  # a message-preserving echo: the 0-byte one comes back first
 
 
+def test_sync_client_refuses_wss():
+    """The sync client loses handshakes over TLS (clients' module doc), so it
+    refuses wss:// before opening anything; echo_tls() is the way."""
+    with pytest.raises(ValueError, match="echo_tls"):
+        clients.connect("wss://127.0.0.1:1/")
+
+
 
 @pytest.mark.parametrize("text", [False, True])
 def test_node_client_echo_against_node_ws(node_echo_server, node_client, text):

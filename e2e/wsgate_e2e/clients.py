@@ -11,12 +11,13 @@ Over TLS the sync client is not used at all: its reader thread and a send on
 the caller's thread drive one OpenSSL connection at the same time, which
 Python's ssl module (3.11 here) does not serialise. When the server's TLS 1.3
 session tickets arrive as the client sends its upgrade request, the request
-can be lost and the handshake times out on the client's side. Measured on
-this VM with websockets 17.4 (sync client, open and echo "x", then close):
-3 of 500 connections lost against wsgate, 2 of 2,000 against Python's own
-asyncio TLS server, none of 3,000 against that server with its tickets off,
-and none of 1,000 with the asyncio client against wsgate. wss:// tests go
-through echo_tls(), which uses the asyncio API."""
+can be lost and the handshake times out on the client's side.
+`e2e/tools/tls_client_race.py -n 2000` measures it (open, echo "x", close;
+websockets 17.4, 2-core VM, 2026-12-04): the sync client lost 2 of 2,000
+against wsgate, 10 of 2,000 against Python's own asyncio TLS server and 0 of
+2,000 against that server with its tickets off; the asyncio client lost 0 of
+2,000 against wsgate. So wss:// tests go through echo_tls(), which uses the
+asyncio API, and connect() refuses wss:// URLs."""
 
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ from websockets.sync.client import connect as _connect
 
 
 def connect(url: str, protocols=None, timeout: float = 10.0, **kw):
+    if url.startswith("wss://"):
+        raise ValueError("the sync client loses handshakes over TLS: use echo_tls() (see the module doc)")
     return _connect(url, subprotocols=protocols, compression=None, proxy=None, max_size=None,
                     open_timeout=timeout, close_timeout=timeout, ping_interval=None, legacy=True, **kw)
 
@@ -40,12 +43,8 @@ def echo_tls(url: str, ssl, messages: list, protocols=None, timeout: float = 20.
     Returns (negotiated subprotocol, replies); closes with 1000."""
     import asyncio
 
-    from websockets.asyncio.client import connect as aconnect
-
     async def main():
-        async with aconnect(url, ssl=ssl, subprotocols=protocols, compression=None, proxy=None,
-                            max_size=None, open_timeout=timeout, close_timeout=timeout,
-                            ping_interval=None) as ws:
+        async with _aconnect(url, protocols, timeout, ssl=ssl) as ws:
             replies = []
             for m in messages:
                 await ws.send(m)
@@ -53,6 +52,14 @@ def echo_tls(url: str, ssl, messages: list, protocols=None, timeout: float = 20.
             return ws.subprotocol, replies
 
     return asyncio.run(main())
+
+
+def _aconnect(url: str, protocols, timeout: float, **kw):
+    """The asyncio client with the same settings as connect()."""
+    from websockets.asyncio.client import connect as aconnect
+
+    return aconnect(url, subprotocols=protocols, compression=None, proxy=None, max_size=None,
+                    open_timeout=timeout, close_timeout=timeout, ping_interval=None, **kw)
 
 
 def as_bytes(m) -> bytes:
@@ -137,14 +144,11 @@ def echo_stream(url: str, sent: list, timeout: float, protocols=None, text: bool
     closes with 1000. Raises TimeoutError (with progress) after `timeout`."""
     import asyncio
 
-    from websockets.asyncio.client import connect as aconnect
-
     total = sum(len(m) for m in sent)
     progress = {"bytes": 0, "messages": 0, "sent": 0}
 
     async def main():
-        async with aconnect(url, subprotocols=protocols, compression=None, proxy=None, max_size=None,
-                            open_timeout=10, close_timeout=10, ping_interval=None) as ws:
+        async with _aconnect(url, protocols, 10) as ws:
             async def send():
                 for m in sent:
                     await ws.send(m.decode() if text else m)
