@@ -9,7 +9,7 @@ use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
 use wsgate::config;
-use wsgate::limits::RateSpec;
+use wsgate::config::RateSpec;
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);

@@ -7,7 +7,7 @@
 
 use bytes::{Bytes, BytesMut};
 use libfuzzer_sys::fuzz_target;
-use wsgate::http1::{self, Chunk, ChunkedDecoder};
+use wsgate::http::h1::{self as http1, Chunk, ChunkedDecoder};
 
 fuzz_target!(|data: &[u8]| {
     let shared = Bytes::copy_from_slice(data);

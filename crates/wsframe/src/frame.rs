@@ -192,6 +192,8 @@ pub mod close_code {
     pub const TOO_BIG: u16 = 1009;
     pub const INTERNAL_ERROR: u16 = 1011;
     pub const TRY_AGAIN_LATER: u16 = 1013;
+    /// A gateway's upstream went away or answered wrongly.
+    pub const BAD_GATEWAY: u16 = 1014;
 
     /// Whether `code` may appear in a Close frame on the wire.
     pub fn is_sendable(code: u16) -> bool {

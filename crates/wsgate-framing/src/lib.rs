@@ -71,6 +71,14 @@ pub enum FramingError {
         protocol: &'static str,
         reason: String,
     },
+    /// A frame whose header announces more than the protocol allows.
+    #[error("malformed {protocol} data: {what} {len} exceeds {limit}")]
+    TooBig {
+        protocol: &'static str,
+        what: &'static str,
+        len: u64,
+        limit: &'static str,
+    },
 }
 
 fn malformed(protocol: &'static str, reason: impl Into<String>) -> FramingError {
@@ -372,10 +380,12 @@ fn cql(buf: &[u8]) -> Result<Option<Cut>, FramingError> {
     }
     let len = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]);
     if len > 256 << 20 {
-        return Err(malformed(
-            "cql",
-            format!("body length {len} exceeds 256 MiB"),
-        ));
+        return Err(FramingError::TooBig {
+            protocol: "cql",
+            what: "body length",
+            len: len.into(),
+            limit: "256 MiB",
+        });
     }
     let total = 9 + len as usize;
     Ok((buf.len() >= total).then(|| Cut::whole(total, Kind::Binary)))

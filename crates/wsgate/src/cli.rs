@@ -8,9 +8,10 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use wsgate_framing::FramingSpec;
 
-use crate::backend::{BackendAddr, Balance, Pool};
-use crate::config::{self, Config, Limits, ListenerConfig, Matcher, Route, Target, TlsFiles};
-use crate::listener::{self, Gateway};
+use crate::config::{
+    self, BackendAddr, BackendTlsFiles, Backends, Balance, Config, Limits, ListenerConfig, Matcher,
+    Route, Target, TlsFiles,
+};
 
 /// WebSocket gateway: bridges WebSocket clients to TCP, UDP and Unix peers.
 #[derive(Debug, Parser)]
@@ -182,20 +183,13 @@ fn config_from(a: &ServeArgs) -> anyhow::Result<Config> {
         .iter()
         .any(|s| to.starts_with(s));
     let target = if is_proxy {
-        let addr: BackendAddr = to
-            .parse()
-            .map_err(|e: String| anyhow::anyhow!("--to: {e}"))?;
-        let eject_for = Limits::default().eject_for;
-        Target::Proxy(std::sync::Arc::new(Pool::new(
-            vec![addr],
-            Balance::RoundRobin,
-            eject_for,
-        )))
+        let addr: BackendAddr = to.parse().map_err(|e| anyhow::anyhow!("--to: {e}"))?;
+        Target::Proxy(Backends {
+            addrs: vec![addr],
+            balance: Balance::RoundRobin,
+        })
     } else {
-        Target::Static(
-            to.parse()
-                .map_err(|e: String| anyhow::anyhow!("--to: {e}"))?,
-        )
+        Target::Static(to.parse().map_err(|e| anyhow::anyhow!("--to: {e}"))?)
     };
     let framing = FramingSpec::parse(&a.framing, &a.framing_config)
         .map_err(|e| anyhow::anyhow!("--framing: {e}"))?;
@@ -257,13 +251,14 @@ fn config_from(a: &ServeArgs) -> anyhow::Result<Config> {
         admin: a.admin.clone(),
         workers: None,
         backend_tls: match &a.backend_ca {
-            Some(ca) => Some(
-                crate::tls::backend_client_config(&crate::tls::BackendTlsFiles {
+            Some(ca) => {
+                // Checked now, so a bad file is the flag's error.
+                crate::tls::backend_client_config(Some(ca), None).context("--backend-ca")?;
+                Some(BackendTlsFiles {
                     ca: Some(ca.clone()),
                     identity: None,
                 })
-                .context("--backend-ca")?,
-            ),
+            }
             None => None,
         },
     })
@@ -273,34 +268,20 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     // Signal handlers first: a signal right after the "listening" line must
     // already mean "shut down in order".
     let signals = Signals::new()?;
-    let bound = listener::bind(&config).await?;
+    let server = crate::Server::start(config).await?;
     {
         let mut out = std::io::stdout().lock();
-        for b in &bound {
-            writeln!(out, "listening on {}", b.url())?;
+        for url in server.urls() {
+            writeln!(out, "listening on {url}")?;
+        }
+        if let Some(admin) = server.admin() {
+            writeln!(out, "admin on http://{admin}")?;
         }
         out.flush()?;
     }
-    let admin = match &config.admin {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen on admin address {addr}"))?,
-        ),
-        None => None,
-    };
-    let gw = Gateway::new(config);
-    if let Some(l) = admin {
-        writeln!(std::io::stdout(), "admin on http://{}", l.local_addr()?)?;
-        std::io::stdout().flush()?;
-        let (m, s) = (gw.metrics.clone(), gw.shutdown.clone());
-        gw.tracker.spawn(crate::metrics::serve_admin(l, m, s));
-    }
-    gw.spawn_housekeeping();
-    gw.serve(bound);
     signals.wait().await;
-    tracing::info!(open = gw.active(), "shutting down");
-    gw.shutdown().await;
+    tracing::info!(open = server.gateway().active(), "shutting down");
+    server.stop().await;
     Ok(())
 }
 

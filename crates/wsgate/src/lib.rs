@@ -1,25 +1,116 @@
 //! wsgate — a WebSocket gateway.
 //!
-//! The modules follow a connection's life: [`listener`] accepts and speaks
-//! HTTP, [`handshake`] checks the upgrade request, [`route`] picks a route and
-//! subprotocol, [`discovery`] finds a peer from handshake metadata,
-//! [`upstream`] connects it, and [`relay`] moves the data with the framing
-//! functions of the `wsgate-framing` crate. [`config`] is the one typed
-//! configuration, parsed and validated before anything starts.
+//! A [`config::Config`] is plain data; [`Gateway`] is the runtime built from
+//! it; every request goes through one path of ordered phases (`open.rs`:
+//! route → admission → authentication → connect → answer → run). The
+//! folders follow the parts:
+//!
+//! | module | job |
+//! |---|---|
+//! | `config/` | plain data: types, the TOML file and its validation, values |
+//! | `server/` | listeners and workers, accept and the first read, hyper |
+//! | `http/` | our HTTP/1.1 heads, WebSocket handshake checks, answers |
+//! | `route/` | route matching and subprotocols, file discovery |
+//! | `limits/` | admission gates (rates, caps), bandwidth |
+//! | `auth/` | the authentication phase |
+//! | `bridge/` | peers and the relay with framing functions |
+//! | `proxy/` | forwarding to backends, header rules, pools, passthrough |
+//! | `gateway.rs`, `open.rs`, `error.rs`, `io.rs` | the root type, the phases, errors, shared client I/O |
+//!
+//! For the binary, tests and fuzz targets the crate exposes the CLI
+//! ([`cli::main`]), the config, the error kinds, the wire-level HTTP parsers,
+//! and [`run`] / [`Server`] to start a gateway in-process.
 
-pub mod backend;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+pub mod auth;
+mod bridge;
 pub mod cli;
 pub mod config;
-pub mod discovery;
-pub mod handshake;
-pub mod http1;
-pub mod limits;
-pub mod listener;
-pub mod metrics;
-pub mod passthrough;
-pub mod proxy;
-pub mod relay;
-pub mod route;
-pub mod tls;
-pub mod upstream;
-pub mod websocket;
+pub mod error;
+mod gateway;
+pub mod http;
+mod io;
+mod limits;
+mod metrics;
+mod open;
+mod proxy;
+mod route;
+mod server;
+mod tls;
+
+pub use gateway::Gateway;
+
+/// A gateway started in-process: its listeners bound, its workers running.
+pub struct Server {
+    gateway: Arc<Gateway>,
+    urls: Vec<String>,
+    admin: Option<SocketAddr>,
+}
+
+impl Server {
+    /// Binds every listener (and the admin listener), then starts serving
+    /// on worker threads; health checks, housekeeping and the admin listener
+    /// run on the caller's Tokio runtime.
+    pub async fn start(config: config::Config) -> anyhow::Result<Server> {
+        use anyhow::Context as _;
+        let bound = server::bind(&config).await?;
+        let urls = bound.iter().map(server::Bound::url).collect();
+        let admin = match &config.admin {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on admin address {addr}"))?,
+            ),
+            None => None,
+        };
+        let gateway = Gateway::new(config)?;
+        let admin = match admin {
+            Some(l) => {
+                let addr = l.local_addr()?;
+                let (m, s) = (gateway.metrics.clone(), gateway.shutdown.clone());
+                gateway.tracker.spawn(metrics::serve_admin(l, m, s));
+                Some(addr)
+            }
+            None => None,
+        };
+        gateway.serve(bound);
+        Ok(Server {
+            gateway,
+            urls,
+            admin,
+        })
+    }
+
+    /// `ws://HOST:PORT` (or `wss://`) per listener, with the real ports.
+    pub fn urls(&self) -> &[String] {
+        &self.urls
+    }
+
+    /// The admin listener's address, if there is one.
+    pub fn admin(&self) -> Option<SocketAddr> {
+        self.admin
+    }
+
+    pub fn gateway(&self) -> &Arc<Gateway> {
+        &self.gateway
+    }
+
+    /// Stops accepting, closes every WebSocket with 1001 and waits (bounded
+    /// by the drain timeout) for them to finish.
+    pub async fn stop(self) {
+        self.gateway.shutdown().await
+    }
+}
+
+/// Runs a gateway until `shutdown` completes, then shuts it down in order
+/// (mini-redis's `server::run`).
+pub async fn run(config: config::Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let server = Server::start(config).await?;
+    shutdown.await;
+    tracing::info!(open = server.gateway.active(), "shutting down");
+    server.stop().await;
+    Ok(())
+}

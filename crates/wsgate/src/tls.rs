@@ -1,6 +1,8 @@
-//! TLS with rustls through tokio-rustls, PEM files: the server side of
-//! `wss://` / `https://` listeners, and the client side towards `wss://` and
-//! `https://` backends.
+//! TLS material from PEM files, for rustls: the server side of `wss://` /
+//! `https://` listeners, and the client side towards `wss://` and `https://`
+//! backends. A leaf: it knows files and rustls, nothing of the gateway, so
+//! the config can use it to check the files it names and the runtime to
+//! load them.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -58,23 +60,16 @@ fn load_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
         .ok_or_else(|| anyhow!("{}: no PRIVATE KEY block found", path.display()))
 }
 
-/// How the gateway speaks TLS to `wss://` and `https://` backends.
-#[derive(Debug, Clone, Default)]
-pub struct BackendTlsFiles {
-    /// CA certificates (PEM) that backend certificates must chain to, instead
-    /// of the built-in Mozilla roots (`webpki-roots`).
-    pub ca: Option<std::path::PathBuf>,
-    /// A client certificate chain and key shown to backends that ask for one
-    /// (mutual TLS).
-    pub identity: Option<(std::path::PathBuf, std::path::PathBuf)>,
-}
-
 /// The client configuration for TLS backends. Backend certificates are always
-/// verified, against `files.ca` or the built-in Mozilla roots, for the host
-/// named in the backend URL (a DNS name or an IP address).
-pub fn backend_client_config(files: &BackendTlsFiles) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+/// verified, against the CAs of `ca` or the built-in Mozilla roots, for the
+/// host named in the backend URL (a DNS name or an IP address); `identity`
+/// (certificate chain, key) is shown to backends that ask for one.
+pub fn backend_client_config(
+    ca: Option<&Path>,
+    identity: Option<(&Path, &Path)>,
+) -> anyhow::Result<Arc<rustls::ClientConfig>> {
     let mut roots = rustls::RootCertStore::empty();
-    match &files.ca {
+    match ca {
         Some(ca) => {
             for c in load_certs(ca)? {
                 roots
@@ -89,7 +84,7 @@ pub fn backend_client_config(files: &BackendTlsFiles) -> anyhow::Result<Arc<rust
         .with_safe_default_protocol_versions()
         .context("TLS protocol versions")?
         .with_root_certificates(roots);
-    let config = match &files.identity {
+    let config = match identity {
         Some((cert, key)) => builder
             .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
             .map_err(|e| {

@@ -1,28 +1,12 @@
 //! The WebSocket opening handshake on the server side (RFC 6455 §4.2):
 //! checking the request and building the answers.
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use http::header::{self, HeaderValue};
 use http::{request::Parts, Method, Response, StatusCode, Version};
-use http_body_util::{BodyExt, Full};
 
-/// Errors a response body may carry (a proxied body's read error).
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// The response body type: our own answers, or a backend's streamed body.
-pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
-
-/// A body from bytes.
-pub fn full(b: impl Into<Bytes>) -> Body {
-    Full::new(b.into())
-        .map_err(|never| match never {})
-        .boxed_unsync()
-}
-
-/// An empty body.
-pub fn empty() -> Body {
-    full(Bytes::new())
-}
+use super::{empty, Body};
+use crate::error::{Error, Kind};
 
 /// Which kind of WebSocket handshake a request is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,19 +30,6 @@ pub fn is_extended_connect(parts: &Parts) -> bool {
 /// Whether the request asks for a WebSocket in either HTTP version.
 pub fn is_websocket_request(parts: &Parts) -> bool {
     wants_websocket(parts) || is_extended_connect(parts)
-}
-
-/// A plain-text answer.
-pub fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
-    let mut body = body.into();
-    if !body.ends_with('\n') {
-        body.push('\n');
-    }
-    Response::builder()
-        .status(status)
-        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
-        .body(full(body))
-        .expect("valid response")
 }
 
 /// Whether a comma-separated header contains `token` (case-insensitive),
@@ -98,48 +69,45 @@ pub fn wants_websocket(parts: &Parts) -> bool {
     has_token(parts, header::UPGRADE, "websocket")
 }
 
-fn check_version(parts: &Parts) -> Result<(), Box<Response<Body>>> {
+fn check_version(parts: &Parts) -> Result<(), Error> {
     match parts.headers.get(header::SEC_WEBSOCKET_VERSION) {
-        None => Err(Box::new(text(
-            StatusCode::BAD_REQUEST,
+        None => Err(Error::client(
+            Kind::BadHandshake,
             "missing Sec-WebSocket-Version",
-        ))),
-        Some(v) if v.as_bytes() != b"13" => {
-            let mut r = text(
-                StatusCode::UPGRADE_REQUIRED,
-                "unsupported Sec-WebSocket-Version; this server speaks 13",
-            );
-            r.headers_mut().insert(
-                header::SEC_WEBSOCKET_VERSION,
-                HeaderValue::from_static("13"),
-            );
-            Err(Box::new(r))
-        }
+        )),
+        Some(v) if v.as_bytes() != b"13" => Err(Error::client(
+            Kind::UnsupportedVersion,
+            "unsupported Sec-WebSocket-Version; this server speaks 13",
+        )),
         Some(_) => Ok(()),
     }
 }
 
-/// Checks a WebSocket handshake of either HTTP version, or returns the error
-/// response to send.
-pub fn validate(parts: &Parts) -> Result<Upgrade, Box<Response<Body>>> {
+/// Checks a CONNECT request: only an extended CONNECT for a WebSocket
+/// (RFC 8441) is served.
+pub fn check_connect(parts: &Parts) -> Result<(), Error> {
+    match parts.extensions.get::<hyper::ext::Protocol>() {
+        Some(p) if p.as_str().eq_ignore_ascii_case("websocket") => Ok(()),
+        Some(p) => Err(Error::client(
+            Kind::UnsupportedProtocol,
+            format!(
+                "unsupported :protocol `{}`; only `websocket` is served",
+                p.as_str()
+            ),
+        )),
+        None => Err(Error::client(
+            Kind::MethodNotAllowed,
+            "CONNECT is only served as extended CONNECT with :protocol websocket",
+        )),
+    }
+}
+
+/// Checks a WebSocket handshake of either HTTP version.
+pub fn validate(parts: &Parts) -> Result<Upgrade, Error> {
     if parts.method == Method::CONNECT {
-        return match parts.extensions.get::<hyper::ext::Protocol>() {
-            Some(p) if p.as_str().eq_ignore_ascii_case("websocket") => {
-                check_version(parts)?;
-                Ok(Upgrade::H2)
-            }
-            Some(p) => Err(Box::new(text(
-                StatusCode::NOT_IMPLEMENTED,
-                format!(
-                    "unsupported :protocol `{}`; only `websocket` is served",
-                    p.as_str()
-                ),
-            ))),
-            None => Err(Box::new(text(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "CONNECT is only served as extended CONNECT with :protocol websocket",
-            ))),
-        };
+        check_connect(parts)?;
+        check_version(parts)?;
+        return Ok(Upgrade::H2);
     }
     let key = validate_h1(parts)?;
     let accept = HeaderValue::try_from(wsframe::handshake::accept_key(key.as_bytes()))
@@ -148,16 +116,13 @@ pub fn validate(parts: &Parts) -> Result<Upgrade, Box<Response<Body>>> {
 }
 
 /// Checks an HTTP/1.1 WebSocket handshake; returns its `Sec-WebSocket-Key`.
-fn validate_h1(parts: &Parts) -> Result<HeaderValue, Box<Response<Body>>> {
-    let bad = |why: &str| Box::new(text(StatusCode::BAD_REQUEST, why));
+fn validate_h1(parts: &Parts) -> Result<HeaderValue, Error> {
+    let bad = |why: &'static str| Error::client(Kind::BadHandshake, why);
     if parts.method != Method::GET {
-        let mut r = text(
-            StatusCode::METHOD_NOT_ALLOWED,
+        return Err(Error::client(
+            Kind::MethodNotAllowed,
             "a WebSocket handshake must use GET",
-        );
-        r.headers_mut()
-            .insert(header::ALLOW, HeaderValue::from_static("GET"));
-        return Err(Box::new(r));
+        ));
     }
     if parts.version < Version::HTTP_11 {
         return Err(bad("a WebSocket handshake needs HTTP/1.1"));
@@ -254,9 +219,9 @@ impl Accepted {
     /// Appends the HTTP/1.1 answer head (what `into_response` would give,
     /// written as [`crate::http1::encode_response_head`] writes one).
     pub fn encode_h1(&self, out: &mut BytesMut) {
-        crate::http1::put_status_line(out, self.status());
+        super::h1::put_status_line(out, self.status());
         for (k, v) in self.headers() {
-            crate::http1::put_header(out, k.as_bytes(), v);
+            super::h1::put_header(out, k.as_bytes(), v);
         }
         out.extend_from_slice(b"\r\n");
     }
@@ -322,7 +287,7 @@ mod tests {
             a.encode_h1(&mut direct);
             let r = a.into_response();
             let mut via = BytesMut::new();
-            crate::http1::encode_response_head(&mut via, r.status(), r.headers());
+            crate::http::h1::encode_response_head(&mut via, r.status(), r.headers());
             assert_eq!(direct, via);
         }
         let mut out = BytesMut::new();
@@ -414,7 +379,7 @@ mod tests {
         let without = |name: &str| -> Vec<(&str, &str)> {
             GOOD.iter().copied().filter(|(k, _)| *k != name).collect()
         };
-        let status = |h: &[(&str, &str)]| validate(&parts(h)).unwrap_err().status();
+        let status = |h: &[(&str, &str)]| validate(&parts(h)).unwrap_err().kind.status();
         assert_eq!(status(&without("Upgrade")), StatusCode::BAD_REQUEST);
         assert_eq!(status(&without("Connection")), StatusCode::BAD_REQUEST);
         assert_eq!(
@@ -427,7 +392,7 @@ mod tests {
         );
         let mut v8 = without("Sec-WebSocket-Version");
         v8.push(("Sec-WebSocket-Version", "8"));
-        let r = validate(&parts(&v8)).unwrap_err();
+        let r = crate::http::refusal(&validate(&parts(&v8)).unwrap_err());
         assert_eq!(r.status(), StatusCode::UPGRADE_REQUIRED);
         assert_eq!(r.headers()["sec-websocket-version"], "13");
         let mut badkey = without("Sec-WebSocket-Key");

@@ -24,8 +24,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::net::{tcp, unix, TcpStream, UdpSocket, UnixDatagram};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{tcp, unix, UdpSocket, UnixDatagram};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -34,87 +34,16 @@ use wsframe::{
 };
 use wsgate_framing::{AnyFramer, Framer, Kind};
 
-use crate::upstream::PeerConn;
+use crate::bridge::peer::PeerConn;
+use crate::error::{self, Error};
+use crate::io::{
+    drain, ready_read, release, with_halves, ClientIo, ConnReader, ConnWriter, CHUNK, FIRST_CHUNK,
+};
 
-/// Most bytes read from a socket at a time (and the datagram buffer size).
-const CHUNK: usize = 64 * 1024;
-/// First read size of a connection: reads that fill the buffer double it up to
-/// `CHUNK`, so chatty connections stay small and bulk ones get big reads.
-pub(crate) const FIRST_CHUNK: usize = 4 * 1024;
-
-/// Most first-size read buffers a worker thread keeps for reuse (64 KiB).
-const SPARES: usize = 16;
-
-thread_local! {
-    /// Read buffers of `FIRST_CHUNK` bytes that this thread's connections
-    /// gave back. A relay frees its read buffer as soon as a chunk is written
-    /// on (an idle connection holds none), so a busy worker would otherwise
-    /// allocate and free one per chunk; with mimalloc, a block of this size
-    /// takes the generic allocation path and its page is retired and set up
-    /// again each time it empties: about 490 instructions per relayed echo,
-    /// 7 % of the gateway's user-space work for a small message (counted
-    /// with `INSTR_TEST=messages bench/proxy/instructions.sh`). Connections
-    /// stay on the worker that accepted them, so a buffer is taken and
-    /// given back on the same thread; the stack is short and bounded.
-    static SPARE: std::cell::RefCell<Vec<BytesMut>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Makes room for the next read according to the adaptive size `hint`.
-fn make_room(buf: &mut BytesMut, hint: usize) {
-    if buf.capacity() == 0 {
-        // The usual case (buffers are given back between chunks): a spare
-        // one, else a plain allocation, not `reserve`'s growth path.
-        *buf = match hint {
-            FIRST_CHUNK => SPARE
-                .with(|s| s.borrow_mut().pop())
-                .unwrap_or_else(|| BytesMut::with_capacity(FIRST_CHUNK)),
-            _ => BytesMut::with_capacity(hint),
-        };
-    } else if buf.capacity() - buf.len() < hint / 4 {
-        buf.reserve(hint);
-    }
-}
-
-/// Gives an emptied read buffer back (`buf` is left without one): a whole
-/// first-size buffer is kept for this thread's next read, any other freed.
-/// A buffer whose every byte was written on reports no capacity left but
-/// still holds its allocation, so callers test `is_empty()`, not the
-/// capacity.
-pub(crate) fn release(buf: &mut BytesMut) {
-    let mut b = std::mem::take(buf);
-    b.clear();
-    if b.try_reclaim(FIRST_CHUNK) && b.capacity() == FIRST_CHUNK {
-        SPARE.with(|s| {
-            let mut s = s.borrow_mut();
-            if s.len() < SPARES {
-                s.push(b);
-            }
-        });
-    }
-}
-
-/// Grows the hint when a read filled all the room it had.
-fn grow(hint: &mut usize, read: usize, room: usize) {
-    if read == room && *hint < CHUNK {
-        *hint *= 2;
-    }
-}
 /// Encoded pongs owed before older ones are dropped.
 const MAX_PONGS: usize = 2048;
 /// Client payload bytes gathered before they are written to a stream peer.
 const BATCH: usize = 64 * 1024;
-
-/// An upgraded client connection.
-pub enum ClientIo {
-    /// Plain TCP: read on readiness, no idle buffer.
-    Tcp(TcpStream),
-    /// Anything else (TLS): read through `AsyncRead`.
-    Io(Box<dyn Io>),
-}
-
-/// A bidirectional byte stream.
-pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 
 /// Per-connection settings.
 #[derive(Debug, Clone)]
@@ -169,161 +98,6 @@ impl Shared {
         if self.track_activity {
             self.with(|c| c.last_activity = Some(Instant::now()));
         }
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Readers and writers over the concrete socket types.
-
-/// Reads on readiness: the buffer is grown only when bytes are waiting.
-macro_rules! ready_read {
-    ($sock:expr, $buf:expr, $hint:expr) => {{
-        loop {
-            // poll_read_ready (not readable()) so the waker hyper left on
-            // the socket during the handshake is replaced and freed.
-            std::future::poll_fn(|cx| $sock.as_ref().poll_read_ready(cx)).await?;
-            make_room($buf, *$hint);
-            let room = $buf.capacity() - $buf.len();
-            // A read that did not fill the buffer drained the socket: report
-            // "would block" to `try_io` so it clears the readiness it saw
-            // before the read (a newer readiness event is kept), saving the
-            // extra read that would only return EAGAIN. The bytes are kept.
-            let mut short = None;
-            let read = $sock.as_ref().try_io(tokio::io::Interest::READABLE, || {
-                let n = $sock.try_read_buf($buf)?;
-                if n > 0 && n < room {
-                    short = Some(n);
-                    return Err(io::ErrorKind::WouldBlock.into());
-                }
-                Ok(n)
-            });
-            match (read, short) {
-                (_, Some(n)) | (Ok(n), None) => {
-                    grow($hint, n, room);
-                    break Ok(n);
-                }
-                (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // Stale readiness: wait again without holding a buffer.
-                    if $buf.is_empty() {
-                        release($buf);
-                    }
-                    continue;
-                }
-                (Err(e), None) => break Err(e),
-            }
-        }
-    }};
-}
-
-/// The reading half of an upgraded connection (a client, or a proxied backend).
-pub(crate) enum ConnReader<'a> {
-    Tcp(tcp::ReadHalf<'a>),
-    Io(ReadHalf<Box<dyn Io>>),
-}
-
-impl ConnReader<'_> {
-    /// Whether the other side's FIN has already arrived with nothing unread
-    /// before it: one non-blocking peek, past tokio's readiness (which the
-    /// last short read cleared). Always `false` for TLS and other streams.
-    pub(crate) fn eof_arrived(&self) -> bool {
-        match self {
-            ConnReader::Tcp(s) => {
-                let mut b = [std::mem::MaybeUninit::<u8>::uninit(); 1];
-                matches!(socket2::SockRef::from(s.as_ref()).peek(&mut b), Ok(0))
-            }
-            ConnReader::Io(_) => false,
-        }
-    }
-
-    pub(crate) async fn read(&mut self, buf: &mut BytesMut, hint: &mut usize) -> io::Result<usize> {
-        match self {
-            ConnReader::Tcp(s) => ready_read!(s, buf, hint),
-            ConnReader::Io(s) => {
-                make_room(buf, *hint);
-                let room = buf.capacity() - buf.len();
-                let n = s.read_buf(buf).await?;
-                grow(hint, n, room);
-                Ok(n)
-            }
-        }
-    }
-}
-
-/// The writing half of an upgraded connection.
-pub(crate) enum ConnWriter<'a> {
-    Tcp(tcp::WriteHalf<'a>),
-    Io(WriteHalf<Box<dyn Io>>),
-}
-
-impl ConnWriter<'_> {
-    /// One write: cancel-safe.
-    async fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        match self {
-            ConnWriter::Tcp(s) => s.write(data).await,
-            ConnWriter::Io(s) => {
-                let n = s.write(data).await?;
-                if n == data.len() {
-                    s.flush().await?;
-                }
-                Ok(n)
-            }
-        }
-    }
-
-    /// Writes and consumes all of `buf`; cancel-safe (what was written is gone from `buf`).
-    pub(crate) async fn write_all(&mut self, buf: &mut BytesMut) -> io::Result<()> {
-        while !buf.is_empty() {
-            let n = self.write(buf).await?;
-            if n == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
-            }
-            buf.advance(n);
-        }
-        Ok(())
-    }
-
-    /// Like [`ConnWriter::write_prefix`], for the last bytes before our FIN
-    /// (`shutdown`, or closing the socket): on TCP they are first offered with
-    /// `MSG_MORE`, so the kernel holds them a moment and the FIN that follows
-    /// at once rides in the same segment — one packet less for both ends of
-    /// every closing handshake. The caller must end the connection right after.
-    #[cfg_attr(not(all(target_os = "linux", target_env = "gnu")), allow(unused_mut))]
-    pub(crate) async fn write_last(&mut self, buf: &mut BytesMut, mut n: usize) -> io::Result<()> {
-        #[cfg(all(target_os = "linux", target_env = "gnu"))]
-        if let ConnWriter::Tcp(s) = self {
-            let sock = s.as_ref();
-            if let Ok(w) = sock.try_io(tokio::io::Interest::WRITABLE, || {
-                socket2::SockRef::from(sock).send_with_flags(&buf[..n], libc::MSG_MORE)
-            }) {
-                buf.advance(w);
-                n -= w;
-            }
-        }
-        self.write_prefix(buf, n).await
-    }
-
-    /// Writes the first `n` bytes of `buf` and consumes them; cancel-safe.
-    pub(crate) async fn write_prefix(
-        &mut self,
-        buf: &mut BytesMut,
-        mut n: usize,
-    ) -> io::Result<()> {
-        while n > 0 {
-            let w = self.write(&buf[..n]).await?;
-            if w == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
-            }
-            buf.advance(w);
-            n -= w;
-        }
-        Ok(())
-    }
-
-    pub(crate) async fn shutdown(&mut self) {
-        let _ = match self {
-            ConnWriter::Tcp(s) => s.shutdown().await,
-            ConnWriter::Io(s) => s.shutdown().await,
-        };
     }
 }
 
@@ -572,9 +346,9 @@ async fn up_loop(
 enum DownEnd {
     /// The peer ended its stream; everything it sent is written to the client.
     PeerEof,
-    PeerError(io::Error),
-    /// The peer's next message would exceed the size limit, or is malformed.
-    PeerFraming(String),
+    /// The peer failed, or its next message would exceed the size limit or
+    /// is malformed.
+    Peer(Error),
     ClientWrite(io::Error),
 }
 
@@ -613,7 +387,10 @@ impl Down {
                     self.buf.advance(cut.consume);
                 }
                 Ok(None) => break,
-                Err(e) => return Err(DownEnd::PeerFraming(e.to_string())),
+                Err(e) => {
+                    let kind = error::Kind::from(&e);
+                    return Err(DownEnd::Peer(Error::upstream(kind, e.to_string())));
+                }
             }
         }
         if eof && !self.buf.is_empty() {
@@ -622,8 +399,9 @@ impl Down {
             self.buf.clear();
         }
         if self.buf.len() as u64 > max {
-            return Err(DownEnd::PeerFraming(format!(
-                "peer message exceeds the {max}-byte limit"
+            return Err(DownEnd::Peer(Error::upstream(
+                error::Kind::MessageTooBig,
+                format!("peer message exceeds the {max}-byte limit"),
             )));
         }
         Ok(())
@@ -687,7 +465,7 @@ async fn down_loop(
                             return end;
                         }
                     }
-                    Err(e) => return DownEnd::PeerError(e),
+                    Err(e) => return DownEnd::Peer(Error::upstream(error::Kind::PeerFailed, "peer error").because(e)),
                 }
             }
         }
@@ -721,32 +499,6 @@ fn next_deadline(shared: &Shared, s: &Settings, last_ping: Instant) -> Option<In
     }
     d
 }
-
-/// Splits an upgraded connection into borrowed reader and writer halves and
-/// runs `$body` with them.
-macro_rules! with_halves {
-    ($io:expr, |$r:ident, $w:ident| $body:expr) => {
-        match $io {
-            $crate::relay::ClientIo::Tcp(mut s) => {
-                let (r, w) = s.split();
-                let ($r, $w) = (
-                    $crate::relay::ConnReader::Tcp(r),
-                    $crate::relay::ConnWriter::Tcp(w),
-                );
-                $body
-            }
-            $crate::relay::ClientIo::Io(b) => {
-                let (r, w) = tokio::io::split(b);
-                let ($r, $w) = (
-                    $crate::relay::ConnReader::Io(r),
-                    $crate::relay::ConnWriter::Io(w),
-                );
-                $body
-            }
-        }
-    };
-}
-pub(crate) use with_halves;
 
 /// Runs a bridged connection to its end.
 pub async fn run(
@@ -923,20 +675,16 @@ async fn run_inner(
                 None
             }
             other => {
-                let (code, reason) = match other {
+                let end = match other {
                     First::Down(DownEnd::PeerEof) => {
-                        (close_code::NORMAL, "peer closed".to_string())
+                        Error::upstream(error::Kind::PeerClosed, "peer closed")
                     }
-                    First::Down(DownEnd::PeerError(e)) => {
-                        (close_code::INTERNAL_ERROR, format!("peer error: {e}"))
-                    }
-                    First::Down(DownEnd::PeerFraming(why)) if why.contains("exceeds") => {
-                        (close_code::TOO_BIG, why)
-                    }
-                    First::Down(DownEnd::PeerFraming(why)) => (close_code::INTERNAL_ERROR, why),
-                    First::Idle => (close_code::GOING_AWAY, "idle timeout".to_string()),
-                    _ => (close_code::GOING_AWAY, "gateway shutting down".to_string()),
+                    First::Down(DownEnd::Peer(e)) => e,
+                    First::Idle => Error::gateway(error::Kind::IdleTimeout, "idle timeout"),
+                    _ => Error::gateway(error::Kind::ShuttingDown, "gateway shutting down"),
                 };
+                let code = end.kind.close_code().unwrap_or(close_code::GOING_AWAY);
+                let reason = end.to_string();
                 // Keep forwarding the client's data until its Close comes back.
                 close_then_drain_up(
                     cw,
@@ -970,28 +718,26 @@ async fn run_inner(
         Some(UpEnd::Protocol(e)) => {
             outcome.reason = format!("protocol error: {e}");
             let reason = e.to_string();
+            let code = error::Kind::from(&e).close_code();
             finish(
                 cw,
                 cr,
                 &mut down.out,
-                Some((e.close_code(), &reason)),
+                Some((code.unwrap_or(close_code::PROTOCOL_ERROR), &reason)),
                 close_timeout,
                 &mut outcome,
             )
             .await;
         }
         Some(UpEnd::PeerWrite(e)) => {
-            outcome.reason = format!("peer write failed: {e}");
-            let code = if e.raw_os_error() == Some(90) {
-                close_code::TOO_BIG // EMSGSIZE: the message does not fit in a datagram
-            } else {
-                close_code::INTERNAL_ERROR
-            };
+            let e = crate::bridge::peer::write_failed(e);
+            outcome.reason = e.to_string();
+            let code = e.kind.close_code().unwrap_or(close_code::INTERNAL_ERROR);
             finish(
                 cw,
                 cr,
                 &mut down.out,
-                Some((code, "peer write failed")),
+                Some((code, &e.context)),
                 close_timeout,
                 &mut outcome,
             )
@@ -1075,124 +821,4 @@ async fn finish(
     outcome.close_sent = Some(close.map_or(close_code::NO_STATUS, |(c, _)| c));
     cw.shutdown().await;
     drain(cr, timeout).await;
-}
-
-/// Reads and discards until the other side closes or the timeout, so closing
-/// our socket with unread bytes in it does not reset the connection.
-/// `token.cancelled()` for a `select!` that polls it on every wake-up of its
-/// task: the waiter is registered on the first poll only, and later polls
-/// read the token's flag (one atomic load) instead of taking the waiter
-/// list's lock to compare wakers — the task's own, which does not change.
-pub(crate) async fn cancelled(token: &CancellationToken) {
-    let mut wait = std::pin::pin!(token.cancelled());
-    let mut registered = false;
-    std::future::poll_fn(|cx| {
-        if registered {
-            return if token.is_cancelled() {
-                std::task::Poll::Ready(())
-            } else {
-                std::task::Poll::Pending
-            };
-        }
-        registered = true;
-        std::future::Future::poll(wait.as_mut(), cx)
-    })
-    .await
-}
-
-pub(crate) async fn drain(src: &mut ConnReader<'_>, timeout: Duration) {
-    let _ = tokio::time::timeout(timeout, async {
-        let (mut scratch, mut hint) = (BytesMut::new(), FIRST_CHUNK);
-        loop {
-            scratch.clear();
-            match src.read(&mut scratch, &mut hint).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::future::Future;
-    use std::task::{Context, Poll, Waker};
-
-    #[test]
-    fn read_buffers_are_reused_on_their_thread_and_the_spares_stay_few() {
-        // Run on a thread of its own: the spares are per thread.
-        std::thread::spawn(|| {
-            let mut buf = BytesMut::new();
-            make_room(&mut buf, FIRST_CHUNK);
-            let first = buf.as_ptr();
-            buf.extend_from_slice(b"a chunk");
-            buf.advance(7); // written on: empty, its start moved
-            release(&mut buf);
-            assert_eq!(buf.capacity(), 0, "an idle connection holds no buffer");
-            make_room(&mut buf, FIRST_CHUNK);
-            assert_eq!(buf.as_ptr(), first, "the same allocation, whole again");
-            assert_eq!(buf.capacity(), FIRST_CHUNK);
-            // Filled to the last byte and written on whole: no capacity left
-            // in its view, yet the allocation comes back.
-            buf.resize(FIRST_CHUNK, b'x');
-            buf.advance(FIRST_CHUNK);
-            assert_eq!(buf.capacity(), 0);
-            release(&mut buf);
-            make_room(&mut buf, FIRST_CHUNK);
-            assert_eq!(buf.as_ptr(), first, "a full chunk's buffer is kept too");
-            release(&mut buf);
-            SPARE.with(|s| s.borrow_mut().clear());
-            // Bigger buffers (bulk connections) and ones still shared are
-            // freed, not kept.
-            let mut big = BytesMut::with_capacity(CHUNK);
-            release(&mut big);
-            let mut shared = BytesMut::with_capacity(FIRST_CHUNK);
-            let _other = shared.split_off(FIRST_CHUNK / 2);
-            release(&mut shared);
-            assert_eq!(SPARE.with(|s| s.borrow().len()), 0);
-            // Many connections giving buffers back at once: a bounded stack.
-            for _ in 0..SPARES * 3 {
-                let mut b = BytesMut::new();
-                make_room(&mut b, FIRST_CHUNK);
-                release(&mut b);
-                let mut held: Vec<BytesMut> = (0..SPARES * 2)
-                    .map(|_| BytesMut::with_capacity(FIRST_CHUNK))
-                    .collect();
-                held.iter_mut().for_each(release);
-            }
-            assert_eq!(SPARE.with(|s| s.borrow().len()), SPARES);
-        })
-        .join()
-        .unwrap();
-    }
-
-    #[test]
-    fn cancelled_registers_once_and_still_completes() {
-        let token = CancellationToken::new();
-        let mut wait = std::pin::pin!(cancelled(&token));
-        let waker = Waker::noop();
-        let mut cx = Context::from_waker(waker);
-        // Polled again and again while not cancelled: pending every time.
-        for _ in 0..3 {
-            assert!(wait.as_mut().poll(&mut cx).is_pending());
-        }
-        token.cancel();
-        assert_eq!(wait.as_mut().poll(&mut cx), Poll::Ready(()));
-    }
-
-    #[tokio::test]
-    async fn cancelling_wakes_a_task_waiting_on_it() {
-        let token = CancellationToken::new();
-        let t = token.clone();
-        let waiter = tokio::spawn(async move { cancelled(&t).await });
-        // Let the waiter register, then cancel: it must be woken and finish.
-        tokio::task::yield_now().await;
-        token.cancel();
-        tokio::time::timeout(Duration::from_secs(10), waiter)
-            .await
-            .expect("woken by the cancel")
-            .unwrap();
-    }
 }

@@ -18,8 +18,7 @@
 //! `Forwarded` are added; values a client sent are kept (and appended to)
 //! only when the client is a trusted proxy.
 
-use std::borrow::Cow;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
@@ -40,116 +39,29 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio_rustls::TlsConnector;
 use tracing::warn;
 
-use crate::backend::{BackendIo, Lease, Pool};
-use crate::handshake::{self, Body, Upgrade};
-use crate::http1;
+use crate::config::Forwarding;
+use crate::error::{Error, Kind};
+use crate::http::handshake::{self, Upgrade};
+use crate::http::{h1 as http1, Body, BoxError};
 use crate::metrics::Metrics;
 
-/// `X-Forwarded-*` / `Forwarded` policy.
-#[derive(Debug, Clone)]
-pub struct Forwarding {
-    /// Add the forwarding headers at all.
-    pub enabled: bool,
-    /// Clients whose own forwarding headers are believed and appended to.
-    pub trusted: Vec<IpNet>,
-}
+pub mod backend;
+pub mod headers;
+pub mod passthrough;
 
-impl Default for Forwarding {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            trusted: vec![],
-        }
-    }
-}
+use backend::{BackendIo, Lease, Pool};
+use headers::{
+    add_forwarded, connection_names, copy_end_to_end, forwarded, hop_by_hop, regenerated,
+    request_host,
+};
 
-/// An address block, `10.0.0.0/8` or a single address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IpNet {
-    addr: IpAddr,
-    prefix: u8,
-}
-
-impl std::str::FromStr for IpNet {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || format!("invalid address or CIDR block `{s}`");
-        let (a, p) = s.split_once('/').unwrap_or((s, ""));
-        let addr: IpAddr = a.parse().map_err(|_| bad())?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = if p.is_empty() {
-            max
-        } else {
-            p.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(bad)?
-        };
-        Ok(IpNet { addr, prefix })
-    }
-}
-
-impl IpNet {
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        fn bits(ip: IpAddr) -> (u128, u8) {
-            match ip {
-                IpAddr::V4(v) => (u32::from(v) as u128, 32),
-                IpAddr::V6(v) => (u128::from(v), 128),
-            }
-        }
-        let ip = match ip {
-            IpAddr::V6(v) => v.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-            v4 => v4,
-        };
-        let ((net, w1), (x, w2)) = (bits(self.addr), bits(ip));
-        if w1 != w2 {
-            return false;
-        }
-        let shift = u32::from(w1 - self.prefix);
-        if shift >= 128 {
-            return true;
-        }
-        (net >> shift) == (x >> shift)
-    }
-}
-
-/// Why a backend could not be used; each maps to its own status.
-#[derive(Debug)]
-pub enum BackendError {
-    /// Every backend of the pool is ejected: 503.
-    Unavailable,
-    /// Connecting failed: 502.
-    Connect(String),
-    /// Connecting or answering took too long: 504.
-    Timeout(String),
-    /// The backend answered, but wrongly: 502.
-    Bad(String),
-}
-
-impl BackendError {
-    pub fn response(&self) -> Response<Body> {
-        let (status, text) = match self {
-            BackendError::Unavailable => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no backend available".to_string(),
-            ),
-            BackendError::Connect(w) | BackendError::Bad(w) => (StatusCode::BAD_GATEWAY, w.clone()),
-            BackendError::Timeout(w) => (StatusCode::GATEWAY_TIMEOUT, w.clone()),
-        };
-        let mut r = handshake::text(status, text);
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        }
-        r
-    }
-
-    /// A label for metrics.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            BackendError::Unavailable => "backend_unavailable",
-            BackendError::Connect(_) => "backend_connect",
-            BackendError::Timeout(_) => "backend_timeout",
-            BackendError::Bad(_) => "backend_bad_answer",
-        }
-    }
+/// How a backend answered a WebSocket handshake.
+pub enum Handshake {
+    /// With a valid 101: the answer for the client, and the backend's socket.
+    Switched(handshake::Accepted, BackendWebSocket),
+    /// With anything else (401, 403, 404, 5xx...): relayed to the client as
+    /// it is, its body streamed from the backend.
+    Answered(Response<Body>),
 }
 
 /// A backend WebSocket whose handshake succeeded.
@@ -160,43 +72,6 @@ pub struct BackendWebSocket {
     pub lease: Lease,
     /// Connect + handshake time.
     pub latency: Duration,
-}
-
-/// Forwarding headers for one request. Proto and host borrow from the
-/// request unless a trusted client sent its own to append to: on the path of
-/// every proxied handshake, two strings are built, not four.
-struct ForwardedValues<'a> {
-    xff: String,
-    proto: Cow<'a, str>,
-    host: Option<Cow<'a, str>>,
-    forwarded: String,
-}
-
-impl ForwardedValues<'_> {
-    /// Header names with their values (`None`: the header is left out).
-    fn pairs(&self) -> [(&'static str, Option<&str>); 4] {
-        [
-            ("x-forwarded-for", Some(&self.xff)),
-            ("x-forwarded-proto", Some(&self.proto)),
-            ("x-forwarded-host", self.host.as_deref()),
-            ("forwarded", Some(&self.forwarded)),
-        ]
-    }
-}
-
-/// Whether a header names something the proxy itself sets on a WebSocket
-/// request to a backend (or strips): hop-by-hop headers, those `Connection`
-/// names, `Host`, the key and version (always regenerated), and — when
-/// `forwarding` — the forwarding headers.
-fn regenerated(name: &str, connection_named: impl Fn(&str) -> bool, forwarding: bool) -> bool {
-    hop_by_hop(name, connection_named)
-        || name == "sec-websocket-key"
-        || name == "sec-websocket-version"
-        || (forwarding
-            && matches!(
-                name,
-                "x-forwarded-for" | "x-forwarded-proto" | "x-forwarded-host" | "forwarded"
-            ))
 }
 
 /// The proxy: forwarding rules, the pooled client for plain HTTP and TLS
@@ -210,102 +85,12 @@ pub struct Proxy {
     answer_timeout: Duration,
 }
 
-/// Copies the end-to-end headers of `src` into `dst`: hop-by-hop headers, the
-/// headers `Connection` names, and `Host` (set by the caller) stay behind.
-pub fn copy_end_to_end(src: &HeaderMap, dst: &mut HeaderMap) {
-    let named = connection_names(src);
-    for (k, v) in src {
-        if !hop_by_hop(k.as_str(), &named) {
-            dst.append(k.clone(), v.clone());
-        }
-    }
-}
-
-/// Whether header `name` stays behind at a hop: the hop-by-hop headers,
-/// `Proxy-*`, those `Connection` names (`named`), and `Host` (set anew).
-fn hop_by_hop(name: &str, named: impl Fn(&str) -> bool) -> bool {
-    // One `match` (dispatched on the length first), not a scan of a list:
-    // it runs for every header of every proxied request.
-    matches!(
-        name,
-        "connection" | "keep-alive" | "te" | "trailer" | "transfer-encoding" | "upgrade" | "host"
-    ) || name.starts_with("proxy-")
-        || named(name)
-}
-
-/// Whether `Connection` in `h` names a header (RFC 9110 §7.6.1: that header
-/// is hop-by-hop too).
-fn connection_names(h: &HeaderMap) -> impl Fn(&str) -> bool + '_ {
-    // Looked up once, not once per header asked about.
-    let values = h.get_all(header::CONNECTION);
-    move |name: &str| {
-        values
-            .iter()
-            .any(|v| handshake::list_has_token(v.as_bytes(), name))
-    }
-}
-
-/// The host the client asked for: `Host`, or HTTP/2's `:authority`.
-fn request_host(parts: &Parts) -> Option<HeaderValue> {
-    parts.headers.get(header::HOST).cloned().or_else(|| {
-        parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    })
-}
-
-/// Appends `ip` as text. An IPv4 address is written digit by digit: on the
-/// path of every proxied handshake (twice), `fmt` costs several times more.
-fn push_ip(out: &mut String, ip: IpAddr) {
-    use std::fmt::Write as _;
-    match ip {
-        IpAddr::V4(v4) => {
-            for (i, o) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    out.push('.');
-                }
-                if o >= 100 {
-                    out.push(char::from(b'0' + o / 100));
-                }
-                if o >= 10 {
-                    out.push(char::from(b'0' + o / 10 % 10));
-                }
-                out.push(char::from(b'0' + o % 10));
-            }
-        }
-        IpAddr::V6(v6) => {
-            let _ = write!(out, "{v6}");
-        }
-    }
-}
-
-/// Appends `v` as an RFC 7239 value: a token as it is, anything else quoted.
-fn push_quoted_if_needed(out: &mut String, v: &str) {
-    let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
-    if !v.is_empty() && v.bytes().all(tchar) {
-        out.push_str(v);
-        return;
-    }
-    out.push('"');
-    // Runs without a backslash or a quote are copied whole (a host is one).
-    let mut rest = v;
-    while let Some(i) = rest.find(['\\', '"']) {
-        out.push_str(&rest[..i]);
-        out.push('\\');
-        out.push_str(&rest[i..=i]);
-        rest = &rest[i + 1..];
-    }
-    out.push_str(rest);
-    out.push('"');
-}
-
 /// The TLS client configuration for backends: `config` from `[backend_tls]`,
 /// or the built-in Mozilla roots. No ALPN: the users set their own.
 fn backend_tls_base(config: Option<Arc<rustls::ClientConfig>>) -> rustls::ClientConfig {
     match config {
         Some(c) => (*c).clone(),
-        None => (*crate::tls::backend_client_config(&Default::default())
+        None => (*crate::tls::backend_client_config(None, None)
             .expect("a TLS client configuration from the built-in roots"))
         .clone(),
     }
@@ -358,102 +143,6 @@ impl Proxy {
         self.tls.clone()
     }
 
-    /// The `X-Forwarded-For`, `-Proto`, `-Host` and `Forwarded` values for a
-    /// request with headers `h` (None when forwarding headers are off).
-    fn forwarded<'a>(
-        &self,
-        h: &HeaderMap,
-        remote: SocketAddr,
-        secure: bool,
-        host: Option<&'a HeaderValue>,
-    ) -> Option<ForwardedValues<'a>> {
-        use std::fmt::Write as _;
-        if !self.forwarding.enabled {
-            return None;
-        }
-        let trusted = !self.forwarding.trusted.is_empty()
-            && self
-                .forwarding
-                .trusted
-                .iter()
-                .any(|n| n.contains(remote.ip()));
-        // What a trusted client sent is kept and appended to; anything else
-        // a client sent is replaced.
-        let prior = |name: &'static str| -> Option<String> {
-            let mut joined: Option<String> = None;
-            if trusted {
-                for v in h.get_all(name).iter().filter_map(|v| v.to_str().ok()) {
-                    match &mut joined {
-                        Some(j) => {
-                            j.push_str(", ");
-                            j.push_str(v);
-                        }
-                        None => joined = Some(v.to_string()),
-                    }
-                }
-            }
-            joined
-        };
-        let ip = remote.ip().to_canonical();
-        let proto = if secure { "https" } else { "http" };
-        let host = host.and_then(|v| v.to_str().ok()).unwrap_or("");
-
-        let mut xff = String::with_capacity(48);
-        if let Some(p) = prior("x-forwarded-for") {
-            let _ = write!(xff, "{p}, ");
-        }
-        push_ip(&mut xff, ip);
-        let proto_value = prior("x-forwarded-proto").map_or(Cow::Borrowed(proto), Cow::Owned);
-        let host_value = match prior("x-forwarded-host") {
-            Some(p) => Some(Cow::Owned(p)),
-            None if !host.is_empty() => Some(Cow::Borrowed(host)),
-            None => None,
-        };
-        let mut fwd = String::with_capacity(64);
-        if let Some(p) = prior("forwarded") {
-            let _ = write!(fwd, "{p}, ");
-        }
-        if ip.is_ipv6() {
-            fwd.push_str("for=\"[");
-            push_ip(&mut fwd, ip);
-            fwd.push_str("]\"");
-        } else {
-            fwd.push_str("for=");
-            push_ip(&mut fwd, ip);
-        }
-        fwd.push_str(";proto=");
-        fwd.push_str(proto);
-        if !host.is_empty() {
-            fwd.push_str(";host=");
-            push_quoted_if_needed(&mut fwd, host);
-        }
-        Some(ForwardedValues {
-            xff,
-            proto: proto_value,
-            host: host_value,
-            forwarded: fwd,
-        })
-    }
-
-    /// Replaces the forwarding headers of `h` with ours.
-    fn add_forwarded(
-        &self,
-        h: &mut HeaderMap,
-        remote: SocketAddr,
-        secure: bool,
-        host: Option<&HeaderValue>,
-    ) {
-        let Some(f) = self.forwarded(h, remote, secure, host) else {
-            return;
-        };
-        for (name, v) in f.pairs() {
-            h.remove(name);
-            if let Some(v) = v.and_then(|v| HeaderValue::from_str(v).ok()) {
-                h.insert(HeaderName::from_static(name), v);
-            }
-        }
-    }
-
     /// Forwards a plain HTTP request to a backend of `pool` and streams the answer back.
     pub async fn forward(
         &self,
@@ -462,21 +151,27 @@ impl Proxy {
         body: Incoming,
         remote: SocketAddr,
         secure: bool,
-    ) -> Result<Response<Body>, BackendError> {
-        let lease = pool.pick().ok_or(BackendError::Unavailable)?;
+    ) -> Result<Response<Body>, Error> {
+        let lease = pool.pick().ok_or_else(unavailable)?;
         let addr = &lease.backend.addr;
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let scheme = if addr.tls { "https" } else { "http" };
-        let uri: Uri = format!("{scheme}://{addr}{path}")
-            .parse()
-            .map_err(|e| BackendError::Bad(format!("cannot build backend URI: {e}")))?;
+        let uri: Uri = format!("{scheme}://{addr}{path}").parse().map_err(|e| {
+            Error::upstream(Kind::BackendBadAnswer, "cannot build backend URI").because(e)
+        })?;
         let mut headers = HeaderMap::new();
         copy_end_to_end(&parts.headers, &mut headers);
         let host = request_host(&parts);
         if let Some(h) = &host {
             headers.insert(header::HOST, h.clone());
         }
-        self.add_forwarded(&mut headers, remote, secure, host.as_ref());
+        add_forwarded(
+            &self.forwarding,
+            &mut headers,
+            remote,
+            secure,
+            host.as_ref(),
+        );
         let mut req = Request::new(body);
         *req.method_mut() = parts.method;
         *req.uri_mut() = uri;
@@ -484,31 +179,36 @@ impl Proxy {
         *req.headers_mut() = headers;
         let resp = match tokio::time::timeout(self.answer_timeout, self.client.request(req)).await {
             Err(_) => {
-                return Err(BackendError::Timeout(format!(
-                    "backend {addr} did not answer within {:?}",
-                    self.answer_timeout
-                )))
+                return Err(Error::upstream(
+                    Kind::BackendTimeout,
+                    format!(
+                        "backend {addr} did not answer within {:?}",
+                        self.answer_timeout
+                    ),
+                ))
             }
             Ok(Err(e)) if e.is_connect() => {
                 pool.eject(&lease.backend);
                 if lease.backend.health_changed(false) {
                     self.metrics.backend_up(&lease.backend.label, false);
                 }
-                let text = format!("{e:?}");
-                return Err(if text.contains("timed out") || text.contains("Timeout") {
-                    BackendError::Timeout(format!("backend {addr}: connect timed out"))
+                return Err(if timed_out(&e) {
+                    Error::upstream(
+                        Kind::BackendTimeout,
+                        format!("backend {addr}: connect timed out"),
+                    )
                 } else {
-                    BackendError::Connect(format!(
-                        "backend {addr}: cannot connect: {}",
-                        root_cause(&e)
-                    ))
+                    Error::upstream(
+                        Kind::BackendConnect,
+                        format!("backend {addr}: cannot connect: {}", root_cause(&e)),
+                    )
                 });
             }
             Ok(Err(e)) => {
-                return Err(BackendError::Bad(format!(
-                    "backend {addr}: {}",
-                    root_cause(&e)
-                )))
+                return Err(Error::upstream(
+                    Kind::BackendBadAnswer,
+                    format!("backend {addr}: {}", root_cause(&e)),
+                ))
             }
             Ok(Ok(r)) => r,
         };
@@ -523,10 +223,9 @@ impl Proxy {
     }
 
     /// Opens a backend WebSocket for a client handshake: a fresh connection,
-    /// the handshake written and its answer read by [`crate::http1`]. On
-    /// success returns the answer for the client and the backend's socket; a
-    /// backend's non-101 answer comes back as `Ok(Err(response))`, its body
-    /// streamed, to be relayed as is.
+    /// the handshake written and its answer read by [`crate::http::h1`]. A
+    /// 101 gives the answer for the client and the backend's socket; any
+    /// other answer is relayed as it is ([`Handshake::Answered`]).
     pub async fn open_websocket(
         &self,
         pool: &Pool,
@@ -534,7 +233,7 @@ impl Proxy {
         upgrade: &Upgrade,
         remote: SocketAddr,
         secure: bool,
-    ) -> Result<Result<(handshake::Accepted, BackendWebSocket), Response<Body>>, BackendError> {
+    ) -> Result<Handshake, Error> {
         // The client's key goes on as it is, so the accept the backend must
         // answer with is the one already computed for the client; RFC 8441
         // carries no key, so one is made up for an h2 client.
@@ -552,7 +251,13 @@ impl Proxy {
         // The request head is written straight from the client's headers: on
         // the path of every proxied handshake, no header table is built.
         let host = request_host(parts);
-        let forwarded = self.forwarded(&parts.headers, remote, secure, host.as_ref());
+        let forwarded = forwarded(
+            &self.forwarding,
+            &parts.headers,
+            remote,
+            secure,
+            host.as_ref(),
+        );
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         // Room for the request and then the answer head, read into it.
         let mut buf = BytesMut::with_capacity(4096);
@@ -584,13 +289,13 @@ impl Proxy {
         buf.extend_from_slice(b"\r\n");
 
         let started = Instant::now();
-        let lease = pool.pick().ok_or(BackendError::Unavailable)?;
+        let lease = pool.pick().ok_or_else(unavailable)?;
         let addr = &lease.backend.addr;
         // The request goes out with the connect where it can (see
         // `connect_sending`); the rest of it within the answer timeout.
         let (mut conn, sent) = match tokio::time::timeout(
             self.connect_timeout,
-            crate::backend::connect_sending(&lease.backend, &self.tls, &buf),
+            backend::connect_sending(&lease.backend, &self.tls, &buf),
         )
         .await
         {
@@ -601,13 +306,17 @@ impl Proxy {
                     self.metrics.backend_up(&lease.backend.label, false);
                 }
                 return Err(match failed {
-                    Ok(Err(e)) => {
-                        BackendError::Connect(format!("backend {addr}: cannot connect: {e}"))
-                    }
-                    _ => BackendError::Timeout(format!(
-                        "backend {addr}: connect timed out after {:?}",
-                        self.connect_timeout
-                    )),
+                    Ok(Err(e)) => Error::upstream(
+                        Kind::BackendConnect,
+                        format!("backend {addr}: cannot connect: {e}"),
+                    ),
+                    _ => Error::upstream(
+                        Kind::BackendTimeout,
+                        format!(
+                            "backend {addr}: connect timed out after {:?}",
+                            self.connect_timeout
+                        ),
+                    ),
                 });
             }
         };
@@ -621,12 +330,20 @@ impl Proxy {
         .await;
         let answer = match answer {
             Ok(Ok(answer)) => answer,
-            Ok(Err(e)) => return Err(BackendError::Bad(format!("backend {addr}: {e}"))),
+            Ok(Err(e)) => {
+                return Err(Error::upstream(
+                    Kind::BackendBadAnswer,
+                    format!("backend {addr}: {e}"),
+                ))
+            }
             Err(_) => {
-                return Err(BackendError::Timeout(format!(
-                    "backend {addr} did not answer the handshake within {:?}",
-                    self.answer_timeout
-                )))
+                return Err(Error::upstream(
+                    Kind::BackendTimeout,
+                    format!(
+                        "backend {addr} did not answer the handshake within {:?}",
+                        self.answer_timeout
+                    ),
+                ))
             }
         };
         let latency = started.elapsed();
@@ -642,21 +359,26 @@ impl Proxy {
         let switched = match answer {
             Answer::Switched(s) => s,
             // 401, 403, 404, 5xx...: the client sees the backend's own answer.
-            Answer::Other(head) => return relay_answer(addr, &head, conn, buf).map(Err),
+            Answer::Other(head) => {
+                return relay_answer(addr, &head, conn, buf).map(Handshake::Answered)
+            }
         }
-        .map_err(|e| BackendError::Bad(format!("backend {addr}: {e}")))?;
+        .map_err(|e| Error::upstream(Kind::BackendBadAnswer, format!("backend {addr}: {e}")))?;
         if !switched.accept_is(expected.as_bytes()) || !switched.upgrade_ok {
             warn!(backend = %addr, "backend answered 101 with a wrong Sec-WebSocket-Accept or Upgrade");
-            return Err(BackendError::Bad(format!(
-                "backend {addr} answered the WebSocket handshake wrongly (Sec-WebSocket-Accept or Upgrade)"
-            )));
+            return Err(Error::upstream(
+                Kind::BackendBadAnswer,
+                format!(
+                    "backend {addr} answered the WebSocket handshake wrongly (Sec-WebSocket-Accept or Upgrade)"
+                ),
+            ));
         }
         // A subprotocol that is not plain text is left out, as before.
         let protocol = switched.protocol.filter(|v| v.to_str().is_ok());
         let mut out = handshake::Accepted::new(upgrade, protocol, switched.extensions);
         // Other end-to-end headers of the backend's answer (cookies...) pass too.
         out.others = switched.others;
-        Ok(Ok((
+        Ok(Handshake::Switched(
             out,
             BackendWebSocket {
                 io: conn,
@@ -665,7 +387,7 @@ impl Proxy {
                 lease,
                 latency,
             },
-        )))
+        ))
     }
 }
 
@@ -751,12 +473,14 @@ enum Answer {
 /// 5xx...): its status, end-to-end headers and body, the body read from the
 /// backend's socket as the client takes it.
 fn relay_answer(
-    addr: &crate::backend::BackendAddr,
+    addr: &crate::config::BackendAddr,
     head: &Bytes,
     conn: BackendIo,
     buf: BytesMut,
-) -> Result<Response<Body>, BackendError> {
-    let bad = |e: &dyn std::fmt::Display| BackendError::Bad(format!("backend {addr}: {e}"));
+) -> Result<Response<Body>, Error> {
+    let bad = |e: &dyn std::fmt::Display| {
+        Error::upstream(Kind::BackendBadAnswer, format!("backend {addr}: {e}"))
+    };
     let head = match http1::parse_response(head) {
         Ok(Some((head, _))) => head,
         Ok(None) => unreachable!("a complete head parses again"),
@@ -830,7 +554,7 @@ struct RelayedBody {
 
 impl http_body::Body for RelayedBody {
     type Data = Bytes;
-    type Error = handshake::BoxError;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
@@ -904,13 +628,31 @@ impl http_body::Body for RelayedBody {
 /// streamed body.
 fn relay_response(resp: Response<Incoming>) -> Response<Body> {
     let (parts, body) = resp.into_parts();
-    let mut out = Response::new(
-        body.map_err(|e| Box::new(e) as handshake::BoxError)
-            .boxed_unsync(),
-    );
+    let mut out = Response::new(body.map_err(|e| Box::new(e) as BoxError).boxed_unsync());
     *out.status_mut() = parts.status;
     copy_end_to_end(&parts.headers, out.headers_mut());
     out
+}
+
+/// 503 when every backend of a pool is ejected.
+fn unavailable() -> Error {
+    Error::upstream(Kind::BackendUnavailable, "no backend available")
+        .retry_after(Duration::from_secs(1))
+}
+
+/// Whether a hyper client error was caused by a connect timeout (the
+/// connector reports an `io::Error` of kind `TimedOut`).
+fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(e) = cur {
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
 }
 
 fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
@@ -966,130 +708,5 @@ mod tests {
         // A value with a control character is refused before any line is read.
         let bad = b"HTTP/1.1 101 OK\r\nSet-Cookie: a\x7fb\r\n\r\n";
         assert!(http1::parse_response_lines(bad, |_, _| ()).is_err());
-    }
-
-    #[test]
-    fn addresses_are_written_as_fmt_writes_them() {
-        for ip in [
-            "0.0.0.0",
-            "9.10.99.100",
-            "127.0.0.1",
-            "255.255.255.255",
-            "192.0.2.7",
-            "::1",
-            "2001:db8::7",
-        ] {
-            let ip: IpAddr = ip.parse().unwrap();
-            let mut s = String::new();
-            push_ip(&mut s, ip);
-            assert_eq!(s, ip.to_string());
-        }
-    }
-
-    #[test]
-    fn hop_by_hop_headers_stay_behind() {
-        let mut src = HeaderMap::new();
-        src.insert(
-            "connection",
-            "keep-alive, X-Secret, Upgrade".parse().unwrap(),
-        );
-        src.insert("x-secret", "1".parse().unwrap());
-        src.insert("keep-alive", "timeout=5".parse().unwrap());
-        src.insert("proxy-authorization", "Basic x".parse().unwrap());
-        src.insert("proxy-connection", "keep-alive".parse().unwrap());
-        src.insert("te", "trailers".parse().unwrap());
-        src.insert("trailer", "x-checksum".parse().unwrap());
-        src.insert("transfer-encoding", "chunked".parse().unwrap());
-        src.insert("upgrade", "websocket".parse().unwrap());
-        src.insert("host", "a".parse().unwrap());
-        src.insert("sec-websocket-protocol", "chat".parse().unwrap());
-        src.insert(
-            "sec-websocket-extensions",
-            "permessage-deflate".parse().unwrap(),
-        );
-        src.insert("cookie", "a=b".parse().unwrap());
-        let mut dst = HeaderMap::new();
-        copy_end_to_end(&src, &mut dst);
-        let mut names: Vec<&str> = dst.keys().map(|k| k.as_str()).collect();
-        names.sort();
-        assert_eq!(
-            names,
-            vec![
-                "cookie",
-                "sec-websocket-extensions",
-                "sec-websocket-protocol"
-            ]
-        );
-    }
-
-    #[test]
-    fn forwarded_values_are_tokens_or_quoted_strings() {
-        for (v, want) in [
-            ("example.com", "example.com"),
-            ("example.com:8080", "\"example.com:8080\""),
-            ("[::1]:80", "\"[::1]:80\""),
-            ("a\"b\\c", "\"a\\\"b\\\\c\""),
-            ("\"", "\"\\\"\""),
-            ("", "\"\""),
-        ] {
-            let mut s = String::from(";host=");
-            push_quoted_if_needed(&mut s, v);
-            assert_eq!(s, format!(";host={want}"), "{v:?}");
-        }
-    }
-
-    #[test]
-    fn cidr_blocks() {
-        let n: IpNet = "10.0.0.0/8".parse().unwrap();
-        assert!(n.contains("10.1.2.3".parse().unwrap()));
-        assert!(!n.contains("11.0.0.1".parse().unwrap()));
-        assert!(n.contains("::ffff:10.0.0.1".parse().unwrap()));
-        let one: IpNet = "127.0.0.1".parse().unwrap();
-        assert!(one.contains("127.0.0.1".parse().unwrap()));
-        assert!(!one.contains("127.0.0.2".parse().unwrap()));
-        let v6: IpNet = "fd00::/8".parse().unwrap();
-        assert!(v6.contains("fd12::1".parse().unwrap()));
-        let all: IpNet = "0.0.0.0/0".parse().unwrap();
-        assert!(all.contains("1.2.3.4".parse().unwrap()));
-        assert!("10.0.0.0/33".parse::<IpNet>().is_err());
-        assert!("nope".parse::<IpNet>().is_err());
-    }
-
-    #[test]
-    fn forwarded_headers_replace_untrusted_and_append_trusted() {
-        let remote: SocketAddr = "192.0.2.7:5000".parse().unwrap();
-        let host = HeaderValue::from_static("example.com:8080");
-        let mut h = HeaderMap::new();
-        h.insert("x-forwarded-for", "6.6.6.6".parse().unwrap());
-        let p = Proxy::new(
-            Forwarding::default(),
-            Duration::from_secs(1),
-            Duration::from_secs(1),
-            None,
-            Metrics::new(),
-        );
-        p.add_forwarded(&mut h, remote, true, Some(&host));
-        assert_eq!(h["x-forwarded-for"], "192.0.2.7");
-        assert_eq!(h["x-forwarded-proto"], "https");
-        assert_eq!(h["x-forwarded-host"], "example.com:8080");
-        assert_eq!(
-            h["forwarded"],
-            "for=192.0.2.7;proto=https;host=\"example.com:8080\""
-        );
-
-        let trusting = Proxy::new(
-            Forwarding {
-                enabled: true,
-                trusted: vec!["192.0.2.0/24".parse().unwrap()],
-            },
-            Duration::from_secs(1),
-            Duration::from_secs(1),
-            None,
-            Metrics::new(),
-        );
-        let mut h = HeaderMap::new();
-        h.insert("x-forwarded-for", "203.0.113.9".parse().unwrap());
-        trusting.add_forwarded(&mut h, remote, false, None);
-        assert_eq!(h["x-forwarded-for"], "203.0.113.9, 192.0.2.7");
     }
 }

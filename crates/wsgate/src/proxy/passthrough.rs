@@ -17,10 +17,11 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use wsframe::{close_code, parse_header, ProtocolError};
+use wsframe::{parse_header, ProtocolError};
 
+use crate::error::Kind;
+use crate::io::{drain, release, with_halves, ClientIo, ConnReader, ConnWriter, FIRST_CHUNK};
 use crate::limits::Bandwidth;
-use crate::relay::{drain, release, with_halves, ClientIo, ConnReader, ConnWriter, FIRST_CHUNK};
 
 /// Follows frame boundaries in one direction of a WebSocket byte stream.
 #[derive(Debug, Default)]
@@ -128,11 +129,19 @@ const LIFETIME: usize = 1;
 const CLIENT_IDLE: usize = 2;
 const BACKEND_IDLE: usize = 3;
 const CLOSES: [(u16, &str); 4] = [
-    (close_code::GOING_AWAY, "gateway shutting down"),
-    (close_code::POLICY, "connection lifetime exceeded"),
-    (close_code::POLICY, "client inactivity timeout"),
-    (close_code::POLICY, "backend inactivity timeout"),
+    (code(Kind::ShuttingDown), "gateway shutting down"),
+    (code(Kind::PolicyLimit), "connection lifetime exceeded"),
+    (code(Kind::PolicyLimit), "client inactivity timeout"),
+    (code(Kind::PolicyLimit), "backend inactivity timeout"),
 ];
+
+/// The close code of a kind that closes (checked at compile time).
+const fn code(kind: Kind) -> u16 {
+    match kind.close_code() {
+        Some(c) => c,
+        None => panic!("a kind without a close code"),
+    }
+}
 
 /// Whether (and why) the connection is closing, read by both pumps. The pumps
 /// run in the caller's task and are polled on its every wake-up, so setting
@@ -378,7 +387,7 @@ async fn run_halves(
             &mut up,
             &flag,
             true,
-            (close_code::GOING_AWAY, "client went away"),
+            (code(Kind::ClientGone), "client went away"),
             &client_seen,
             track,
             &closed,
@@ -390,7 +399,7 @@ async fn run_halves(
             &mut down,
             &flag,
             false,
-            (1014, "backend went away"),
+            (code(Kind::BackendGone), "backend went away"),
             &backend_seen,
             track,
             &closed,
@@ -401,7 +410,7 @@ async fn run_halves(
         let mut finish_by: Option<Instant> = None;
         let lifetime_end = settings.max_lifetime.map(|l| epoch + l);
         // Registered once, not on every turn of the loop.
-        let stop = crate::relay::cancelled(&shutdown);
+        let stop = crate::io::cancelled(&shutdown);
         tokio::pin!(stop);
         while !(c2b_done && b2c_done) {
             let ms = |a: &AtomicU64| epoch + Duration::from_millis(a.load(Ordering::Relaxed));

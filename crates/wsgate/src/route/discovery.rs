@@ -21,8 +21,8 @@ use std::time::SystemTime;
 
 use wsgate_framing::FramingSpec;
 
+use crate::config::{Discovery, PeerAddr};
 use crate::route::Metadata;
-use crate::upstream::PeerAddr;
 
 /// Most cached files per route; past it the cache starts over.
 const MAX_CACHED_FILES: usize = 4096;
@@ -44,7 +44,7 @@ struct Cached {
 }
 
 /// The `file` discovery backend of one route.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct FileDiscovery {
     lookups: Vec<String>,
     allow: Vec<String>,
@@ -66,31 +66,15 @@ pub enum Discovered {
 }
 
 impl FileDiscovery {
-    /// Validates the templates; `base` anchors relative file names.
-    pub fn new(lookups: Vec<String>, allow: &[String], base: &Path) -> Result<Self, String> {
-        if lookups.is_empty() {
-            return Err("discovery needs at least one lookup".into());
-        }
-        for l in &lookups {
-            for ph in placeholders(l)? {
-                let ok = matches!(ph, "path" | "host")
-                    || ["header:", "cookie:", "query:"]
-                        .iter()
-                        .any(|p| ph.strip_prefix(p).is_some_and(|n| !n.is_empty()));
-                if !ok {
-                    return Err(format!(
-                        "unknown placeholder `{{{ph}}}` in `{l}` (expected {{path}}, {{host}}, \
-                         {{header:NAME}}, {{cookie:NAME}} or {{query:NAME}})"
-                    ));
-                }
-            }
-        }
-        Ok(Self {
-            lookups,
-            allow: allow.to_vec(),
-            base: base.to_path_buf(),
+    /// The runtime of a route's `[route.discovery]` (its templates were
+    /// checked with the config).
+    pub fn new(config: &Discovery) -> Self {
+        Self {
+            lookups: config.lookups.clone(),
+            allow: config.allow.clone(),
+            base: config.base.clone(),
             cache: Arc::default(),
-        })
+        }
     }
 
     /// Finds the peer for a handshake.
@@ -175,7 +159,11 @@ pub fn parse_peers_file(path: &Path, text: &str) -> Vec<PeerEntry> {
 
 fn parse_line(line: &str) -> Result<PeerEntry, String> {
     let mut parts = line.split_whitespace();
-    let peer: PeerAddr = parts.next().ok_or("empty line")?.parse()?;
+    let peer: PeerAddr = parts
+        .next()
+        .ok_or("empty line")?
+        .parse()
+        .map_err(|e: crate::config::ValueError| e.to_string())?;
     let protocol = match parts.next().ok_or("missing subprotocol (use * for any)")? {
         "*" => None,
         p => Some(p.to_string()),
@@ -192,19 +180,6 @@ fn parse_line(line: &str) -> Result<PeerEntry, String> {
         protocol,
         framing,
     })
-}
-
-fn placeholders(template: &str) -> Result<Vec<&str>, String> {
-    let mut out = vec![];
-    let mut rest = template;
-    while let Some(open) = rest.find('{') {
-        let close = rest[open..]
-            .find('}')
-            .ok_or_else(|| format!("unclosed `{{` in `{template}`"))?;
-        out.push(&rest[open + 1..open + close]);
-        rest = &rest[open + close + 1..];
-    }
-    Ok(out)
 }
 
 /// Client-supplied values become file names only if they are plain names:
@@ -313,12 +288,11 @@ mod tests {
         )
         .unwrap();
         std::fs::write(dir.path().join("default.peers"), "tcp://10.0.0.1:1 *\n").unwrap();
-        let d = FileDiscovery::new(
-            vec!["{header:x-tenant}.peers".into(), "default.peers".into()],
-            &["tcp://127.0.0.1:*".into()],
-            dir.path(),
-        )
-        .unwrap();
+        let d = FileDiscovery::new(&Discovery {
+            lookups: vec!["{header:x-tenant}.peers".into(), "default.peers".into()],
+            allow: vec!["tcp://127.0.0.1:*".into()],
+            base: dir.path().to_path_buf(),
+        });
         let got = d.lookup(&meta("/", &["cql"], Some(("x-tenant", "acme"))));
         match got {
             Discovered::Peer { entry, protocol } => {
@@ -347,7 +321,11 @@ mod tests {
     fn empty_allow_denies() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("x.peers"), "echo: *\n").unwrap();
-        let d = FileDiscovery::new(vec!["{path}.peers".into()], &[], dir.path()).unwrap();
+        let d = FileDiscovery::new(&Discovery {
+            lookups: vec!["{path}.peers".into()],
+            allow: vec![],
+            base: dir.path().to_path_buf(),
+        });
         assert!(matches!(
             d.lookup(&meta("/x", &[], None)),
             Discovered::Denied(_)
@@ -357,8 +335,9 @@ mod tests {
 
     #[test]
     fn bad_templates_are_config_errors() {
-        assert!(FileDiscovery::new(vec!["{nope}".into()], &[], Path::new(".")).is_err());
-        assert!(FileDiscovery::new(vec!["{path".into()], &[], Path::new(".")).is_err());
-        assert!(FileDiscovery::new(vec![], &[], Path::new(".")).is_err());
+        assert!(crate::config::check_lookup("{nope}").is_err());
+        assert!(crate::config::check_lookup("{path").is_err());
+        assert!(crate::config::check_lookup("{header:}").is_err());
+        assert!(crate::config::check_lookup("{header:x}/{path}-{query:q}").is_ok());
     }
 }

@@ -4,9 +4,13 @@
 //! skips backends that recently failed to connect: each failure ejects the
 //! backend for the pool's back-off period, and a success readmits it at once.
 //! When every backend is ejected, `pick` finds none and the gateway answers 503.
+//!
+//! A backend's live state (open connections, ejection, reported health) is
+//! kept once per address in [`BackendSet`]: routes naming the same address
+//! share it, and a set built for a new config takes over the entries of the
+//! addresses it still names, so their health and counters survive a reload.
 
-use std::fmt;
-use std::str::FromStr;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
@@ -17,91 +21,8 @@ use tokio_util::either::Either;
 use prometheus_client::metrics::histogram::Histogram;
 use std::time::{Duration, Instant};
 
-/// A backend's address, from `ws://HOST:PORT` or `http://HOST:PORT`, or
-/// `wss://` / `https://` for a backend spoken to over TLS.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BackendAddr {
-    pub host: String,
-    pub port: u16,
-    /// Over TLS, its certificate verified for `host`.
-    pub tls: bool,
-}
-
-impl FromStr for BackendAddr {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = |why: &str| {
-            format!(
-                "invalid backend `{s}`: {why} (expected ws://, wss://, http:// or https:// HOST:PORT)"
-            )
-        };
-        let (rest, tls) = if let Some(r) = s
-            .strip_prefix("ws://")
-            .or_else(|| s.strip_prefix("http://"))
-        {
-            (r, false)
-        } else if let Some(r) = s
-            .strip_prefix("wss://")
-            .or_else(|| s.strip_prefix("https://"))
-        {
-            (r, true)
-        } else {
-            return Err(bad("unknown scheme"));
-        };
-        let rest = rest.strip_suffix('/').unwrap_or(rest);
-        if rest.contains('/') {
-            return Err(bad(
-                "a backend URL has no path; the client's path is passed on",
-            ));
-        }
-        let (host, port) = match rest.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
-                (h, p.parse::<u16>().map_err(|_| bad("bad port"))?)
-            }
-            _ => (rest, if tls { 443 } else { 80 }),
-        };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        if host.is_empty() {
-            return Err(bad("missing host"));
-        }
-        Ok(BackendAddr {
-            host: host.to_string(),
-            port,
-            tls,
-        })
-    }
-}
-
-impl fmt::Display for BackendAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.host.contains(':') {
-            write!(f, "[{}]:{}", self.host, self.port)
-        } else {
-            write!(f, "{}:{}", self.host, self.port)
-        }
-    }
-}
-
-/// How a pool chooses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Balance {
-    RoundRobin,
-    LeastConnections,
-}
-
-impl FromStr for Balance {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "round-robin" => Ok(Balance::RoundRobin),
-            "least-connections" => Ok(Balance::LeastConnections),
-            _ => Err(format!(
-                "unknown balance `{s}` (expected round-robin or least-connections)"
-            )),
-        }
-    }
-}
+use crate::config::{self, BackendAddr, Balance};
+use crate::io::ClientIo;
 
 /// One backend and its live state. Every worker leases it on each
 /// connection: aligned, so that the reference count of its `Arc` is not in
@@ -117,7 +38,7 @@ pub struct Backend {
     /// lookup, not even parsing, per connection).
     pub ip_addr: Option<std::net::SocketAddr>,
     active: crossbeam_utils::CachePadded<AtomicUsize>,
-    /// Milliseconds since the pool's epoch until which it is ejected (0: not).
+    /// Milliseconds since [`epoch`] until which it is ejected (0: not).
     ejected_until: AtomicU64,
     /// Health last put in `wsgate_backend_up`: 0 never, 1 up, 2 down.
     reported: AtomicU8,
@@ -126,6 +47,22 @@ pub struct Backend {
 }
 
 impl Backend {
+    fn new(addr: BackendAddr) -> Backend {
+        Backend {
+            label: addr.to_string(),
+            ip_addr: addr
+                .host
+                .parse::<std::net::IpAddr>()
+                .ok()
+                .map(|ip| std::net::SocketAddr::new(ip, addr.port)),
+            addr,
+            active: Default::default(),
+            ejected_until: AtomicU64::new(0),
+            reported: AtomicU8::new(0),
+            latency: OnceLock::new(),
+        }
+    }
+
     /// Open connections (WebSockets and in-flight requests) to it.
     pub fn active(&self) -> usize {
         self.active.load(Ordering::Relaxed)
@@ -141,6 +78,53 @@ impl Backend {
     }
 }
 
+/// The instant ejection times count from, one for the whole process (a
+/// backend may be in several pools).
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// Every backend a config names, one live entry per address.
+#[derive(Debug, Default)]
+pub struct BackendSet {
+    by_addr: HashMap<BackendAddr, Arc<Backend>>,
+}
+
+impl BackendSet {
+    /// The backends of `config`'s proxy routes; the entries of `previous`
+    /// whose address is still named are kept as they are.
+    pub fn build(config: &config::Config, previous: Option<&BackendSet>) -> BackendSet {
+        let mut by_addr = HashMap::new();
+        for r in &config.routes {
+            if let config::Target::Proxy(b) = &r.target {
+                for a in &b.addrs {
+                    by_addr.entry(a.clone()).or_insert_with(|| {
+                        previous
+                            .and_then(|p| p.by_addr.get(a).cloned())
+                            .unwrap_or_else(|| Arc::new(Backend::new(a.clone())))
+                    });
+                }
+            }
+        }
+        BackendSet { by_addr }
+    }
+
+    /// A pool of `backends` (addresses missing from the set get entries of
+    /// their own).
+    pub fn pool(&self, backends: &config::Backends, eject_for: Duration) -> Pool {
+        let list = backends
+            .addrs
+            .iter()
+            .map(|a| match self.by_addr.get(a) {
+                Some(b) => b.clone(),
+                None => Arc::new(Backend::new(a.clone())),
+            })
+            .collect();
+        Pool::new(list, backends.balance, eject_for)
+    }
+}
+
 /// A pool of backends.
 #[derive(Debug)]
 pub struct Pool {
@@ -148,7 +132,6 @@ pub struct Pool {
     balance: Balance,
     eject_for: Duration,
     next: AtomicUsize,
-    epoch: Instant,
 }
 
 /// A chosen backend; counts as one open connection until dropped.
@@ -164,30 +147,12 @@ impl Drop for Lease {
 }
 
 impl Pool {
-    pub fn new(addrs: Vec<BackendAddr>, balance: Balance, eject_for: Duration) -> Pool {
+    pub fn new(backends: Vec<Arc<Backend>>, balance: Balance, eject_for: Duration) -> Pool {
         Pool {
-            backends: addrs
-                .into_iter()
-                .map(|addr| {
-                    Arc::new(Backend {
-                        label: addr.to_string(),
-                        ip_addr: addr
-                            .host
-                            .parse::<std::net::IpAddr>()
-                            .ok()
-                            .map(|ip| std::net::SocketAddr::new(ip, addr.port)),
-                        addr,
-                        active: Default::default(),
-                        ejected_until: AtomicU64::new(0),
-                        reported: AtomicU8::new(0),
-                        latency: OnceLock::new(),
-                    })
-                })
-                .collect(),
+            backends,
             balance,
             eject_for,
             next: AtomicUsize::new(0),
-            epoch: Instant::now(),
         }
     }
 
@@ -196,10 +161,11 @@ impl Pool {
     }
 
     fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64 + 1
+        epoch().elapsed().as_millis() as u64 + 1
     }
 
     /// Whether the backend is in service now.
+    #[cfg(test)]
     pub fn is_up(&self, b: &Backend) -> bool {
         b.ejected_until.load(Ordering::Relaxed) <= self.now_ms()
     }
@@ -312,10 +278,10 @@ async fn probe(addr: &BackendAddr, path: &str, tls: &TlsConnector) -> std::io::R
 pub type BackendIo = Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
 
 /// The connection as the relays take it: plain TCP is read on readiness.
-pub fn into_relay_io(io: BackendIo) -> crate::relay::ClientIo {
+pub fn into_relay_io(io: BackendIo) -> ClientIo {
     match io {
-        Either::Left(s) => crate::relay::ClientIo::Tcp(s),
-        Either::Right(s) => crate::relay::ClientIo::Io(s),
+        Either::Left(s) => ClientIo::Tcp(s),
+        Either::Right(s) => ClientIo::Io(s),
     }
 }
 
@@ -444,36 +410,56 @@ mod tests {
             .collect()
     }
 
+    fn pool(n: u16, balance: Balance) -> Pool {
+        let backends = addrs(n).into_iter().map(|a| Arc::new(Backend::new(a)));
+        Pool::new(backends.collect(), balance, Duration::from_secs(60))
+    }
+
     #[test]
-    fn parses_backend_urls() {
-        let a: BackendAddr = "ws://10.0.0.5:9000".parse().unwrap();
-        assert_eq!(a.to_string(), "10.0.0.5:9000");
-        let a: BackendAddr = "http://[::1]:80/".parse().unwrap();
-        assert_eq!(a.host, "::1");
-        let a: BackendAddr = "http://app".parse().unwrap();
-        assert_eq!((a.port, a.tls), (80, false));
-        let a: BackendAddr = "wss://app.internal".parse().unwrap();
-        assert_eq!(
-            (a.host.as_str(), a.port, a.tls),
-            ("app.internal", 443, true)
+    fn a_new_set_keeps_the_health_of_the_addresses_it_still_names() {
+        let config = |text: &str| {
+            config::parse(
+                "t.toml",
+                &format!("[[listener]]\naddress = \"127.0.0.1:0\"\n{text}"),
+                std::path::Path::new("."),
+            )
+            .unwrap()
+        };
+        let old = config(
+            "[[route]]\npath = \"/a\"\nproxy = [\"ws://127.0.0.1:1\", \"ws://127.0.0.1:2\"]\n\
+             [[route]]\npath = \"/b\"\nproxy = \"ws://127.0.0.1:2\"\n",
         );
-        let a: BackendAddr = "https://10.0.0.5:8443/".parse().unwrap();
-        assert_eq!((a.port, a.tls), (8443, true));
-        for bad in [
-            "wsx://x:1",
-            "tcp://x:1",
-            "https://x:1/path",
-            "http://x:1/path",
-            "http://:1",
-            "ws://x:port",
-        ] {
-            assert!(bad.parse::<BackendAddr>().is_err(), "{bad}");
-        }
+        let set = BackendSet::build(&old, None);
+        let (a, b) = match (&old.routes[0].target, &old.routes[1].target) {
+            (config::Target::Proxy(a), config::Target::Proxy(b)) => (a, b),
+            _ => unreachable!(),
+        };
+        let eject_for = Duration::from_secs(60);
+        let (pa, pb) = (set.pool(a, eject_for), set.pool(b, eject_for));
+        // One entry per address: both routes see port 2 ejected.
+        pa.eject(&pa.backends()[1]);
+        assert!(!pb.is_up(&pb.backends()[0]));
+        assert!(
+            pb.pick().is_none(),
+            "port 2 is out of rotation for route b too"
+        );
+        let held = pa.pick().unwrap();
+        assert_eq!(held.backend.addr.port, 1);
+        // A new config naming ports 1 and 3: port 1's entry (one open
+        // connection) is the same; port 3 is new, port 2 forgotten.
+        let new = config(
+            "[[route]]\npath = \"/c\"\nproxy = [\"ws://127.0.0.1:1\", \"ws://127.0.0.1:3\"]\n",
+        );
+        let next = BackendSet::build(&new, Some(&set));
+        let one = &next.by_addr[&addrs(1)[0]];
+        assert!(Arc::ptr_eq(one, &held.backend));
+        assert_eq!(one.active(), 1);
+        assert_eq!(next.by_addr.len(), 2);
     }
 
     #[test]
     fn health_is_reported_on_change_only() {
-        let p = Pool::new(addrs(1), Balance::RoundRobin, Duration::from_secs(60));
+        let p = pool(1, Balance::RoundRobin);
         let b = &p.backends()[0];
         // The first report always counts (the gauge has no series yet).
         assert!(b.health_changed(true));
@@ -485,7 +471,7 @@ mod tests {
 
     #[test]
     fn round_robin_skips_ejected() {
-        let p = Pool::new(addrs(3), Balance::RoundRobin, Duration::from_secs(60));
+        let p = pool(3, Balance::RoundRobin);
         let ports: Vec<u16> = (0..6)
             .map(|_| p.pick().unwrap().backend.addr.port)
             .collect();
@@ -503,7 +489,7 @@ mod tests {
 
     #[test]
     fn least_connections_prefers_idle() {
-        let p = Pool::new(addrs(2), Balance::LeastConnections, Duration::from_secs(60));
+        let p = pool(2, Balance::LeastConnections);
         let a = p.pick().unwrap();
         let b = p.pick().unwrap();
         assert_ne!(a.backend.addr.port, b.backend.addr.port);
@@ -548,7 +534,7 @@ mod tests {
 
     #[test]
     fn all_ejected_is_none() {
-        let p = Pool::new(addrs(2), Balance::RoundRobin, Duration::from_secs(60));
+        let p = pool(2, Balance::RoundRobin);
         for b in p.backends().to_vec() {
             p.eject(&b);
         }

@@ -1,230 +1,22 @@
-//! Configuration: one typed struct, parsed once and validated up front.
+//! The config file: its TOML shape, and the validation that turns it into a
+//! [`Config`]. Every error reads `FILE:LINE:COLUMN: KEY: MESSAGE`.
 //!
 //! The TOML file is deserialised with `deny_unknown_fields` everywhere; values
 //! that have a grammar (peers, framings, durations, sizes, addresses) are
 //! parsed during deserialisation, so their errors carry the exact position.
 //! Checks that span several keys run afterwards and point at the key they
-//! blame. Every error reads `FILE:LINE:COLUMN: KEY: MESSAGE`.
+//! blame. Files the config names (certificates, keys, CAs) are read here too,
+//! to be checked, and nothing read is kept: the runtime loads them again.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use wsgate_framing::FramingSpec;
 
-use crate::backend::{BackendAddr, Balance, Pool};
-use crate::discovery::FileDiscovery;
-use crate::proxy::{Forwarding, IpNet};
-use crate::upstream::PeerAddr;
-
-/// The whole, validated configuration.
-#[derive(Debug, Clone)]
-pub struct Config {
-    pub listeners: Vec<ListenerConfig>,
-    pub limits: Limits,
-    pub routes: Vec<Route>,
-    /// Path answered with `200 ok` for health checks.
-    pub health_path: String,
-    /// `X-Forwarded-*` / `Forwarded` policy of proxy routes.
-    pub forwarding: Forwarding,
-    /// Where `/metrics` is served, if anywhere.
-    pub admin: Option<String>,
-    /// Worker threads, each with its own event loop, sharing the listening
-    /// sockets; `None`: one per CPU.
-    pub workers: Option<usize>,
-    /// TLS towards `wss://` and `https://` backends (`[backend_tls]`), loaded
-    /// and checked up front; `None`: the built-in Mozilla roots, no client
-    /// certificate.
-    pub backend_tls: Option<std::sync::Arc<rustls::ClientConfig>>,
-}
-
-/// The most worker threads `workers` may ask for.
-pub const MAX_WORKERS: usize = 1024;
-
-/// One listening socket.
-#[derive(Debug, Clone)]
-pub struct ListenerConfig {
-    /// `HOST:PORT`, resolved when binding.
-    pub address: String,
-    pub tls: Option<TlsFiles>,
-    /// Overrides `[limits] handshake_timeout` on this listener.
-    pub handshake_timeout: Option<Duration>,
-    /// This listener's own admission limits (`[listener.limits]`): a cap on
-    /// its WebSockets and per-client limits over the gateway's.
-    pub admission: crate::limits::ScopeLimits,
-}
-
-#[derive(Debug, Clone)]
-pub struct TlsFiles {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
-
-/// Limits and timeouts that apply to every connection.
-#[derive(Debug, Clone)]
-pub struct Limits {
-    /// Largest WebSocket message accepted from a client, and largest message a
-    /// framer may build from a peer's bytes (close 1009 past it).
-    pub max_message_size: u64,
-    /// Time allowed for the HTTP request head (slowloris protection).
-    pub handshake_timeout: Duration,
-    /// Close a WebSocket when nothing moved either way for this long.
-    pub idle_timeout: Option<Duration>,
-    /// Send a ping this often...
-    pub ping_interval: Option<Duration>,
-    /// ...and drop the connection when its pong has not come back by then.
-    pub pong_timeout: Duration,
-    /// Most WebSockets open at once; more are refused with 503.
-    pub max_connections: usize,
-    /// Time allowed to connect to a peer (502 past it).
-    pub connect_timeout: Duration,
-    /// Time allowed for the closing handshake.
-    pub close_timeout: Duration,
-    /// On SIGINT/SIGTERM, time allowed for open connections to close in order.
-    pub drain_timeout: Duration,
-    /// Proxy routes: time a backend has to answer a request or handshake (504 past it).
-    pub backend_timeout: Duration,
-    /// Proxy routes: close (1008) a WebSocket whose backend sent nothing this long.
-    pub backend_idle_timeout: Option<Duration>,
-    /// Proxy routes: close (1008) a WebSocket older than this.
-    pub max_lifetime: Option<Duration>,
-    /// Proxy routes: how long a backend that failed to connect is left out.
-    pub eject_for: Duration,
-    /// New WebSockets (and proxied requests) per client address (IPv6: per /64); 429 past it.
-    pub per_ip_rate: Option<crate::limits::RateSpec>,
-    /// Concurrent WebSockets per client address; 429 past it.
-    pub per_ip_max_connections: Option<usize>,
-    /// Proxy routes: bytes per second each way for one WebSocket.
-    pub bandwidth: Option<u64>,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            max_message_size: 16 << 20,
-            handshake_timeout: Duration::from_secs(10),
-            idle_timeout: None,
-            ping_interval: None,
-            pong_timeout: Duration::from_secs(10),
-            max_connections: 10_000,
-            connect_timeout: Duration::from_secs(5),
-            close_timeout: Duration::from_secs(5),
-            drain_timeout: Duration::from_secs(10),
-            backend_timeout: Duration::from_secs(30),
-            backend_idle_timeout: None,
-            max_lifetime: None,
-            eject_for: Duration::from_secs(10),
-            per_ip_rate: None,
-            per_ip_max_connections: None,
-            bandwidth: None,
-        }
-    }
-}
-
-/// One route: which handshakes it takes, and where they go.
-#[derive(Debug, Clone)]
-pub struct Route {
-    pub name: String,
-    pub matcher: Matcher,
-    /// Subprotocols this route speaks; `*` accepts whatever the client offers first.
-    pub protocols: Vec<String>,
-    pub target: Target,
-    pub framing: FramingSpec,
-    /// The gateway's limits with this route's `[route.limits]` applied.
-    pub limits: Limits,
-    /// By listener, when a listener has `[listener.limits]`: the gateway's
-    /// limits, then the listener's, then the route's (empty otherwise).
-    pub limits_by_listener: Vec<Limits>,
-    /// This route's own admission limits (`[route.limits]`): a cap on its
-    /// WebSockets and per-client limits over the listener's and gateway's.
-    pub admission: crate::limits::ScopeLimits,
-    /// Proxy routes: active health check (path, interval).
-    pub health_check: Option<(String, Duration)>,
-}
-
-impl Route {
-    /// The limits of this route's connections that came in on `listener`
-    /// (its index in [`Config::listeners`]).
-    pub fn limits_for(&self, listener: usize) -> &Limits {
-        self.limits_by_listener
-            .get(listener)
-            .unwrap_or(&self.limits)
-    }
-}
-
-/// Where a route's connections go.
-#[derive(Debug, Clone)]
-pub enum Target {
-    /// Bridge to one peer.
-    Static(PeerAddr),
-    /// Bridge to a peer found per connection.
-    Discovery(FileDiscovery),
-    /// Reverse proxy to HTTP/WebSocket backends.
-    Proxy(std::sync::Arc<Pool>),
-}
-
-/// Conditions on the handshake; all given ones must hold.
-#[derive(Debug, Clone, Default)]
-pub struct Matcher {
-    pub path: Option<String>,
-    pub path_prefix: Option<String>,
-    pub host: Option<String>,
-    /// Header name (lower case) → value, `*` for "present".
-    pub headers: BTreeMap<String, String>,
-    pub cookies: BTreeMap<String, String>,
-    pub query: BTreeMap<String, String>,
-}
-
-impl Matcher {
-    /// Whether this matcher constrains the path (for telling 404 from 400).
-    pub fn has_path(&self) -> bool {
-        self.path.is_some() || self.path_prefix.is_some()
-    }
-}
-
-/// A configuration error with its position.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    pub file: String,
-    pub line: usize,
-    pub column: usize,
-    pub key: String,
-    pub message: String,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: ", self.file, self.line, self.column)?;
-        if !self.key.is_empty() {
-            write!(f, "{}: ", self.key)?;
-        }
-        f.write_str(&self.message)
-    }
-}
-
-/// All errors found in one file.
-#[derive(Debug, Clone)]
-pub struct ConfigErrors(pub Vec<ConfigError>);
-
-impl fmt::Display for ConfigErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.0.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
-            }
-            write!(f, "{e}")?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for ConfigErrors {}
-
-// ---------------------------------------------------------------------------
-// The file's shape.
+use super::values::{ByteSize, Dur};
+use super::*;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -315,7 +107,7 @@ struct LimitsFile {
     backend_idle_timeout: Option<Dur>,
     max_lifetime: Option<Dur>,
     eject_for: Option<Dur>,
-    per_ip_rate: Option<crate::limits::RateSpec>,
+    per_ip_rate: Option<RateSpec>,
     per_ip_max_connections: Option<usize>,
     bandwidth: Option<ByteSize>,
 }
@@ -355,100 +147,6 @@ struct DiscoveryFile {
     lookups: Vec<String>,
     #[serde(default)]
     allow: Vec<String>,
-}
-
-/// A duration written as `250ms`, `10s`, `5m`, `1h`, or `0`/`off` (disabled).
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct Dur(Option<Duration>);
-
-impl<'de> Deserialize<'de> for Dur {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        parse_duration(&s).map(Dur).map_err(de::Error::custom)
-    }
-}
-
-/// Parses `250ms`, `10s`, `5m`, `1h`; `0` and `off` mean "disabled".
-pub fn parse_duration(s: &str) -> Result<Option<Duration>, String> {
-    let s = s.trim();
-    if s == "0" || s == "off" {
-        return Ok(None);
-    }
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num.parse().map_err(|_| {
-        format!("invalid duration `{s}` (expected e.g. 250ms, 10s, 5m, 1h, or off)")
-    })?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => {
-            return Err(format!(
-                "invalid duration `{s}`: unit must be ms, s, m or h"
-            ))
-        }
-    };
-    Ok(if secs == 0.0 {
-        None
-    } else {
-        Some(Duration::from_secs_f64(secs))
-    })
-}
-
-/// A size written as a number of bytes or with a unit: `64KiB`, `16MiB`, `1GiB`, `1MB`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct ByteSize(u64);
-
-impl<'de> Deserialize<'de> for ByteSize {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            N(u64),
-            S(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::N(n) => Ok(ByteSize(n)),
-            Raw::S(s) => parse_size(&s).map(ByteSize).map_err(de::Error::custom),
-        }
-    }
-}
-
-/// Parses `1048576`, `64KiB`, `16MiB`, `1GiB`, `10KB`, `1MB`.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid size `{s}` (expected e.g. 65536, 64KiB, 16MiB)"))?;
-    let mult = match unit.trim() {
-        "" | "B" => 1,
-        "KiB" => 1 << 10,
-        "MiB" => 1 << 20,
-        "GiB" => 1 << 30,
-        "KB" => 1000,
-        "MB" => 1_000_000,
-        "GB" => 1_000_000_000,
-        _ => {
-            return Err(format!(
-                "invalid size `{s}`: unit must be B, KiB, MiB, GiB, KB, MB or GB"
-            ))
-        }
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("size `{s}` is too large"))
-}
-
-impl<'de> Deserialize<'de> for PeerAddr {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(de::Error::custom)
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -553,9 +251,9 @@ impl LimitsFile {
 
 /// Takes the admission keys out of a listener's or route's limits: they are
 /// not merged into [`Limits`] but counted by a gate of that listener's or
-/// route's own (see [`crate::limits::Gates`]).
-fn take_scope_limits(l: &mut LimitsFile) -> crate::limits::ScopeLimits {
-    crate::limits::ScopeLimits {
+/// route's own (`limits::Gates`).
+fn take_scope_limits(l: &mut LimitsFile) -> ScopeLimits {
+    ScopeLimits {
         per_ip_rate: l.per_ip_rate.take(),
         per_ip_max_connections: l.per_ip_max_connections.take(),
         max_connections: l.max_connections.take(),
@@ -734,7 +432,7 @@ impl Validator<'_> {
                     line: self.key_line("trusted_proxies"),
                     column: 1,
                     key: "forwarding.trusted_proxies".into(),
-                    message: e,
+                    message: e.to_string(),
                 }),
             }
         }
@@ -793,13 +491,14 @@ impl Validator<'_> {
         }
     }
 
-    /// Loads `[backend_tls]` now: an unreadable CA or a key that does not
-    /// belong to its certificate is a configuration error.
+    /// Checks `[backend_tls]` now (the files are read, then dropped): an
+    /// unreadable CA or a key that does not belong to its certificate is a
+    /// configuration error.
     fn backend_tls(
         &mut self,
         t: BackendTlsFile,
         resolve: &dyn Fn(PathBuf) -> PathBuf,
-    ) -> Option<std::sync::Arc<rustls::ClientConfig>> {
+    ) -> Option<BackendTlsFiles> {
         let mut fail = |key: &str, message: String| {
             self.errors.push(ConfigError {
                 file: self.file.to_string(),
@@ -821,12 +520,16 @@ impl Validator<'_> {
                 return None;
             }
         };
-        let files = crate::tls::BackendTlsFiles {
+        let files = BackendTlsFiles {
             ca: t.ca.map(resolve),
             identity,
         };
-        match crate::tls::backend_client_config(&files) {
-            Ok(c) => Some(c),
+        let identity = files
+            .identity
+            .as_ref()
+            .map(|(c, k)| (c.as_path(), k.as_path()));
+        match crate::tls::backend_client_config(files.ca.as_deref(), identity) {
+            Ok(_) => Some(files),
             Err(e) => {
                 let message = format!("{e:#}");
                 let names = |p: &PathBuf| message.contains(&*p.to_string_lossy());
@@ -894,7 +597,7 @@ impl Validator<'_> {
             None => Balance::RoundRobin,
             Some(Ok(b)) => b,
             Some(Err(e)) => {
-                self.error("route", i, "balance", e);
+                self.error("route", i, "balance", e.to_string());
                 Balance::RoundRobin
             }
         };
@@ -945,19 +648,13 @@ impl Validator<'_> {
                 for u in &urls {
                     match u.parse::<BackendAddr>() {
                         Ok(a) => addrs.push(a),
-                        Err(e) => self.error("route", i, "proxy", e),
+                        Err(e) => self.error("route", i, "proxy", e.to_string()),
                     }
                 }
                 if urls.is_empty() {
                     self.error("route", i, "proxy", "an empty backend list".into());
                 }
-                (!addrs.is_empty()).then(|| {
-                    Target::Proxy(std::sync::Arc::new(Pool::new(
-                        addrs,
-                        balance,
-                        limits.eject_for,
-                    )))
-                })
+                (!addrs.is_empty()).then_some(Target::Proxy(Backends { addrs, balance }))
             }
             (Some(peer), None, None) => Some(Target::Static(peer)),
             (None, Some(d), None) => {
@@ -969,14 +666,23 @@ impl Validator<'_> {
                         format!("unknown discovery type `{}` (expected `file`)", d.kind),
                     );
                     None
+                } else if d.lookups.is_empty() {
+                    self.error(
+                        "route",
+                        i,
+                        "lookups",
+                        "discovery needs at least one lookup".into(),
+                    );
+                    None
+                } else if let Some(e) = d.lookups.iter().find_map(|l| check_lookup(l).err()) {
+                    self.error("route", i, "lookups", e);
+                    None
                 } else {
-                    match FileDiscovery::new(d.lookups, &d.allow, base) {
-                        Ok(fd) => Some(Target::Discovery(fd)),
-                        Err(e) => {
-                            self.error("route", i, "lookups", e);
-                            None
-                        }
-                    }
+                    Some(Target::Discovery(Discovery {
+                        lookups: d.lookups,
+                        allow: d.allow,
+                        base: base.to_path_buf(),
+                    }))
                 }
             }
             (None, None, None) => {
@@ -1162,7 +868,7 @@ to = "echo:"
             Path::new("."),
         )
         .unwrap();
-        let listener = crate::limits::ScopeLimits {
+        let listener = ScopeLimits {
             per_ip_rate: None,
             per_ip_max_connections: Some(4),
             max_connections: Some(50),
@@ -1324,7 +1030,7 @@ proxy = "http://127.0.0.1:8000"
             Some(Duration::from_secs(3600))
         );
         assert!(c.routes[0].health_check.is_some());
-        assert!(matches!(&c.routes[0].target, Target::Proxy(p) if p.backends().len() == 2));
+        assert!(matches!(&c.routes[0].target, Target::Proxy(p) if p.addrs.len() == 2));
         assert_eq!(c.admin.as_deref(), Some("127.0.0.1:0"));
         assert_eq!(c.forwarding.trusted.len(), 1);
         assert!(c.limits.per_ip_rate.is_some());
@@ -1406,19 +1112,6 @@ proxy = "http://127.0.0.1:8000"
         );
         let e = errors(&format!("{route}[backend_tls]\nverify = false\n"));
         assert!(e[0].contains("unknown field `verify`"), "{e:?}");
-    }
-
-    #[test]
-    fn durations_and_sizes() {
-        assert_eq!(
-            parse_duration("250ms").unwrap(),
-            Some(Duration::from_millis(250))
-        );
-        assert_eq!(parse_duration("off").unwrap(), None);
-        assert!(parse_duration("5 parsecs").is_err());
-        assert_eq!(parse_size("16MiB").unwrap(), 16 << 20);
-        assert_eq!(parse_size("100").unwrap(), 100);
-        assert!(parse_size("1XB").is_err());
     }
 
     #[test]

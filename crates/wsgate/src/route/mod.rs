@@ -1,11 +1,13 @@
-//! Routing: pick a route from the handshake's metadata and negotiate the
-//! subprotocol.
+//! Routing: pick a route from the request's metadata and negotiate the
+//! subprotocol; [`discovery`] finds a bridge peer from the same metadata.
 
 use std::collections::BTreeMap;
 
 use http::request::Parts;
 
 use crate::config::{Matcher, Route};
+
+pub mod discovery;
 
 /// What a handshake says about itself, extracted once.
 #[derive(Debug, Default, Clone)]
@@ -186,6 +188,8 @@ pub struct NoCommonProtocol;
 #[derive(Debug)]
 pub enum Selection<'a> {
     Route {
+        /// The route's index in the config.
+        index: usize,
         route: &'a Route,
         protocol: Option<String>,
     },
@@ -198,12 +202,18 @@ pub enum Selection<'a> {
 /// Picks the first route whose matchers and subprotocols fit, in order.
 pub fn select<'a>(routes: &'a [Route], m: &Metadata) -> Selection<'a> {
     let mut mismatch: Option<Vec<String>> = None;
-    for route in routes {
+    for (index, route) in routes.iter().enumerate() {
         if !route.matcher.matches(m) {
             continue;
         }
         match negotiate(&route.protocols, &m.protocols) {
-            Ok(protocol) => return Selection::Route { route, protocol },
+            Ok(protocol) => {
+                return Selection::Route {
+                    index,
+                    route,
+                    protocol,
+                }
+            }
             Err(NoCommonProtocol) => {
                 mismatch.get_or_insert_with(|| route.protocols.clone());
             }
@@ -218,8 +228,7 @@ pub fn select<'a>(routes: &'a [Route], m: &Metadata) -> Selection<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Target;
-    use crate::upstream::PeerAddr;
+    use crate::config::{PeerAddr, Target};
     use wsgate_framing::FramingSpec;
 
     fn meta(uri: &str, headers: &[(&str, &str)]) -> Metadata {
@@ -322,7 +331,9 @@ mod tests {
             ),
         ];
         let pick = |m: &Metadata| match select(&routes, m) {
-            Selection::Route { route, protocol } => format!("{}:{:?}", route.name, protocol),
+            Selection::Route {
+                route, protocol, ..
+            } => format!("{}:{:?}", route.name, protocol),
             Selection::NotFound => "404".into(),
             Selection::NoProtocol { supported } => format!("400:{supported:?}"),
         };

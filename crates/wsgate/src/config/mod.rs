@@ -1,0 +1,282 @@
+//! Configuration: plain data, parsed once and validated up front.
+//!
+//! [`Config`] holds addresses, paths, limits and rules, and nothing live: no
+//! sockets, pools, caches or TLS sessions. The runtime
+//! ([`crate::gateway::Gateway`]) is built from it, so a config can be checked
+//! (`wsgate check`) without starting anything, and a new one can replace an
+//! old one while the runtime keeps what is keyed by address (pools and their
+//! health). This module imports no runtime module; it reads the files it
+//! names only through [`crate::tls`], to check them.
+//!
+//! * [`file`]: the TOML shape and its validation (`FILE:LINE:COLUMN: KEY: MESSAGE`);
+//! * [`values`]: durations, sizes, rates, peer and backend addresses.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use wsgate_framing::FramingSpec;
+
+mod file;
+pub mod values;
+
+pub use file::{load, parse};
+pub use values::{
+    parse_duration, parse_size, BackendAddr, Balance, Forwarding, IpNet, PeerAddr, RateSpec,
+    RateSpecError, ScopeLimits, ValueError, ValueKind,
+};
+
+/// The whole, validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listeners: Vec<ListenerConfig>,
+    pub limits: Limits,
+    pub routes: Vec<Route>,
+    /// Path answered with `200 ok` for health checks.
+    pub health_path: String,
+    /// `X-Forwarded-*` / `Forwarded` policy of proxy routes.
+    pub forwarding: Forwarding,
+    /// Where `/metrics` is served, if anywhere.
+    pub admin: Option<String>,
+    /// Worker threads, each with its own event loop, sharing the listening
+    /// sockets; `None`: one per CPU.
+    pub workers: Option<usize>,
+    /// TLS towards `wss://` and `https://` backends (`[backend_tls]`), its
+    /// files checked up front; `None`: the built-in Mozilla roots, no client
+    /// certificate.
+    pub backend_tls: Option<BackendTlsFiles>,
+}
+
+/// The most worker threads `workers` may ask for.
+pub const MAX_WORKERS: usize = 1024;
+
+/// One listening socket.
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    /// `HOST:PORT`, resolved when binding.
+    pub address: String,
+    pub tls: Option<TlsFiles>,
+    /// Overrides `[limits] handshake_timeout` on this listener.
+    pub handshake_timeout: Option<Duration>,
+    /// This listener's own admission limits (`[listener.limits]`): a cap on
+    /// its WebSockets and per-client limits over the gateway's.
+    pub admission: ScopeLimits,
+}
+
+/// A listener's certificate chain and key (PEM).
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Limits and timeouts that apply to every connection.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest WebSocket message accepted from a client, and largest message a
+    /// framer may build from a peer's bytes (close 1009 past it).
+    pub max_message_size: u64,
+    /// Time allowed for the HTTP request head (slowloris protection).
+    pub handshake_timeout: Duration,
+    /// Close a WebSocket when nothing moved either way for this long.
+    pub idle_timeout: Option<Duration>,
+    /// Send a ping this often...
+    pub ping_interval: Option<Duration>,
+    /// ...and drop the connection when its pong has not come back by then.
+    pub pong_timeout: Duration,
+    /// Most WebSockets open at once; more are refused with 503.
+    pub max_connections: usize,
+    /// Time allowed to connect to a peer (502 past it).
+    pub connect_timeout: Duration,
+    /// Time allowed for the closing handshake.
+    pub close_timeout: Duration,
+    /// On SIGINT/SIGTERM, time allowed for open connections to close in order.
+    pub drain_timeout: Duration,
+    /// Proxy routes: time a backend has to answer a request or handshake (504 past it).
+    pub backend_timeout: Duration,
+    /// Proxy routes: close (1008) a WebSocket whose backend sent nothing this long.
+    pub backend_idle_timeout: Option<Duration>,
+    /// Proxy routes: close (1008) a WebSocket older than this.
+    pub max_lifetime: Option<Duration>,
+    /// Proxy routes: how long a backend that failed to connect is left out.
+    pub eject_for: Duration,
+    /// New WebSockets (and proxied requests) per client address (IPv6: per /64); 429 past it.
+    pub per_ip_rate: Option<RateSpec>,
+    /// Concurrent WebSockets per client address; 429 past it.
+    pub per_ip_max_connections: Option<usize>,
+    /// Proxy routes: bytes per second each way for one WebSocket.
+    pub bandwidth: Option<u64>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message_size: 16 << 20,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: None,
+            ping_interval: None,
+            pong_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
+            connect_timeout: Duration::from_secs(5),
+            close_timeout: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(10),
+            backend_timeout: Duration::from_secs(30),
+            backend_idle_timeout: None,
+            max_lifetime: None,
+            eject_for: Duration::from_secs(10),
+            per_ip_rate: None,
+            per_ip_max_connections: None,
+            bandwidth: None,
+        }
+    }
+}
+
+/// One route: which handshakes it takes, and where they go.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub name: String,
+    pub matcher: Matcher,
+    /// Subprotocols this route speaks; `*` accepts whatever the client offers first.
+    pub protocols: Vec<String>,
+    pub target: Target,
+    pub framing: FramingSpec,
+    /// The gateway's limits with this route's `[route.limits]` applied.
+    pub limits: Limits,
+    /// By listener, when a listener has `[listener.limits]`: the gateway's
+    /// limits, then the listener's, then the route's (empty otherwise).
+    pub limits_by_listener: Vec<Limits>,
+    /// This route's own admission limits (`[route.limits]`): a cap on its
+    /// WebSockets and per-client limits over the listener's and gateway's.
+    pub admission: ScopeLimits,
+    /// Proxy routes: active health check (path, interval).
+    pub health_check: Option<(String, Duration)>,
+}
+
+impl Route {
+    /// The limits of this route's connections that came in on `listener`
+    /// (its index in [`Config::listeners`]).
+    pub fn limits_for(&self, listener: usize) -> &Limits {
+        self.limits_by_listener
+            .get(listener)
+            .unwrap_or(&self.limits)
+    }
+}
+
+/// Where a route's connections go.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// Bridge to one peer.
+    Static(PeerAddr),
+    /// Bridge to a peer found per connection.
+    Discovery(Discovery),
+    /// Reverse proxy to HTTP/WebSocket backends.
+    Proxy(Backends),
+}
+
+/// A proxy route's backends: the pool the runtime builds is keyed by them.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Backends {
+    pub addrs: Vec<BackendAddr>,
+    pub balance: Balance,
+}
+
+/// The `file` discovery backend of a route: lookups (file names templated
+/// from the handshake, checked: see [`check_lookup`]), the allow globs every
+/// discovered peer must match, and the folder relative names start from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Discovery {
+    pub lookups: Vec<String>,
+    pub allow: Vec<String>,
+    pub base: PathBuf,
+}
+
+/// Checks one discovery lookup template: every `{…}` must be `{path}`,
+/// `{host}`, `{header:NAME}`, `{cookie:NAME}` or `{query:NAME}`.
+pub fn check_lookup(template: &str) -> Result<(), String> {
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        let close = rest[open..]
+            .find('}')
+            .ok_or_else(|| format!("unclosed `{{` in `{template}`"))?;
+        let ph = &rest[open + 1..open + close];
+        let ok = matches!(ph, "path" | "host")
+            || ["header:", "cookie:", "query:"]
+                .iter()
+                .any(|p| ph.strip_prefix(p).is_some_and(|n| !n.is_empty()));
+        if !ok {
+            return Err(format!(
+                "unknown placeholder `{{{ph}}}` in `{template}` (expected {{path}}, {{host}}, \
+                 {{header:NAME}}, {{cookie:NAME}} or {{query:NAME}})"
+            ));
+        }
+        rest = &rest[open + close + 1..];
+    }
+    Ok(())
+}
+
+/// `[backend_tls]`: the CA bundle backends' certificates must chain to
+/// (default: the built-in Mozilla roots) and the gateway's own client
+/// certificate and key, for backends that require mutual TLS.
+#[derive(Debug, Clone, Default)]
+pub struct BackendTlsFiles {
+    pub ca: Option<PathBuf>,
+    pub identity: Option<(PathBuf, PathBuf)>,
+}
+
+/// Conditions on the handshake; all given ones must hold.
+#[derive(Debug, Clone, Default)]
+pub struct Matcher {
+    pub path: Option<String>,
+    pub path_prefix: Option<String>,
+    pub host: Option<String>,
+    /// Header name (lower case) → value, `*` for "present".
+    pub headers: BTreeMap<String, String>,
+    pub cookies: BTreeMap<String, String>,
+    pub query: BTreeMap<String, String>,
+}
+
+impl Matcher {
+    /// Whether this matcher constrains the path (for telling 404 from 400).
+    pub fn has_path(&self) -> bool {
+        self.path.is_some() || self.path_prefix.is_some()
+    }
+}
+
+/// A configuration error with its position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: ", self.file, self.line, self.column)?;
+        if !self.key.is_empty() {
+            write!(f, "{}: ", self.key)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// All errors found in one file.
+#[derive(Debug, Clone)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}

@@ -1,0 +1,389 @@
+//! Client-side I/O that the bridge relay and the proxy's passthrough share:
+//! an upgraded connection ([`ClientIo`]) split into borrowed halves, reads on
+//! readiness into buffers taken only when bytes are waiting (so an idle
+//! connection holds none), a short per-thread stack of spare read buffers,
+//! cancel-safe writes, and the helpers of an orderly close.
+
+use std::io;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::{tcp, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+/// Most bytes read from a socket at a time (and the datagram buffer size).
+pub(crate) const CHUNK: usize = 64 * 1024;
+/// First read size of a connection: reads that fill the buffer double it up to
+/// `CHUNK`, so chatty connections stay small and bulk ones get big reads.
+pub(crate) const FIRST_CHUNK: usize = 4 * 1024;
+
+/// Most first-size read buffers a worker thread keeps for reuse (64 KiB).
+const SPARES: usize = 16;
+
+thread_local! {
+    /// Read buffers of `FIRST_CHUNK` bytes that this thread's connections
+    /// gave back. A relay frees its read buffer as soon as a chunk is written
+    /// on (an idle connection holds none), so a busy worker would otherwise
+    /// allocate and free one per chunk; with mimalloc, a block of this size
+    /// takes the generic allocation path and its page is retired and set up
+    /// again each time it empties: about 490 instructions per relayed echo,
+    /// 7 % of the gateway's user-space work for a small message (counted
+    /// with `INSTR_TEST=messages bench/proxy/instructions.sh`). Connections
+    /// stay on the worker that accepted them, so a buffer is taken and
+    /// given back on the same thread; the stack is short and bounded.
+    static SPARE: std::cell::RefCell<Vec<BytesMut>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Makes room for the next read according to the adaptive size `hint`.
+pub(crate) fn make_room(buf: &mut BytesMut, hint: usize) {
+    if buf.capacity() == 0 {
+        // The usual case (buffers are given back between chunks): a spare
+        // one, else a plain allocation, not `reserve`'s growth path.
+        *buf = match hint {
+            FIRST_CHUNK => SPARE
+                .with(|s| s.borrow_mut().pop())
+                .unwrap_or_else(|| BytesMut::with_capacity(FIRST_CHUNK)),
+            _ => BytesMut::with_capacity(hint),
+        };
+    } else if buf.capacity() - buf.len() < hint / 4 {
+        buf.reserve(hint);
+    }
+}
+
+/// Gives an emptied read buffer back (`buf` is left without one): a whole
+/// first-size buffer is kept for this thread's next read, any other freed.
+/// A buffer whose every byte was written on reports no capacity left but
+/// still holds its allocation, so callers test `is_empty()`, not the
+/// capacity.
+pub(crate) fn release(buf: &mut BytesMut) {
+    let mut b = std::mem::take(buf);
+    b.clear();
+    if b.try_reclaim(FIRST_CHUNK) && b.capacity() == FIRST_CHUNK {
+        SPARE.with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < SPARES {
+                s.push(b);
+            }
+        });
+    }
+}
+
+/// Grows the hint when a read filled all the room it had.
+pub(crate) fn grow(hint: &mut usize, read: usize, room: usize) {
+    if read == room && *hint < CHUNK {
+        *hint *= 2;
+    }
+}
+
+/// An upgraded client connection.
+pub enum ClientIo {
+    /// Plain TCP: read on readiness, no idle buffer.
+    Tcp(TcpStream),
+    /// Anything else (TLS): read through `AsyncRead`.
+    Io(Box<dyn Io>),
+}
+
+/// A bidirectional byte stream.
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+// ---------------------------------------------------------------------------
+// Readers and writers over the concrete socket types.
+
+/// Reads on readiness: the buffer is grown only when bytes are waiting.
+macro_rules! ready_read {
+    ($sock:expr, $buf:expr, $hint:expr) => {{
+        loop {
+            // poll_read_ready (not readable()) so the waker hyper left on
+            // the socket during the handshake is replaced and freed.
+            std::future::poll_fn(|cx| $sock.as_ref().poll_read_ready(cx)).await?;
+            $crate::io::make_room($buf, *$hint);
+            let room = $buf.capacity() - $buf.len();
+            // A read that did not fill the buffer drained the socket: report
+            // "would block" to `try_io` so it clears the readiness it saw
+            // before the read (a newer readiness event is kept), saving the
+            // extra read that would only return EAGAIN. The bytes are kept.
+            let mut short = None;
+            let read = $sock.as_ref().try_io(tokio::io::Interest::READABLE, || {
+                let n = $sock.try_read_buf($buf)?;
+                if n > 0 && n < room {
+                    short = Some(n);
+                    return Err(std::io::ErrorKind::WouldBlock.into());
+                }
+                Ok(n)
+            });
+            match (read, short) {
+                (_, Some(n)) | (Ok(n), None) => {
+                    $crate::io::grow($hint, n, room);
+                    break Ok(n);
+                }
+                (Err(e), None) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    // Stale readiness: wait again without holding a buffer.
+                    if $buf.is_empty() {
+                        $crate::io::release($buf);
+                    }
+                    continue;
+                }
+                (Err(e), None) => break Err(e),
+            }
+        }
+    }};
+}
+
+pub(crate) use ready_read;
+
+/// The reading half of an upgraded connection (a client, or a proxied backend).
+pub(crate) enum ConnReader<'a> {
+    Tcp(tcp::ReadHalf<'a>),
+    Io(ReadHalf<Box<dyn Io>>),
+}
+
+impl ConnReader<'_> {
+    /// Whether the other side's FIN has already arrived with nothing unread
+    /// before it: one non-blocking peek, past tokio's readiness (which the
+    /// last short read cleared). Always `false` for TLS and other streams.
+    pub(crate) fn eof_arrived(&self) -> bool {
+        match self {
+            ConnReader::Tcp(s) => {
+                let mut b = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+                matches!(socket2::SockRef::from(s.as_ref()).peek(&mut b), Ok(0))
+            }
+            ConnReader::Io(_) => false,
+        }
+    }
+
+    pub(crate) async fn read(&mut self, buf: &mut BytesMut, hint: &mut usize) -> io::Result<usize> {
+        match self {
+            ConnReader::Tcp(s) => ready_read!(s, buf, hint),
+            ConnReader::Io(s) => {
+                make_room(buf, *hint);
+                let room = buf.capacity() - buf.len();
+                let n = s.read_buf(buf).await?;
+                grow(hint, n, room);
+                Ok(n)
+            }
+        }
+    }
+}
+
+/// The writing half of an upgraded connection.
+pub(crate) enum ConnWriter<'a> {
+    Tcp(tcp::WriteHalf<'a>),
+    Io(WriteHalf<Box<dyn Io>>),
+}
+
+impl ConnWriter<'_> {
+    /// One write: cancel-safe.
+    async fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        match self {
+            ConnWriter::Tcp(s) => s.write(data).await,
+            ConnWriter::Io(s) => {
+                let n = s.write(data).await?;
+                if n == data.len() {
+                    s.flush().await?;
+                }
+                Ok(n)
+            }
+        }
+    }
+
+    /// Writes and consumes all of `buf`; cancel-safe (what was written is gone from `buf`).
+    pub(crate) async fn write_all(&mut self, buf: &mut BytesMut) -> io::Result<()> {
+        while !buf.is_empty() {
+            let n = self.write(buf).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            buf.advance(n);
+        }
+        Ok(())
+    }
+
+    /// Like [`ConnWriter::write_prefix`], for the last bytes before our FIN
+    /// (`shutdown`, or closing the socket): on TCP they are first offered with
+    /// `MSG_MORE`, so the kernel holds them a moment and the FIN that follows
+    /// at once rides in the same segment — one packet less for both ends of
+    /// every closing handshake. The caller must end the connection right after.
+    #[cfg_attr(not(all(target_os = "linux", target_env = "gnu")), allow(unused_mut))]
+    pub(crate) async fn write_last(&mut self, buf: &mut BytesMut, mut n: usize) -> io::Result<()> {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        if let ConnWriter::Tcp(s) = self {
+            let sock = s.as_ref();
+            if let Ok(w) = sock.try_io(tokio::io::Interest::WRITABLE, || {
+                socket2::SockRef::from(sock).send_with_flags(&buf[..n], libc::MSG_MORE)
+            }) {
+                buf.advance(w);
+                n -= w;
+            }
+        }
+        self.write_prefix(buf, n).await
+    }
+
+    /// Writes the first `n` bytes of `buf` and consumes them; cancel-safe.
+    pub(crate) async fn write_prefix(
+        &mut self,
+        buf: &mut BytesMut,
+        mut n: usize,
+    ) -> io::Result<()> {
+        while n > 0 {
+            let w = self.write(&buf[..n]).await?;
+            if w == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            buf.advance(w);
+            n -= w;
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn shutdown(&mut self) {
+        let _ = match self {
+            ConnWriter::Tcp(s) => s.shutdown().await,
+            ConnWriter::Io(s) => s.shutdown().await,
+        };
+    }
+}
+
+/// Splits an upgraded connection into borrowed reader and writer halves and
+/// runs `$body` with them.
+macro_rules! with_halves {
+    ($io:expr, |$r:ident, $w:ident| $body:expr) => {
+        match $io {
+            $crate::io::ClientIo::Tcp(mut s) => {
+                let (r, w) = s.split();
+                let ($r, $w) = (
+                    $crate::io::ConnReader::Tcp(r),
+                    $crate::io::ConnWriter::Tcp(w),
+                );
+                $body
+            }
+            $crate::io::ClientIo::Io(b) => {
+                let (r, w) = tokio::io::split(b);
+                let ($r, $w) = ($crate::io::ConnReader::Io(r), $crate::io::ConnWriter::Io(w));
+                $body
+            }
+        }
+    };
+}
+pub(crate) use with_halves;
+
+/// `token.cancelled()` for a `select!` that polls it on every wake-up of its
+/// task: the waiter is registered on the first poll only, and later polls
+/// read the token's flag (one atomic load) instead of taking the waiter
+/// list's lock to compare wakers — the task's own, which does not change.
+pub(crate) async fn cancelled(token: &CancellationToken) {
+    let mut wait = std::pin::pin!(token.cancelled());
+    let mut registered = false;
+    std::future::poll_fn(|cx| {
+        if registered {
+            return if token.is_cancelled() {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            };
+        }
+        registered = true;
+        std::future::Future::poll(wait.as_mut(), cx)
+    })
+    .await
+}
+
+/// Reads and discards until the other side closes or the timeout, so closing
+/// our socket with unread bytes in it does not reset the connection.
+pub(crate) async fn drain(src: &mut ConnReader<'_>, timeout: Duration) {
+    let _ = tokio::time::timeout(timeout, async {
+        let (mut scratch, mut hint) = (BytesMut::new(), FIRST_CHUNK);
+        loop {
+            scratch.clear();
+            match src.read(&mut scratch, &mut hint).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+
+    #[test]
+    fn read_buffers_are_reused_on_their_thread_and_the_spares_stay_few() {
+        // Run on a thread of its own: the spares are per thread.
+        std::thread::spawn(|| {
+            let mut buf = BytesMut::new();
+            make_room(&mut buf, FIRST_CHUNK);
+            let first = buf.as_ptr();
+            buf.extend_from_slice(b"a chunk");
+            buf.advance(7); // written on: empty, its start moved
+            release(&mut buf);
+            assert_eq!(buf.capacity(), 0, "an idle connection holds no buffer");
+            make_room(&mut buf, FIRST_CHUNK);
+            assert_eq!(buf.as_ptr(), first, "the same allocation, whole again");
+            assert_eq!(buf.capacity(), FIRST_CHUNK);
+            // Filled to the last byte and written on whole: no capacity left
+            // in its view, yet the allocation comes back.
+            buf.resize(FIRST_CHUNK, b'x');
+            buf.advance(FIRST_CHUNK);
+            assert_eq!(buf.capacity(), 0);
+            release(&mut buf);
+            make_room(&mut buf, FIRST_CHUNK);
+            assert_eq!(buf.as_ptr(), first, "a full chunk's buffer is kept too");
+            release(&mut buf);
+            SPARE.with(|s| s.borrow_mut().clear());
+            // Bigger buffers (bulk connections) and ones still shared are
+            // freed, not kept.
+            let mut big = BytesMut::with_capacity(CHUNK);
+            release(&mut big);
+            let mut shared = BytesMut::with_capacity(FIRST_CHUNK);
+            let _other = shared.split_off(FIRST_CHUNK / 2);
+            release(&mut shared);
+            assert_eq!(SPARE.with(|s| s.borrow().len()), 0);
+            // Many connections giving buffers back at once: a bounded stack.
+            for _ in 0..SPARES * 3 {
+                let mut b = BytesMut::new();
+                make_room(&mut b, FIRST_CHUNK);
+                release(&mut b);
+                let mut held: Vec<BytesMut> = (0..SPARES * 2)
+                    .map(|_| BytesMut::with_capacity(FIRST_CHUNK))
+                    .collect();
+                held.iter_mut().for_each(release);
+            }
+            assert_eq!(SPARE.with(|s| s.borrow().len()), SPARES);
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn cancelled_registers_once_and_still_completes() {
+        let token = CancellationToken::new();
+        let mut wait = std::pin::pin!(cancelled(&token));
+        let waker = Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        // Polled again and again while not cancelled: pending every time.
+        for _ in 0..3 {
+            assert!(wait.as_mut().poll(&mut cx).is_pending());
+        }
+        token.cancel();
+        assert_eq!(wait.as_mut().poll(&mut cx), Poll::Ready(()));
+    }
+
+    #[tokio::test]
+    async fn cancelling_wakes_a_task_waiting_on_it() {
+        let token = CancellationToken::new();
+        let t = token.clone();
+        let waiter = tokio::spawn(async move { cancelled(&t).await });
+        // Let the waiter register, then cancel: it must be woken and finish.
+        tokio::task::yield_now().await;
+        token.cancel();
+        tokio::time::timeout(Duration::from_secs(10), waiter)
+            .await
+            .expect("woken by the cancel")
+            .unwrap();
+    }
+}

@@ -1,0 +1,554 @@
+//! The request path: every request the gateway serves — a WebSocket
+//! handshake read by our own HTTP/1.1 parser, one hyper read (HTTP/2 extended
+//! CONNECT, an upgrade after keep-alive requests), a plain HTTP request for a
+//! proxy route, the health check — goes through [`Gateway::open`], whose
+//! phases run in this order (drawn in `docs/phases.md`):
+//!
+//! 1. **route** ([`Gateway::route`]): the health check, CONNECT screening,
+//!    the route and subprotocol, and what the request is (a WebSocket
+//!    handshake, checked, or a plain request);
+//! 2. **admission** ([`Gateway::admit`]): the per-client rate for every
+//!    request, and for a WebSocket the caps on open WebSockets (a permit
+//!    held while it lives);
+//! 3. **authentication** ([`Gateway::authenticate`]): the route's
+//!    [`Authenticator`](crate::auth::Authenticator), or anonymous;
+//! 4. **connect** ([`Gateway::connect`]): the bridge peer (found by
+//!    discovery where the route discovers), the backend's WebSocket
+//!    handshake, or the plain request forwarded to a backend;
+//! 5. **answer** ([`Gateway::answer`]): the response — the 101 (or HTTP/2
+//!    200) with what runs after it, a backend's own answer, or the refusal
+//!    of whichever phase refused;
+//! 6. **run** ([`Opened::run`]): the relay (bridge) or passthrough (proxy),
+//!    once the server has written the answer and holds the client's socket.
+//!
+//! Each phase takes what the one before returned, so the order cannot be
+//! changed by accident, and a refusal in any phase is answered by the same
+//! code for every kind of request: nothing is admitted on one path and
+//! refused on another.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{HeaderValue, Response, StatusCode};
+use hyper::body::Incoming;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument, Span};
+use wsgate_framing::{AnyFramer, FramingSpec};
+
+use crate::auth::{self, AuthRequest, Identity};
+use crate::bridge::{peer, relay};
+use crate::config::{PeerAddr, Route};
+use crate::error::{Error, Kind};
+use crate::gateway::{Conn, Gateway, Live, RouteState};
+use crate::http::handshake::{self, Accepted, Upgrade};
+use crate::http::{self as h, Body};
+use crate::io::ClientIo;
+use crate::limits::Permits;
+use crate::metrics::{Direction, HttpVersion, OpenWebSocket};
+use crate::proxy::{passthrough, BackendWebSocket, Handshake};
+use crate::route::discovery::Discovered;
+use crate::route::{self, Metadata, Selection};
+
+/// A request as the path takes it: its head, and its body when hyper read
+/// it (our own HTTP/1.1 reader takes only WebSocket handshakes, which have
+/// none).
+pub struct Request {
+    pub head: Parts,
+    pub body: Option<Incoming>,
+}
+
+/// What the path decided: the server writes it.
+#[allow(clippy::large_enum_variant)] // one per request, moved once
+pub enum Answer {
+    /// An HTTP response, sent as it is: the health check, a refusal, a
+    /// backend's answer.
+    Respond(Response<Body>),
+    /// A WebSocket: the accept (101, or 200 over HTTP/2), then
+    /// [`Opened::run`] on the client's socket.
+    Upgrade(Accepted, Opened),
+}
+
+/// Phase 1's result: where the request goes and what it is.
+#[allow(clippy::large_enum_variant)] // one per request, moved once
+pub(crate) enum Routed<'g> {
+    /// The health check: answered without further phases.
+    Health,
+    To {
+        index: usize,
+        route: &'g Route,
+        state: &'g RouteState,
+        protocol: Option<String>,
+        meta: Metadata,
+        what: What,
+        req: Request,
+    },
+}
+
+/// What a routed request asks for.
+pub(crate) enum What {
+    /// A WebSocket handshake, checked.
+    WebSocket(Upgrade),
+    /// A plain HTTP request (proxy routes only).
+    Http,
+}
+
+/// Phase 2's result: a routed request, and for a WebSocket its permit.
+pub(crate) struct Admitted<'g> {
+    routed: Routed<'g>,
+    permit: Option<Permits>,
+}
+
+/// Phase 4's result.
+pub(crate) enum Connected {
+    Health,
+    /// A bridge peer is connected.
+    Bridge {
+        upgrade: Upgrade,
+        protocol: Option<String>,
+        relay: Relay,
+        open: OpenWebSocket,
+        permit: Permits,
+        span: Span,
+    },
+    /// A backend accepted the WebSocket handshake.
+    Proxied {
+        accepted: Accepted,
+        relay: Relay,
+        open: OpenWebSocket,
+        permit: Permits,
+        span: Span,
+    },
+    /// A backend answered: its answer is relayed as it is.
+    Relayed(Response<Body>),
+}
+
+/// A WebSocket whose peer or backend is connected, waiting for the client's
+/// socket.
+pub struct Opened {
+    relay: Relay,
+    open: OpenWebSocket,
+    shutdown: CancellationToken,
+    span: Span,
+    /// Held until the WebSocket ends: it counts against the limits.
+    _permit: Permits,
+}
+
+pub(crate) enum Relay {
+    Bridge {
+        peer: peer::PeerConn,
+        framer: AnyFramer,
+        settings: relay::Settings,
+    },
+    Proxy {
+        backend: BackendWebSocket,
+        settings: passthrough::Settings,
+    },
+}
+
+fn http_version(u: &Upgrade) -> HttpVersion {
+    match u {
+        Upgrade::H1 { .. } => HttpVersion::H1,
+        Upgrade::H2 => HttpVersion::H2,
+    }
+}
+
+impl Gateway {
+    /// The request path: runs the phases in order and returns the answer.
+    pub async fn open(self: &Arc<Self>, req: Request, c: &Conn) -> Answer {
+        let routed = match self.route(req) {
+            Ok(r) => r,
+            Err(e) => return self.refuse(e, None),
+        };
+        let admitted = match self.admit(routed, c) {
+            Ok(a) => a,
+            Err((e, route)) => return self.refuse(e, route),
+        };
+        let identity = match self.authenticate(&admitted, c).await {
+            Ok(id) => id,
+            Err((e, route)) => return self.refuse(e, route),
+        };
+        match self.connect(admitted, identity, c).await {
+            Ok(connected) => self.answer(connected, c),
+            Err((e, route)) => self.refuse(e, route),
+        }
+    }
+
+    /// Phase 1: route. The health check, CONNECT screening, the route and
+    /// subprotocol, and what the request asks for, its handshake checked.
+    pub(crate) fn route(&self, req: Request) -> Result<Routed<'_>, Error> {
+        let head = &req.head;
+        if head.uri.path() == self.config.health_path {
+            return Ok(Routed::Health);
+        }
+        if head.method == http::Method::CONNECT {
+            // CONNECT is only served as RFC 8441 WebSocket: anything else is
+            // refused before routing.
+            handshake::check_connect(head)?;
+        }
+        let meta = Metadata::extract(head, self.metadata_maps);
+        let (index, route, protocol) = match route::select(&self.config.routes, &meta) {
+            Selection::Route {
+                index,
+                route,
+                protocol,
+            } => (index, route, protocol),
+            Selection::NotFound => {
+                return Err(Error::client(
+                    Kind::NoRoute,
+                    format!("no route for {}", meta.path),
+                ))
+            }
+            Selection::NoProtocol { supported } => {
+                return Err(Error::client(
+                    Kind::NoSubprotocol,
+                    format!(
+                        "none of the offered subprotocols is supported; this endpoint speaks: {}",
+                        supported.join(", ")
+                    ),
+                ))
+            }
+        };
+        let state = &self.routes[index];
+        // A proxy route takes plain requests too; a bridge route only
+        // WebSockets, so anything else is a bad handshake there.
+        let plain =
+            matches!(state.target, Live::Proxy(_)) && !handshake::is_websocket_request(head);
+        let what = if plain {
+            What::Http
+        } else {
+            What::WebSocket(handshake::validate(head)?)
+        };
+        Ok(Routed::To {
+            index,
+            route,
+            state,
+            protocol,
+            meta,
+            what,
+            req,
+        })
+    }
+
+    /// Phase 2: admission. Every request passes the per-client rate; a
+    /// WebSocket also the caps on open WebSockets, holding a permit of each
+    /// gate while it lives. Before anything is connected, so a flood cannot
+    /// open peers or backends past the limits.
+    pub(crate) fn admit<'g>(
+        &'g self,
+        routed: Routed<'g>,
+        c: &Conn,
+    ) -> Result<Admitted<'g>, (Error, Option<&'g str>)> {
+        let permit = match &routed {
+            Routed::Health => None,
+            Routed::To {
+                index, route, what, ..
+            } => {
+                let gate = self.gates.per_route().then_some(*index);
+                let ip = c.remote.ip();
+                let name = Some(route.name.as_str());
+                match what {
+                    What::Http => {
+                        self.gates
+                            .check_rate(ip, c.listener, gate)
+                            .map_err(|r| (Error::from(r), name))?;
+                        None
+                    }
+                    What::WebSocket(_) => Some(
+                        self.gates
+                            .admit(ip, c.listener, gate)
+                            .map_err(|r| (Error::from(r), name))?,
+                    ),
+                }
+            }
+        };
+        Ok(Admitted { routed, permit })
+    }
+
+    /// Phase 3: authentication, by the route's method (anyone, for now).
+    pub(crate) async fn authenticate<'g>(
+        &'g self,
+        a: &Admitted<'g>,
+        c: &Conn,
+    ) -> Result<Identity, (Error, Option<&'g str>)> {
+        let Routed::To {
+            route, state, req, ..
+        } = &a.routed
+        else {
+            return Ok(Identity::anonymous());
+        };
+        let request = AuthRequest {
+            head: &req.head,
+            remote: c.remote,
+            client_cert: c.client_cert.as_deref(),
+        };
+        auth::authenticate(state.auth.as_deref(), request)
+            .await
+            .map_err(|e| (e, Some(route.name.as_str())))
+    }
+
+    /// Phase 4: connect. The bridge peer, the backend's WebSocket handshake,
+    /// or the plain request forwarded to a backend.
+    pub(crate) async fn connect<'g>(
+        self: &'g Arc<Self>,
+        a: Admitted<'g>,
+        _identity: Identity,
+        c: &Conn,
+    ) -> Result<Connected, (Error, Option<&'g str>)> {
+        let Admitted { routed, permit } = a;
+        let Routed::To {
+            route,
+            state,
+            protocol,
+            meta,
+            what,
+            req,
+            ..
+        } = routed
+        else {
+            return Ok(Connected::Health);
+        };
+        let name = Some(route.name.as_str());
+        let limits = route.limits_for(c.listener);
+        let upgrade = match what {
+            What::Http => {
+                let Live::Proxy(pool) = &state.target else {
+                    unreachable!("plain requests are routed to proxy routes only");
+                };
+                let body = req.body.expect("hyper reads plain requests");
+                let resp = self
+                    .proxy
+                    .forward(pool, req.head, body, c.remote, c.secure)
+                    .await;
+                let status = resp
+                    .as_ref()
+                    .map_or_else(|e| e.kind.status(), |r| r.status());
+                self.metrics.http_request(&route.name, status.as_u16());
+                return resp.map(Connected::Relayed).map_err(|e| (e, name));
+            }
+            What::WebSocket(u) => u,
+        };
+        let permit = permit.expect("WebSockets hold a permit");
+        let span = tracing::info_span!("ws", id = c.id, remote = %c.remote);
+        let version = http_version(&upgrade);
+        // Counted open once the peer or backend is there.
+        let open = || state.series.websocket(version);
+        match &state.target {
+            Live::Proxy(pool) => {
+                let (accepted, backend) = match self
+                    .proxy
+                    .open_websocket(pool, &req.head, &upgrade, c.remote, c.secure)
+                    .await
+                {
+                    Ok(Handshake::Switched(accepted, backend)) => (accepted, backend),
+                    Ok(Handshake::Answered(resp)) => return Ok(Connected::Relayed(resp)),
+                    Err(e) => return Err((e, name)),
+                };
+                info!(parent: &span, route = %route.name, backend = %backend.lease.backend.addr, latency_ms = backend.latency.as_millis() as u64, h2 = matches!(upgrade, Upgrade::H2), "websocket proxied");
+                let settings = passthrough::Settings {
+                    client_idle: limits.idle_timeout,
+                    backend_idle: limits.backend_idle_timeout,
+                    max_lifetime: limits.max_lifetime,
+                    close_timeout: limits.close_timeout,
+                    bandwidth: limits.bandwidth,
+                };
+                Ok(Connected::Proxied {
+                    accepted,
+                    relay: Relay::Proxy { backend, settings },
+                    open: open(),
+                    permit,
+                    span,
+                })
+            }
+            Live::Peer(_) | Live::Discovery(_) => {
+                let (peer, protocol, framing) = self
+                    .find_peer(route, state, &meta, protocol)
+                    .map_err(|e| (e, name))?;
+                let conn = peer::connect(&peer, limits.connect_timeout)
+                    .await
+                    .map_err(|e| {
+                        let e = Error::upstream(Kind::PeerUnreachable, e.to_string());
+                        (e, name)
+                    })?;
+                info!(parent: &span, route = %route.name, %peer, protocol = protocol.as_deref().unwrap_or("-"), framing = %framing, "websocket open");
+                let settings = relay::Settings {
+                    max_message_size: limits.max_message_size,
+                    idle_timeout: limits.idle_timeout,
+                    ping_interval: limits.ping_interval,
+                    pong_timeout: limits.pong_timeout,
+                    close_timeout: limits.close_timeout,
+                    datagram_text: matches!(framing, FramingSpec::Auto)
+                        || matches!(peer, PeerAddr::Echo),
+                };
+                Ok(Connected::Bridge {
+                    upgrade,
+                    protocol,
+                    relay: Relay::Bridge {
+                        peer: conn,
+                        framer: framing.new_framer(),
+                        settings,
+                    },
+                    open: open(),
+                    permit,
+                    span,
+                })
+            }
+        }
+    }
+
+    /// Phase 5: answer. The accept and what runs after it, or a response.
+    pub(crate) fn answer(&self, connected: Connected, c: &Conn) -> Answer {
+        let shutdown = || self.worker_shutdown(c.worker);
+        match connected {
+            Connected::Health => Answer::Respond(h::text(StatusCode::OK, "ok")),
+            Connected::Relayed(resp) => Answer::Respond(resp),
+            Connected::Bridge {
+                upgrade,
+                protocol,
+                relay,
+                open,
+                permit,
+                span,
+            } => {
+                let protocol = protocol.and_then(|p| HeaderValue::try_from(p).ok());
+                let accepted = Accepted::new(&upgrade, protocol, None);
+                let opened = Opened {
+                    relay,
+                    open,
+                    shutdown: shutdown(),
+                    span,
+                    _permit: permit,
+                };
+                Answer::Upgrade(accepted, opened)
+            }
+            Connected::Proxied {
+                accepted,
+                relay,
+                open,
+                permit,
+                span,
+            } => {
+                let opened = Opened {
+                    relay,
+                    open,
+                    shutdown: shutdown(),
+                    span,
+                    _permit: permit,
+                };
+                Answer::Upgrade(accepted, opened)
+            }
+        }
+    }
+
+    /// The answer to a request a phase refused: counted by its kind's label,
+    /// logged when it is the upstream's doing, answered with its status.
+    fn refuse(&self, e: Error, route: Option<&str>) -> Answer {
+        if let Some(label) = e.kind.label() {
+            self.metrics.refused(label);
+        }
+        if e.side == crate::error::Side::Upstream {
+            warn!(route = route.unwrap_or("-"), "{e}");
+        } else {
+            debug!(route = route.unwrap_or("-"), "refused: {e}");
+        }
+        Answer::Respond(h::refusal(&e))
+    }
+
+    /// The peer of a bridge route: its static peer, or the one discovery finds.
+    fn find_peer(
+        &self,
+        route: &Route,
+        state: &RouteState,
+        meta: &Metadata,
+        protocol: Option<String>,
+    ) -> Result<(PeerAddr, Option<String>, FramingSpec), Error> {
+        match &state.target {
+            Live::Peer(p) => Ok((p.clone(), protocol, route.framing.clone())),
+            Live::Discovery(d) => match d.lookup(meta) {
+                Discovered::Peer { entry, protocol } => {
+                    let framing = entry.framing.unwrap_or_else(|| route.framing.clone());
+                    Ok((entry.peer, protocol, framing))
+                }
+                Discovered::Denied(p) => {
+                    warn!(route = %route.name, peer = %p, "discovered peer is not on the allow list");
+                    Err(Error::gateway(Kind::PeerNotAllowed, "peer not allowed"))
+                }
+                Discovered::NotFound => Err(Error::client(
+                    Kind::PeerNotFound,
+                    "no peer found for this request",
+                )),
+            },
+            Live::Proxy(_) => unreachable!("proxy routes have no bridge peer"),
+        }
+    }
+}
+
+impl Opened {
+    /// Phase 6: runs the WebSocket to its end over the client's upgraded
+    /// socket and the bytes that came after its handshake.
+    pub async fn run(self, client: ClientIo, leftover: Bytes) {
+        let Opened {
+            relay,
+            open,
+            shutdown,
+            span,
+            _permit,
+        } = self;
+        async move {
+            // (bytes up, bytes down, the close code we sent)
+            let (up, down, close) = match relay {
+                Relay::Bridge {
+                    peer,
+                    framer,
+                    settings,
+                } => {
+                    let o = relay::run(client, leftover, peer, framer, settings, shutdown).await;
+                    info!(
+                        bytes_up = o.bytes_up,
+                        bytes_down = o.bytes_down,
+                        close_sent = ?o.close_sent,
+                        close_received = ?o.close_received,
+                        reason = %o.reason,
+                        "websocket closed"
+                    );
+                    (o.bytes_up, o.bytes_down, o.close_sent)
+                }
+                Relay::Proxy { backend, settings } => {
+                    let o = passthrough::run(
+                        passthrough::Side {
+                            io: client,
+                            leftover,
+                        },
+                        passthrough::Side {
+                            io: crate::proxy::backend::into_relay_io(backend.io),
+                            leftover: backend.leftover,
+                        },
+                        settings,
+                        shutdown,
+                    )
+                    .await;
+                    // The backend counts as busy until here (least-connections).
+                    drop(backend.lease);
+                    info!(
+                        bytes_up = o.bytes_up,
+                        bytes_down = o.bytes_down,
+                        injected = ?o.injected,
+                        reason = %o.reason,
+                        "websocket closed"
+                    );
+                    (o.bytes_up, o.bytes_down, o.injected)
+                }
+            };
+            open.bytes(Direction::ClientToUpstream, up);
+            open.bytes(Direction::UpstreamToClient, down);
+            open.close(close);
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// The WebSocket's span (its logs' context).
+    pub fn span(&self) -> &Span {
+        &self.span
+    }
+}

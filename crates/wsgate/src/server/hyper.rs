@@ -1,0 +1,213 @@
+//! hyper for everything our own reader does not take: plain HTTP/1.1
+//! (keep-alive included), HTTP/2 (ALPN or prior knowledge) with RFC 8441
+//! extended CONNECT, and heads our parser refuses. Every request goes
+//! through the request path; WebSockets run once hyper hands over the socket.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Response;
+use hyper::body::Incoming;
+use hyper::server::conn::{http1 as hyper_h1, http2 as hyper_h2};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+use tracing::debug;
+
+use crate::gateway::{Conn, Gateway};
+use crate::http::Body;
+use crate::io::ClientIo;
+use crate::open::{Answer, Opened, Request};
+
+impl Gateway {
+    /// Serves one connection with HTTP/1.1 or HTTP/2 until it ends; on
+    /// shutdown, asks it to finish gracefully (bounded).
+    pub(super) async fn serve_http<I>(self: &Arc<Self>, io: I, h2: bool, c: Conn)
+    where
+        I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let gw = self.clone();
+        let worker = c.worker;
+        let handshake_timeout = c.handshake_timeout;
+        let svc = service_fn(move |req| {
+            let (gw, c) = (gw.clone(), c.clone());
+            async move { Ok::<_, Infallible>(gw.handle(req, &c).await) }
+        });
+        // The two connection types share no trait for graceful shutdown.
+        macro_rules! until_shutdown {
+            ($conn:expr, $grace:expr) => {{
+                let conn = $conn;
+                tokio::pin!(conn);
+                tokio::select! {
+                    r = &mut conn => {
+                        if let Err(e) = r {
+                            debug!("http connection ended: {e}");
+                        }
+                    }
+                    _ = self.workers[worker].shutdown.cancelled() => {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = tokio::time::timeout($grace, conn).await;
+                    }
+                }
+            }};
+        }
+        let io = TokioIo::new(io);
+        if h2 {
+            until_shutdown!(
+                hyper_h2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .enable_connect_protocol()
+                    .keep_alive_interval(Some(Duration::from_secs(30)))
+                    .serve_connection(io, svc),
+                self.config.limits.drain_timeout
+            )
+        } else {
+            until_shutdown!(
+                hyper_h1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(handshake_timeout)
+                    .serve_connection(io, svc)
+                    .with_upgrades(),
+                Duration::from_secs(1)
+            )
+        }
+    }
+
+    /// Answers one HTTP request hyper read, through the request path: the
+    /// health check, a refusal, a proxied request, or a WebSocket handshake
+    /// (HTTP/2 extended CONNECT, or HTTP/1.1 after other requests on the
+    /// connection), whose relay starts once hyper hands over the socket.
+    pub async fn handle(
+        self: &Arc<Self>,
+        mut req: http::Request<Incoming>,
+        c: &Conn,
+    ) -> Response<Body> {
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        let (head, body) = req.into_parts();
+        match self
+            .open(
+                Request {
+                    head,
+                    body: Some(body),
+                },
+                c,
+            )
+            .await
+        {
+            Answer::Respond(r) => r,
+            Answer::Upgrade(accepted, opened) => {
+                self.workers[c.worker]
+                    .tracker
+                    .spawn(run_after(opened, on_upgrade));
+                accepted.into_response()
+            }
+        }
+    }
+}
+
+/// Runs a WebSocket hyper answered once hyper hands over the client's socket.
+async fn run_after(opened: Opened, on_upgrade: hyper::upgrade::OnUpgrade) {
+    match on_upgrade.await {
+        Ok(up) => {
+            let (client, leftover) = into_client(up);
+            opened.run(client, leftover).await
+        }
+        Err(e) => debug!(parent: opened.span(), "upgrade failed: {e}"),
+    }
+}
+
+/// A connection whose first bytes were already read: they are read again
+/// first. How hyper gets a connection whose request head we looked at.
+pub struct Rewind<T> {
+    prefix: Bytes,
+    inner: T,
+}
+
+impl<T> Rewind<T> {
+    pub(super) fn new(prefix: Bytes, inner: T) -> Self {
+        Rewind { prefix, inner }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Recovers the concrete socket from hyper's upgraded HTTP/1.1 connection
+/// (always a [`Rewind`]: hyper only gets connections whose first head we
+/// read), so plain TCP clients can be read on readiness (no idle buffer).
+pub(crate) fn into_client(up: hyper::upgrade::Upgraded) -> (ClientIo, Bytes) {
+    fn joined(prefix: Bytes, read_buf: Bytes) -> Bytes {
+        match (prefix.is_empty(), read_buf.is_empty()) {
+            (true, _) => read_buf,
+            (false, true) => prefix,
+            (false, false) => [prefix, read_buf].concat().into(),
+        }
+    }
+    let up = match up.downcast::<TokioIo<Rewind<TcpStream>>>() {
+        Ok(p) => {
+            let r = p.io.into_inner();
+            return (ClientIo::Tcp(r.inner), joined(r.prefix, p.read_buf));
+        }
+        Err(up) => up,
+    };
+    let up = match up.downcast::<TokioIo<Rewind<TlsStream<TcpStream>>>>() {
+        Ok(p) => {
+            let r = p.io.into_inner();
+            return (
+                ClientIo::Io(Box::new(r.inner)),
+                joined(r.prefix, p.read_buf),
+            );
+        }
+        Err(up) => up,
+    };
+    // HTTP/2 streams: nothing to recover.
+    (ClientIo::Io(Box::new(TokioIo::new(up))), Bytes::new())
+}
