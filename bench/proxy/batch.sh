@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # wsgate and nginx, each under the default scheduling policy and under
 # SCHED_BATCH (`chrt -b 0`), side by side in front of one wsgate `echo:`
-# backend (see bench/proxy/README.md, "fifth session"). Needs nginx and a
+# backend (see bench/proxy/notes.md, "fifth session"). Needs nginx and a
 # release build (cargo build --release -p wsgate -p wsgate-bench).
 #
 #   bench/proxy/batch.sh [--rounds N] TEST...   bench/ab.py's TESTs (b1, b50, e, a)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # wsgate and nginx with 1 and with 2 workers, side by side in front of one
 # wsgate `echo:` backend: rate, CPU and context switches per proxied
-# handshake, measured by bench/ab.py (see bench/proxy/README.md, "fourth
+# handshake, measured by bench/ab.py (see bench/proxy/notes.md, "fourth
 # session"). Needs nginx and a release build (cargo build --release -p wsgate
 # -p wsgate-bench).
 #
