@@ -15,6 +15,7 @@
 //! | `auth/` | the authentication phase |
 //! | `bridge/` | peers and the relay with framing functions |
 //! | `proxy/` | forwarding to backends, header rules, pools, passthrough |
+//! | `tunnel/` | the reverse tunnel: its wire format, allow patterns, agents |
 //! | `gateway.rs`, `open.rs`, `error.rs`, `io.rs` | the root type, the phases, errors, shared client I/O |
 //!
 //! For the binary, tests and fuzz targets the crate exposes the CLI
@@ -40,6 +41,7 @@ mod proxy;
 mod route;
 mod server;
 mod tls;
+pub mod tunnel;
 
 pub use gateway::Gateway;
 
