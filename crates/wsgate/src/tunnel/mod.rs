@@ -2,9 +2,8 @@
 //! register under an id; the gateway relays HTTP requests, TCP connections
 //! and UDP flows through them, each as one wsmux stream (`docs/tunnel.md`).
 //!
-//! * [`proto`]: the wire format (registration headers, destinations, open
-//!   requests and replies, datagram framing), shared with `wsgate agent`;
-//! * [`allow`]: allow patterns (`--allow`, `--mux-allow`).
+//! The wire format and the allow patterns are the `wsgate-tunnel` crate's
+//! (sans-IO, shared with `wsgate agent` and the fuzz targets), re-exported
+//! here as [`proto`] and [`allow`].
 
-pub mod allow;
-pub mod proto;
+pub use wsgate_tunnel::{allow, proto};

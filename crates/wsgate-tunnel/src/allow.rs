@@ -21,7 +21,7 @@ use std::net::IpAddr;
 use std::str::FromStr;
 
 use super::proto::{Destination, ProtoError, Scheme, Target};
-use crate::config::IpNet;
+use crate::IpNet;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum HostPattern {
