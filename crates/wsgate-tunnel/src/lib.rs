@@ -11,5 +11,6 @@
 pub mod allow;
 mod net;
 pub mod proto;
+pub mod tokens;
 
 pub use net::IpNet;

@@ -41,7 +41,7 @@ enum Command {
 #[derive(Debug, Args)]
 struct ServeArgs {
     /// The TOML config file (see examples/). Not combined with the route flags.
-    #[arg(long, short, conflicts_with_all = ["listen", "to", "backend_ca"])]
+    #[arg(long, short, conflicts_with_all = ["listen", "to", "backend_ca", "agent_tokens", "forward", "mux_allow"])]
     config: Option<PathBuf>,
     /// Address to listen on, HOST:PORT (port 0 picks a free one). Repeatable.
     #[arg(long, value_name = "HOST:PORT")]
@@ -51,6 +51,27 @@ struct ServeArgs {
     /// wss:// / https:// for a backend spoken to over TLS).
     #[arg(long, value_name = "PEER")]
     to: Option<String>,
+    /// Reverse tunnel: the agent token file (`ID TOKEN` lines). Enables agent
+    /// registration at /agent, the wsp relay at /request, and the forward
+    /// proxy (absolute-form requests, CONNECT) through the agents; these paths
+    /// come before --to's route.
+    #[arg(long, value_name = "FILE")]
+    agent_tokens: Option<PathBuf>,
+    /// A listener whose every connection (or `udp://` flow) is one stream to
+    /// PEER through agent ID: `[udp://]HOST:PORT=agent://ID/PEER`. Repeatable;
+    /// prints `forwarding tcp://HOST:PORT to agent://ID/PEER` once bound.
+    #[arg(long, value_name = "LISTEN=agent://ID/PEER")]
+    forward: Vec<String>,
+    /// Enables /mux (a WebSocket carrying a wsmux session) and allows its
+    /// streams to name destinations matching PATTERN, e.g.
+    /// `agent://site-a/tcp://*:*` or `tcp://10.0.0.0/8:22` (repeatable; none:
+    /// /mux is off).
+    #[arg(long, value_name = "PATTERN")]
+    mux_allow: Vec<String>,
+    /// Keepalive towards agents and /mux clients: a PING this often; a link
+    /// silent for twice as long is dead.
+    #[arg(long, value_name = "DURATION")]
+    keepalive: Option<String>,
     /// How peer bytes become messages: binary, auto, lines, length-prefixed, resp, cql, kafka.
     #[arg(long, default_value = "auto")]
     framing: String,
@@ -173,23 +194,36 @@ fn config_from(a: &ServeArgs) -> anyhow::Result<Config> {
     if let Some(path) = &a.config {
         return config::load(path).map_err(|e| anyhow::anyhow!("{e}"));
     }
-    let to =
-        a.to.as_deref()
-            .context("give --config FILE, or --listen HOST:PORT and --to PEER")?;
+    let tunnel = tunnel_from(a)?;
+    let serves_tunnel = tunnel.agents() || tunnel.mux();
+    if a.to.is_none() && !serves_tunnel {
+        anyhow::bail!(
+            "give --config FILE, or --listen HOST:PORT and --to PEER (or --agent-tokens, --mux-allow)"
+        );
+    }
     if a.listen.is_empty() {
         anyhow::bail!("--to needs at least one --listen HOST:PORT");
     }
-    let is_proxy = ["ws://", "wss://", "http://", "https://"]
-        .iter()
-        .any(|s| to.starts_with(s));
-    let target = if is_proxy {
-        let addr: BackendAddr = to.parse().map_err(|e| anyhow::anyhow!("--to: {e}"))?;
-        Target::Proxy(Backends {
-            addrs: vec![addr],
-            balance: Balance::RoundRobin,
-        })
-    } else {
-        Target::Static(to.parse().map_err(|e| anyhow::anyhow!("--to: {e}"))?)
+    let target = match a.to.as_deref() {
+        None => None,
+        Some(to)
+            if ["ws://", "wss://", "http://", "https://"]
+                .iter()
+                .any(|s| to.starts_with(s)) =>
+        {
+            let addr: BackendAddr = to.parse().map_err(|e| anyhow::anyhow!("--to: {e}"))?;
+            Some(Target::Proxy(Backends {
+                addrs: vec![addr],
+                balance: Balance::RoundRobin,
+            }))
+        }
+        Some(to) => {
+            let peer: config::PeerAddr = to.parse().map_err(|e| anyhow::anyhow!("--to: {e}"))?;
+            if matches!(peer, config::PeerAddr::Agent(_)) && !tunnel.agents() {
+                anyhow::bail!("--to {to}: an agent:// peer needs --agent-tokens");
+            }
+            Some(Target::Static(peer))
+        }
     };
     let framing = FramingSpec::parse(&a.framing, &a.framing_config)
         .map_err(|e| anyhow::anyhow!("--framing: {e}"))?;
@@ -235,17 +269,20 @@ fn config_from(a: &ServeArgs) -> anyhow::Result<Config> {
             })
             .collect(),
         limits: limits.clone(),
-        routes: vec![Route {
-            name: "default".into(),
-            matcher: Matcher::default(),
-            protocols: a.protocols.clone(),
-            target,
-            framing,
-            limits,
-            limits_by_listener: vec![],
-            admission: Default::default(),
-            health_check: None,
-        }],
+        routes: target
+            .map(|target| Route {
+                name: "default".into(),
+                matcher: Matcher::default(),
+                protocols: a.protocols.clone(),
+                target,
+                framing,
+                limits,
+                limits_by_listener: vec![],
+                admission: Default::default(),
+                health_check: None,
+            })
+            .into_iter()
+            .collect(),
         health_path: "/healthz".into(),
         forwarding: Default::default(),
         admin: a.admin.clone(),
@@ -261,7 +298,35 @@ fn config_from(a: &ServeArgs) -> anyhow::Result<Config> {
             }
             None => None,
         },
+        tunnel,
     })
+}
+
+/// `[tunnel]` from the quick-mode flags, checked as the config file's is.
+fn tunnel_from(a: &ServeArgs) -> anyhow::Result<config::Tunnel> {
+    let mut t = config::Tunnel::default();
+    if let Some(p) = &a.agent_tokens {
+        config::check_tokens(p).map_err(|e| anyhow::anyhow!("--agent-tokens: {e}"))?;
+        t.agent_tokens = Some(p.clone());
+    }
+    config::check_mux_allow(&a.mux_allow).map_err(|e| anyhow::anyhow!("--mux-allow: {e}"))?;
+    t.mux_allow = a.mux_allow.clone();
+    for f in &a.forward {
+        let f: config::Forward = f.parse().map_err(|e| anyhow::anyhow!("--forward: {e}"))?;
+        if !t.agents() {
+            anyhow::bail!(
+                "--forward {}: forwarding through agents needs --agent-tokens",
+                f.listen
+            );
+        }
+        t.forwards.push(f);
+    }
+    if let Some(k) = &a.keepalive {
+        t.keepalive = config::parse_duration(k)
+            .map_err(|e| anyhow::anyhow!("--keepalive: {e}"))?
+            .ok_or_else(|| anyhow::anyhow!("--keepalive: must be more than 0"))?;
+    }
+    Ok(t)
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
@@ -276,6 +341,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }
         if let Some(admin) = server.admin() {
             writeln!(out, "admin on http://{admin}")?;
+        }
+        for (url, to) in server.forwards() {
+            writeln!(out, "forwarding {url} to {to}")?;
         }
         out.flush()?;
     }

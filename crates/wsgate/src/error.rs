@@ -79,6 +79,18 @@ pub enum Kind {
     BackendTimeout,
     /// A backend answered wrongly (502).
     BackendBadAnswer,
+    /// A tunnel request without a usable destination (a missing or
+    /// unparsable `X-PROXY-DESTINATION`, an absolute-form URI or CONNECT
+    /// target that is not HOST:PORT) (400).
+    BadDestination,
+    /// No agent that could take the stream is connected (503).
+    AgentUnavailable,
+    /// The agent refused the destination (403).
+    AgentRefused,
+    /// The agent cannot reach the destination (502).
+    AgentUnreachable,
+    /// The agent did not answer, or the destination did not, in time (504).
+    AgentTimeout,
 
     // --- After the upgrade.
     /// The peer ended its stream (1000, after everything it sent).
@@ -147,6 +159,11 @@ impl Kind {
             Kind::BackendConnect => (S::BAD_GATEWAY, None, Some("backend_connect")),
             Kind::BackendTimeout => (S::GATEWAY_TIMEOUT, None, Some("backend_timeout")),
             Kind::BackendBadAnswer => (S::BAD_GATEWAY, None, Some("backend_bad_answer")),
+            Kind::BadDestination => (S::BAD_REQUEST, None, Some("bad_destination")),
+            Kind::AgentUnavailable => (S::SERVICE_UNAVAILABLE, None, Some("agent_unavailable")),
+            Kind::AgentRefused => (S::FORBIDDEN, None, Some("agent_refused")),
+            Kind::AgentUnreachable => (S::BAD_GATEWAY, None, Some("agent_unreachable")),
+            Kind::AgentTimeout => (S::GATEWAY_TIMEOUT, None, Some("agent_timeout")),
             Kind::PeerClosed => (S::BAD_GATEWAY, Some(close_code::NORMAL), None),
             Kind::PeerFailed => (S::BAD_GATEWAY, Some(close_code::INTERNAL_ERROR), None),
             Kind::PeerMalformed => (S::BAD_GATEWAY, Some(close_code::INTERNAL_ERROR), None),
@@ -221,6 +238,8 @@ pub struct Error {
     pub cause: Option<Cause>,
     /// When trying again may succeed (`Retry-After`), for rate limits and caps.
     pub retry_after: Option<Duration>,
+    /// The `WWW-Authenticate` challenge of a 401.
+    pub challenge: Option<Cow<'static, str>>,
 }
 
 impl Error {
@@ -231,6 +250,7 @@ impl Error {
             context: context.into(),
             cause: None,
             retry_after: None,
+            challenge: None,
         }
     }
 
@@ -258,6 +278,12 @@ impl Error {
     /// The same error, with a `Retry-After`.
     pub fn retry_after(mut self, after: Duration) -> Error {
         self.retry_after = Some(after);
+        self
+    }
+
+    /// The same error, with a `WWW-Authenticate` challenge.
+    pub fn challenge(mut self, challenge: impl Into<Cow<'static, str>>) -> Error {
+        self.challenge = Some(challenge.into());
         self
     }
 
@@ -318,7 +344,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 mod tests {
     use super::*;
 
-    const ALL: [Kind; 32] = [
+    const ALL: [Kind; 37] = [
         Kind::NoRoute,
         Kind::NoSubprotocol,
         Kind::BadHandshake,
@@ -339,6 +365,11 @@ mod tests {
         Kind::BackendConnect,
         Kind::BackendTimeout,
         Kind::BackendBadAnswer,
+        Kind::BadDestination,
+        Kind::AgentUnavailable,
+        Kind::AgentRefused,
+        Kind::AgentUnreachable,
+        Kind::AgentTimeout,
         Kind::PeerClosed,
         Kind::PeerFailed,
         Kind::PeerMalformed,

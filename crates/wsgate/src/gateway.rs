@@ -21,10 +21,11 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Authenticator;
 use crate::config::{Config, PeerAddr, Target};
 use crate::limits::{AdmissionConfig, Gates};
-use crate::metrics::{Metrics, RouteSeries, WorkerGauge};
+use crate::metrics::{HttpVersion, Metrics, OpenWebSocket, RouteSeries, WorkerGauge};
 use crate::proxy::backend::{BackendSet, Pool};
 use crate::proxy::Proxy;
 use crate::route::discovery::FileDiscovery;
+use crate::tunnel::Tunnel;
 
 /// The running gateway: its config and everything built from it.
 pub struct Gateway {
@@ -42,6 +43,10 @@ pub struct Gateway {
     /// Some route matches on headers, cookies or query, or discovers its
     /// peer: requests need those tables extracted.
     pub(crate) metadata_maps: bool,
+    /// The reverse tunnel, when configured (`[tunnel]`).
+    pub(crate) tunnel: Option<Arc<Tunnel>>,
+    /// The WebSocket series of the tunnel's endpoints.
+    pub(crate) builtin: Builtin,
     /// Per worker thread; each in cache lines of its own, as the workers
     /// write them on every connection.
     pub(crate) workers: Vec<CachePadded<Worker>>,
@@ -66,6 +71,33 @@ pub(crate) enum Live {
     Discovery(FileDiscovery),
     /// Reverse proxy to a pool of backends.
     Proxy(Arc<Pool>),
+}
+
+/// The WebSocket series of the tunnel's endpoints, named like routes.
+pub(crate) struct Builtin {
+    agent: Arc<RouteSeries>,
+    mux: Arc<RouteSeries>,
+    connect: Arc<RouteSeries>,
+}
+
+impl Builtin {
+    fn new(metrics: &Metrics) -> Builtin {
+        Builtin {
+            agent: RouteSeries::new(metrics, "agent"),
+            mux: RouteSeries::new(metrics, "mux"),
+            connect: RouteSeries::new(metrics, "connect"),
+        }
+    }
+
+    /// An open WebSocket (or tunnel) of endpoint `name`.
+    pub fn websocket(&self, name: &str, version: HttpVersion) -> OpenWebSocket {
+        match name {
+            "agent" => &self.agent,
+            "mux" => &self.mux,
+            _ => &self.connect,
+        }
+        .websocket(version)
+    }
 }
 
 /// What one worker thread's connections share, touched by that thread alone
@@ -132,6 +164,11 @@ impl Gateway {
                 || matches!(r.target, Target::Discovery(_))
         });
         let backends = BackendSet::build(&config, None);
+        let tunnel = if config.tunnel.agents() || config.tunnel.mux() {
+            Some(Arc::new(Tunnel::new(&config.tunnel, metrics.clone())?))
+        } else {
+            None
+        };
         let routes = config
             .routes
             .iter()
@@ -163,6 +200,8 @@ impl Gateway {
             metadata_maps,
             routes,
             backends,
+            tunnel,
+            builtin: Builtin::new(&metrics),
             workers,
             config,
             metrics,
@@ -170,6 +209,17 @@ impl Gateway {
             gates,
             shutdown,
             tracker: TaskTracker::new(),
+        }))
+    }
+
+    /// The admin listener's pages beside `/metrics`: `GET /agents`.
+    pub(crate) fn admin_pages(&self) -> Option<crate::metrics::Pages> {
+        let tunnel = self.tunnel.clone()?;
+        Some(Arc::new(move |path: &str| {
+            (path == "/agents").then(|| {
+                serde_json::to_string_pretty(&tunnel.registry.snapshot())
+                    .unwrap_or_else(|_| "[]".into())
+            })
         }))
     }
 

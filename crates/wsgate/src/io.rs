@@ -7,8 +7,11 @@
 use std::io;
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
 use tokio::net::{tcp, TcpStream};
 use tokio_util::sync::CancellationToken;
 
@@ -82,6 +85,17 @@ pub enum ClientIo {
     Tcp(TcpStream),
     /// Anything else (TLS): read through `AsyncRead`.
     Io(Box<dyn Io>),
+}
+
+impl ClientIo {
+    /// The connection as one `AsyncRead + AsyncWrite` (for a wsmux
+    /// transport or a splice).
+    pub fn into_io(self) -> Box<dyn Io> {
+        match self {
+            ClientIo::Tcp(s) => Box::new(s),
+            ClientIo::Io(b) => b,
+        }
+    }
 }
 
 /// A bidirectional byte stream.
@@ -303,6 +317,64 @@ pub(crate) async fn drain(src: &mut ConnReader<'_>, timeout: Duration) {
         }
     })
     .await;
+}
+
+/// A connection whose first bytes were already read: they are read again
+/// first. How hyper gets a connection whose request head we looked at.
+pub struct Rewind<T> {
+    pub(crate) prefix: Bytes,
+    pub(crate) inner: T,
+}
+
+impl<T> Rewind<T> {
+    pub fn new(prefix: Bytes, inner: T) -> Self {
+        Rewind { prefix, inner }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 #[cfg(test)]

@@ -50,6 +50,7 @@ pub struct Server {
     gateway: Arc<Gateway>,
     urls: Vec<String>,
     admin: Option<SocketAddr>,
+    forwards: Vec<(String, String)>,
 }
 
 impl Server {
@@ -68,12 +69,29 @@ impl Server {
             ),
             None => None,
         };
+        let mut forwards = vec![];
+        for f in &config.tunnel.forwards {
+            let b = tunnel::forward::Bound::bind(f)
+                .await
+                .with_context(|| format!("cannot listen on {} (forward)", f.listen))?;
+            forwards.push((b, f.clone()));
+        }
         let gateway = Gateway::new(config)?;
+        let mut forward_urls = vec![];
+        for (b, f) in forwards {
+            forward_urls.push((b.url()?, f.to.to_string()));
+            let tunnel = gateway.tunnel.clone().expect("forwards need the tunnel");
+            let (stop, tracker) = (gateway.shutdown.clone(), gateway.tracker.clone());
+            gateway
+                .tracker
+                .spawn(tunnel::forward::serve(b, f, tunnel, stop, tracker));
+        }
         let admin = match admin {
             Some(l) => {
                 let addr = l.local_addr()?;
                 let (m, s) = (gateway.metrics.clone(), gateway.shutdown.clone());
-                gateway.tracker.spawn(metrics::serve_admin(l, m, s));
+                let pages = gateway.admin_pages();
+                gateway.tracker.spawn(metrics::serve_admin(l, m, pages, s));
                 Some(addr)
             }
             None => None,
@@ -83,12 +101,19 @@ impl Server {
             gateway,
             urls,
             admin,
+            forwards: forward_urls,
         })
     }
 
     /// `ws://HOST:PORT` (or `wss://`) per listener, with the real ports.
     pub fn urls(&self) -> &[String] {
         &self.urls
+    }
+
+    /// Each `--forward` listener's URL (`tcp://HOST:PORT`, `udp://…`, real
+    /// ports) and where it goes (`agent://ID/PEER`).
+    pub fn forwards(&self) -> &[(String, String)] {
+        &self.forwards
     }
 
     /// The admin listener's address, if there is one.

@@ -21,6 +21,9 @@
 //! | `wsgate_backend_connect_seconds` | histogram | `backend` | time to connect to a backend and complete its handshake |
 //! | `wsgate_limiter_tracked_clients` | gauge | — | clients the rate limiter remembers (bounded; see `limits`) |
 //! | `wsgate_worker_connections` | gauge | `worker` | connections (of any kind) each worker thread serves now |
+//! | `wsgate_agent_connections` | gauge | `agent` | WebSockets registered agents hold open now, by agent id |
+//! | `wsgate_tunnel_streams_total` | counter | `via`, `outcome` | streams opened through agents, by what asked (`request`, `forward_proxy`, `connect`, `forward`, `mux`, `bridge`) and how it went (`ok`, `agent_unavailable`, `agent_refused`, `agent_unreachable`, `agent_timeout`, `not_allowed`) |
+//! | `wsgate_tunnel_bytes_total` | counter | `direction` | payload bytes through agents: `to_agent`, `from_agent` |
 //!
 //! Label values:
 //!
@@ -199,6 +202,22 @@ struct BackendLabels {
     backend: String,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct AgentLabels {
+    agent: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct StreamLabels {
+    via: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct TunnelBytesLabels {
+    direction: &'static str,
+}
+
 type LatencyFamily = Family<BackendLabels, Histogram, fn() -> Histogram>;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -219,6 +238,9 @@ struct Inner {
     backend_latency: LatencyFamily,
     tracked_clients: Gauge,
     worker_connections: Family<WorkerLabels, WorkerGauge>,
+    agent_connections: Family<AgentLabels, Gauge>,
+    tunnel_streams: Family<StreamLabels, Counter>,
+    tunnel_bytes: Family<TunnelBytesLabels, Counter>,
 }
 
 /// The gateway's metrics: a cheap-to-clone handle on one registry.
@@ -248,6 +270,24 @@ impl Metrics {
             Family::new_with_constructor(|| Histogram::new(LATENCY_BUCKETS));
         let tracked_clients = Gauge::default();
         let worker_connections = Family::default();
+        let agent_connections = Family::default();
+        let tunnel_streams = Family::default();
+        let tunnel_bytes = Family::default();
+        registry.register(
+            "agent_connections",
+            "WebSockets registered agents hold open now, by agent id",
+            agent_connections.clone(),
+        );
+        registry.register(
+            "tunnel_streams",
+            "Streams opened through agents, by what asked and how it went",
+            tunnel_streams.clone(),
+        );
+        registry.register(
+            "tunnel_bytes",
+            "Payload bytes through agents",
+            tunnel_bytes.clone(),
+        );
         registry.register("websockets_open", "WebSockets open now", ws_open.clone());
         registry.register(
             "websockets_opened",
@@ -303,6 +343,9 @@ impl Metrics {
                 backend_latency,
                 tracked_clients,
                 worker_connections,
+                agent_connections,
+                tunnel_streams,
+                tunnel_bytes,
             }),
         }
     }
@@ -414,6 +457,38 @@ impl Metrics {
         self.inner
             .tracked_clients
             .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// An agent `agent`'s registered WebSockets went up (`1`) or down (`-1`).
+    pub fn agent_connections(&self, agent: &str, delta: i64) {
+        let labels = AgentLabels {
+            agent: agent.to_owned(),
+        };
+        self.inner
+            .agent_connections
+            .get_or_create(&labels)
+            .inc_by(delta);
+    }
+
+    /// A stream through an agent asked for by `via` ended its opening with
+    /// `outcome` (both fixed strings of the program).
+    pub fn tunnel_stream(&self, via: &'static str, outcome: &'static str) {
+        self.inner
+            .tunnel_streams
+            .get_or_create(&StreamLabels { via, outcome })
+            .inc();
+    }
+
+    /// The `wsgate_tunnel_bytes_total` counter towards the agents (`true`)
+    /// or from them, to keep and add to.
+    pub fn tunnel_bytes(&self, to_agent: bool) -> ByteCounter {
+        let direction = if to_agent { "to_agent" } else { "from_agent" };
+        ByteCounter(
+            self.inner
+                .tunnel_bytes
+                .get_or_create(&TunnelBytesLabels { direction })
+                .clone(),
+        )
     }
 
     /// Everything, in the OpenMetrics text format (ends with `# EOF`).
@@ -608,7 +683,15 @@ impl Drop for OpenWebSocket {
 /// 32 connections are served at once, each within 30 s; on shutdown the
 /// answers in flight are finished, then this returns. Accept errors (such as
 /// running out of file descriptors) are logged and retried after 100 ms.
-pub async fn serve_admin(listener: TcpListener, metrics: Metrics, shutdown: CancellationToken) {
+/// More pages of the admin listener: JSON for a `GET` path (`/agents`).
+pub type Pages = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+pub async fn serve_admin(
+    listener: TcpListener,
+    metrics: Metrics,
+    pages: Option<Pages>,
+    shutdown: CancellationToken,
+) {
     let tracker = TaskTracker::new();
     let slots = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
     loop {
@@ -632,11 +715,11 @@ pub async fn serve_admin(listener: TcpListener, metrics: Metrics, shutdown: Canc
                 }
             },
         };
-        let metrics = metrics.clone();
+        let (metrics, pages) = (metrics.clone(), pages.clone());
         tracker.spawn(async move {
             let _slot = slot;
             let service = service_fn(move |req| {
-                let response = answer(&metrics, &req);
+                let response = answer(&metrics, pages.as_ref(), &req);
                 async move { Ok::<_, Infallible>(response) }
             });
             let conn = http1::Builder::new()
@@ -655,8 +738,13 @@ pub async fn serve_admin(listener: TcpListener, metrics: Metrics, shutdown: Canc
     tracker.wait().await;
 }
 
-fn answer<B>(metrics: &Metrics, req: &Request<B>) -> Response<Full<Bytes>> {
+fn answer<B>(metrics: &Metrics, pages: Option<&Pages>, req: &Request<B>) -> Response<Full<Bytes>> {
+    let page = match req.method() {
+        &Method::GET | &Method::HEAD => pages.and_then(|p| p(req.uri().path())),
+        _ => None,
+    };
     let (status, content_type, body) = match (req.method(), req.uri().path()) {
+        _ if page.is_some() => (StatusCode::OK, "application/json", page.unwrap_or_default()),
         (&Method::GET | &Method::HEAD, "/metrics") => {
             (StatusCode::OK, CONTENT_TYPE, metrics.render())
         }
@@ -921,7 +1009,12 @@ mod tests {
         metrics.ws_opened("chat", HttpVersion::H2);
         metrics.refused("rate_limited");
         let shutdown = CancellationToken::new();
-        let server = tokio::spawn(serve_admin(listener, metrics.clone(), shutdown.clone()));
+        let server = tokio::spawn(serve_admin(
+            listener,
+            metrics.clone(),
+            None,
+            shutdown.clone(),
+        ));
 
         let r = get(addr, "GET /metrics HTTP/1.1\r\nHost: admin\r\n\r\n").await;
         assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");

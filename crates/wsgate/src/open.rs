@@ -49,6 +49,10 @@ use crate::metrics::{Direction, HttpVersion, OpenWebSocket};
 use crate::proxy::{passthrough, BackendWebSocket, Handshake};
 use crate::route::discovery::Discovered;
 use crate::route::{self, Metadata, Selection};
+use crate::tunnel::agents::Registration;
+use crate::tunnel::proto::{Destination, Scheme};
+use crate::tunnel::registry::AgentStream;
+use crate::tunnel::{self, Tunnel};
 
 /// A request as the path takes it: its head, and its body when hyper read
 /// it (our own HTTP/1.1 reader takes only WebSocket handshakes, which have
@@ -67,6 +71,8 @@ pub enum Answer {
     /// A WebSocket: the accept (101, or 200 over HTTP/2), then
     /// [`Opened::run`] on the client's socket.
     Upgrade(Accepted, Opened),
+    /// A CONNECT tunnel: this 200, then [`Opened::run`] on the socket.
+    Tunnel(Response<Body>, Opened),
 }
 
 /// Phase 1's result: where the request goes and what it is.
@@ -83,6 +89,41 @@ pub(crate) enum Routed<'g> {
         what: What,
         req: Request,
     },
+    /// One of the reverse tunnel's endpoints.
+    Tunnel {
+        tunnel: &'g Arc<Tunnel>,
+        what: TunnelWhat,
+        req: Request,
+    },
+}
+
+/// What a request to the reverse tunnel asks for.
+pub(crate) enum TunnelWhat {
+    /// An agent registers (WebSocket).
+    Agent(Upgrade, Registration),
+    /// A `/mux` session (WebSocket); whether `wsmux.v1` was offered.
+    Mux(Upgrade, bool),
+    /// `/request` or an absolute-form request, relayed through an agent.
+    Relay(tunnel::http::Target, &'static str),
+    /// `CONNECT host:port` through an agent.
+    Connect(Destination),
+}
+
+impl TunnelWhat {
+    /// Whether it is long-lived (a WebSocket or a tunnel): it holds a
+    /// permit of the caps on open connections.
+    fn lasts(&self) -> bool {
+        !matches!(self, TunnelWhat::Relay(..))
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            TunnelWhat::Agent(..) => "agent",
+            TunnelWhat::Mux(..) => "mux",
+            TunnelWhat::Relay(_, via) => via,
+            TunnelWhat::Connect(_) => "connect",
+        }
+    }
 }
 
 /// What a routed request asks for.
@@ -102,25 +143,26 @@ pub(crate) struct Admitted<'g> {
 /// Phase 4's result.
 pub(crate) enum Connected {
     Health,
-    /// A bridge peer is connected.
-    Bridge {
-        upgrade: Upgrade,
-        protocol: Option<String>,
-        relay: Relay,
-        open: OpenWebSocket,
-        permit: Permits,
-        span: Span,
-    },
-    /// A backend accepted the WebSocket handshake.
-    Proxied {
+    /// A WebSocket whose peer, backend or session is ready: the accept, and
+    /// what runs after it.
+    Upgraded {
         accepted: Accepted,
-        relay: Relay,
-        open: OpenWebSocket,
-        permit: Permits,
-        span: Span,
+        run: Ready,
     },
-    /// A backend answered: its answer is relayed as it is.
+    /// A CONNECT tunnel whose stream is open: 200, then the splice.
+    Tunnel {
+        run: Ready,
+    },
+    /// A response (a backend's or a destination's), relayed as it is.
     Relayed(Response<Body>),
+}
+
+/// What runs once the answer is written.
+pub(crate) struct Ready {
+    relay: Relay,
+    open: OpenWebSocket,
+    permit: Permits,
+    span: Span,
 }
 
 /// A WebSocket whose peer or backend is connected, waiting for the client's
@@ -144,6 +186,19 @@ pub(crate) enum Relay {
         backend: BackendWebSocket,
         settings: passthrough::Settings,
     },
+    /// A registered agent's session.
+    Agent {
+        tunnel: Arc<Tunnel>,
+        registration: Registration,
+        remote: std::net::SocketAddr,
+    },
+    /// A `/mux` session.
+    Mux {
+        tunnel: Arc<Tunnel>,
+        connect_timeout: std::time::Duration,
+    },
+    /// A CONNECT tunnel's stream.
+    Splice(AgentStream),
 }
 
 fn http_version(u: &Upgrade) -> HttpVersion {
@@ -180,6 +235,11 @@ impl Gateway {
         let head = &req.head;
         if head.uri.path() == self.config.health_path {
             return Ok(Routed::Health);
+        }
+        if let Some(tunnel) = &self.tunnel {
+            if let Some(what) = tunnel_request(tunnel, head)? {
+                return Ok(Routed::Tunnel { tunnel, what, req });
+            }
         }
         if head.method == http::Method::CONNECT {
             // CONNECT is only served as RFC 8441 WebSocket: anything else is
@@ -241,6 +301,22 @@ impl Gateway {
     ) -> Result<Admitted<'g>, (Error, Option<&'g str>)> {
         let permit = match &routed {
             Routed::Health => None,
+            Routed::Tunnel { what, .. } => {
+                let name = Some(what.name());
+                let ip = c.remote.ip();
+                if what.lasts() {
+                    Some(
+                        self.gates
+                            .admit(ip, c.listener, None)
+                            .map_err(|r| (Error::from(r), name))?,
+                    )
+                } else {
+                    self.gates
+                        .check_rate(ip, c.listener, None)
+                        .map_err(|r| (Error::from(r), name))?;
+                    None
+                }
+            }
             Routed::To {
                 index, route, what, ..
             } => {
@@ -271,11 +347,21 @@ impl Gateway {
         a: &Admitted<'g>,
         c: &Conn,
     ) -> Result<Identity, (Error, Option<&'g str>)> {
-        let Routed::To {
-            route, state, req, ..
-        } = &a.routed
-        else {
-            return Ok(Identity::anonymous());
+        let (route, state, req) = match &a.routed {
+            Routed::To {
+                route, state, req, ..
+            } => (route, state, req),
+            Routed::Tunnel {
+                tunnel,
+                what: TunnelWhat::Agent(..),
+                req,
+            } => {
+                // An agent is its token: it must own the id it registers.
+                return tunnel
+                    .authenticate_agent(&req.head)
+                    .map_err(|e| (e, Some("agent")));
+            }
+            Routed::Tunnel { .. } | Routed::Health => return Ok(Identity::anonymous()),
         };
         let request = AuthRequest {
             head: &req.head,
@@ -296,17 +382,20 @@ impl Gateway {
         c: &Conn,
     ) -> Result<Connected, (Error, Option<&'g str>)> {
         let Admitted { routed, permit } = a;
-        let Routed::To {
-            route,
-            state,
-            protocol,
-            meta,
-            what,
-            req,
-            ..
-        } = routed
-        else {
-            return Ok(Connected::Health);
+        let (route, state, protocol, meta, what, req) = match routed {
+            Routed::Health => return Ok(Connected::Health),
+            Routed::Tunnel { tunnel, what, req } => {
+                return self.connect_tunnel(tunnel, what, req, permit, c).await
+            }
+            Routed::To {
+                route,
+                state,
+                protocol,
+                meta,
+                what,
+                req,
+                ..
+            } => (route, state, protocol, meta, what, req),
         };
         let name = Some(route.name.as_str());
         let limits = route.limits_for(c.listener);
@@ -352,24 +441,39 @@ impl Gateway {
                     close_timeout: limits.close_timeout,
                     bandwidth: limits.bandwidth,
                 };
-                Ok(Connected::Proxied {
+                Ok(Connected::Upgraded {
                     accepted,
-                    relay: Relay::Proxy { backend, settings },
-                    open: open(),
-                    permit,
-                    span,
+                    run: Ready {
+                        relay: Relay::Proxy { backend, settings },
+                        open: open(),
+                        permit,
+                        span,
+                    },
                 })
             }
             Live::Peer(_) | Live::Discovery(_) => {
                 let (peer, protocol, framing) = self
                     .find_peer(route, state, &meta, protocol)
                     .map_err(|e| (e, name))?;
-                let conn = peer::connect(&peer, limits.connect_timeout)
-                    .await
-                    .map_err(|e| {
-                        let e = Error::upstream(Kind::PeerUnreachable, e.to_string());
-                        (e, name)
-                    })?;
+                let conn = match &peer {
+                    PeerAddr::Agent(a) => {
+                        let Some(tunnel) = &self.tunnel else {
+                            unreachable!("agent:// peers need the tunnel (config checks it)");
+                        };
+                        let s = tunnel
+                            .open(Some(&a.agent), &a.dest, "bridge")
+                            .await
+                            .map_err(|e| (e, name))?;
+                        let datagrams = a.dest.scheme == Scheme::Udp;
+                        peer::PeerConn::Agent(Box::new(s), datagrams)
+                    }
+                    _ => peer::connect(&peer, limits.connect_timeout)
+                        .await
+                        .map_err(|e| {
+                            let e = Error::upstream(Kind::PeerUnreachable, e.to_string());
+                            (e, name)
+                        })?,
+                };
                 info!(parent: &span, route = %route.name, %peer, protocol = protocol.as_deref().unwrap_or("-"), framing = %framing, "websocket open");
                 let settings = relay::Settings {
                     max_message_size: limits.max_message_size,
@@ -380,17 +484,94 @@ impl Gateway {
                     datagram_text: matches!(framing, FramingSpec::Auto)
                         || matches!(peer, PeerAddr::Echo),
                 };
-                Ok(Connected::Bridge {
-                    upgrade,
-                    protocol,
-                    relay: Relay::Bridge {
-                        peer: conn,
-                        framer: framing.new_framer(),
-                        settings,
+                let protocol = protocol.and_then(|p| HeaderValue::try_from(p).ok());
+                Ok(Connected::Upgraded {
+                    accepted: Accepted::new(&upgrade, protocol, None),
+                    run: Ready {
+                        relay: Relay::Bridge {
+                            peer: conn,
+                            framer: framing.new_framer(),
+                            settings,
+                        },
+                        open: open(),
+                        permit,
+                        span,
                     },
-                    open: open(),
-                    permit,
-                    span,
+                })
+            }
+        }
+    }
+
+    /// Phase 4 for the reverse tunnel's endpoints.
+    async fn connect_tunnel<'g>(
+        self: &'g Arc<Self>,
+        tunnel: &'g Arc<Tunnel>,
+        what: TunnelWhat,
+        req: Request,
+        permit: Option<Permits>,
+        c: &Conn,
+    ) -> Result<Connected, (Error, Option<&'g str>)> {
+        let name = what.name();
+        let span = || tracing::info_span!("tunnel", id = c.id, remote = %c.remote, kind = name);
+        let ready = |relay, version| Ready {
+            relay,
+            open: self.builtin.websocket(name, version),
+            permit: permit.expect("long-lived tunnel requests hold a permit"),
+            span: span(),
+        };
+        match what {
+            TunnelWhat::Agent(upgrade, registration) => {
+                let protocol = HeaderValue::from_static(tunnel::proto::AGENT_PROTOCOL);
+                let accepted = Accepted::new(&upgrade, Some(protocol), None);
+                let relay = Relay::Agent {
+                    tunnel: tunnel.clone(),
+                    registration,
+                    remote: c.remote,
+                };
+                Ok(Connected::Upgraded {
+                    accepted,
+                    run: ready(relay, http_version(&upgrade)),
+                })
+            }
+            TunnelWhat::Mux(upgrade, offered) => {
+                let protocol =
+                    offered.then(|| HeaderValue::from_static(tunnel::proto::MUX_PROTOCOL));
+                let accepted = Accepted::new(&upgrade, protocol, None);
+                let relay = Relay::Mux {
+                    tunnel: tunnel.clone(),
+                    connect_timeout: self.config.limits.connect_timeout,
+                };
+                Ok(Connected::Upgraded {
+                    accepted,
+                    run: ready(relay, http_version(&upgrade)),
+                })
+            }
+            TunnelWhat::Relay(target, via) => {
+                let resp = tunnel::http::relay(
+                    tunnel,
+                    target,
+                    req.head,
+                    req.body,
+                    c.remote,
+                    c.secure,
+                    &self.config.forwarding,
+                    self.config.limits.backend_timeout,
+                    via,
+                )
+                .await;
+                let status = resp
+                    .as_ref()
+                    .map_or_else(|e| e.kind.status(), |r| r.status());
+                self.metrics.http_request(via, status.as_u16());
+                resp.map(Connected::Relayed).map_err(|e| (e, Some(via)))
+            }
+            TunnelWhat::Connect(dest) => {
+                let stream = tunnel
+                    .open(None, &dest, "connect")
+                    .await
+                    .map_err(|e| (e, Some(name)))?;
+                Ok(Connected::Tunnel {
+                    run: ready(Relay::Splice(stream), HttpVersion::H1),
                 })
             }
         }
@@ -398,44 +579,23 @@ impl Gateway {
 
     /// Phase 5: answer. The accept and what runs after it, or a response.
     pub(crate) fn answer(&self, connected: Connected, c: &Conn) -> Answer {
-        let shutdown = || self.worker_shutdown(c.worker);
+        let opened = |r: Ready| Opened {
+            relay: r.relay,
+            open: r.open,
+            shutdown: self.worker_shutdown(c.worker),
+            span: r.span,
+            _permit: r.permit,
+        };
         match connected {
             Connected::Health => Answer::Respond(h::text(StatusCode::OK, "ok")),
             Connected::Relayed(resp) => Answer::Respond(resp),
-            Connected::Bridge {
-                upgrade,
-                protocol,
-                relay,
-                open,
-                permit,
-                span,
-            } => {
-                let protocol = protocol.and_then(|p| HeaderValue::try_from(p).ok());
-                let accepted = Accepted::new(&upgrade, protocol, None);
-                let opened = Opened {
-                    relay,
-                    open,
-                    shutdown: shutdown(),
-                    span,
-                    _permit: permit,
-                };
-                Answer::Upgrade(accepted, opened)
-            }
-            Connected::Proxied {
-                accepted,
-                relay,
-                open,
-                permit,
-                span,
-            } => {
-                let opened = Opened {
-                    relay,
-                    open,
-                    shutdown: shutdown(),
-                    span,
-                    _permit: permit,
-                };
-                Answer::Upgrade(accepted, opened)
+            Connected::Upgraded { accepted, run } => Answer::Upgrade(accepted, opened(run)),
+            Connected::Tunnel { run } => {
+                let ok = Response::builder()
+                    .status(StatusCode::OK)
+                    .body(h::empty())
+                    .expect("valid response");
+                Answer::Tunnel(ok, opened(run))
             }
         }
     }
@@ -538,6 +698,47 @@ impl Opened {
                     );
                     (o.bytes_up, o.bytes_down, o.injected)
                 }
+                Relay::Agent {
+                    tunnel,
+                    registration,
+                    remote,
+                } => {
+                    let (to, from) = tunnel::agents::serve(
+                        client,
+                        leftover,
+                        registration,
+                        remote,
+                        tunnel.registry.clone(),
+                        tunnel.config.keepalive,
+                        tunnel.metrics.clone(),
+                        shutdown,
+                    )
+                    .await;
+                    (from, to, None)
+                }
+                Relay::Mux {
+                    tunnel,
+                    connect_timeout,
+                } => {
+                    tunnel::mux::serve(client, leftover, tunnel, connect_timeout, shutdown).await;
+                    (0, 0, None)
+                }
+                Relay::Splice(mut stream) => {
+                    let mut client = crate::io::Rewind::new(leftover, client.into_io());
+                    let r = tokio::select! {
+                        r = tunnel::splice::splice(&mut client, &mut stream) => r,
+                        () = shutdown.cancelled() => Ok(Default::default()),
+                    };
+                    let copied = match r {
+                        Ok(c) => c,
+                        Err((e, c)) => {
+                            debug!("tunnel ended: {e}");
+                            c
+                        }
+                    };
+                    info!(up = copied.a_to_b, down = copied.b_to_a, "tunnel closed");
+                    (copied.a_to_b, copied.b_to_a, None)
+                }
             };
             open.bytes(Direction::ClientToUpstream, up);
             open.bytes(Direction::UpstreamToClient, down);
@@ -551,4 +752,45 @@ impl Opened {
     pub fn span(&self) -> &Span {
         &self.span
     }
+}
+
+/// Whether a request is for one of the tunnel's endpoints (they come before
+/// the routes), and which; a malformed one is refused here.
+fn tunnel_request(tunnel: &Tunnel, head: &Parts) -> Result<Option<TunnelWhat>, Error> {
+    let cfg = &tunnel.config;
+    let path = head.uri.path();
+    let websocket = handshake::is_websocket_request(head);
+    if cfg.agents() && path == cfg.agent_path && websocket {
+        let upgrade = handshake::validate(head)?;
+        let registration = tunnel::agents::registration(head)?;
+        return Ok(Some(TunnelWhat::Agent(upgrade, registration)));
+    }
+    if cfg.mux() && path == cfg.mux_path && websocket {
+        let upgrade = handshake::validate(head)?;
+        let offered = head
+            .headers
+            .get_all(http::header::SEC_WEBSOCKET_PROTOCOL)
+            .iter()
+            .any(|v| handshake::list_has_token(v.as_bytes(), tunnel::proto::MUX_PROTOCOL));
+        return Ok(Some(TunnelWhat::Mux(upgrade, offered)));
+    }
+    if !cfg.agents() {
+        return Ok(None);
+    }
+    if cfg.forward_proxy && tunnel::http::is_absolute_form(head) {
+        let target = tunnel::http::absolute_target(head)?;
+        return Ok(Some(TunnelWhat::Relay(target, "forward_proxy")));
+    }
+    if path == cfg.request_path && !tunnel::http::is_absolute_form(head) {
+        let target = tunnel::http::request_target(head)?;
+        return Ok(Some(TunnelWhat::Relay(target, "request")));
+    }
+    if cfg.forward_proxy
+        && head.method == http::Method::CONNECT
+        && head.extensions.get::<hyper::ext::Protocol>().is_none()
+    {
+        let dest = tunnel::http::connect_target(head)?;
+        return Ok(Some(TunnelWhat::Connect(dest)));
+    }
+    Ok(None)
 }

@@ -22,6 +22,9 @@ pub enum PeerConn {
     UnixDgram(UnixDatagram),
     /// The `echo:` peer: a one-slot loop back to the client.
     Echo(mpsc::Sender<(bool, Bytes)>, mpsc::Receiver<(bool, Bytes)>),
+    /// A stream through an agent; `true`: it carries framed datagrams
+    /// (a `udp://` destination).
+    Agent(Box<crate::tunnel::registry::AgentStream>, bool),
 }
 
 /// Connecting failed; the text is sent to the client in the 502 body.
@@ -84,6 +87,11 @@ async fn connect_inner(addr: &PeerAddr) -> io::Result<PeerConn> {
             PeerConn::Udp(s)
         }
         PeerAddr::UnixDgram(p) => PeerConn::UnixDgram(unix_dgram(p)?),
+        PeerAddr::Agent(a) => {
+            return Err(io::Error::other(format!(
+                "{a}: opened through the tunnel, not connected here"
+            )))
+        }
         PeerAddr::Echo => {
             let (tx, rx) = mpsc::channel(1);
             PeerConn::Echo(tx, rx)

@@ -24,7 +24,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::{tcp, unix, UdpSocket, UnixDatagram};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
@@ -37,8 +37,11 @@ use wsgate_framing::{AnyFramer, Framer, Kind};
 use crate::bridge::peer::PeerConn;
 use crate::error::{self, Error};
 use crate::io::{
-    drain, ready_read, release, with_halves, ClientIo, ConnReader, ConnWriter, CHUNK, FIRST_CHUNK,
+    drain, grow, make_room, ready_read, release, with_halves, ClientIo, ConnReader, ConnWriter,
+    CHUNK, FIRST_CHUNK,
 };
+use crate::tunnel::proto::{decode_datagram, encode_datagram};
+use crate::tunnel::registry::AgentStream;
 
 /// Encoded pongs owed before older ones are dropped.
 const MAX_PONGS: usize = 2048;
@@ -118,6 +121,11 @@ enum PeerReader<'a> {
     Udp(&'a UdpSocket),
     UnixDgram(&'a UnixDatagram),
     Echo(&'a mut mpsc::Receiver<(bool, Bytes)>),
+    /// A stream through an agent.
+    Agent(ReadHalf<Box<AgentStream>>),
+    /// A stream of framed datagrams through an agent, and the bytes read
+    /// past the last whole datagram.
+    AgentDatagrams(ReadHalf<Box<AgentStream>>, BytesMut),
 }
 
 impl PeerReader<'_> {
@@ -149,6 +157,24 @@ impl PeerReader<'_> {
                     None => PeerData::Eof,
                 })
             }
+            PeerReader::Agent(s) => {
+                make_room(buf, *hint);
+                let room = buf.capacity() - buf.len();
+                let n = s.read_buf(buf).await?;
+                grow(hint, n, room);
+                n
+            }
+            PeerReader::AgentDatagrams(s, staging) => loop {
+                if let Some(d) = decode_datagram(staging) {
+                    buf.clear();
+                    buf.extend_from_slice(&d);
+                    return Ok(PeerData::Datagram);
+                }
+                staging.reserve(4096);
+                if s.read_buf(staging).await? == 0 {
+                    return Ok(PeerData::Eof);
+                }
+            },
         };
         Ok(if n == 0 {
             PeerData::Eof
@@ -175,17 +201,23 @@ enum PeerWriter<'a> {
     Udp(&'a UdpSocket),
     UnixDgram(&'a UnixDatagram),
     Echo(Option<mpsc::Sender<(bool, Bytes)>>),
+    /// A stream through an agent; `true`: framed datagrams.
+    Agent(WriteHalf<Box<AgentStream>>, bool),
 }
 
 impl PeerWriter<'_> {
     fn is_stream(&self) -> bool {
-        matches!(self, PeerWriter::Tcp(_) | PeerWriter::Unix(_))
+        matches!(
+            self,
+            PeerWriter::Tcp(_) | PeerWriter::Unix(_) | PeerWriter::Agent(_, false)
+        )
     }
 
     async fn write_stream(&mut self, data: &[u8]) -> io::Result<()> {
         match self {
             PeerWriter::Tcp(s) => s.write_all(data).await,
             PeerWriter::Unix(s) => s.write_all(data).await,
+            PeerWriter::Agent(s, false) => s.write_all(data).await,
             _ => unreachable!("message peers get whole messages"),
         }
     }
@@ -199,6 +231,13 @@ impl PeerWriter<'_> {
                 .await
                 .map_err(|_| io::ErrorKind::BrokenPipe.into()),
             PeerWriter::Echo(None) => Err(io::ErrorKind::BrokenPipe.into()),
+            PeerWriter::Agent(s, true) => {
+                let mut framed = BytesMut::with_capacity(2 + msg.len());
+                // Too big for a datagram: the same answer as a UDP peer's.
+                encode_datagram(&msg, &mut framed)
+                    .map_err(|_| io::Error::from_raw_os_error(libc::EMSGSIZE))?;
+                s.write_all(&framed).await
+            }
             _ => unreachable!("stream peers get bytes"),
         }
     }
@@ -213,6 +252,9 @@ impl PeerWriter<'_> {
                 let _ = s.shutdown().await;
             }
             PeerWriter::Echo(tx) => *tx = None,
+            PeerWriter::Agent(s, _) => {
+                let _ = s.shutdown().await;
+            }
             PeerWriter::Udp(_) | PeerWriter::UnixDgram(_) => {}
         }
     }
@@ -561,6 +603,15 @@ async fn with_peer(
             )
             .await
         }
+        PeerConn::Agent(s, datagrams) => {
+            let (r, w) = tokio::io::split(s);
+            let mut pr = if datagrams {
+                PeerReader::AgentDatagrams(r, BytesMut::new())
+            } else {
+                PeerReader::Agent(r)
+            };
+            run_inner(cr, cw, &mut pr, &mut PeerWriter::Agent(w, datagrams), a).await
+        }
         PeerConn::Echo(tx, mut rx) => {
             run_inner(
                 cr,
@@ -752,7 +803,10 @@ async fn run_inner(
 /// unread bytes in it does not reset the connection and destroy data still on
 /// its way to the peer.
 async fn drain_peer(pr: &mut PeerReader<'_>, timeout: Duration) {
-    if !matches!(pr, PeerReader::Tcp(_) | PeerReader::Unix(_)) {
+    if !matches!(
+        pr,
+        PeerReader::Tcp(_) | PeerReader::Unix(_) | PeerReader::Agent(_)
+    ) {
         return;
     }
     let _ = tokio::time::timeout(timeout, async {

@@ -33,6 +33,33 @@ struct FileConfig {
     admin: Option<AdminFile>,
     workers: Option<usize>,
     backend_tls: Option<BackendTlsFile>,
+    #[serde(default)]
+    tunnel: TunnelFile,
+}
+
+/// `[tunnel]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TunnelFile {
+    agent_tokens: Option<PathBuf>,
+    agent_path: Option<String>,
+    request_path: Option<String>,
+    forward_proxy: Option<bool>,
+    mux_path: Option<String>,
+    #[serde(default)]
+    mux_allow: Vec<String>,
+    #[serde(default, rename = "forward")]
+    forwards: Vec<ForwardFile>,
+    keepalive: Option<Dur>,
+    open_timeout: Option<Dur>,
+}
+
+/// `[[tunnel.forward]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ForwardFile {
+    listen: String,
+    to: String,
 }
 
 /// `[backend_tls]`: how the gateway verifies (and shows itself to) TLS backends.
@@ -457,7 +484,8 @@ impl Validator<'_> {
                 routes.push(route);
             }
         }
-        if routes.is_empty() && self.errors.is_empty() {
+        let tunnel = self.tunnel(raw.tunnel, &resolve);
+        if routes.is_empty() && self.errors.is_empty() && !(tunnel.agents() || tunnel.mux()) {
             self.errors.push(ConfigError {
                 file: self.file.to_string(),
                 line: 1,
@@ -479,6 +507,21 @@ impl Validator<'_> {
                 });
             }
         }
+        let agent_peers = routes
+            .iter()
+            .any(|r| matches!(&r.target, Target::Static(PeerAddr::Agent(_))));
+        if agent_peers && !tunnel.agents() {
+            let i = routes
+                .iter()
+                .position(|r| matches!(&r.target, Target::Static(PeerAddr::Agent(_))))
+                .unwrap_or(0);
+            self.error(
+                "route",
+                i,
+                "to",
+                "an agent:// peer needs agents: set [tunnel] agent_tokens".into(),
+            );
+        }
         Config {
             listeners,
             limits,
@@ -488,6 +531,68 @@ impl Validator<'_> {
             admin: raw.admin.map(|a| a.address),
             workers: raw.workers,
             backend_tls,
+            tunnel,
+        }
+    }
+
+    /// Checks `[tunnel]`: the token file is read and parsed now (its bad
+    /// line is named), patterns and forwards parsed, paths checked.
+    fn tunnel(&mut self, t: TunnelFile, resolve: &dyn Fn(PathBuf) -> PathBuf) -> Tunnel {
+        let fail = |v: &mut Self, key: &str, message: String| {
+            v.errors.push(ConfigError {
+                file: v.file.to_string(),
+                line: v.key_line(key),
+                column: 1,
+                key: format!("tunnel.{key}"),
+                message,
+            });
+        };
+        let d = Tunnel::default();
+        let agent_tokens = t.agent_tokens.map(resolve);
+        if let Some(p) = &agent_tokens {
+            if let Err(e) = check_tokens(p) {
+                fail(self, "agent_tokens", e);
+            }
+        }
+        let path = |v: &mut Self, key: &str, p: Option<String>, default: String| match p {
+            Some(p) if !p.starts_with('/') => {
+                fail(v, key, format!("`{p}` must start with `/`"));
+                default
+            }
+            Some(p) => p,
+            None => default,
+        };
+        let agent_path = path(self, "agent_path", t.agent_path, d.agent_path);
+        let request_path = path(self, "request_path", t.request_path, d.request_path);
+        let mux_path = path(self, "mux_path", t.mux_path, d.mux_path);
+        if let Err(e) = check_mux_allow(&t.mux_allow) {
+            fail(self, "mux_allow", e);
+        }
+        let mut forwards = vec![];
+        for (i, f) in t.forwards.into_iter().enumerate() {
+            match Forward::new(&f.listen, &f.to) {
+                Ok(f) => forwards.push(f),
+                Err(e) => self.error("tunnel.forward", i, "to", e.to_string()),
+            }
+        }
+        if !forwards.is_empty() && agent_tokens.is_none() {
+            self.error(
+                "tunnel.forward",
+                0,
+                "to",
+                "forwarding through agents needs agents: set [tunnel] agent_tokens".into(),
+            );
+        }
+        Tunnel {
+            agent_tokens,
+            agent_path,
+            request_path,
+            forward_proxy: t.forward_proxy.unwrap_or(d.forward_proxy),
+            mux_path,
+            mux_allow: t.mux_allow,
+            forwards,
+            keepalive: t.keepalive.and_then(|k| k.0).unwrap_or(d.keepalive),
+            open_timeout: t.open_timeout.and_then(|k| k.0).unwrap_or(d.open_timeout),
         }
     }
 

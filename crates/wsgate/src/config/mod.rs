@@ -26,6 +26,7 @@ pub use values::{
     parse_duration, parse_size, BackendAddr, Balance, Forwarding, IpNet, PeerAddr, RateSpec,
     RateSpecError, ScopeLimits, ValueError, ValueKind,
 };
+pub use wsgate_tunnel::proto::AgentDestination;
 
 /// The whole, validated configuration.
 #[derive(Debug, Clone)]
@@ -46,6 +47,129 @@ pub struct Config {
     /// files checked up front; `None`: the built-in Mozilla roots, no client
     /// certificate.
     pub backend_tls: Option<BackendTlsFiles>,
+    /// The reverse tunnel (`[tunnel]`): agents, `/request`, the forward
+    /// proxy, `--forward` listeners, `/mux`.
+    pub tunnel: Tunnel,
+}
+
+/// `[tunnel]`: agents behind NAT and what is relayed through them.
+#[derive(Debug, Clone)]
+pub struct Tunnel {
+    /// The agent token file (`ID TOKEN` lines, checked up front). Set, it
+    /// enables agent registration, `/request` and the forward proxy.
+    pub agent_tokens: Option<PathBuf>,
+    /// Where agents register (WebSocket).
+    pub agent_path: String,
+    /// The wsp-compatible relay (`X-PROXY-DESTINATION`).
+    pub request_path: String,
+    /// Whether absolute-form requests and CONNECT are served as a forward
+    /// proxy through the agents.
+    pub forward_proxy: bool,
+    /// `/mux`: the path, and what its streams may name (`--mux-allow`;
+    /// empty: `/mux` is off).
+    pub mux_path: String,
+    pub mux_allow: Vec<String>,
+    /// Listeners whose connections (or UDP flows) each become a stream to a
+    /// destination through an agent (`--forward`).
+    pub forwards: Vec<Forward>,
+    /// wsmux keepalive towards agents and `/mux` clients: a PING this often,
+    /// a link silent for twice this long is dead.
+    pub keepalive: Duration,
+    /// Time an agent has to answer a stream's open request (504 past it).
+    pub open_timeout: Duration,
+}
+
+impl Default for Tunnel {
+    fn default() -> Self {
+        Tunnel {
+            agent_tokens: None,
+            agent_path: "/agent".into(),
+            request_path: "/request".into(),
+            forward_proxy: true,
+            mux_path: "/mux".into(),
+            mux_allow: vec![],
+            forwards: vec![],
+            keepalive: Duration::from_secs(15),
+            open_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Tunnel {
+    /// Whether agents may register (and `/request` and the forward proxy run).
+    pub fn agents(&self) -> bool {
+        self.agent_tokens.is_some()
+    }
+
+    /// Whether `/mux` is served.
+    pub fn mux(&self) -> bool {
+        !self.mux_allow.is_empty()
+    }
+}
+
+/// `--forward LISTEN=agent://ID/PEER`: a TCP (or `udp://`) listener on the
+/// gateway; each connection (or UDP flow, by source) is one stream to PEER
+/// through agent ID.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward {
+    /// `HOST:PORT`.
+    pub listen: String,
+    pub udp: bool,
+    pub to: AgentDestination,
+}
+
+impl std::str::FromStr for Forward {
+    type Err = ValueError;
+
+    /// `[udp://|tcp://]HOST:PORT=agent://ID/SCHEME://HOST:PORT`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (listen, to) = s.split_once('=').ok_or_else(|| {
+            ValueError::new(
+                ValueKind::Forward,
+                format!(
+                    "invalid forward `{s}`: missing `=` \
+                     (expected [udp://]HOST:PORT=agent://ID/SCHEME://HOST:PORT)"
+                ),
+            )
+        })?;
+        Forward::new(listen, to)
+    }
+}
+
+impl Forward {
+    /// A forward from `listen` (`[udp://|tcp://]HOST:PORT`) to `to`
+    /// (`agent://ID/SCHEME://HOST:PORT`); the listener's kind must match the
+    /// destination's (`udp` with `udp`).
+    pub fn new(listen: &str, to: &str) -> Result<Forward, ValueError> {
+        let bad = |why: String| {
+            ValueError::new(
+                ValueKind::Forward,
+                format!(
+                    "invalid forward `{listen}={to}`: {why} \
+                     (expected [udp://]HOST:PORT=agent://ID/SCHEME://HOST:PORT)"
+                ),
+            )
+        };
+        let (udp, listen) = match listen.strip_prefix("udp://") {
+            Some(l) => (true, l),
+            None => (false, listen.strip_prefix("tcp://").unwrap_or(listen)),
+        };
+        if !listen.contains(':') {
+            return Err(bad(format!("`{listen}` is not HOST:PORT")));
+        }
+        let to: AgentDestination = to.parse().map_err(|e| bad(format!("{e}")))?;
+        let dest_udp = to.dest.scheme == wsgate_tunnel::proto::Scheme::Udp;
+        if udp != dest_udp {
+            return Err(bad(
+                "a udp:// listener forwards to udp:// and a TCP one to tcp:// or http://".into(),
+            ));
+        }
+        Ok(Forward {
+            listen: listen.to_string(),
+            udp,
+            to,
+        })
+    }
 }
 
 /// The most worker threads `workers` may ask for.
@@ -213,6 +337,22 @@ pub fn check_lookup(template: &str) -> Result<(), String> {
         rest = &rest[open + close + 1..];
     }
     Ok(())
+}
+
+/// Reads and parses an agent token file: `Err` names the file and the line.
+pub fn check_tokens(path: &std::path::Path) -> Result<(), String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    wsgate_tunnel::tokens::Tokens::parse(&text)
+        .map(|_| ())
+        .map_err(|e| format!("{}:{}: {}", path.display(), e.line, e.message))
+}
+
+/// Parses `/mux` allow patterns: `Err` names the first bad one.
+pub fn check_mux_allow(patterns: &[String]) -> Result<(), String> {
+    wsgate_tunnel::allow::AllowList::parse(patterns)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 /// `[backend_tls]`: the CA bundle backends' certificates must chain to

@@ -26,6 +26,7 @@ pub enum ValueKind {
     Peer,
     Backend,
     Balance,
+    Forward,
 }
 
 impl ValueError {
@@ -162,18 +163,24 @@ pub enum PeerAddr {
     UnixDgram(PathBuf),
     /// Built in: every message comes back unchanged.
     Echo,
+    /// A destination behind an agent of the reverse tunnel.
+    Agent(wsgate_tunnel::proto::AgentDestination),
 }
 
 impl PeerAddr {
     /// Stream peers get a framing function; datagram peers and `echo:` keep
     /// message boundaries as they are.
     pub fn is_stream(&self) -> bool {
-        matches!(self, PeerAddr::Tcp { .. } | PeerAddr::Unix(_))
+        match self {
+            PeerAddr::Tcp { .. } | PeerAddr::Unix(_) => true,
+            PeerAddr::Agent(a) => a.dest.scheme != wsgate_tunnel::proto::Scheme::Udp,
+            _ => false,
+        }
     }
 }
 
-const PEER_FORMS: &str =
-    "expected tcp://HOST:PORT, udp://HOST:PORT, unix:/PATH, unix-dgram:/PATH or echo:";
+const PEER_FORMS: &str = "expected tcp://HOST:PORT, udp://HOST:PORT, unix:/PATH, \
+     unix-dgram:/PATH, echo: or agent://ID/tcp://HOST:PORT";
 
 impl FromStr for PeerAddr {
     type Err = ValueError;
@@ -187,6 +194,12 @@ impl FromStr for PeerAddr {
         };
         if s == "echo:" || s == "echo" || s == "echo://" {
             return Ok(PeerAddr::Echo);
+        }
+        if s.starts_with("agent://") {
+            return s
+                .parse()
+                .map(PeerAddr::Agent)
+                .map_err(|e: wsgate_tunnel::proto::ProtoError| bad(&e.to_string()));
         }
         let host_port = |rest: &str| -> Result<(String, u16), ValueError> {
             let (host, port) = rest.rsplit_once(':').ok_or_else(|| bad("missing :PORT"))?;
@@ -243,6 +256,7 @@ impl fmt::Display for PeerAddr {
             PeerAddr::Unix(p) => write!(f, "unix:{}", p.display()),
             PeerAddr::UnixDgram(p) => write!(f, "unix-dgram:{}", p.display()),
             PeerAddr::Echo => f.write_str("echo:"),
+            PeerAddr::Agent(a) => a.fmt(f),
         }
     }
 }
@@ -551,6 +565,10 @@ mod tests {
             ("unix:///run/x.sock", "unix:/run/x.sock"),
             ("unix-dgram:/run/d.sock", "unix-dgram:/run/d.sock"),
             ("echo:", "echo:"),
+            (
+                "agent://site-a/tcp://127.0.0.1:6379",
+                "agent://site-a/tcp://127.0.0.1:6379",
+            ),
         ];
         for (input, shown) in cases {
             let p: PeerAddr = input.parse().unwrap();
@@ -569,6 +587,8 @@ mod tests {
             "http://a:1",
             "unix:",
             "tcp://h:0",
+            "agent://site-a",
+            "agent://../tcp://h:1",
         ] {
             let e = bad.parse::<PeerAddr>().unwrap_err();
             let e = e.to_string();

@@ -52,6 +52,13 @@ pub fn refusal(e: &Error) -> Response<Body> {
     if let Some(secs) = e.retry_after_secs() {
         h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
+    if let Some(c) = e
+        .challenge
+        .as_deref()
+        .and_then(|c| HeaderValue::from_str(c).ok())
+    {
+        h.insert(header::WWW_AUTHENTICATE, c);
+    }
     match e.kind {
         Kind::MethodNotAllowed => {
             h.insert(header::ALLOW, HeaderValue::from_static("GET"));

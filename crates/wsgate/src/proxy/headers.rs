@@ -221,7 +221,7 @@ pub(super) fn forwarded<'a>(
 }
 
 /// Replaces the forwarding headers of `h` with ours.
-pub(super) fn add_forwarded(
+pub(crate) fn add_forwarded(
     policy: &Forwarding,
     h: &mut HeaderMap,
     remote: SocketAddr,

@@ -15,11 +15,10 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn, Instrument};
 
-use super::hyper::Rewind;
 use crate::gateway::{Conn, Gateway};
 use crate::http::handshake;
 use crate::http::{h1 as http1, Body};
-use crate::io::ClientIo;
+use crate::io::{ClientIo, Rewind};
 use crate::open::{Answer, Opened, Request};
 
 impl Gateway {
@@ -161,6 +160,8 @@ impl Gateway {
                 return Some(opened);
             }
             Answer::Respond(r) => r,
+            // A CONNECT is read by hyper, never by this reader.
+            Answer::Tunnel(r, _) => r,
         };
         if let Err(e) = write_answer(io, answer).await {
             debug!("writing the answer failed: {e}");

@@ -4,9 +4,7 @@
 //! through the request path; WebSockets run once hyper hands over the socket.
 
 use std::convert::Infallible;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,14 +13,14 @@ use hyper::body::Incoming;
 use hyper::server::conn::{http1 as hyper_h1, http2 as hyper_h2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tracing::debug;
 
 use crate::gateway::{Conn, Gateway};
 use crate::http::Body;
-use crate::io::ClientIo;
+use crate::io::{ClientIo, Rewind};
 use crate::open::{Answer, Opened, Request};
 
 impl Gateway {
@@ -107,6 +105,12 @@ impl Gateway {
                     .spawn(run_after(opened, on_upgrade));
                 accepted.into_response()
             }
+            Answer::Tunnel(response, opened) => {
+                self.workers[c.worker]
+                    .tracker
+                    .spawn(run_after(opened, on_upgrade));
+                response
+            }
         }
     }
 }
@@ -119,64 +123,6 @@ async fn run_after(opened: Opened, on_upgrade: hyper::upgrade::OnUpgrade) {
             opened.run(client, leftover).await
         }
         Err(e) => debug!(parent: opened.span(), "upgrade failed: {e}"),
-    }
-}
-
-/// A connection whose first bytes were already read: they are read again
-/// first. How hyper gets a connection whose request head we looked at.
-pub struct Rewind<T> {
-    prefix: Bytes,
-    inner: T,
-}
-
-impl<T> Rewind<T> {
-    pub(super) fn new(prefix: Bytes, inner: T) -> Self {
-        Rewind { prefix, inner }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            buf.put_slice(&self.prefix.split_to(n));
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

@@ -4,6 +4,144 @@
 //!
 //! The wire format and the allow patterns are the `wsgate-tunnel` crate's
 //! (sans-IO, shared with `wsgate agent` and the fuzz targets), re-exported
-//! here as [`proto`] and [`allow`].
+//! here as [`proto`] and [`allow`]. The rest, by role:
+//!
+//! * [`registry`]: the agent connections this gateway holds, and opening a
+//!   stream through one (least loaded first, retried on another connection
+//!   when one dies before its agent answered);
+//! * [`agents`]: serving a registered agent's WebSocket;
+//! * [`http`]: `/request` and the forward proxy (absolute-form requests and
+//!   CONNECT), HTTP/1.1 spoken over a stream;
+//! * [`forward`]: `--forward` TCP and UDP listeners;
+//! * [`mux`]: `/mux`, streams a client opens to any allowed destination;
+//! * [`splice`], [`datagram`]: copying bytes and datagrams between a stream
+//!   and a socket.
+//!
+//! Every request that reaches these goes through the request path's phases
+//! (`open.rs`) like any other: routed, admitted, authenticated (an agent by
+//! its token), then connected here.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ::http::request::Parts;
 
 pub use wsgate_tunnel::{allow, proto};
+
+pub mod agents;
+pub mod datagram;
+pub mod forward;
+pub mod http;
+pub mod mux;
+pub mod registry;
+pub mod splice;
+
+use crate::auth::Identity;
+use crate::config;
+use crate::error::{Error, Kind};
+use crate::metrics::Metrics;
+use allow::AllowList;
+use proto::Destination;
+use registry::{AgentStream, Registry};
+use wsgate_tunnel::tokens::{Tokens, Verdict};
+
+/// The tunnel's runtime: the registry, the token file, the `/mux` rules.
+pub struct Tunnel {
+    pub registry: Arc<Registry>,
+    tokens: Tokens,
+    pub mux_allow: AllowList,
+    pub config: config::Tunnel,
+    pub metrics: Metrics,
+}
+
+/// The wsmux settings of agent and `/mux` sessions: keepalive every
+/// `keepalive`, a link silent for two of them is dead; up to 4,096 streams,
+/// and receive windows of at most 1 GiB in all (a stream's window is 256 KiB
+/// to start: a stalled reader holds at most its window).
+pub fn mux_config(keepalive: Duration) -> wsmux::Config {
+    wsmux::Config {
+        keepalive_interval: Some(keepalive),
+        keepalive_timeout: keepalive * 2,
+        max_streams: 4096,
+        accept_backlog: 1024,
+        max_session_memory: 1 << 30,
+        ..wsmux::Config::default()
+    }
+}
+
+impl Tunnel {
+    /// The runtime of `config` (the token file is read here).
+    pub fn new(config: &config::Tunnel, metrics: Metrics) -> anyhow::Result<Tunnel> {
+        use anyhow::Context as _;
+        let tokens = match &config.agent_tokens {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("cannot read {}", p.display()))?;
+                Tokens::parse(&text).map_err(|e| anyhow::anyhow!("{}:{e}", p.display()))?
+            }
+            None => Tokens::default(),
+        };
+        Ok(Tunnel {
+            registry: Arc::new(Registry::default()),
+            tokens,
+            mux_allow: AllowList::parse(&config.mux_allow)?,
+            config: config.clone(),
+            metrics,
+        })
+    }
+
+    /// The authentication phase of an agent's registration: its Bearer token
+    /// must own the id it registers (401 without a known token, 403 for an
+    /// id the token does not own).
+    pub fn authenticate_agent(&self, head: &Parts) -> Result<Identity, Error> {
+        let challenge = "Bearer realm=\"wsgate-agent\"";
+        let token = head
+            .headers
+            .get(::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                let (scheme, rest) = v.trim().split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+            });
+        let Some(token) = token else {
+            return Err(Error::client(
+                Kind::Unauthenticated,
+                "an agent registers with `Authorization: Bearer TOKEN`",
+            )
+            .challenge(challenge));
+        };
+        let id = head
+            .headers
+            .get(proto::ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        match self.tokens.check(token, id) {
+            Verdict::Owns => Ok(Identity::subject(id)),
+            Verdict::UnknownToken => {
+                Err(Error::client(Kind::Unauthenticated, "unknown agent token")
+                    .challenge(challenge))
+            }
+            Verdict::NotOwner => Err(Error::client(
+                Kind::Forbidden,
+                format!("this token may not register agent id `{id}`"),
+            )),
+        }
+    }
+
+    /// Opens a stream to `dest` through agent `id` (or any agent whose allow
+    /// list covers it), counting its outcome under `via`.
+    pub async fn open(
+        &self,
+        id: Option<&str>,
+        dest: &Destination,
+        via: &'static str,
+    ) -> Result<AgentStream, Error> {
+        let r = self.registry.open(id, dest, self.config.open_timeout).await;
+        let outcome = match &r {
+            Ok(_) => "ok",
+            Err(e) => e.kind.label().unwrap_or("failed"),
+        };
+        self.metrics.tunnel_stream(via, outcome);
+        r
+    }
+}

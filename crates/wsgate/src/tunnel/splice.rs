@@ -1,0 +1,252 @@
+//! Copying two byte streams into each other, with half-close, holding no
+//! buffer while idle.
+//!
+//! `tokio::io::copy_bidirectional` keeps a buffer per direction for the
+//! whole life of the pair (16 KiB at its default size): over a thousand idle
+//! tunnel streams that is most of the memory they hold. Here a direction
+//! reads into the worker thread's scratch buffer, writes what it read at
+//! once, and only when the writer cannot take all of it keeps the rest in a
+//! buffer of its own, freed when written. An idle pair holds nothing but its
+//! two streams.
+//!
+//! A source's EOF becomes a `shutdown` (FIN) of the other side, and the
+//! copy goes on the other way (half-close) until both directions ended; an
+//! error in either direction ends both.
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Bytes read at once.
+const SCRATCH: usize = 64 * 1024;
+
+thread_local! {
+    /// The scratch buffer every copy on this thread reads into: used within
+    /// one `poll` only, never across a `Pending`.
+    static SCRATCH_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH].into_boxed_slice());
+}
+
+/// How a splice ended.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Copied {
+    /// Bytes from `a` to `b`.
+    pub a_to_b: u64,
+    /// Bytes from `b` to `a`.
+    pub b_to_a: u64,
+}
+
+#[derive(Default)]
+struct Direction {
+    /// Bytes read but not yet written (only while the writer lags).
+    pending: Vec<u8>,
+    written: usize,
+    /// The source ended; the writer's shutdown is under way or done.
+    eof: bool,
+    done: bool,
+    bytes: u64,
+}
+
+impl Direction {
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut src: Pin<&mut R>,
+        mut dst: Pin<&mut W>,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        loop {
+            if self.done {
+                return Poll::Ready(Ok(()));
+            }
+            while self.written < self.pending.len() {
+                let n = ready!(dst.as_mut().poll_write(cx, &self.pending[self.written..]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.written += n;
+                self.bytes += n as u64;
+            }
+            if !self.pending.is_empty() {
+                // Written: an idle direction holds no buffer.
+                self.pending = Vec::new();
+                self.written = 0;
+                ready!(dst.as_mut().poll_flush(cx))?;
+            }
+            if self.eof {
+                ready!(dst.as_mut().poll_shutdown(cx))?;
+                self.done = true;
+                return Poll::Ready(Ok(()));
+            }
+            let step = SCRATCH_BUF.with(|s| -> Poll<io::Result<()>> {
+                let mut scratch = s.borrow_mut();
+                let mut rb = ReadBuf::new(&mut scratch[..]);
+                ready!(src.as_mut().poll_read(cx, &mut rb))?;
+                let got = rb.filled().len();
+                if got == 0 {
+                    self.eof = true;
+                    return Poll::Ready(Ok(()));
+                }
+                // Written at once where the writer takes it; the rest kept.
+                let mut off = 0;
+                while off < got {
+                    match dst.as_mut().poll_write(cx, &scratch[off..got]) {
+                        Poll::Ready(Ok(0)) => {
+                            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()))
+                        }
+                        Poll::Ready(Ok(n)) => off += n,
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        Poll::Pending => break,
+                    }
+                }
+                self.bytes += off as u64;
+                if off < got {
+                    self.pending.extend_from_slice(&scratch[off..got]);
+                }
+                Poll::Ready(Ok(()))
+            });
+            ready!(step)?;
+        }
+    }
+}
+
+/// Copies `a` into `b` and `b` into `a` until both directions have ended
+/// (see the module docs); the bytes each way, or the first error.
+pub fn splice<'a, A, B>(a: &'a mut A, b: &'a mut B) -> Splice<'a, A, B>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    Splice {
+        a,
+        b,
+        ab: Direction::default(),
+        ba: Direction::default(),
+    }
+}
+
+/// The future of [`splice`].
+pub struct Splice<'a, A: ?Sized, B: ?Sized> {
+    a: &'a mut A,
+    b: &'a mut B,
+    ab: Direction,
+    ba: Direction,
+}
+
+impl<A, B> Future for Splice<'_, A, B>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    type Output = Result<Copied, (io::Error, Copied)>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        let copied = |t: &Self| Copied {
+            a_to_b: t.ab.bytes,
+            b_to_a: t.ba.bytes,
+        };
+        let ab = this
+            .ab
+            .poll_copy(cx, Pin::new(&mut *this.a), Pin::new(&mut *this.b));
+        if let Poll::Ready(Err(e)) = ab {
+            return Poll::Ready(Err((e, copied(this))));
+        }
+        let ba = this
+            .ba
+            .poll_copy(cx, Pin::new(&mut *this.b), Pin::new(&mut *this.a));
+        if let Poll::Ready(Err(e)) = ba {
+            return Poll::Ready(Err((e, copied(this))));
+        }
+        if this.ab.done && this.ba.done {
+            Poll::Ready(Ok(copied(this)))
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn both_ways_with_half_close_and_a_slow_writer() {
+        // a <-> (ax | bx) <-> b, with small pipes so writers lag.
+        let (mut a, mut ax) = duplex(1024);
+        let (mut bx, mut b) = duplex(1024);
+        let relay = tokio::spawn(async move { splice(&mut ax, &mut bx).await });
+        let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let sent = big.clone();
+        let writer = tokio::spawn(async move {
+            a.write_all(&sent).await.unwrap();
+            a.shutdown().await.unwrap(); // half-close: the reply still comes
+            let mut back = vec![];
+            a.read_to_end(&mut back).await.unwrap();
+            back
+        });
+        let mut got = vec![];
+        b.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, big);
+        b.write_all(b"reply after the FIN").await.unwrap();
+        b.shutdown().await.unwrap();
+        assert_eq!(writer.await.unwrap(), b"reply after the FIN");
+        let copied = relay.await.unwrap().unwrap();
+        assert_eq!(
+            copied,
+            Copied {
+                a_to_b: 300_000,
+                b_to_a: 19
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn an_error_on_one_side_ends_both() {
+        let (a, mut ax) = duplex(64);
+        let (mut bx, b) = duplex(64);
+        drop(b); // writes towards b fail
+        let mut a = a;
+        a.write_all(b"x").await.unwrap();
+        let r = splice(&mut ax, &mut bx).await;
+        assert!(r.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_lagging_writer_is_buffered_then_the_buffer_is_freed() {
+        let (mut src_w, mut src) = duplex(1 << 20);
+        let (mut dst, mut dst_r) = duplex(100);
+        src_w.write_all(&[7u8; 1000]).await.unwrap();
+        let mut d = Direction::default();
+        // The writer takes 100 of 1,000 bytes: the rest waits in a buffer.
+        let p = std::future::poll_fn(|cx| {
+            Poll::Ready(d.poll_copy(cx, Pin::new(&mut src), Pin::new(&mut dst)))
+        })
+        .await;
+        assert!(p.is_pending());
+        assert_eq!((d.pending.len(), d.written, d.bytes), (900, 0, 100));
+        // The reader drains it; once all is written no buffer is held.
+        let mut got = vec![0u8; 1000];
+        let drain = tokio::spawn(async move {
+            dst_r.read_exact(&mut got).await.unwrap();
+            got
+        });
+        std::future::poll_fn(
+            |cx| match d.poll_copy(cx, Pin::new(&mut src), Pin::new(&mut dst)) {
+                Poll::Pending if d.pending.is_empty() => Poll::Ready(()),
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(r) => panic!("ended: {r:?}"),
+            },
+        )
+        .await;
+        assert_eq!(drain.await.unwrap(), vec![7u8; 1000]);
+        assert_eq!((d.pending.capacity(), d.bytes), (0, 1000));
+    }
+}
