@@ -1,4 +1,4 @@
-//! The command line: `wsgate serve` and `wsgate check`.
+//! The command line: `wsgate serve`, `wsgate check` and `wsgate agent`.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -36,6 +36,13 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Run a tunnel agent: dial out to a gateway, register under an id, and
+    /// serve the streams the gateway opens, each checked against --allow.
+    ///
+    /// Prints `agent ID registered at URL` on stdout once the first connection
+    /// is registered. SIGINT/SIGTERM: GOAWAY, wait for open streams (--drain),
+    /// exit 0. A registration refused with 400, 401 or 403 exits 1.
+    Agent(Box<AgentArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -119,6 +126,7 @@ pub fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        Command::Agent(args) => agent_main(&args),
         Command::Serve(args) => {
             let _log_guard = init_logging(&args.log);
             let config = match build_config(&args) {
@@ -303,6 +311,126 @@ impl Signals {
         tokio::select! {
             _ = self.term.recv() => {}
             _ = self.int.recv() => {}
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+struct AgentArgs {
+    /// The gateway's agent registration URL, ws:// or wss:// (e.g.
+    /// ws://gw.example:8080/agent).
+    #[arg(long, value_name = "URL")]
+    server: String,
+    /// The id to register under: 1-64 of A-Z a-z 0-9 . _ -, not starting with a dot.
+    #[arg(long)]
+    id: String,
+    /// A file holding the bearer token the gateway's agent token file lists
+    /// for this id (surrounding whitespace is ignored).
+    #[arg(long, value_name = "FILE")]
+    token_file: PathBuf,
+    /// A destination streams may reach, SCHEME://HOST:PORT: SCHEME tcp, udp,
+    /// http or *; HOST a name glob (*.internal), an address or a CIDR block
+    /// (10.0.0.0/8, [fd00::/8]); PORT a number, a range (8000-8100) or *.
+    /// Repeatable; nothing is allowed without one.
+    #[arg(long = "allow", value_name = "PATTERN")]
+    allow: Vec<String>,
+    /// WebSockets kept registered at once, each with its own reconnect loop.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pool: u16,
+    /// PEM CA certificates the gateway's certificate must chain to (wss://;
+    /// default: the built-in Mozilla roots).
+    #[arg(long, value_name = "PEM")]
+    ca: Option<PathBuf>,
+    /// PEM client certificate chain shown to the gateway (mutual TLS).
+    #[arg(long, value_name = "PEM", requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// PEM private key for --client-cert.
+    #[arg(long, value_name = "PEM", requires = "client_cert")]
+    client_key: Option<PathBuf>,
+    /// Ping the gateway this often (wsmux PING); a gateway silent for two
+    /// intervals is declared dead and the connection dialed again. `off`
+    /// disables it.
+    #[arg(long, default_value = "15s", value_name = "DURATION")]
+    keepalive: String,
+    /// On SIGTERM/SIGINT, wait this long for open streams to finish.
+    #[arg(long, default_value = "10s", value_name = "DURATION")]
+    drain: String,
+    /// Resolving and connecting to a destination; past it the stream is
+    /// answered TIMEOUT.
+    #[arg(long, default_value = "10s", value_name = "DURATION")]
+    connect_timeout: String,
+    /// Log filter (also RUST_LOG), e.g. info, debug, wsgate=trace. Logs go to stderr.
+    #[arg(long, env = "WSGATE_LOG", default_value = "info")]
+    log: String,
+}
+
+fn tls_files(
+    ca: &Option<PathBuf>,
+    cert: &Option<PathBuf>,
+    key: &Option<PathBuf>,
+) -> crate::agent::dial::TlsFiles {
+    crate::agent::dial::TlsFiles {
+        ca: ca.clone(),
+        identity: cert.clone().zip(key.clone()),
+    }
+}
+
+fn duration_arg(flag: &str, s: &str) -> anyhow::Result<Option<std::time::Duration>> {
+    config::parse_duration(s).map_err(|e| anyhow::anyhow!("{flag}: {e}"))
+}
+
+fn agent_config(a: &AgentArgs) -> anyhow::Result<crate::agent::Config> {
+    use crate::tunnel::allow::AllowList;
+    let server = a
+        .server
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--server: {e}"))?;
+    crate::tunnel::proto::parse_id(&a.id).map_err(|e| anyhow::anyhow!("--id: {e}"))?;
+    let token = std::fs::read_to_string(&a.token_file)
+        .with_context(|| format!("--token-file: cannot read {}", a.token_file.display()))?
+        .trim()
+        .to_string();
+    crate::agent::check_token(&token)
+        .map_err(|e| anyhow::anyhow!("--token-file {}: {e}", a.token_file.display()))?;
+    let allow = AllowList::parse(&a.allow).map_err(|e| anyhow::anyhow!("--allow: {e}"))?;
+    Ok(crate::agent::Config {
+        server,
+        id: a.id.clone(),
+        token,
+        allow,
+        tls: tls_files(&a.ca, &a.client_cert, &a.client_key),
+        pool: a.pool.into(),
+        keepalive: duration_arg("--keepalive", &a.keepalive)?,
+        drain: duration_arg("--drain", &a.drain)?.unwrap_or_default(),
+        connect_timeout: duration_arg("--connect-timeout", &a.connect_timeout)?
+            .context("--connect-timeout: must be more than 0")?,
+    })
+}
+
+fn agent_main(a: &AgentArgs) -> ExitCode {
+    let _log_guard = init_logging(&a.log);
+    let agent = match agent_config(a).and_then(crate::agent::Agent::new) {
+        Ok(agent) => agent,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let result = rt.block_on(async {
+        let signals = Signals::new()?;
+        agent.run(signals.wait()).await
+    });
+    // Name lookups run on blocking threads that cannot be cancelled.
+    rt.shutdown_timeout(std::time::Duration::from_millis(500));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
         }
     }
 }

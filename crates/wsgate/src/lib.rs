@@ -26,6 +26,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+mod agent;
 pub mod auth;
 mod bridge;
 pub mod cli;
