@@ -1,4 +1,5 @@
-//! The command line: `wsgate serve`, `wsgate check` and `wsgate agent`.
+//! The command line: `wsgate serve`, `wsgate check`, `wsgate agent` and
+//! `wsgate connect`.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -43,6 +44,12 @@ enum Command {
     /// is registered. SIGINT/SIGTERM: GOAWAY, wait for open streams (--drain),
     /// exit 0. A registration refused with 400, 401 or 403 exits 1.
     Agent(Box<AgentArgs>),
+    /// Reach a destination through a gateway's /mux: listen locally (or use
+    /// stdin/stdout) and carry each connection as one stream.
+    ///
+    /// With --listen, prints `listening on tcp://HOST:PORT` (or udp://) once
+    /// bound. With --stdio, stdout carries only the stream's bytes.
+    Connect(Box<ConnectArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -127,6 +134,7 @@ pub fn main() -> ExitCode {
             }
         },
         Command::Agent(args) => agent_main(&args),
+        Command::Connect(args) => connect_main(&args),
         Command::Serve(args) => {
             let _log_guard = init_logging(&args.log);
             let config = match build_config(&args) {
@@ -364,6 +372,45 @@ struct AgentArgs {
     log: String,
 }
 
+#[derive(Debug, Args)]
+struct ConnectArgs {
+    /// The gateway's /mux URL, ws:// or wss:// (e.g. ws://gw.example:8080/mux).
+    #[arg(value_name = "URL")]
+    url: String,
+    /// What each stream reaches: agent://ID/SCHEME://HOST:PORT (through an
+    /// agent) or tcp://HOST:PORT, udp://HOST:PORT (reached by the gateway).
+    #[arg(long, value_name = "TARGET")]
+    to: String,
+    /// Listen on HOST:PORT (port 0 picks a free one): TCP, or UDP for a
+    /// udp:// target; one stream per connection (or client address).
+    #[arg(long, value_name = "HOST:PORT", required_unless_present = "stdio")]
+    listen: Option<String>,
+    /// Use stdin/stdout as the one stream (e.g. an ssh ProxyCommand); EOF on
+    /// stdin half-closes it. Logs go to stderr.
+    #[arg(long, conflicts_with = "listen")]
+    stdio: bool,
+    /// PEM CA certificates the gateway's certificate must chain to (wss://;
+    /// default: the built-in Mozilla roots).
+    #[arg(long, value_name = "PEM")]
+    ca: Option<PathBuf>,
+    /// PEM client certificate chain shown to the gateway (mutual TLS).
+    #[arg(long, value_name = "PEM", requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// PEM private key for --client-cert.
+    #[arg(long, value_name = "PEM", requires = "client_cert")]
+    client_key: Option<PathBuf>,
+    /// Sent as `Authorization: Bearer TOKEN` (also WSGATE_TOKEN).
+    #[arg(long, env = "WSGATE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Ping the gateway this often; a gateway silent for two intervals is
+    /// declared dead. `off` disables it.
+    #[arg(long, default_value = "15s", value_name = "DURATION")]
+    keepalive: String,
+    /// Log filter (also RUST_LOG); default info, warn with --stdio. Logs go to stderr.
+    #[arg(long, env = "WSGATE_LOG")]
+    log: Option<String>,
+}
+
 fn tls_files(
     ca: &Option<PathBuf>,
     cert: &Option<PathBuf>,
@@ -426,6 +473,53 @@ fn agent_main(a: &AgentArgs) -> ExitCode {
     });
     // Name lookups run on blocking threads that cannot be cancelled.
     rt.shutdown_timeout(std::time::Duration::from_millis(500));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn connect_config(a: &ConnectArgs) -> anyhow::Result<crate::connect::Config> {
+    use crate::connect::Mode;
+    let url = a.url.parse().map_err(|e| anyhow::anyhow!("URL: {e}"))?;
+    let target = a.to.parse().map_err(|e| anyhow::anyhow!("--to: {e}"))?;
+    let mode = match &a.listen {
+        Some(l) => Mode::Listen(l.clone()),
+        None => Mode::Stdio,
+    };
+    Ok(crate::connect::Config {
+        url,
+        target,
+        mode,
+        tls: tls_files(&a.ca, &a.client_cert, &a.client_key),
+        token: a.token.as_ref().map(|t| t.trim().to_string()),
+        keepalive: duration_arg("--keepalive", &a.keepalive)?,
+    })
+}
+
+fn connect_main(a: &ConnectArgs) -> ExitCode {
+    let default_log = if a.stdio { "warn" } else { "info" };
+    let _log_guard = init_logging(a.log.as_deref().unwrap_or(default_log));
+    let client = match connect_config(a).and_then(crate::connect::Client::new) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let result = rt.block_on(async {
+        let signals = Signals::new()?;
+        client.run(signals.wait()).await
+    });
+    // A read of stdin may be blocked on its thread for good.
+    rt.shutdown_background();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

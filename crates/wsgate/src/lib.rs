@@ -31,6 +31,7 @@ pub mod auth;
 mod bridge;
 pub mod cli;
 pub mod config;
+mod connect;
 pub mod error;
 mod gateway;
 pub mod http;

@@ -5,7 +5,7 @@
 //! endpoint that answers open requests and echoes. Loopback, ephemeral
 //! ports; every wait is bounded.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 use wsgate::tunnel::proto::{self, Reply, Status};
 use wsmux::{Session, Stream, WsTransport};
@@ -836,5 +836,209 @@ async fn argument_errors_exit_2_before_anything_is_dialed() {
         assert_eq!(status.code(), Some(2), "{args:?}");
         assert!(p.stderr().contains(says), "{args:?}: {}", p.stderr());
     }
+    let mut p = Proc::start(&["connect", &url, "--to", "ftp://x:1", "--stdio"]);
+    assert_eq!(p.exit().await.code(), Some(2));
+    assert!(p.stderr().contains("--to"), "{}", p.stderr());
     assert!(gw.accept().is_err(), "something was dialed");
+}
+
+// ---------------------------------------------------------------------------
+// `wsgate connect` against a fake `/mux`.
+
+/// A `/mux` endpoint: checks the token, answers each open request for
+/// `expect` with OK and echoes the stream (or its datagrams); anything
+/// else is answered NOT_ALLOWED.
+async fn fake_mux(expect: &'static str) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = l.accept().await {
+            let (head, rest) = read_head(&mut tcp).await;
+            assert_eq!(head.path, "/mux");
+            assert_eq!(head.get("authorization"), Some("Bearer mux-token"));
+            let session = Arc::new(upgrade(tcp, &head, proto::MUX_PROTOCOL, &rest).await);
+            tokio::spawn(async move {
+                while let Ok(s) = session.accept().await {
+                    tokio::spawn(mux_stream(s, expect));
+                }
+            });
+        }
+    });
+    addr
+}
+
+async fn mux_stream(mut s: Stream, expect: &str) {
+    let mut buf = BytesMut::new();
+    let text = loop {
+        if let Some(t) = proto::decode_open(&mut buf).unwrap() {
+            break t;
+        }
+        if s.read_buf(&mut buf).await.unwrap() == 0 {
+            return;
+        }
+    };
+    let mut wire = BytesMut::new();
+    if text != expect {
+        Reply::refuse(Status::NotAllowed, format!("{text} is not allowed here")).encode(&mut wire);
+        s.write_all(&wire).await.unwrap();
+        let _ = s.shutdown().await;
+        let _ = s.read_to_end(&mut Vec::new()).await;
+        return;
+    }
+    Reply::ok().encode(&mut wire);
+    s.write_all(&wire).await.unwrap();
+    if text.contains("udp://") {
+        // Echo framed datagrams as they are, until FIN.
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = s.read(&mut chunk).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            s.write_all(&chunk[..n]).await.unwrap();
+        }
+    } else {
+        let mut data = Vec::new();
+        s.read_to_end(&mut data).await.unwrap();
+        s.write_all(&data).await.unwrap();
+    }
+    let _ = s.shutdown().await;
+    let _ = s.read_to_end(&mut Vec::new()).await;
+}
+
+#[tokio::test]
+async fn connect_stdio_is_one_stream_with_half_close() {
+    let target = "agent://site-a/tcp://10.0.0.5:22";
+    let mux = fake_mux(target).await;
+    let url = format!("ws://{mux}/mux");
+    let mut p = Proc::spawn(
+        &[
+            "connect",
+            &url,
+            "--to",
+            target,
+            "--stdio",
+            "--token",
+            "mux-token",
+        ],
+        Stdio::piped(),
+        false,
+    );
+    let child = p.child.as_mut().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7) as u8).collect();
+    let sent = data.clone();
+    let writer = std::thread::spawn(move || {
+        stdin.write_all(&sent).unwrap();
+        // Dropping stdin is the EOF: the stream is half-closed and the
+        // echo comes back.
+    });
+    let reader = tokio::task::spawn_blocking(move || {
+        let mut back = Vec::new();
+        stdout.read_to_end(&mut back).unwrap();
+        back
+    });
+    let back = within("the echo on stdout", reader).await.unwrap();
+    writer.join().unwrap();
+    assert_eq!(back.len(), data.len());
+    assert!(back == data, "stdout carries only the stream's bytes");
+    assert_eq!(p.exit().await.code(), Some(0), "{}", p.stderr());
+}
+
+#[tokio::test]
+async fn connect_listen_opens_a_stream_per_connection() {
+    let target = "tcp://127.0.0.1:7";
+    let mux = fake_mux(target).await;
+    let url = format!("ws://{mux}/mux");
+    let mut p = Proc::start(&[
+        "connect",
+        &url,
+        "--to",
+        target,
+        "--listen",
+        "127.0.0.1:0",
+        "--token",
+        "mux-token",
+    ]);
+    let line = p.line().await;
+    let addr = line
+        .strip_prefix("listening on tcp://")
+        .unwrap_or_else(|| panic!("{line}"))
+        .to_string();
+    assert!(!addr.ends_with(":0"), "{addr}");
+    for i in 0..3 {
+        let mut c = TcpStream::connect(&addr).await.unwrap();
+        let msg = format!("connection {i}");
+        c.write_all(msg.as_bytes()).await.unwrap();
+        c.shutdown().await.unwrap();
+        let mut back = String::new();
+        within("the echo", c.read_to_string(&mut back))
+            .await
+            .unwrap();
+        assert_eq!(back, msg);
+    }
+}
+
+#[tokio::test]
+async fn connect_listen_reports_a_refusal_and_closes_the_connection() {
+    let mux = fake_mux("tcp://127.0.0.1:7").await;
+    let url = format!("ws://{mux}/mux");
+    let mut p = Proc::start(&[
+        "connect",
+        &url,
+        "--to",
+        "agent://site-a/tcp://10.0.0.5:23",
+        "--listen",
+        "127.0.0.1:0",
+        "--token",
+        "mux-token",
+    ]);
+    let line = p.line().await;
+    let addr = line
+        .strip_prefix("listening on tcp://")
+        .unwrap()
+        .to_string();
+    let mut c = TcpStream::connect(&addr).await.unwrap();
+    let mut back = Vec::new();
+    // Closed (reset) without a byte.
+    let r = within("the close", c.read_to_end(&mut back)).await;
+    assert!(back.is_empty(), "{r:?}");
+    p.stderr_line("refused: NOT_ALLOWED: agent://site-a/tcp://10.0.0.5:23 is not allowed here")
+        .await;
+}
+
+#[tokio::test]
+async fn connect_listen_udp_is_one_stream_per_client_address() {
+    let target = "agent://site-a/udp://10.0.0.2:53";
+    let mux = fake_mux(target).await;
+    let url = format!("ws://{mux}/mux");
+    let mut p = Proc::start(&[
+        "connect",
+        &url,
+        "--to",
+        target,
+        "--listen",
+        "127.0.0.1:0",
+        "--token",
+        "mux-token",
+    ]);
+    let line = p.line().await;
+    let addr = line
+        .strip_prefix("listening on udp://")
+        .unwrap_or_else(|| panic!("{line}"))
+        .to_string();
+    for client in 0..2 {
+        let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        c.connect(&addr).await.unwrap();
+        for i in 0..3 {
+            let msg = format!("client {client} datagram {i}");
+            c.send(msg.as_bytes()).await.unwrap();
+            let mut buf = [0u8; 100];
+            let n = within("the echoed datagram", c.recv(&mut buf))
+                .await
+                .unwrap();
+            assert_eq!(&buf[..n], msg.as_bytes());
+        }
+    }
 }

@@ -10,13 +10,15 @@
 
 use std::future::poll_fn;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UdpSocket};
+use tokio::sync::mpsc;
 
 use crate::tunnel::proto;
 
@@ -192,6 +194,14 @@ pub async fn finish<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) {
 pub enum Udp<'a> {
     /// A socket connected to the destination (the agent's side).
     Connected(&'a UdpSocket),
+    /// One client's flow on a shared listening socket (`wsgate connect
+    /// --listen` with a `udp://` target): its datagrams arrive through `rx`,
+    /// answers go to `peer`.
+    Flow {
+        socket: &'a UdpSocket,
+        peer: SocketAddr,
+        rx: &'a mut mpsc::Receiver<Bytes>,
+    },
 }
 
 impl Udp<'_> {
@@ -207,12 +217,18 @@ impl Udp<'_> {
                     Err(e) => return Err(e),
                 }
             },
+            Udp::Flow { rx, .. } => Ok(rx.recv().await.map(|d| {
+                let n = d.len().min(buf.len());
+                buf[..n].copy_from_slice(&d[..n]);
+                n
+            })),
         }
     }
 
     async fn send(&self, d: &[u8]) -> io::Result<()> {
         let r = match self {
             Udp::Connected(s) => s.send(d).await.map(drop),
+            Udp::Flow { socket, peer, .. } => socket.send_to(d, *peer).await.map(drop),
         };
         match r {
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Ok(()),
