@@ -623,6 +623,42 @@ async fn sigterm_sends_goaway_lets_open_streams_finish_and_exits_0() {
 }
 
 #[tokio::test]
+async fn the_drain_is_bounded_a_stream_that_never_ends_fails_and_the_agent_exits_0() {
+    let gw = FakeGateway::bind().await;
+    let dir = tempfile::tempdir().unwrap();
+    let echo = tcp_echo().await;
+    let mut a = agent(
+        &gw,
+        &dir,
+        &[
+            "--pool",
+            "1",
+            "--drain",
+            "300ms",
+            "--allow",
+            "tcp://127.0.0.1:*",
+        ],
+    );
+    let reg = gw.register().await;
+    let (mut s, reply) = open(&reg.session, &format!("tcp://{echo}")).await;
+    assert_eq!(reply, Reply::ok());
+    s.write_all(b"never finished").await.unwrap();
+    let t = Instant::now();
+    a.signal(libc::SIGTERM);
+    let status = a.exit().await;
+    assert_eq!(status.code(), Some(0), "{}", a.stderr());
+    assert!(
+        t.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        t.elapsed()
+    );
+    // The stream did not end cleanly: it fails instead of reading EOF.
+    let mut rest = Vec::new();
+    let r = within("the stream's end", s.read_to_end(&mut rest)).await;
+    assert!(r.is_err(), "{r:?}");
+}
+
+#[tokio::test]
 async fn a_killed_agent_fails_its_streams_at_once() {
     let gw = FakeGateway::bind().await;
     let dir = tempfile::tempdir().unwrap();
