@@ -1,4 +1,5 @@
-//! The command line: `wsgate serve` and `wsgate check`.
+//! The command line: `wsgate serve`, `wsgate check`, `wsgate agent` and
+//! `wsgate connect`.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -36,6 +37,19 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Run a tunnel agent: dial out to a gateway, register under an id, and
+    /// serve the streams the gateway opens, each checked against --allow.
+    ///
+    /// Prints `agent ID registered at URL` on stdout once the first connection
+    /// is registered. SIGINT/SIGTERM: GOAWAY, wait for open streams (--drain),
+    /// exit 0. A registration refused with 400, 401 or 403 exits 1.
+    Agent(Box<AgentArgs>),
+    /// Reach a destination through a gateway's /mux: listen locally (or use
+    /// stdin/stdout) and carry each connection as one stream.
+    ///
+    /// With --listen, prints `listening on tcp://HOST:PORT` (or udp://) once
+    /// bound. With --stdio, stdout carries only the stream's bytes.
+    Connect(Box<ConnectArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -140,6 +154,8 @@ pub fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        Command::Agent(args) => agent_main(&args),
+        Command::Connect(args) => connect_main(&args),
         Command::Serve(args) => {
             let _log_guard = init_logging(&args.log);
             let config = match build_config(&args) {
@@ -371,6 +387,212 @@ impl Signals {
         tokio::select! {
             _ = self.term.recv() => {}
             _ = self.int.recv() => {}
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+struct AgentArgs {
+    /// The gateway's agent registration URL, ws:// or wss:// (e.g.
+    /// ws://gw.example:8080/agent).
+    #[arg(long, value_name = "URL")]
+    server: String,
+    /// The id to register under: 1-64 of A-Z a-z 0-9 . _ -, not starting with a dot.
+    #[arg(long)]
+    id: String,
+    /// A file holding the bearer token the gateway's agent token file lists
+    /// for this id (surrounding whitespace is ignored).
+    #[arg(long, value_name = "FILE")]
+    token_file: PathBuf,
+    /// A destination streams may reach, SCHEME://HOST:PORT: SCHEME tcp, udp,
+    /// http or *; HOST a name glob (*.internal), an address or a CIDR block
+    /// (10.0.0.0/8, [fd00::/8]); PORT a number, a range (8000-8100) or *.
+    /// Repeatable; nothing is allowed without one.
+    #[arg(long = "allow", value_name = "PATTERN")]
+    allow: Vec<String>,
+    /// WebSockets kept registered at once, each with its own reconnect loop.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pool: u16,
+    /// PEM CA certificates the gateway's certificate must chain to (wss://;
+    /// default: the built-in Mozilla roots).
+    #[arg(long, value_name = "PEM")]
+    ca: Option<PathBuf>,
+    /// PEM client certificate chain shown to the gateway (mutual TLS).
+    #[arg(long, value_name = "PEM", requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// PEM private key for --client-cert.
+    #[arg(long, value_name = "PEM", requires = "client_cert")]
+    client_key: Option<PathBuf>,
+    /// Ping the gateway this often (wsmux PING); a gateway silent for two
+    /// intervals is declared dead and the connection dialed again. `off`
+    /// disables it.
+    #[arg(long, default_value = "15s", value_name = "DURATION")]
+    keepalive: String,
+    /// On SIGTERM/SIGINT, wait this long for open streams to finish.
+    #[arg(long, default_value = "10s", value_name = "DURATION")]
+    drain: String,
+    /// Resolving and connecting to a destination; past it the stream is
+    /// answered TIMEOUT.
+    #[arg(long, default_value = "10s", value_name = "DURATION")]
+    connect_timeout: String,
+    /// Log filter (also RUST_LOG), e.g. info, debug, wsgate=trace. Logs go to stderr.
+    #[arg(long, env = "WSGATE_LOG", default_value = "info")]
+    log: String,
+}
+
+#[derive(Debug, Args)]
+struct ConnectArgs {
+    /// The gateway's /mux URL, ws:// or wss:// (e.g. ws://gw.example:8080/mux).
+    #[arg(value_name = "URL")]
+    url: String,
+    /// What each stream reaches: agent://ID/SCHEME://HOST:PORT (through an
+    /// agent) or tcp://HOST:PORT, udp://HOST:PORT (reached by the gateway).
+    #[arg(long, value_name = "TARGET")]
+    to: String,
+    /// Listen on HOST:PORT (port 0 picks a free one): TCP, or UDP for a
+    /// udp:// target; one stream per connection (or client address).
+    #[arg(long, value_name = "HOST:PORT", required_unless_present = "stdio")]
+    listen: Option<String>,
+    /// Use stdin/stdout as the one stream (e.g. an ssh ProxyCommand); EOF on
+    /// stdin half-closes it. Logs go to stderr.
+    #[arg(long, conflicts_with = "listen")]
+    stdio: bool,
+    /// PEM CA certificates the gateway's certificate must chain to (wss://;
+    /// default: the built-in Mozilla roots).
+    #[arg(long, value_name = "PEM")]
+    ca: Option<PathBuf>,
+    /// PEM client certificate chain shown to the gateway (mutual TLS).
+    #[arg(long, value_name = "PEM", requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// PEM private key for --client-cert.
+    #[arg(long, value_name = "PEM", requires = "client_cert")]
+    client_key: Option<PathBuf>,
+    /// Sent as `Authorization: Bearer TOKEN` (also WSGATE_TOKEN).
+    #[arg(long, env = "WSGATE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Ping the gateway this often; a gateway silent for two intervals is
+    /// declared dead. `off` disables it.
+    #[arg(long, default_value = "15s", value_name = "DURATION")]
+    keepalive: String,
+    /// Log filter (also RUST_LOG); default info, warn with --stdio. Logs go to stderr.
+    #[arg(long, env = "WSGATE_LOG")]
+    log: Option<String>,
+}
+
+fn tls_files(
+    ca: &Option<PathBuf>,
+    cert: &Option<PathBuf>,
+    key: &Option<PathBuf>,
+) -> crate::agent::dial::TlsFiles {
+    crate::agent::dial::TlsFiles {
+        ca: ca.clone(),
+        identity: cert.clone().zip(key.clone()),
+    }
+}
+
+fn duration_arg(flag: &str, s: &str) -> anyhow::Result<Option<std::time::Duration>> {
+    config::parse_duration(s).map_err(|e| anyhow::anyhow!("{flag}: {e}"))
+}
+
+fn agent_config(a: &AgentArgs) -> anyhow::Result<crate::agent::Config> {
+    use crate::tunnel::allow::AllowList;
+    let server = a
+        .server
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--server: {e}"))?;
+    crate::tunnel::proto::parse_id(&a.id).map_err(|e| anyhow::anyhow!("--id: {e}"))?;
+    let token = std::fs::read_to_string(&a.token_file)
+        .with_context(|| format!("--token-file: cannot read {}", a.token_file.display()))?
+        .trim()
+        .to_string();
+    crate::agent::check_token(&token)
+        .map_err(|e| anyhow::anyhow!("--token-file {}: {e}", a.token_file.display()))?;
+    let allow = AllowList::parse(&a.allow).map_err(|e| anyhow::anyhow!("--allow: {e}"))?;
+    Ok(crate::agent::Config {
+        server,
+        id: a.id.clone(),
+        token,
+        allow,
+        tls: tls_files(&a.ca, &a.client_cert, &a.client_key),
+        pool: a.pool.into(),
+        keepalive: duration_arg("--keepalive", &a.keepalive)?,
+        drain: duration_arg("--drain", &a.drain)?.unwrap_or_default(),
+        connect_timeout: duration_arg("--connect-timeout", &a.connect_timeout)?
+            .context("--connect-timeout: must be more than 0")?,
+    })
+}
+
+fn agent_main(a: &AgentArgs) -> ExitCode {
+    let _log_guard = init_logging(&a.log);
+    let agent = match agent_config(a).and_then(crate::agent::Agent::new) {
+        Ok(agent) => agent,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let result = rt.block_on(async {
+        let signals = Signals::new()?;
+        agent.run(signals.wait()).await
+    });
+    // Name lookups run on blocking threads that cannot be cancelled.
+    rt.shutdown_timeout(std::time::Duration::from_millis(500));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn connect_config(a: &ConnectArgs) -> anyhow::Result<crate::connect::Config> {
+    use crate::connect::Mode;
+    let url = a.url.parse().map_err(|e| anyhow::anyhow!("URL: {e}"))?;
+    let target = a.to.parse().map_err(|e| anyhow::anyhow!("--to: {e}"))?;
+    let mode = match &a.listen {
+        Some(l) => Mode::Listen(l.clone()),
+        None => Mode::Stdio,
+    };
+    Ok(crate::connect::Config {
+        url,
+        target,
+        mode,
+        tls: tls_files(&a.ca, &a.client_cert, &a.client_key),
+        token: a.token.as_ref().map(|t| t.trim().to_string()),
+        keepalive: duration_arg("--keepalive", &a.keepalive)?,
+    })
+}
+
+fn connect_main(a: &ConnectArgs) -> ExitCode {
+    let default_log = if a.stdio { "warn" } else { "info" };
+    let _log_guard = init_logging(a.log.as_deref().unwrap_or(default_log));
+    let client = match connect_config(a).and_then(crate::connect::Client::new) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let result = rt.block_on(async {
+        let signals = Signals::new()?;
+        client.run(signals.wait()).await
+    });
+    // A read of stdin may be blocked on its thread for good.
+    rt.shutdown_background();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
         }
     }
 }

@@ -26,10 +26,12 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+mod agent;
 pub mod auth;
 mod bridge;
 pub mod cli;
 pub mod config;
+mod connect;
 pub mod error;
 mod gateway;
 pub mod http;

@@ -1,0 +1,529 @@
+//! `wsgate agent`: the other end of the reverse tunnel (`docs/tunnel.md`,
+//! `docs/agent.md`). It runs inside a private network, dials out to the
+//! gateway and serves the streams the gateway opens, each checked against
+//! the agent's own `--allow` list.
+//!
+//! A connection's life: [`Agent::run`] starts `--pool` connection loops.
+//! Each dials (`dial.rs`: WebSocket client, TLS, the registration headers of
+//! §1), runs a wsmux client session over the WebSocket with a keepalive
+//! deadline, and accepts streams; every stream is served on its own task
+//! (`serve.rs`: open request → allow → connect → reply → relay, with
+//! `relay.rs`). When the session ends (the gateway went away, the keepalive
+//! deadline passed, the gateway sent GOAWAY), the loop dials again after a
+//! delay from `backoff.rs` (1 s to 30 s, with jitter). A refusal that
+//! retrying cannot fix (400, 401, 403) ends the agent with exit 1.
+//!
+//! Shutdown (SIGTERM, SIGINT): GOAWAY on every session (the gateway opens no
+//! more streams there; streams already in the accept backlog are still
+//! served), wait for the open streams to finish (at most `--drain`), drop the
+//! sessions (each sends GOAWAY and closes its WebSocket), and return.
+
+pub mod backoff;
+pub mod dial;
+pub mod relay;
+mod serve;
+
+use std::future::Future;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::tunnel::allow::AllowList;
+use crate::tunnel::proto;
+use backoff::Backoff;
+use dial::{DialError, Dialer, TlsFiles, WsUrl};
+use serve::{Outcome, Rules};
+
+/// How long to wait for a WebSocket connection and its handshake.
+pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the gateway has to send a whole open request (§3).
+pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// After the drain, how long dropped sessions get to deliver their GOAWAY
+/// and close their WebSockets.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+/// What an agent is told on its command line; plain data.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The gateway's registration URL, `ws://` or `wss://`.
+    pub server: WsUrl,
+    /// The id to register under (checked with [`proto::parse_id`]).
+    pub id: String,
+    /// The bearer token (trimmed, checked to be a header value).
+    pub token: String,
+    /// What streams may reach (default deny).
+    pub allow: AllowList,
+    pub tls: TlsFiles,
+    /// WebSockets kept registered at once.
+    pub pool: usize,
+    /// wsmux PING interval (`None`: no keepalive). A silent gateway is
+    /// declared dead at most two intervals after its last frame.
+    pub keepalive: Option<Duration>,
+    /// How long SIGTERM waits for open streams.
+    pub drain: Duration,
+    /// Resolving and connecting to a destination (status TIMEOUT past it).
+    pub connect_timeout: Duration,
+}
+
+impl Config {
+    /// The headers of the registration request (§1), besides the WebSocket
+    /// ones: the token, the id, and the allow patterns when there are any.
+    pub fn registration_headers(&self) -> Vec<(String, String)> {
+        let mut h = vec![
+            (
+                "Authorization".to_string(),
+                format!("Bearer {}", self.token),
+            ),
+            ("Wsgate-Agent-Id".to_string(), self.id.clone()),
+        ];
+        if !self.allow.is_empty() {
+            h.push(("Wsgate-Agent-Allow".to_string(), self.allow.to_header()));
+        }
+        h
+    }
+
+    /// The wsmux settings: PINGs every `keepalive`, and a peer silent for
+    /// one more interval with a PING unanswered is dead. wsmux sends the
+    /// next PING one interval after the previous answer and declares the
+    /// peer dead `keepalive_timeout` after the later of that PING and the
+    /// last frame received, so a link that stops answering is detected
+    /// within two intervals.
+    pub fn session_config(&self) -> wsmux::Config {
+        mux_config(self.keepalive)
+    }
+}
+
+/// wsmux settings for a keepalive interval (see [`Config::session_config`]);
+/// shared with `wsgate connect`.
+pub fn mux_config(keepalive: Option<Duration>) -> wsmux::Config {
+    let default = wsmux::Config::default();
+    wsmux::Config {
+        keepalive_interval: keepalive,
+        keepalive_timeout: keepalive.unwrap_or(default.keepalive_timeout),
+        ..default
+    }
+}
+
+/// Checks a bearer token: non-empty visible ASCII without spaces (RFC 6750's
+/// token68 and then some), so it is a valid header value.
+pub fn check_token(token: &str) -> Result<(), String> {
+    if token.is_empty() {
+        return Err("the token is empty".into());
+    }
+    if let Some(c) = token.chars().find(|c| !c.is_ascii_graphic()) {
+        return Err(format!(
+            "the token contains {c:?}: expected visible ASCII without spaces"
+        ));
+    }
+    Ok(())
+}
+
+/// Counts open streams and wakes waiters when none are left.
+#[derive(Clone, Default)]
+struct Gauge(Arc<(AtomicUsize, Notify)>);
+
+struct GaugeGuard(Gauge);
+
+impl Gauge {
+    fn enter(&self) -> GaugeGuard {
+        self.0 .0.fetch_add(1, Ordering::SeqCst);
+        GaugeGuard(self.clone())
+    }
+
+    fn get(&self) -> usize {
+        self.0 .0.load(Ordering::SeqCst)
+    }
+
+    async fn zero(&self) {
+        loop {
+            let notified = self.0 .1.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.get() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        if self.0 .0 .0.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0 .0 .1.notify_waiters();
+        }
+    }
+}
+
+/// A running agent, built from a [`Config`].
+pub struct Agent {
+    config: Config,
+    dialer: Dialer,
+    /// SIGTERM: stop taking streams, stop dialing.
+    stop: CancellationToken,
+    /// After the drain: drop every session.
+    release: CancellationToken,
+    /// Open streams, all connections together.
+    streams: Gauge,
+    /// Whether the `registered` line was printed.
+    announced: AtomicBool,
+}
+
+/// How a session's accept loop ended.
+enum End {
+    /// The agent is stopping (GOAWAY sent, backlog served).
+    Stopped,
+    /// The gateway sent GOAWAY: no new streams here; open ones go on.
+    PeerGoAway,
+    /// The session failed.
+    Failed(wsmux::Error),
+}
+
+impl Agent {
+    /// Builds the runtime: loads the TLS files, prepares the registration.
+    /// Errors here are argument errors (nothing was dialed).
+    pub fn new(config: Config) -> anyhow::Result<Arc<Agent>> {
+        proto::parse_id(&config.id)?;
+        check_token(&config.token).map_err(|e| anyhow::anyhow!(e))?;
+        if config.allow.0.len() > proto::MAX_ALLOW {
+            anyhow::bail!(
+                "{} --allow patterns: at most {} can be registered",
+                config.allow.0.len(),
+                proto::MAX_ALLOW
+            );
+        }
+        let dialer = Dialer::new(
+            config.server.clone(),
+            &config.tls,
+            proto::AGENT_PROTOCOL,
+            config.registration_headers(),
+            DIAL_TIMEOUT,
+        )?;
+        Ok(Arc::new(Agent {
+            config,
+            dialer,
+            stop: CancellationToken::new(),
+            release: CancellationToken::new(),
+            streams: Gauge::default(),
+            announced: AtomicBool::new(false),
+        }))
+    }
+
+    /// Runs until `shutdown` completes (then drains and returns `Ok`) or a
+    /// registration is refused for good (then returns the refusal).
+    pub async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let id = &self.config.id;
+        if self.config.allow.is_empty() {
+            tracing::warn!(agent = %id, "no --allow pattern: every stream will be refused");
+        }
+        let (fatal_tx, mut fatal_rx) = mpsc::channel::<DialError>(1);
+        let loops = TaskTracker::new();
+        for slot in 1..=self.config.pool {
+            loops.spawn(self.clone().connection(slot, fatal_tx.clone()));
+        }
+        loops.close();
+        drop(fatal_tx);
+        let fatal = tokio::select! {
+            () = shutdown => None,
+            e = fatal_rx.recv() => e,
+        };
+        self.stop.cancel();
+        if fatal.is_none() {
+            let open = self.streams.get();
+            tracing::info!(
+                agent = %id,
+                open,
+                "shutting down: GOAWAY sent, waiting up to {:?} for {open} open stream(s)",
+                self.config.drain
+            );
+            if tokio::time::timeout(self.config.drain, self.streams.zero())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    agent = %id,
+                    open = self.streams.get(),
+                    "drain time over: failing the streams still open"
+                );
+            }
+        }
+        self.release.cancel();
+        let _ = tokio::time::timeout(CLOSE_WAIT * 2, loops.wait()).await;
+        match fatal {
+            Some(e) => Err(anyhow::anyhow!("agent {id}: registration {e}")),
+            None => Ok(()),
+        }
+    }
+
+    /// One pooled connection: dial, serve, and dial again, until stopped.
+    async fn connection(self: Arc<Self>, slot: usize, fatal: mpsc::Sender<DialError>) {
+        let (id, url, pool) = (&self.config.id, &self.config.server, self.config.pool);
+        let mut backoff = Backoff::new();
+        loop {
+            let dialed = tokio::select! {
+                r = self.dialer.dial() => r,
+                () = self.stop.cancelled() => return,
+            };
+            match dialed {
+                Ok((ws, gone)) => {
+                    let up = Instant::now();
+                    let session =
+                        Arc::new(wsmux::Session::client(ws, self.config.session_config()));
+                    tracing::info!(agent = %id, conn = slot, "connection {slot}/{pool} registered at {url}");
+                    self.announce();
+                    let conn_streams = Gauge::default();
+                    let end = self.accept_loop(&session, slot, &conn_streams).await;
+                    match end {
+                        End::Stopped => {
+                            self.release.cancelled().await;
+                            drop(session);
+                            let _ = tokio::time::timeout(CLOSE_WAIT, gone).await;
+                            return;
+                        }
+                        End::PeerGoAway => {
+                            tracing::info!(
+                                agent = %id,
+                                conn = slot,
+                                open = conn_streams.get(),
+                                "gateway sent GOAWAY: its open streams go on, a new connection takes new ones"
+                            );
+                            // Keep the session until its streams are done,
+                            // the gateway closes it, or the agent stops.
+                            let release = self.release.clone();
+                            tokio::spawn(async move {
+                                tokio::select! {
+                                    () = conn_streams.zero() => {}
+                                    _ = session.closed() => {}
+                                    () = release.cancelled() => {}
+                                }
+                                drop(session);
+                                let _ = tokio::time::timeout(CLOSE_WAIT, gone).await;
+                            });
+                        }
+                        End::Failed(e) => {
+                            tracing::warn!(agent = %id, conn = slot, "connection {slot}/{pool} lost: {e}");
+                        }
+                    }
+                    if up.elapsed() >= backoff::STABLE {
+                        backoff.reset();
+                    }
+                }
+                Err(e) if e.is_permanent() => {
+                    let _ = fatal.try_send(e);
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(agent = %id, conn = slot, "cannot register at {url}: {e}");
+                }
+            }
+            let delay = backoff.next_delay();
+            tracing::info!(agent = %id, conn = slot, "connection {slot}/{pool}: dialing again in {:.1}s", delay.as_secs_f64());
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = self.stop.cancelled() => return,
+            }
+        }
+    }
+
+    /// Prints `agent ID registered at URL` on stdout, once per process.
+    fn announce(&self) {
+        if self.announced.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(
+            out,
+            "agent {} registered at {}",
+            self.config.id, self.config.server
+        );
+        let _ = out.flush();
+    }
+
+    /// Accepts streams until the session ends or the agent stops; each
+    /// stream is served on its own task, so accepting never waits for one.
+    async fn accept_loop(
+        self: &Arc<Self>,
+        session: &Arc<wsmux::Session>,
+        slot: usize,
+        conn_streams: &Gauge,
+    ) -> End {
+        let mut stopping = false;
+        loop {
+            let accepted = tokio::select! {
+                biased;
+                () = self.stop.cancelled(), if !stopping => {
+                    stopping = true;
+                    session.goaway();
+                    continue;
+                }
+                r = session.accept() => r,
+            };
+            match accepted {
+                Ok(stream) => {
+                    let guards = (self.streams.enter(), conn_streams.enter());
+                    let agent = self.clone();
+                    tokio::spawn(async move {
+                        agent.serve_stream(stream, slot).await;
+                        drop(guards);
+                    });
+                }
+                Err(_) if stopping => return End::Stopped,
+                Err(wsmux::Error::PeerGoAway) => return End::PeerGoAway,
+                Err(e) => return End::Failed(e),
+            }
+        }
+    }
+
+    async fn serve_stream(&self, stream: wsmux::Stream, slot: usize) {
+        let id = &self.config.id;
+        let sid = stream.id();
+        let rules = Rules {
+            id,
+            allow: &self.config.allow,
+            open_timeout: OPEN_TIMEOUT,
+            connect_timeout: self.config.connect_timeout,
+            udp_idle: relay::UDP_IDLE,
+        };
+        let outcome = serve::serve(stream, &rules).await;
+        let word = outcome.word();
+        match outcome {
+            Outcome::BadOpen(why) => tracing::warn!(
+                agent = %id, conn = slot, stream = sid, outcome = word,
+                "stream {sid}: bad open request, reset with {:#x}: {why}",
+                proto::RESET_BAD_OPEN
+            ),
+            Outcome::OpenTimeout => tracing::warn!(
+                agent = %id, conn = slot, stream = sid, outcome = word,
+                "stream {sid}: no open request within {OPEN_TIMEOUT:?}, reset with {:#x}",
+                proto::RESET_OPEN_TIMEOUT
+            ),
+            Outcome::Gone(e) => tracing::info!(
+                agent = %id, conn = slot, stream = sid, outcome = word,
+                "stream {sid}: ended before its open request: {e}"
+            ),
+            Outcome::Refused(dest, reply) => tracing::info!(
+                agent = %id, conn = slot, stream = sid, dest = %dest, outcome = word,
+                "stream {sid} {dest}: refused: {}", reply.message
+            ),
+            Outcome::Relayed {
+                dest,
+                addr,
+                sent,
+                received,
+                error,
+            } => {
+                let unit = if dest.scheme == proto::Scheme::Udp {
+                    "datagrams"
+                } else {
+                    "bytes"
+                };
+                match error {
+                    None => tracing::info!(
+                        agent = %id, conn = slot, stream = sid, dest = %dest, %addr, outcome = word, sent, received,
+                        "stream {sid} {dest} ({addr}): closed, {sent} {unit} sent, {received} received"
+                    ),
+                    Some(e) => tracing::warn!(
+                        agent = %id, conn = slot, stream = sid, dest = %dest, %addr, outcome = word, sent, received,
+                        "stream {sid} {dest} ({addr}): aborted ({e}), {sent} {unit} sent, {received} received"
+                    ),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(allow: &[&str]) -> Config {
+        Config {
+            server: "ws://gw.example:8080/agent".parse().unwrap(),
+            id: "site-a".into(),
+            token: "8f2c".into(),
+            allow: AllowList::parse(allow).unwrap(),
+            tls: TlsFiles::default(),
+            pool: 2,
+            keepalive: Some(Duration::from_secs(15)),
+            drain: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+
+    #[test]
+    fn registration_headers_follow_the_spec() {
+        let c = config(&[
+            "tcp://10.0.0.0/8:*",
+            "http://127.0.0.1:8081",
+            "udp://10.0.0.2:53",
+        ]);
+        let h = c.registration_headers();
+        let get = |n: &str| {
+            h.iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(n))
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(get("authorization"), Some("Bearer 8f2c"));
+        assert_eq!(get(proto::ID_HEADER), Some("site-a"));
+        let allow = get(proto::ALLOW_HEADER).unwrap();
+        assert_eq!(
+            allow,
+            "tcp://10.0.0.0/8:*, http://127.0.0.1:8081, udp://10.0.0.2:53"
+        );
+        // The gateway reads back the same list.
+        assert_eq!(AllowList::from_header(allow).unwrap(), c.allow);
+        // No patterns, no header (it is optional).
+        assert_eq!(get_none(&config(&[])), None);
+    }
+
+    fn get_none(c: &Config) -> Option<String> {
+        c.registration_headers()
+            .into_iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(proto::ALLOW_HEADER))
+            .map(|(_, v)| v)
+    }
+
+    #[test]
+    fn tokens_and_ids_are_checked_before_dialing() {
+        assert!(check_token("8f2c-AZ_az.~+/=").is_ok());
+        assert!(check_token("").is_err());
+        assert!(check_token("a b").is_err());
+        assert!(check_token("a\r\nX-Evil: 1").is_err());
+        assert!(Agent::new(config(&[])).is_ok());
+        let mut c = config(&[]);
+        c.id = ".hidden".into();
+        assert!(Agent::new(c).is_err());
+    }
+
+    #[test]
+    fn keepalive_detects_a_dead_link_within_two_intervals() {
+        let c = config(&[]).session_config();
+        let i = c.keepalive_interval.unwrap();
+        assert_eq!(i, Duration::from_secs(15));
+        // Next PING at most one interval after the last answer; dead one
+        // timeout after that PING: two intervals after the last frame.
+        assert!(i + c.keepalive_timeout <= 2 * i);
+        assert_eq!(mux_config(None).keepalive_interval, None);
+    }
+
+    #[tokio::test]
+    async fn the_gauge_wakes_at_zero() {
+        let g = Gauge::default();
+        let a = g.enter();
+        let b = g.enter();
+        let waiter = tokio::spawn({
+            let g = g.clone();
+            async move { g.zero().await }
+        });
+        drop(a);
+        assert_eq!(g.get(), 1);
+        drop(b);
+        waiter.await.unwrap();
+        g.zero().await;
+    }
+}
