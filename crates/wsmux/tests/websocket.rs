@@ -335,3 +335,51 @@ async fn a_peer_still_sending_after_a_protocol_error_reads_goaway_then_a_clean_c
     .await
     .expect("test timed out");
 }
+
+/// A text message is a mux protocol error whatever its bytes: one with
+/// invalid UTF-8 gets GOAWAY TEXT_MESSAGE too, then a normal close (the
+/// WebSocket layer used to fail on the UTF-8 first and close with 1000
+/// without a GOAWAY).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_text_message_with_invalid_utf8_gets_goaway_text_message() {
+    tokio::time::timeout(LIMIT, async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let session =
+                Session::server(WsTransport::accept(tcp).await.unwrap(), Config::default());
+            session.closed().await
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (mut ws, _) = wsframe::WebSocket::connect(
+            tcp,
+            &addr.to_string(),
+            "/",
+            &[wsmux::ws::SUBPROTOCOL],
+            wsframe::DecoderConfig::default(),
+        )
+        .await
+        .unwrap();
+        let invalid = bytes::Bytes::from_static(&[0x68, 0xff, 0xfe, 0x69]);
+        ws.send(wsframe::Message::Text(invalid)).await.unwrap();
+        let mut goaway = None;
+        let close = loop {
+            match ws.recv().await.unwrap() {
+                wsframe::Message::Binary(b) => {
+                    if let Ok(Frame::GoAway { code, .. }) = frame::decode(b) {
+                        goaway = Some(code);
+                    }
+                }
+                wsframe::Message::Close(c) => break c,
+                m => panic!("{m:?}"),
+            }
+        };
+        assert_eq!(goaway, Some(GoAwayCode::TextMessage));
+        assert_eq!(close.map(|(c, _)| c), Some(1000));
+        let e = server.await.unwrap();
+        assert_eq!(e.goaway_code(), Some(GoAwayCode::TextMessage), "{e:?}");
+    })
+    .await
+    .expect("test timed out");
+}
