@@ -263,6 +263,8 @@ pub struct Connection {
     transmit_idle: bool,
     wakeup: bool,
     events: VecDeque<Event>,
+    /// `open_streams()` or `accepts_new_streams()` may have changed.
+    counts_changed: bool,
 
     // --- session state ---
     goaway_sent: bool,
@@ -334,6 +336,7 @@ impl Connection {
             transmit_idle: true,
             wakeup: false,
             events: VecDeque::new(),
+            counts_changed: false,
             goaway_sent: false,
             peer_goaway: false,
             error: None,
@@ -617,6 +620,22 @@ impl Connection {
         self.events.pop_front()
     }
 
+    /// Whether [`Connection::poll_event`] or [`Connection::take_wakeup`]
+    /// has something, or [`Connection::open_streams`] /
+    /// [`Connection::accepts_new_streams`] may have changed since
+    /// [`Connection::take_counts_changed`]: a cheap check after any call.
+    #[inline]
+    pub fn has_news(&self) -> bool {
+        self.wakeup || self.counts_changed || !self.events.is_empty()
+    }
+
+    /// Whether [`Connection::open_streams`] or
+    /// [`Connection::accepts_new_streams`] may have changed since the last
+    /// call. Reading clears it.
+    pub fn take_counts_changed(&mut self) -> bool {
+        std::mem::take(&mut self.counts_changed)
+    }
+
     /// Whether something was queued for sending (or the session started
     /// closing) since the driver last ran dry: a driver that sleeps until
     /// woken should be woken. Reading clears it.
@@ -694,6 +713,7 @@ impl Connection {
         self.pong = None;
         self.ping_out = None;
         self.error = Some(err.clone());
+        self.counts_changed = true;
         self.events.push_back(Event::Closed { error: err });
         self.phase = if self.send_error.is_some() {
             // Sending is broken: no close handshake to complete.
@@ -774,6 +794,7 @@ impl Connection {
         );
         self.conn_committed += st.window as usize;
         self.streams.insert(id, st);
+        self.counts_changed = true;
         self.accept_q.push_back(id);
         self.events.push_back(Event::Opened { id });
         Ok(true)
@@ -909,6 +930,7 @@ impl Connection {
             Frame::GoAway { code, reason } => {
                 let first = !self.peer_goaway;
                 self.peer_goaway = true;
+                self.counts_changed = true;
                 if code != GoAwayCode::Normal {
                     // The peer is gone; do not answer with a GOAWAY of ours.
                     self.goaway_sent = true;
@@ -980,6 +1002,7 @@ impl Connection {
         let id = self.next_id as u32;
         self.next_id += 2;
         self.conn_committed += window as usize;
+        self.counts_changed = true;
         self.streams.insert(
             id,
             StreamState::new(window, window, INITIAL_WINDOW as u64, now),
@@ -1193,6 +1216,7 @@ impl Connection {
         let Some(st) = self.streams.remove(&id) else {
             return;
         };
+        self.counts_changed = true;
         self.conn_buffered -= st.buffered;
         self.conn_committed -= st.window as usize;
         self.conn_grown -= (st.window - self.cfg.initial_window) as usize;
@@ -1208,6 +1232,7 @@ impl Connection {
             return;
         }
         self.goaway_sent = true;
+        self.counts_changed = true;
         self.goaway_out = Some(
             Frame::GoAway {
                 code: GoAwayCode::Normal,

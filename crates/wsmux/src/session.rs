@@ -51,7 +51,16 @@ impl State {
     /// After a call into the connection: wake the driver if it has work, wake
     /// the tasks the events concern. Returns whether `accept()` / `closed()`
     /// waiters should be told.
-    pub(crate) fn after(&mut self) -> bool {
+    #[inline(never)]
+    fn after(&mut self, shared: &Shared) -> bool {
+        if self.conn.take_counts_changed() {
+            shared
+                .open_streams
+                .store(self.conn.open_streams(), Ordering::Relaxed);
+            shared
+                .accepting
+                .store(self.conn.accepts_new_streams(), Ordering::Relaxed);
+        }
         if self.conn.take_wakeup() {
             if let Some(w) = &self.driver {
                 w.wake_by_ref();
@@ -143,13 +152,8 @@ impl Drop for Guard<'_> {
             // wake-up left by another caller was consumed by its own guard.
             g.conn.take_wakeup();
         }
-        let notify = g.after();
-        self.shared
-            .open_streams
-            .store(g.conn.open_streams(), Ordering::Relaxed);
-        self.shared
-            .accepting
-            .store(g.conn.accepts_new_streams(), Ordering::Relaxed);
+        // Most calls change nothing that anyone waits on: keep that path short.
+        let notify = g.conn.has_news() && g.after(self.shared);
         drop(g);
         if notify {
             self.shared.accept_notify.notify_waiters();
@@ -448,7 +452,7 @@ impl Session {
         let start = tokio::time::Instant::now();
         let conn = Connection::new(role, config, start.into_std());
         let shared = Arc::new(Shared {
-            open_streams: AtomicUsize::new(0),
+            open_streams: AtomicUsize::new(conn.open_streams()),
             accepting: AtomicBool::new(conn.accepts_new_streams()),
             state: Mutex::new(State {
                 conn,
