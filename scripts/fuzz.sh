@@ -5,15 +5,22 @@
 #
 # cargo-fuzz needs nightly-only compiler flags (sanitizers); on a stable
 # toolchain RUSTC_BOOTSTRAP=1 enables them. Installs cargo-fuzz if missing.
+#
+# Without cargo-fuzz (no sanitizer, the same coverage instrumentation), one
+# target, e.g. mux_connection:
+#   cd fuzz && RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
+#     -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
+#     -Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing -Cdebug-assertions -Coverflow-checks" \
+#     cargo +nightly build --release --bin mux_connection --target-dir target/cov --target x86_64-unknown-linux-gnu
+#   mkdir -p corpus/mux_connection
+#   target/cov/x86_64-unknown-linux-gnu/release/mux_connection corpus/mux_connection -max_total_time=60
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 secs="${1:-60}"
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
 export RUSTC_BOOTSTRAP=1
-for dir in fuzz crates/wsmux/fuzz; do
-  [ -d "$dir" ] || continue
-  for target in $(cd "$dir/.." && cargo fuzz list --fuzz-dir "$(basename "$dir")"); do
-    echo "==> $dir: $target (${secs}s)"
-    (cd "$dir/.." && cargo fuzz run --fuzz-dir "$(basename "$dir")" "$target" -- -max_total_time="$secs")
-  done
+# One fuzz crate for the workspace: the parsers' targets and wsmux's (mux_*).
+for target in $(cargo fuzz list); do
+  echo "==> $target (${secs}s)"
+  cargo fuzz run "$target" -- -max_total_time="$secs"
 done

@@ -85,6 +85,11 @@ export class MuxStream {
     this.session.streams.delete(this.id);
   }
 
+  // Closed (§3.5): FIN both ways, or reset. Frames for it are ignored.
+  _closed() {
+    return this.reset !== null || (this.finSent && this.finRecv);
+  }
+
   /** Next chunk of data, or null at end of stream. Throws on reset. */
   async read() {
     for (;;) {
@@ -154,7 +159,8 @@ export class Session {
     for (;;) {
       if (this.acceptQueue.length) {
         const s = this.acceptQueue.shift();
-        this._send(frame(WINDOW_UPDATE, ACK, s.id, 0));
+        // Also after the opener's FIN; not after its RST (§3.2).
+        if (s.reset === null) this._send(frame(WINDOW_UPDATE, ACK, s.id, 0));
         return s;
       }
       if (this.error) throw this.error;
@@ -230,12 +236,16 @@ export class Session {
       return this._protocolError(GoAway.PROTOCOL_ERROR, "bad DATA");
     }
     if (payload.length > MAX_PAYLOAD) return this._protocolError(GoAway.PROTOCOL_ERROR, "DATA too large");
+    if ((flags & ACK) && !this._isLocal(id)) {
+      return this._protocolError(GoAway.PROTOCOL_ERROR, "ACK from the stream's opener");
+    }
 
     if (flags & SYN) {
       if (this._isLocal(id) || id <= this.lastPeerId) {
         return this._protocolError(GoAway.PROTOCOL_ERROR, "bad SYN");
       }
       this.lastPeerId = id;
+      if (flags & RST) return; // SYN|RST: the id is used, nothing opens (§3.2)
       const extra = type === WINDOW_UPDATE ? value : 0;
       const s = new MuxStream(this, id, INITIAL_WINDOW + extra);
       this.streams.set(id, s);
@@ -248,12 +258,15 @@ export class Session {
       if (!known) return this._protocolError(GoAway.PROTOCOL_ERROR, "frame for unopened stream");
       return; // closed stream: ignore
     }
-    if (type === WINDOW_UPDATE && !(flags & SYN) && s.reset === null) {
+    if (s._closed()) return; // FIN both ways or reset: ignore (§3.1)
+    if (s.finRecv && (type === DATA ? !(flags & RST) : flags & FIN)) {
+      return this._protocolError(GoAway.PROTOCOL_ERROR, "DATA or second FIN after FIN");
+    }
+    if (type === WINDOW_UPDATE && !(flags & SYN)) {
       s.sendCredit += value;
       s.writable.wake();
     }
     if (type === DATA && payload.length) {
-      if (s.finRecv) return this._protocolError(GoAway.PROTOCOL_ERROR, "DATA after FIN");
       if (payload.length > s.recvCredit) {
         return this._protocolError(GoAway.FLOW_CONTROL_ERROR, "credit exceeded");
       }

@@ -35,8 +35,12 @@ pub struct Config {
     /// peer declares it dead and fails every stream with
     /// [`crate::Error::KeepaliveTimeout`].
     pub keepalive_timeout: Duration,
-    /// After the session has failed or been dropped, how long the driver keeps
-    /// trying to deliver the final GOAWAY before closing the transport.
+    /// After the session has ended (failed, or the `Session` dropped), how
+    /// long the driver keeps delivering its last frames (DATA queued before
+    /// the drop, the GOAWAY) and then reading and discarding until the peer's
+    /// WebSocket Close (the close handshake), before it drops the transport.
+    /// Also how long a failed send waits for reading to explain it (see
+    /// [`crate::proto::Connection::handle_send_closed`]).
     pub close_timeout: Duration,
 }
 

@@ -61,6 +61,21 @@ pub enum Error {
 }
 
 impl Error {
+    /// The GOAWAY code that ended the session, sent or received: the code
+    /// this side sent for a protocol error ([`Error::Protocol`]) or a dead
+    /// peer ([`Error::KeepaliveTimeout`]), the peer's error code
+    /// ([`Error::RemoteGoAway`]), or NORMAL when the local `Session` was
+    /// dropped ([`Error::SessionClosed`]). `None` when the transport ended
+    /// without one of these, and for errors that do not end the session.
+    pub fn goaway_code(&self) -> Option<GoAwayCode> {
+        match self {
+            Error::Protocol { code, .. } | Error::RemoteGoAway { code, .. } => Some(*code),
+            Error::KeepaliveTimeout(_) => Some(GoAwayCode::KeepaliveTimeout),
+            Error::SessionClosed => Some(GoAwayCode::Normal),
+            _ => None,
+        }
+    }
+
     pub(crate) fn protocol(e: &FrameError) -> Self {
         Error::Protocol {
             code: e.goaway_code(),

@@ -62,6 +62,7 @@ mod config;
 mod error;
 pub mod frame;
 mod pool;
+pub mod proto;
 mod session;
 mod stream;
 pub mod transport;
@@ -69,7 +70,8 @@ pub mod transport;
 pub use config::Config;
 pub use error::{Error, Result, StreamReset};
 pub use frame::{reset_code, GoAwayCode};
-pub use session::{Session, Stats};
+pub use proto::Stats;
+pub use session::Session;
 pub use stream::Stream;
 pub use transport::{ByteStream, Message, Transport};
 #[cfg(feature = "wsframe")]

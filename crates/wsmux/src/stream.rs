@@ -1,16 +1,13 @@
 //! A multiplexed stream: `AsyncRead + AsyncWrite`.
 
 use crate::error::StreamReset;
-use crate::frame::{encode_data, header, Flags, FrameType};
+use crate::proto::{ReadError, WriteError};
 use crate::session::Shared;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-
-/// Frames one `poll_write` may queue at most.
-const WRITE_FRAMES: usize = 4;
 
 /// One bidirectional byte stream of a [`crate::Session`].
 ///
@@ -36,12 +33,24 @@ fn reset_error(code: u32) -> io::Error {
     io::Error::new(io::ErrorKind::ConnectionReset, StreamReset { code })
 }
 
+fn write_error(e: WriteError) -> io::Error {
+    match e {
+        WriteError::Reset(code) => reset_error(code),
+        WriteError::Closed => {
+            io::Error::new(io::ErrorKind::BrokenPipe, "write after shutdown or reset")
+        }
+        WriteError::Session(e) => e.to_io(),
+        WriteError::UnknownStream | WriteError::Blocked => io::ErrorKind::NotConnected.into(),
+    }
+}
+
 impl Stream {
     pub(crate) fn new(id: u32, shared: Arc<Shared>) -> Self {
         Stream { id, shared }
     }
 
-    /// The stream id (odd: opened by the client, even: by the server).
+    /// The stream id (odd: opened by the client, even: by the server). Ids
+    /// are unique within a session and never reused.
     pub fn id(&self) -> u32 {
         self.id
     }
@@ -49,19 +58,17 @@ impl Stream {
     /// Abort the stream in both directions with an application `code`
     /// (sends RST). Further reads and writes fail.
     pub fn reset(&mut self, code: u32) {
-        self.shared.lock().reset_stream(self.id, code);
+        self.shared.lock().conn.reset(self.id, code);
     }
 
     /// Bytes received on this stream and not yet read.
     pub fn recv_buffered(&self) -> usize {
-        let inner = self.shared.lock();
-        inner.streams.get(&self.id).map_or(0, |s| s.buffered)
+        self.shared.lock().conn.stream_buffered(self.id)
     }
 
     /// This stream's current receive window (the most it can hold).
     pub fn recv_window(&self) -> u32 {
-        let inner = self.shared.lock();
-        inner.streams.get(&self.id).map_or(0, |s| s.window)
+        self.shared.lock().conn.stream_window(self.id)
     }
 }
 
@@ -78,53 +85,21 @@ impl AsyncRead for Stream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let id = self.id;
-        let mut guard = self.shared.lock();
-        let inner = &mut *guard;
-        let Some(st) = inner.streams.get_mut(&id) else {
-            return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
-        };
-        if st.rst_sent {
-            return Poll::Ready(Err(io::Error::new(
+        let mut st = self.shared.lock();
+        match st.conn.read(id, buf.remaining(), |b| buf.put_slice(b)) {
+            Ok(_) => Poll::Ready(Ok(())),
+            Err(ReadError::Blocked) => {
+                st.wait_read(id, cx.waker());
+                Poll::Pending
+            }
+            Err(ReadError::Reset(code)) => Poll::Ready(Err(reset_error(code))),
+            Err(ReadError::LocallyReset) => Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::NotConnected,
                 "stream was reset locally",
-            )));
+            ))),
+            Err(ReadError::UnknownStream) => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
+            Err(ReadError::Session(e)) => Poll::Ready(Err(e.to_io())),
         }
-        if !st.recv_buf.is_empty() {
-            if buf.remaining() == 0 {
-                return Poll::Ready(Ok(()));
-            }
-            let mut n = 0;
-            while buf.remaining() > 0 {
-                let Some(front) = st.recv_buf.front_mut() else {
-                    break;
-                };
-                let k = front.len().min(buf.remaining());
-                buf.put_slice(&front[..k]);
-                n += k;
-                if k == front.len() {
-                    st.recv_buf.pop_front();
-                } else {
-                    let _ = front.split_to(k);
-                }
-            }
-            st.buffered -= n;
-            inner.conn_buffered -= n;
-            if inner.error.is_none() {
-                inner.maybe_schedule_update(id);
-            }
-            return Poll::Ready(Ok(()));
-        }
-        if st.fin_recv {
-            return Poll::Ready(Ok(()));
-        }
-        if let Some(code) = st.rst_recv {
-            return Poll::Ready(Err(reset_error(code)));
-        }
-        if let Some(e) = &inner.error {
-            return Poll::Ready(Err(e.to_io()));
-        }
-        st.read_waker = Some(cx.waker().clone());
-        Poll::Pending
     }
 }
 
@@ -135,68 +110,21 @@ impl AsyncWrite for Stream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let id = self.id;
-        let mut guard = self.shared.lock();
-        let inner = &mut *guard;
-        if let Some(e) = &inner.error {
-            return Poll::Ready(Err(e.to_io()));
-        }
-        let max_payload = inner.cfg.max_frame_payload;
-        let queue_full = inner.send_queue_full();
-        let Some(st) = inner.streams.get_mut(&id) else {
-            return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
-        };
-        if let Some(code) = st.rst_recv {
-            return Poll::Ready(Err(reset_error(code)));
-        }
-        if st.fin_sent || st.rst_sent {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "write after shutdown or reset",
-            )));
-        }
-        if buf.is_empty() {
-            return Poll::Ready(Ok(0));
-        }
-        if st.send_credit == 0 {
-            st.write_waker = Some(cx.waker().clone());
-            return Poll::Pending;
-        }
-        if queue_full {
-            inner.wait_for_queue(id, cx.waker());
-            return Poll::Pending;
-        }
-        // Queue up to WRITE_FRAMES frames per call: fewer lock round trips
-        // for large writes.
-        let mut written = 0;
-        for _ in 0..WRITE_FRAMES {
-            let Some(st) = inner.streams.get_mut(&id) else {
-                break;
-            };
-            let rest = &buf[written..];
-            let n = rest
-                .len()
-                .min(max_payload)
-                .min(st.send_credit.min(u32::MAX as u64) as usize);
-            if n == 0 {
-                break;
+        let mut st = self.shared.lock();
+        match st.conn.write(id, buf) {
+            Ok(n) => Poll::Ready(Ok(n)),
+            Err(WriteError::Blocked) => {
+                st.wait_write(id, cx.waker());
+                Poll::Pending
             }
-            st.send_credit -= n as u64;
-            let hdr = header(FrameType::Data, Flags::empty(), id, 0);
-            let frame = inner.pool.bytes(&[&hdr, &rest[..n]]);
-            inner.push_data(frame);
-            written += n;
-            if written == buf.len() || inner.send_queue_full() {
-                break;
-            }
+            Err(e) => Poll::Ready(Err(write_error(e))),
         }
-        Poll::Ready(Ok(written))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         // Written data is queued for the session's driver, which flushes the
         // transport as soon as its queue runs empty.
-        let inner = self.shared.lock();
-        match &inner.error {
+        match self.shared.lock().conn.error() {
             Some(e) => Poll::Ready(Err(e.to_io())),
             None => Poll::Ready(Ok(())),
         }
@@ -204,27 +132,17 @@ impl AsyncWrite for Stream {
 
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let id = self.id;
-        let mut inner = self.shared.lock();
-        if let Some(e) = &inner.error {
-            return Poll::Ready(Err(e.to_io()));
+        match self.shared.lock().conn.finish(id) {
+            Ok(()) => Poll::Ready(Ok(())),
+            Err(e) => Poll::Ready(Err(write_error(e))),
         }
-        let Some(st) = inner.streams.get_mut(&id) else {
-            return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
-        };
-        if let Some(code) = st.rst_recv {
-            return Poll::Ready(Err(reset_error(code)));
-        }
-        if st.fin_sent || st.rst_sent {
-            return Poll::Ready(Ok(()));
-        }
-        st.fin_sent = true;
-        inner.push_data(encode_data(id, Flags::FIN, &[]));
-        Poll::Ready(Ok(()))
     }
 }
 
 impl Drop for Stream {
     fn drop(&mut self) {
-        self.shared.lock().remove_stream(self.id);
+        let mut st = self.shared.lock();
+        st.conn.release(self.id);
+        st.forget(self.id);
     }
 }

@@ -57,7 +57,17 @@ fn ws_err(e: wsframe::ProtocolError) -> io::Error {
 impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> WsTransport<S> {
     /// Wrap a connection whose handshake is done. `leftover` holds bytes read
     /// past the handshake (the first frames).
+    ///
+    /// Text messages are not checked for UTF-8 (`config.validate_utf8` is
+    /// ignored): the mux never reads their contents, a text message is a
+    /// protocol error (GOAWAY TEXT_MESSAGE) whatever its bytes, and a
+    /// failure in the WebSocket layer would close the connection before the
+    /// GOAWAY could tell the peer why.
     pub fn from_raw(io: S, role: Role, config: DecoderConfig, leftover: &[u8]) -> Self {
+        let config = DecoderConfig {
+            validate_utf8: false,
+            ..config
+        };
         WsTransport {
             io,
             role,
@@ -73,10 +83,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> WsTransport<S> {
     }
 
     /// The decoder settings used by [`WsTransport::connect`] and
-    /// [`WsTransport::accept`]: 1 MiB messages, UTF-8 validated.
+    /// [`WsTransport::accept`]: 1 MiB messages, text not checked for UTF-8
+    /// (see [`WsTransport::from_raw`]).
     pub fn default_config() -> DecoderConfig {
         DecoderConfig {
             max_message_size: DEFAULT_MAX_MESSAGE,
+            validate_utf8: false,
             ..DecoderConfig::default()
         }
     }

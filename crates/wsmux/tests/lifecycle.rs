@@ -704,3 +704,78 @@ async fn grown_windows_never_crowd_out_new_streams() {
     }
     assert!(server.stats().committed <= 4 * 1024 * 1024);
 }
+
+#[tokio::test(start_paused = true)]
+async fn open_streams_and_accepts_new_streams_are_readable_at_once() {
+    let (client, server) = pair(Config::default(), Config::default());
+    assert_eq!(client.open_streams(), 0);
+    assert!(client.accepts_new_streams() && server.accepts_new_streams());
+    let a = client.open().await.unwrap();
+    let _b = client.open().await.unwrap();
+    assert_eq!(client.open_streams(), 2);
+    let sa = server.accept().await.unwrap();
+    assert_eq!(sa.id(), a.id(), "the application learns the stream id");
+    assert_eq!(server.open_streams(), 2, "the backlog counts");
+    drop(a);
+    assert_eq!(client.open_streams(), 1);
+    server.goaway();
+    assert!(!server.accepts_new_streams());
+    while !client.peer_goaway() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(!client.accepts_new_streams());
+    assert!(matches!(client.open().await, Err(Error::PeerGoAway)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn closed_tells_the_goaway_code_that_ended_the_session() {
+    let (session, mut raw) = raw_client(Config::default());
+    raw.send(data(7, b"x")).await; // never opened
+    let e = session.closed().await;
+    assert_eq!(e.goaway_code(), Some(GoAwayCode::ProtocolError), "{e:?}");
+    assert_eq!(raw.expect_goaway().await, GoAwayCode::ProtocolError);
+    assert!(!session.accepts_new_streams());
+
+    let (session, mut raw) = raw_client(Config::default());
+    raw.send(
+        Frame::GoAway {
+            code: GoAwayCode::InternalError,
+            reason: "bye".into(),
+        }
+        .encode(),
+    )
+    .await;
+    let e = session.closed().await;
+    assert_eq!(e.goaway_code(), Some(GoAwayCode::InternalError), "{e:?}");
+    assert!(matches!(e, Error::RemoteGoAway { .. }));
+}
+
+/// After a protocol error the session keeps its transport until the peer
+/// closes it (the close handshake), and no longer than `close_timeout`.
+#[tokio::test(start_paused = true)]
+async fn after_a_protocol_error_the_transport_closes_after_the_peers_close_or_the_timeout() {
+    let cfg = Config {
+        close_timeout: Duration::from_secs(3),
+        ..Config::default()
+    };
+    let (session, mut raw) = raw_client(cfg);
+    raw.send(data(7, b"x")).await;
+    assert_eq!(raw.expect_goaway().await, GoAwayCode::ProtocolError);
+    let start = Instant::now();
+    // Our side of the transport closes (WebSocket Close) after the GOAWAY;
+    // the peer may go on sending, which is read and discarded.
+    assert!(raw.recv().await.is_none());
+    for _ in 0..20 {
+        assert!(raw.try_send(data(7, &[0u8; 1024])).await);
+    }
+    // The peer never closes: the session gives up after close_timeout.
+    while raw.try_send(data(7, b"x")).await {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_secs(3) && waited < Duration::from_secs(4),
+        "{waited:?}"
+    );
+    drop(session);
+}

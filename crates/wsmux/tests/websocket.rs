@@ -260,3 +260,126 @@ async fn upload_then_one_byte_reply_repeatedly() {
         assert!(matches!(r, Ok(1)), "round {round}: {r:?}");
     }
 }
+
+/// The defect a third implementation found: after a protocol error the
+/// session sent GOAWAY and Close and closed its socket at once; a peer still
+/// sending got a reset and never read the GOAWAY (close 1006 on its side).
+/// Now the session completes the close handshake: it reads and discards
+/// until the peer's Close (or EOF), so the GOAWAY always arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_still_sending_after_a_protocol_error_reads_goaway_then_a_clean_close() {
+    tokio::time::timeout(LIMIT, async {
+        for trial in 0..10 {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let server = tokio::spawn(async move {
+                let (tcp, _) = listener.accept().await.unwrap();
+                tcp.set_nodelay(true).unwrap();
+                let session =
+                    Session::server(WsTransport::accept(tcp).await.unwrap(), Config::default());
+                session.closed().await
+            });
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            tcp.set_nodelay(true).unwrap();
+            let (mut ws, _) = wsframe::WebSocket::connect(
+                tcp,
+                &addr.to_string(),
+                "/",
+                &[wsmux::ws::SUBPROTOCOL],
+                wsframe::DecoderConfig::default(),
+            )
+            .await
+            .unwrap();
+            // DATA for a stream that was never opened: PROTOCOL_ERROR.
+            let bad = Frame::Data {
+                stream_id: 5,
+                flags: frame::Flags::empty(),
+                rst_code: 0,
+                payload: bytes::Bytes::from_static(b"x"),
+            }
+            .encode();
+            ws.send(wsframe::Message::Binary(bad)).await.unwrap();
+            // The peer has not read anything yet and keeps sending.
+            let mut send_error = None;
+            for i in 0..20 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                let kib = bytes::Bytes::from(vec![i as u8; 1024]);
+                if let Err(e) = ws.send(wsframe::Message::Binary(kib)).await {
+                    send_error = Some(format!("send {i}: {e}"));
+                    break;
+                }
+            }
+            let mut goaway = None;
+            let close = loop {
+                match ws.recv().await {
+                    Ok(wsframe::Message::Binary(b)) => {
+                        if let Ok(Frame::GoAway { code, .. }) = frame::decode(b) {
+                            goaway = Some(code);
+                        }
+                    }
+                    Ok(wsframe::Message::Close(c)) => break c,
+                    Ok(m) => panic!("trial {trial}: {m:?}"),
+                    Err(e) => {
+                        panic!("trial {trial}: {e} (GOAWAY read: {goaway:?}; {send_error:?})")
+                    }
+                }
+            };
+            assert_eq!(send_error, None, "trial {trial}");
+            assert_eq!(goaway, Some(GoAwayCode::ProtocolError), "trial {trial}");
+            assert_eq!(close.map(|(c, _)| c), Some(1000), "trial {trial}");
+            // Our Close answer went out in recv(); the server then ends.
+            let e = server.await.unwrap();
+            assert_eq!(e.goaway_code(), Some(GoAwayCode::ProtocolError), "{e:?}");
+        }
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// A text message is a mux protocol error whatever its bytes: one with
+/// invalid UTF-8 gets GOAWAY TEXT_MESSAGE too, then a normal close (the
+/// WebSocket layer used to fail on the UTF-8 first and close with 1000
+/// without a GOAWAY).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_text_message_with_invalid_utf8_gets_goaway_text_message() {
+    tokio::time::timeout(LIMIT, async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let session =
+                Session::server(WsTransport::accept(tcp).await.unwrap(), Config::default());
+            session.closed().await
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (mut ws, _) = wsframe::WebSocket::connect(
+            tcp,
+            &addr.to_string(),
+            "/",
+            &[wsmux::ws::SUBPROTOCOL],
+            wsframe::DecoderConfig::default(),
+        )
+        .await
+        .unwrap();
+        let invalid = bytes::Bytes::from_static(&[0x68, 0xff, 0xfe, 0x69]);
+        ws.send(wsframe::Message::Text(invalid)).await.unwrap();
+        let mut goaway = None;
+        let close = loop {
+            match ws.recv().await.unwrap() {
+                wsframe::Message::Binary(b) => {
+                    if let Ok(Frame::GoAway { code, .. }) = frame::decode(b) {
+                        goaway = Some(code);
+                    }
+                }
+                wsframe::Message::Close(c) => break c,
+                m => panic!("{m:?}"),
+            }
+        };
+        assert_eq!(goaway, Some(GoAwayCode::TextMessage));
+        assert_eq!(close.map(|(c, _)| c), Some(1000));
+        let e = server.await.unwrap();
+        assert_eq!(e.goaway_code(), Some(GoAwayCode::TextMessage), "{e:?}");
+    })
+    .await
+    .expect("test timed out");
+}
