@@ -71,6 +71,8 @@ pub(crate) enum Live {
     Discovery(FileDiscovery),
     /// Reverse proxy to a pool of backends.
     Proxy(Arc<Pool>),
+    /// Files from a directory.
+    Files(std::path::PathBuf),
 }
 
 /// The WebSocket series of the tunnel's endpoints, named like routes.
@@ -179,6 +181,7 @@ impl Gateway {
                     Target::Proxy(b) => {
                         Live::Proxy(Arc::new(backends.pool(b, config.limits.eject_for)))
                     }
+                    Target::Files(dir) => Live::Files(dir.clone()),
                 },
                 series: RouteSeries::new(&metrics, &r.name),
                 auth: None,

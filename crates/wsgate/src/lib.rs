@@ -33,6 +33,7 @@ pub mod cli;
 pub mod config;
 mod connect;
 pub mod error;
+mod files;
 mod gateway;
 pub mod http;
 mod io;

@@ -271,13 +271,19 @@ impl Gateway {
         };
         let state = &self.routes[index];
         // A proxy route takes plain requests too; a bridge route only
-        // WebSockets, so anything else is a bad handshake there.
-        let plain =
-            matches!(state.target, Live::Proxy(_)) && !handshake::is_websocket_request(head);
-        let what = if plain {
-            What::Http
-        } else {
-            What::WebSocket(handshake::validate(head)?)
+        // WebSockets, so anything else is a bad handshake there; a static
+        // route only plain requests.
+        let websocket = handshake::is_websocket_request(head);
+        let what = match &state.target {
+            Live::Proxy(_) if !websocket => What::Http,
+            Live::Files(_) if websocket => {
+                return Err(Error::client(
+                    Kind::BadHandshake,
+                    format!("{} serves files, not WebSockets", meta.path),
+                ))
+            }
+            Live::Files(_) => What::Http,
+            _ => What::WebSocket(handshake::validate(head)?),
         };
         Ok(Routed::To {
             index,
@@ -401,14 +407,20 @@ impl Gateway {
         let limits = route.limits_for(c.listener);
         let upgrade = match what {
             What::Http => {
-                let Live::Proxy(pool) = &state.target else {
-                    unreachable!("plain requests are routed to proxy routes only");
+                let resp = match &state.target {
+                    Live::Proxy(pool) => {
+                        let body = req.body.expect("hyper reads plain requests");
+                        self.proxy
+                            .forward(pool, req.head, body, c.remote, c.secure)
+                            .await
+                    }
+                    Live::Files(dir) => {
+                        let prefix = route.matcher.path_prefix.as_deref();
+                        let prefix = prefix.or(route.matcher.path.as_deref()).unwrap_or("");
+                        crate::files::serve(dir, prefix.trim_end_matches('/'), &req.head).await
+                    }
+                    _ => unreachable!("plain requests are routed to proxy and static routes"),
                 };
-                let body = req.body.expect("hyper reads plain requests");
-                let resp = self
-                    .proxy
-                    .forward(pool, req.head, body, c.remote, c.secure)
-                    .await;
                 let status = resp
                     .as_ref()
                     .map_or_else(|e| e.kind.status(), |r| r.status());
@@ -451,6 +463,7 @@ impl Gateway {
                     },
                 })
             }
+            Live::Files(_) => unreachable!("static routes take no WebSockets"),
             Live::Peer(_) | Live::Discovery(_) => {
                 let (peer, protocol, framing) = self
                     .find_peer(route, state, &meta, protocol)
@@ -638,7 +651,7 @@ impl Gateway {
                     "no peer found for this request",
                 )),
             },
-            Live::Proxy(_) => unreachable!("proxy routes have no bridge peer"),
+            Live::Proxy(_) | Live::Files(_) => unreachable!("only bridge routes have a peer"),
         }
     }
 }

@@ -155,6 +155,8 @@ struct RouteFile {
     #[serde(default)]
     protocols: Vec<String>,
     to: Option<PeerAddr>,
+    #[serde(rename = "static")]
+    static_dir: Option<PathBuf>,
     proxy: Option<OneOrMany>,
     balance: Option<String>,
     framing: Option<String>,
@@ -743,8 +745,24 @@ impl Validator<'_> {
                 "`balance` applies to `proxy` routes only".into(),
             );
         }
-        let target = match (r.to, r.discovery, r.proxy) {
-            (None, None, Some(p)) => {
+        let target = match (r.to, r.discovery, r.proxy, r.static_dir) {
+            (None, None, None, Some(dir)) => {
+                let dir = if dir.is_relative() { base.join(dir) } else { dir };
+                match std::fs::metadata(&dir) {
+                    Ok(m) if m.is_dir() => Some(Target::Files(dir)),
+                    Ok(_) => {
+                        let m = format!("`{}` is not a directory", dir.display());
+                        self.error("route", i, "static", m);
+                        None
+                    }
+                    Err(e) => {
+                        let m = format!("cannot read `{}`: {e}", dir.display());
+                        self.error("route", i, "static", m);
+                        None
+                    }
+                }
+            }
+            (None, None, Some(p), None) => {
                 let urls = match p {
                     OneOrMany::One(u) => vec![u],
                     OneOrMany::Many(v) => v,
@@ -761,8 +779,8 @@ impl Validator<'_> {
                 }
                 (!addrs.is_empty()).then_some(Target::Proxy(Backends { addrs, balance }))
             }
-            (Some(peer), None, None) => Some(Target::Static(peer)),
-            (None, Some(d), None) => {
+            (Some(peer), None, None, None) => Some(Target::Static(peer)),
+            (None, Some(d), None, None) => {
                 if d.kind != "file" {
                     self.error(
                         "route",
@@ -790,13 +808,13 @@ impl Validator<'_> {
                     }))
                 }
             }
-            (None, None, None) => {
+            (None, None, None, None) => {
                 self.error(
                     "route",
                     i,
                     "",
                     "route needs a peer: `to = \"tcp://host:port\"`, a [route.discovery] table, \
-                     or `proxy = \"ws://host:port\"`"
+                     `proxy = \"ws://host:port\"` or `static = \"dir\"`"
                         .into(),
                 );
                 None
@@ -806,7 +824,8 @@ impl Validator<'_> {
                     "route",
                     i,
                     "to",
-                    "give only one of `to`, `proxy` and a [route.discovery] table".into(),
+                    "give only one of `to`, `proxy`, `static` and a [route.discovery] table"
+                        .into(),
                 );
                 None
             }

@@ -296,6 +296,8 @@ pub enum Target {
     Discovery(Discovery),
     /// Reverse proxy to HTTP/WebSocket backends.
     Proxy(Backends),
+    /// Files served from a directory (`static = "dir"`).
+    Files(PathBuf),
 }
 
 /// A proxy route's backends: the pool the runtime builds is keyed by them.
