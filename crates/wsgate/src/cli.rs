@@ -171,7 +171,7 @@ pub fn main() -> ExitCode {
                 .enable_all()
                 .build()
                 .expect("tokio runtime");
-            match rt.block_on(serve(config)) {
+            match rt.block_on(serve(config, &args)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");
@@ -345,10 +345,11 @@ fn tunnel_from(a: &ServeArgs) -> anyhow::Result<config::Tunnel> {
     Ok(t)
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+async fn serve(config: Config, args: &ServeArgs) -> anyhow::Result<()> {
     // Signal handlers first: a signal right after the "listening" line must
     // already mean "shut down in order".
-    let signals = Signals::new()?;
+    let mut signals = Signals::new()?;
+    let mut watch = crate::reload::Watch::new(args.config.as_ref(), &config);
     let server = crate::Server::start(config).await?;
     {
         let mut out = std::io::stdout().lock();
@@ -363,15 +364,53 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }
         out.flush()?;
     }
-    signals.wait().await;
+    let mut poll = tokio::time::interval(crate::reload::POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let why = tokio::select! {
+            s = signals.next() => match s {
+                Signal::Stop => break,
+                Signal::Reload => "SIGHUP",
+            },
+            _ = poll.tick() => {
+                if !watch.poll() {
+                    continue;
+                }
+                "a watched file changed"
+            }
+        };
+        // Read everything again: the file, or the files the flags name.
+        match build_config(args) {
+            Err(e) => tracing::error!("reload ({why}) refused, running settings kept: {e:#}"),
+            Ok(config) => {
+                let next_watch = crate::reload::Watch::new(args.config.as_ref(), &config);
+                match server.reload(config) {
+                    Ok(()) => {
+                        watch = next_watch;
+                        tracing::info!("reloaded ({why})");
+                    }
+                    Err(e) => {
+                        tracing::error!("reload ({why}) refused, running settings kept: {e:#}")
+                    }
+                }
+            }
+        }
+    }
     tracing::info!(open = server.gateway().active(), "shutting down");
     server.stop().await;
     Ok(())
 }
 
+/// What a signal asks for.
+enum Signal {
+    Stop,
+    Reload,
+}
+
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -380,13 +419,20 @@ impl Signals {
         Ok(Signals {
             term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
             int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            hup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
         })
     }
 
+    /// Until SIGTERM or SIGINT (SIGHUP is ignored).
     async fn wait(mut self) {
+        while !matches!(self.next().await, Signal::Stop) {}
+    }
+
+    async fn next(&mut self) -> Signal {
         tokio::select! {
-            _ = self.term.recv() => {}
-            _ = self.int.recv() => {}
+            _ = self.term.recv() => Signal::Stop,
+            _ = self.int.recv() => Signal::Stop,
+            _ = self.hup.recv() => Signal::Reload,
         }
     }
 }

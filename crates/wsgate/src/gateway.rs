@@ -1,12 +1,21 @@
 //! [`Gateway`], the root type: the runtime built from a [`Config`].
 //!
 //! The config is plain data; what lives is built here: a pool per proxy
-//! route over backends kept once per address ([`BackendSet`], so a future
-//! reload keeps their health and counters), a discovery cache per
-//! discovering route, the admission gates, the metrics, and one [`Worker`]
-//! per worker thread. The request path ([`crate::open`]) and the server
-//! ([`crate::server`]) add `impl Gateway` blocks of their own; this file
-//! depends on neither.
+//! route over backends kept once per address ([`BackendSet`]), a discovery
+//! cache per discovering route, the admission gates, the listeners' TLS,
+//! the tunnel, the metrics, and one [`Worker`] per worker thread. The
+//! request path ([`crate::open`]) and the server ([`crate::server`]) add
+//! `impl Gateway` blocks of their own; this file depends on neither.
+//!
+//! **Reload.** [`Gateway::reload`] builds the runtime of a new config beside
+//! the running one and shares with it what must outlive a config: the
+//! workers and their connections, the shutdown signal and task trackers, the
+//! metrics, the backends of the addresses still named (their health and
+//! counters), the tunnel's registered agents, and the admission gates when
+//! their limits are unchanged. New connections take the new gateway;
+//! established ones keep the one they started with until they end. What a
+//! reload cannot change (the listeners, the worker count, the admin address,
+//! `--forward` listeners) makes it fail, and the running settings stay.
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
@@ -15,11 +24,12 @@ use std::time::Duration;
 
 use crossbeam_utils::CachePadded;
 use tokio::sync::Notify;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
-use crate::config::{Config, PeerAddr, Target};
+use crate::config::{Config, PeerAddr, ScopeLimits, Target};
 use crate::limits::{AdmissionConfig, Gates};
 use crate::metrics::{HttpVersion, Metrics, OpenWebSocket, RouteSeries, WorkerGauge};
 use crate::proxy::backend::{BackendSet, Pool};
@@ -39,7 +49,9 @@ pub struct Gateway {
     pub(crate) backends: BackendSet,
     pub(crate) proxy: Proxy,
     /// Admission: the gateway's gate and those of listeners and routes.
-    pub(crate) gates: Gates,
+    pub(crate) gates: Arc<Gates>,
+    /// The limits the gates were built from (a reload with the same keeps them).
+    admission: (AdmissionConfig, Vec<ScopeLimits>, Vec<ScopeLimits>),
     /// Some route matches on headers, cookies or query, or discovers its
     /// peer: requests need those tables extracted.
     pub(crate) metadata_maps: bool,
@@ -47,11 +59,17 @@ pub struct Gateway {
     pub(crate) tunnel: Option<Arc<Tunnel>>,
     /// The WebSocket series of the tunnel's endpoints.
     pub(crate) builtin: Builtin,
-    /// Per worker thread; each in cache lines of its own, as the workers
-    /// write them on every connection.
-    pub(crate) workers: Vec<CachePadded<Worker>>,
+    /// Each listener's TLS (by its index in the config), loaded from its
+    /// files.
+    pub(crate) listener_tls: Vec<Option<TlsAcceptor>>,
+    /// Per worker thread, shared by every gateway a reload builds; each in
+    /// cache lines of its own, as the workers write them on every connection.
+    pub(crate) workers: Arc<Vec<CachePadded<Worker>>>,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
+    /// This gateway's own background tasks (health checks, housekeeping),
+    /// stopped when a reload replaces it.
+    pub(crate) background: CancellationToken,
 }
 
 /// A route's live part.
@@ -123,7 +141,53 @@ impl Gateway {
     /// Builds the runtime of `config` (nothing is bound or started yet).
     /// Fails only when a file the config named cannot be loaded any more.
     pub fn new(config: Config) -> anyhow::Result<Arc<Gateway>> {
-        let metrics = Metrics::new();
+        Self::build(config, None)
+    }
+
+    /// The runtime of a new `config`, sharing with this one what outlives a
+    /// config (see the module docs). `Err` when the config changes what a
+    /// reload cannot, or a file it names cannot be loaded.
+    pub fn reload(&self, config: Config) -> anyhow::Result<Arc<Gateway>> {
+        let (old, new) = (&self.config, &config);
+        let listeners = |c: &Config| {
+            c.listeners
+                .iter()
+                .map(|l| (l.address.clone(), l.tls.is_some()))
+                .collect::<Vec<_>>()
+        };
+        if listeners(old) != listeners(new) {
+            anyhow::bail!("the listeners (addresses, TLS or not) cannot change on reload: restart");
+        }
+        if worker_count(old) != worker_count(new) {
+            anyhow::bail!("`workers` cannot change on reload: restart");
+        }
+        if old.admin != new.admin {
+            anyhow::bail!("[admin] address cannot change on reload: restart");
+        }
+        if old.tunnel.forwards != new.tunnel.forwards {
+            anyhow::bail!("[[tunnel.forward]] listeners cannot change on reload: restart");
+        }
+        Self::build(config, Some(self))
+    }
+
+    /// Stops this gateway's background tasks: a reload replaced it.
+    pub(crate) fn retire(&self) {
+        self.background.cancel();
+    }
+
+    fn build(config: Config, previous: Option<&Gateway>) -> anyhow::Result<Arc<Gateway>> {
+        let metrics = previous.map_or_else(Metrics::new, |p| p.metrics.clone());
+        let mut listener_tls = vec![];
+        for l in &config.listeners {
+            listener_tls.push(match &l.tls {
+                Some(t) => Some(crate::tls::acceptor(
+                    &t.cert,
+                    &t.key,
+                    &[b"h2", b"http/1.1"],
+                )?),
+                None => None,
+            });
+        }
         let backend_tls = match &config.backend_tls {
             Some(t) => {
                 let identity = t.identity.as_ref().map(|(c, k)| (c.as_path(), k.as_path()));
@@ -141,23 +205,29 @@ impl Gateway {
             backend_tls,
             metrics.clone(),
         );
-        let gates = Gates::new(
+        let admission = (
             AdmissionConfig {
                 per_ip_rate: config.limits.per_ip_rate,
                 per_ip_max_connections: config.limits.per_ip_max_connections,
                 max_connections: config.limits.max_connections,
             },
-            &config
+            config
                 .listeners
                 .iter()
                 .map(|l| l.admission)
                 .collect::<Vec<_>>(),
-            &config
+            config
                 .routes
                 .iter()
                 .map(|r| r.admission)
                 .collect::<Vec<_>>(),
         );
+        // The same limits keep their gates, and so their counts: a reload
+        // admits no more than the caps allow.
+        let gates = match previous {
+            Some(p) if p.admission == admission => p.gates.clone(),
+            _ => Arc::new(Gates::new(admission.0.clone(), &admission.1, &admission.2)),
+        };
         let metadata_maps = config.routes.iter().any(|r| {
             let m = &r.matcher;
             !m.headers.is_empty()
@@ -165,9 +235,16 @@ impl Gateway {
                 || !m.query.is_empty()
                 || matches!(r.target, Target::Discovery(_))
         });
-        let backends = BackendSet::build(&config, None);
+        let backends = BackendSet::build(&config, previous.map(|p| &p.backends));
         let tunnel = if config.tunnel.agents() || config.tunnel.mux() {
-            Some(Arc::new(Tunnel::new(&config.tunnel, metrics.clone())?))
+            let registry = previous
+                .and_then(|p| p.tunnel.as_ref())
+                .map(|t| t.registry.clone());
+            Some(Arc::new(Tunnel::new(
+                &config.tunnel,
+                metrics.clone(),
+                registry,
+            )?))
         } else {
             None
         };
@@ -187,19 +264,27 @@ impl Gateway {
                 auth: None,
             })
             .collect();
-        let shutdown = CancellationToken::new();
-        let workers = (0..worker_count(&config))
-            .map(|i| {
-                CachePadded::new(Worker {
-                    open: metrics.worker_connections(i),
-                    resume: Notify::new(),
-                    shutdown: shutdown.child_token(),
-                    tracker: TaskTracker::new(),
-                    next_id: AtomicU64::new(0),
-                })
-            })
-            .collect();
+        let shutdown = previous.map_or_else(CancellationToken::new, |p| p.shutdown.clone());
+        let workers = match previous {
+            Some(p) => p.workers.clone(),
+            None => Arc::new(
+                (0..worker_count(&config))
+                    .map(|i| {
+                        CachePadded::new(Worker {
+                            open: metrics.worker_connections(i),
+                            resume: Notify::new(),
+                            shutdown: shutdown.child_token(),
+                            tracker: TaskTracker::new(),
+                            next_id: AtomicU64::new(0),
+                        })
+                    })
+                    .collect(),
+            ),
+        };
         Ok(Arc::new(Gateway {
+            listener_tls,
+            admission,
+            background: shutdown.child_token(),
             metadata_maps,
             routes,
             backends,
@@ -210,8 +295,8 @@ impl Gateway {
             metrics,
             proxy,
             gates,
+            tracker: previous.map_or_else(TaskTracker::new, |p| p.tracker.clone()),
             shutdown,
-            tracker: TaskTracker::new(),
         }))
     }
 
@@ -243,7 +328,7 @@ impl Gateway {
         for (route, state) in self.config.routes.iter().zip(&self.routes) {
             if let (Live::Proxy(pool), Some((path, every))) = (&state.target, &route.health_check) {
                 let (pool, path, every) = (pool.clone(), path.clone(), *every);
-                let (metrics, shutdown) = (self.metrics.clone(), self.shutdown.clone());
+                let (metrics, shutdown) = (self.metrics.clone(), self.background.clone());
                 let timeout = self.config.limits.connect_timeout;
                 let tls = self.proxy.tls_connector();
                 self.tracker.spawn(async move {
@@ -261,7 +346,7 @@ impl Gateway {
             let (mut last_open, mut since_drop) = (0, u32::MAX);
             loop {
                 tokio::select! {
-                    _ = gw.shutdown.cancelled() => return,
+                    _ = gw.background.cancelled() => return,
                     _ = tick.tick() => {
                         gw.gates.purge();
                         gw.metrics.limiter_tracked_clients(gw.gates.tracked_ips());

@@ -41,6 +41,7 @@ mod limits;
 mod metrics;
 mod open;
 mod proxy;
+pub mod reload;
 mod route;
 mod server;
 mod tls;
@@ -50,7 +51,7 @@ pub use gateway::Gateway;
 
 /// A gateway started in-process: its listeners bound, its workers running.
 pub struct Server {
-    gateway: Arc<Gateway>,
+    current: Arc<server::Current>,
     urls: Vec<String>,
     admin: Option<SocketAddr>,
     forwards: Vec<(String, String)>,
@@ -99,9 +100,10 @@ impl Server {
             }
             None => None,
         };
-        gateway.serve(bound);
+        let current = server::Current::new(gateway.clone());
+        gateway.serve(bound, &current);
         Ok(Server {
-            gateway,
+            current,
             urls,
             admin,
             forwards: forward_urls,
@@ -124,14 +126,25 @@ impl Server {
         self.admin
     }
 
-    pub fn gateway(&self) -> &Arc<Gateway> {
-        &self.gateway
+    /// The gateway new connections take now.
+    pub fn gateway(&self) -> Arc<Gateway> {
+        self.current.load()
+    }
+
+    /// Replaces the running settings with `config`'s, keeping every
+    /// established connection (see `gateway.rs`: what a reload keeps, and
+    /// what it cannot change). On `Err` the running settings stay.
+    pub fn reload(&self, config: config::Config) -> anyhow::Result<()> {
+        let next = self.current.load().reload(config)?;
+        next.spawn_background();
+        self.current.replace(next);
+        Ok(())
     }
 
     /// Stops accepting, closes every WebSocket with 1001 and waits (bounded
     /// by the drain timeout) for them to finish.
     pub async fn stop(self) {
-        self.gateway.shutdown().await
+        self.current.load().shutdown().await
     }
 }
 
@@ -140,7 +153,7 @@ impl Server {
 pub async fn run(config: config::Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let server = Server::start(config).await?;
     shutdown.await;
-    tracing::info!(open = server.gateway.active(), "shutting down");
+    tracing::info!(open = server.gateway().active(), "shutting down");
     server.stop().await;
     Ok(())
 }

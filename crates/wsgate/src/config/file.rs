@@ -747,7 +747,11 @@ impl Validator<'_> {
         }
         let target = match (r.to, r.discovery, r.proxy, r.static_dir) {
             (None, None, None, Some(dir)) => {
-                let dir = if dir.is_relative() { base.join(dir) } else { dir };
+                let dir = if dir.is_relative() {
+                    base.join(dir)
+                } else {
+                    dir
+                };
                 match std::fs::metadata(&dir) {
                     Ok(m) if m.is_dir() => Some(Target::Files(dir)),
                     Ok(_) => {
@@ -824,8 +828,7 @@ impl Validator<'_> {
                     "route",
                     i,
                     "to",
-                    "give only one of `to`, `proxy`, `static` and a [route.discovery] table"
-                        .into(),
+                    "give only one of `to`, `proxy`, `static` and a [route.discovery] table".into(),
                 );
                 None
             }

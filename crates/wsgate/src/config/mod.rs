@@ -172,6 +172,30 @@ impl Forward {
     }
 }
 
+impl Config {
+    /// Every file the settings are read from beside the config file itself
+    /// (certificates, keys, CA bundles, the agent token file): a change to
+    /// one reloads a running gateway.
+    pub fn files(&self) -> Vec<PathBuf> {
+        let mut out = vec![];
+        for l in &self.listeners {
+            if let Some(t) = &l.tls {
+                out.push(t.cert.clone());
+                out.push(t.key.clone());
+            }
+        }
+        if let Some(t) = &self.backend_tls {
+            out.extend(t.ca.clone());
+            if let Some((c, k)) = &t.identity {
+                out.push(c.clone());
+                out.push(k.clone());
+            }
+        }
+        out.extend(self.tunnel.agent_tokens.clone());
+        out
+    }
+}
+
 /// The most worker threads `workers` may ask for.
 pub const MAX_WORKERS: usize = 1024;
 

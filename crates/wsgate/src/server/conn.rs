@@ -5,14 +5,12 @@
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::Response;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
-use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn, Instrument};
 
 use crate::gateway::{Conn, Gateway};
@@ -29,9 +27,9 @@ impl Gateway {
         listener: usize,
         stream: std::net::TcpStream,
         remote: SocketAddr,
-        tls: Option<TlsAcceptor>,
-        limit: Duration,
     ) {
+        let tls = self.listener_tls[listener].clone();
+        let limit = self.handshake_timeout(listener);
         // Inherited from the listening socket on Linux.
         #[cfg(not(target_os = "linux"))]
         let _ = stream.set_nodelay(true);

@@ -12,12 +12,12 @@
 //! upgrade after keep-alive requests).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::io::unix::AsyncFd;
-use tokio_rustls::TlsAcceptor;
 use tracing::warn;
 
 use crate::config::Config;
@@ -26,38 +26,70 @@ use crate::gateway::{release_thread_memory, worker_count, Gateway, Worker};
 mod conn;
 mod hyper;
 
+/// The gateway new connections take: replaced by a reload, while each
+/// established connection keeps the one it started with.
+pub struct Current {
+    gateway: RwLock<Arc<Gateway>>,
+    /// Bumped on every replacement: accept loops compare it (a read of a
+    /// line no one writes between reloads) before using their own handle.
+    generation: AtomicU64,
+}
+
+impl Current {
+    pub fn new(gateway: Arc<Gateway>) -> Arc<Current> {
+        Arc::new(Current {
+            gateway: RwLock::new(gateway),
+            generation: AtomicU64::new(0),
+        })
+    }
+
+    /// The gateway now.
+    pub fn load(&self) -> Arc<Gateway> {
+        self.gateway
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Makes `next` the gateway of new connections; the one it replaces
+    /// stops its background tasks.
+    pub fn replace(&self, next: Arc<Gateway>) {
+        let old = std::mem::replace(
+            &mut *self.gateway.write().unwrap_or_else(|e| e.into_inner()),
+            next,
+        );
+        self.generation.fetch_add(1, Ordering::Release);
+        old.retire();
+    }
+}
+
 /// A bound listener: one listening socket per worker, all on one address.
 pub struct Bound {
     /// Non-blocking, listening; each worker takes one.
     pub sockets: Vec<std::net::TcpListener>,
-    pub tls: Option<TlsAcceptor>,
+    pub tls: bool,
     pub local_addr: SocketAddr,
-    /// Time for the TLS handshake and the request head.
-    pub handshake_timeout: Duration,
 }
 
 impl Bound {
     /// `ws://HOST:PORT` or `wss://HOST:PORT`.
     pub fn url(&self) -> String {
-        let scheme = if self.tls.is_some() { "wss" } else { "ws" };
+        let scheme = if self.tls { "wss" } else { "ws" };
         format!("{scheme}://{}", self.local_addr)
     }
 }
 
-/// Loads TLS material and binds every listener, one socket per worker
-/// (`workers`, else one per CPU); nothing is served yet.
+/// Binds every listener, one socket per worker (`workers`, else one per
+/// CPU); nothing is served yet. (TLS material is the gateway's: a reload
+/// loads it again.)
 pub async fn bind(config: &Config) -> anyhow::Result<Vec<Bound>> {
     let workers = worker_count(config);
     let mut out = vec![];
     for l in &config.listeners {
-        let tls = match &l.tls {
-            Some(t) => Some(crate::tls::acceptor(
-                &t.cert,
-                &t.key,
-                &[b"h2", b"http/1.1"],
-            )?),
-            None => None,
-        };
         let addr = tokio::net::lookup_host(&l.address)
             .await
             .with_context(|| format!("cannot resolve listen address {}", l.address))?
@@ -68,10 +100,7 @@ pub async fn bind(config: &Config) -> anyhow::Result<Vec<Bound>> {
         out.push(Bound {
             local_addr: sockets[0].local_addr()?,
             sockets,
-            tls,
-            handshake_timeout: l
-                .handshake_timeout
-                .unwrap_or(config.limits.handshake_timeout),
+            tls: l.tls.is_some(),
         });
     }
     Ok(out)
@@ -127,11 +156,19 @@ impl Drop for OpenGuard<'_> {
 }
 
 impl Gateway {
-    /// Accepts on every listener until shutdown (the worker threads), and
-    /// starts the health checks and housekeeping on the caller's runtime.
-    pub fn serve(self: &Arc<Self>, bound: Vec<Bound>) {
+    /// Accepts on every listener until shutdown (the worker threads; each
+    /// connection taken by the gateway `current` holds then), and starts the
+    /// health checks and housekeeping on the caller's runtime.
+    pub fn serve(self: &Arc<Self>, bound: Vec<Bound>, current: &Arc<Current>) {
         self.spawn_background();
-        self.spawn_workers(bound);
+        self.spawn_workers(bound, current);
+    }
+
+    /// The handshake timeout of listener `index`.
+    pub(crate) fn handshake_timeout(&self, index: usize) -> Duration {
+        self.config.listeners[index]
+            .handshake_timeout
+            .unwrap_or(self.config.limits.handshake_timeout)
     }
 
     /// Starts the worker threads. Each runs its own single-threaded event
@@ -140,17 +177,18 @@ impl Gateway {
     /// to end: no task crosses threads, no thread wakes another (the "no-steal" runtime of pingora; nginx's
     /// worker processes). Workers run until shutdown and until every task
     /// has finished (or the process exits at the drain timeout).
-    fn spawn_workers(self: &Arc<Self>, bound: Vec<Bound>) {
+    fn spawn_workers(self: &Arc<Self>, bound: Vec<Bound>, current: &Arc<Current>) {
         let workers = bound.first().map_or(0, |b| b.sockets.len());
         // Worker i takes socket i of every listener.
         let mut per_worker: Vec<Vec<_>> = (0..workers).map(|_| vec![]).collect();
         for b in bound {
             for (i, s) in b.sockets.into_iter().enumerate() {
-                per_worker[i].push((s, b.tls.clone(), b.handshake_timeout));
+                per_worker[i].push(s);
             }
         }
         for (i, listeners) in per_worker.into_iter().enumerate() {
             let gw = self.clone();
+            let current = current.clone();
             // I/O and timers only: signals are the main thread's, and a
             // worker with the process driver would take a process-wide lock
             // (tokio's orphan queue) every time it goes idle.
@@ -161,7 +199,7 @@ impl Gateway {
                 .expect("building a worker runtime");
             std::thread::Builder::new()
                 .name(format!("wsgate-worker-{i}"))
-                .spawn(move || rt.block_on(gw.worker(i, listeners)))
+                .spawn(move || rt.block_on(gw.worker(i, listeners, current)))
                 .expect("starting a worker thread");
         }
     }
@@ -171,19 +209,18 @@ impl Gateway {
     async fn worker(
         self: Arc<Self>,
         i: usize,
-        listeners: Vec<(std::net::TcpListener, Option<TlsAcceptor>, Duration)>,
+        listeners: Vec<std::net::TcpListener>,
+        current: Arc<Current>,
     ) {
         let w = &self.workers[i];
-        for (index, (s, tls, handshake_timeout)) in listeners.into_iter().enumerate() {
+        for (index, s) in listeners.into_iter().enumerate() {
             let l = mio::net::TcpListener::from_std(s);
             // SAFETY: the listener owns its descriptor, which stays open as
             // long as the `AsyncFd` holds it.
             match unsafe { AsyncFd::register_with_interest(l, tokio::io::Interest::READABLE) } {
                 Ok(l) => {
-                    let gw = self.clone();
-                    w.tracker.spawn(async move {
-                        gw.accept_loop(i, index, l, tls, handshake_timeout).await
-                    });
+                    let current = current.clone();
+                    w.tracker.spawn(accept_loop(current, i, index, l));
                 }
                 Err(e) => warn!("worker {i}: cannot use its listening socket: {e}"),
             }
@@ -225,12 +262,12 @@ impl Gateway {
     pub async fn shutdown(&self) {
         self.shutdown.cancel();
         self.tracker.close();
-        for w in &self.workers {
+        for w in self.workers.iter() {
             w.tracker.close();
         }
         let all_done = async {
             self.tracker.wait().await;
-            for w in &self.workers {
+            for w in self.workers.iter() {
                 w.tracker.wait().await;
             }
         };
@@ -257,70 +294,73 @@ impl Gateway {
             .min()
             .is_some_and(|least| mine > least + ACCEPT_SLACK)
     }
+}
 
-    /// Accepts for one worker until shutdown. All workers watch the same
-    /// listening socket; one well ahead of the least busy worker stops taking
-    /// connections (they go to the others, whose event loops see them too)
-    /// until one of its own ends, or until another worker gets as busy and
-    /// stops in turn (it wakes the deferring ones then): the least busy worker
-    /// always accepts, so no connection waits on a deferring one.
-    async fn accept_loop(
-        self: Arc<Self>,
-        worker: usize,
-        index: usize,
-        listener: AsyncFd<mio::net::TcpListener>,
-        tls: Option<TlsAcceptor>,
-        handshake_timeout: Duration,
-    ) {
-        let w = &self.workers[worker];
-        // Registered once, not per connection.
-        let stop = crate::io::cancelled(&w.shutdown);
-        tokio::pin!(stop);
-        // What each connection's task holds of the gateway: a handle of this
-        // worker's own, so that a connection's start and end touch a
-        // reference count no other worker writes (a clone of the gateway's
-        // own `Arc` would pass its cache line between the workers' CPUs,
-        // twice per connection).
-        let handle = Arc::new(self.clone());
-        loop {
-            if self.must_defer(worker) {
-                let resume = w.resume.notified();
-                tokio::pin!(resume);
-                resume.as_mut().enable();
-                if self.must_defer(worker) {
-                    for (j, other) in self.workers.iter().enumerate() {
-                        if j != worker {
-                            other.resume.notify_waiters();
-                        }
-                    }
-                    tokio::select! {
-                        () = &mut stop => return,
-                        () = resume => {}
+/// Accepts for one worker until shutdown. All workers watch the same
+/// listening socket; one well ahead of the least busy worker stops taking
+/// connections (they go to the others, whose event loops see them too)
+/// until one of its own ends, or until another worker gets as busy and stops
+/// in turn (it wakes the deferring ones then): the least busy worker always
+/// accepts, so no connection waits on a deferring one. Each connection is
+/// served by the gateway `current` holds when it is accepted.
+async fn accept_loop(
+    current: Arc<Current>,
+    worker: usize,
+    index: usize,
+    listener: AsyncFd<mio::net::TcpListener>,
+) {
+    let gw = current.load();
+    let workers = gw.workers.clone();
+    let w = &workers[worker];
+    // Registered once, not per connection.
+    let stop = crate::io::cancelled(&w.shutdown);
+    tokio::pin!(stop);
+    // What each connection's task holds of the gateway: a handle of this
+    // worker's own, so that a connection's start and end touch a reference
+    // count no other worker writes (a clone of the gateway's own `Arc` would
+    // pass its cache line between the workers' CPUs, twice per connection);
+    // made again only when a reload replaced the gateway.
+    let (mut generation, mut handle) = (current.generation(), Arc::new(gw));
+    loop {
+        if handle.must_defer(worker) {
+            let resume = w.resume.notified();
+            tokio::pin!(resume);
+            resume.as_mut().enable();
+            if handle.must_defer(worker) {
+                for (j, other) in workers.iter().enumerate() {
+                    if j != worker {
+                        other.resume.notify_waiters();
                     }
                 }
-                continue;
+                tokio::select! {
+                    () = &mut stop => return,
+                    () = resume => {}
+                }
             }
-            let accepted = tokio::select! {
-                () = &mut stop => return,
-                r = accept(&listener) => r,
-            };
-            match accepted {
-                Ok((stream, remote)) => {
-                    w.open.inc();
-                    let gw = handle.clone();
-                    let tls = tls.clone();
-                    w.tracker.spawn(async move {
-                        let _open = OpenGuard(&gw.workers[worker]);
-                        gw.connection(worker, index, stream, remote, tls, handshake_timeout)
-                            .await
-                    });
+            continue;
+        }
+        let accepted = tokio::select! {
+            () = &mut stop => return,
+            r = accept(&listener) => r,
+        };
+        match accepted {
+            Ok((stream, remote)) => {
+                if current.generation() != generation {
+                    generation = current.generation();
+                    handle = Arc::new(current.load());
                 }
-                Err(e) => {
-                    // Out of file descriptors and the like: back off briefly
-                    // instead of spinning.
-                    warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+                w.open.inc();
+                let gw = handle.clone();
+                w.tracker.spawn(async move {
+                    let _open = OpenGuard(&gw.workers[worker]);
+                    gw.connection(worker, index, stream, remote).await
+                });
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: back off briefly
+                // instead of spinning.
+                warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }

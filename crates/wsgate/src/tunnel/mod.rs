@@ -70,8 +70,13 @@ pub fn mux_config(keepalive: Duration) -> wsmux::Config {
 }
 
 impl Tunnel {
-    /// The runtime of `config` (the token file is read here).
-    pub fn new(config: &config::Tunnel, metrics: Metrics) -> anyhow::Result<Tunnel> {
+    /// The runtime of `config` (the token file is read here); a reload
+    /// passes the running `registry`, so registered agents stay.
+    pub fn new(
+        config: &config::Tunnel,
+        metrics: Metrics,
+        registry: Option<Arc<Registry>>,
+    ) -> anyhow::Result<Tunnel> {
         use anyhow::Context as _;
         let tokens = match &config.agent_tokens {
             Some(p) => {
@@ -82,7 +87,7 @@ impl Tunnel {
             None => Tokens::default(),
         };
         Ok(Tunnel {
-            registry: Arc::new(Registry::default()),
+            registry: registry.unwrap_or_default(),
             tokens,
             mux_allow: AllowList::parse(&config.mux_allow)?,
             config: config.clone(),
