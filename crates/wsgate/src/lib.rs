@@ -73,17 +73,24 @@ impl Server {
             ),
             None => None,
         };
-        let mut forwards = vec![];
-        for f in &config.tunnel.forwards {
+        let mut bound = bound;
+        let mut forward_urls = vec![];
+        for b in server::bind_forwards(&config).await? {
+            if let server::Kind::Forward(f) = &b.kind {
+                forward_urls.push((b.url(), f.to.to_string()));
+            }
+            bound.push(b);
+        }
+        let mut udp = vec![];
+        for f in config.tunnel.forwards.iter().filter(|f| f.udp) {
             let b = tunnel::forward::Bound::bind(f)
                 .await
                 .with_context(|| format!("cannot listen on {} (forward)", f.listen))?;
-            forwards.push((b, f.clone()));
+            forward_urls.push((b.url()?, f.to.to_string()));
+            udp.push((b, f.clone()));
         }
         let gateway = Gateway::new(config)?;
-        let mut forward_urls = vec![];
-        for (b, f) in forwards {
-            forward_urls.push((b.url()?, f.to.to_string()));
+        for (b, f) in udp {
             let tunnel = gateway.tunnel.clone().expect("forwards need the tunnel");
             let (stop, tracker) = (gateway.shutdown.clone(), gateway.tracker.clone());
             gateway

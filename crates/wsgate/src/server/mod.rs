@@ -71,14 +71,27 @@ impl Current {
 pub struct Bound {
     /// Non-blocking, listening; each worker takes one.
     pub sockets: Vec<std::net::TcpListener>,
-    pub tls: bool,
+    pub kind: Kind,
     pub local_addr: SocketAddr,
 }
 
+/// What a listener serves.
+#[derive(Clone)]
+pub enum Kind {
+    /// HTTP and WebSockets: the config's listener of that index, TLS or not.
+    Http { index: usize, tls: bool },
+    /// A `--forward` TCP listener: every connection a stream through an agent.
+    Forward(Arc<crate::config::Forward>),
+}
+
 impl Bound {
-    /// `ws://HOST:PORT` or `wss://HOST:PORT`.
+    /// `ws://HOST:PORT` or `wss://HOST:PORT`; `tcp://HOST:PORT` for a forward.
     pub fn url(&self) -> String {
-        let scheme = if self.tls { "wss" } else { "ws" };
+        let scheme = match self.kind {
+            Kind::Http { tls: true, .. } => "wss",
+            Kind::Http { tls: false, .. } => "ws",
+            Kind::Forward(_) => "tcp",
+        };
         format!("{scheme}://{}", self.local_addr)
     }
 }
@@ -100,7 +113,33 @@ pub async fn bind(config: &Config) -> anyhow::Result<Vec<Bound>> {
         out.push(Bound {
             local_addr: sockets[0].local_addr()?,
             sockets,
-            tls: l.tls.is_some(),
+            kind: Kind::Http {
+                index: out.len(),
+                tls: l.tls.is_some(),
+            },
+        });
+    }
+    Ok(out)
+}
+
+/// Binds the `--forward` TCP listeners like the others (one socket per
+/// worker): their connections are served on the workers, beside the
+/// agents' own connections.
+pub async fn bind_forwards(config: &Config) -> anyhow::Result<Vec<Bound>> {
+    let workers = worker_count(config);
+    let mut out = vec![];
+    for f in config.tunnel.forwards.iter().filter(|f| !f.udp) {
+        let addr = tokio::net::lookup_host(&f.listen)
+            .await
+            .with_context(|| format!("cannot resolve forward address {}", f.listen))?
+            .next()
+            .with_context(|| format!("forward address {} resolves to nothing", f.listen))?;
+        let sockets = shared_sockets(addr, workers)
+            .with_context(|| format!("cannot listen on {} (forward)", f.listen))?;
+        out.push(Bound {
+            local_addr: sockets[0].local_addr()?,
+            sockets,
+            kind: Kind::Forward(Arc::new(f.clone())),
         });
     }
     Ok(out)
@@ -164,6 +203,26 @@ impl Gateway {
         self.spawn_workers(bound, current);
     }
 
+    /// Serves one connection of a `--forward` listener: a stream through
+    /// the agent, spliced until both sides end.
+    async fn forward(
+        &self,
+        stream: std::net::TcpStream,
+        remote: SocketAddr,
+        f: &crate::config::Forward,
+    ) {
+        use tracing::Instrument as _;
+        let (Some(tunnel), Ok(tcp)) = (&self.tunnel, tokio::net::TcpStream::from_std(stream))
+        else {
+            return;
+        };
+        let span = tracing::info_span!("forward", from = %remote, to = %f.to);
+        tokio::select! {
+            () = crate::tunnel::forward::forward_tcp(tcp, f, tunnel).instrument(span) => {}
+            () = self.shutdown.cancelled() => {}
+        }
+    }
+
     /// The handshake timeout of listener `index`.
     pub(crate) fn handshake_timeout(&self, index: usize) -> Duration {
         self.config.listeners[index]
@@ -183,7 +242,7 @@ impl Gateway {
         let mut per_worker: Vec<Vec<_>> = (0..workers).map(|_| vec![]).collect();
         for b in bound {
             for (i, s) in b.sockets.into_iter().enumerate() {
-                per_worker[i].push(s);
+                per_worker[i].push((s, b.kind.clone()));
             }
         }
         for (i, listeners) in per_worker.into_iter().enumerate() {
@@ -209,18 +268,18 @@ impl Gateway {
     async fn worker(
         self: Arc<Self>,
         i: usize,
-        listeners: Vec<std::net::TcpListener>,
+        listeners: Vec<(std::net::TcpListener, Kind)>,
         current: Arc<Current>,
     ) {
         let w = &self.workers[i];
-        for (index, s) in listeners.into_iter().enumerate() {
+        for (s, kind) in listeners {
             let l = mio::net::TcpListener::from_std(s);
             // SAFETY: the listener owns its descriptor, which stays open as
             // long as the `AsyncFd` holds it.
             match unsafe { AsyncFd::register_with_interest(l, tokio::io::Interest::READABLE) } {
                 Ok(l) => {
                     let current = current.clone();
-                    w.tracker.spawn(accept_loop(current, i, index, l));
+                    w.tracker.spawn(accept_loop(current, i, kind, l));
                 }
                 Err(e) => warn!("worker {i}: cannot use its listening socket: {e}"),
             }
@@ -306,7 +365,7 @@ impl Gateway {
 async fn accept_loop(
     current: Arc<Current>,
     worker: usize,
-    index: usize,
+    kind: Kind,
     listener: AsyncFd<mio::net::TcpListener>,
 ) {
     let gw = current.load();
@@ -351,10 +410,22 @@ async fn accept_loop(
                 }
                 w.open.inc();
                 let gw = handle.clone();
-                w.tracker.spawn(async move {
-                    let _open = OpenGuard(&gw.workers[worker]);
-                    gw.connection(worker, index, stream, remote).await
-                });
+                match &kind {
+                    Kind::Http { index, .. } => {
+                        let index = *index;
+                        w.tracker.spawn(async move {
+                            let _open = OpenGuard(&gw.workers[worker]);
+                            gw.connection(worker, index, stream, remote).await
+                        });
+                    }
+                    Kind::Forward(f) => {
+                        let f = f.clone();
+                        w.tracker.spawn(async move {
+                            let _open = OpenGuard(&gw.workers[worker]);
+                            gw.forward(stream, remote, &f).await
+                        });
+                    }
+                }
             }
             Err(e) => {
                 // Out of file descriptors and the like: back off briefly

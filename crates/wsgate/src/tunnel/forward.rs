@@ -8,44 +8,34 @@ use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, info, warn};
 
 use super::proto::{decode_datagram, encode_datagram, MAX_DATAGRAM};
 use super::splice::splice;
 use super::Tunnel;
 use crate::config::Forward;
 
-/// A bound forward listener.
-pub enum Bound {
-    Tcp(TcpListener),
-    Udp(UdpSocket),
-}
+/// A bound `udp://` forward (TCP forwards are served by the workers, like
+/// every TCP listener).
+pub struct Bound(UdpSocket);
 
 impl Bound {
-    /// Binds `f.listen` (TCP, or UDP for `udp://`).
+    /// Binds `f.listen` for UDP.
     pub async fn bind(f: &Forward) -> std::io::Result<Bound> {
-        Ok(if f.udp {
-            Bound::Udp(UdpSocket::bind(&f.listen).await?)
-        } else {
-            let l = TcpListener::bind(&f.listen).await?;
-            Bound::Tcp(l)
-        })
+        Ok(Bound(UdpSocket::bind(&f.listen).await?))
     }
 
-    /// `tcp://HOST:PORT` or `udp://HOST:PORT`, with the real port.
+    /// `udp://HOST:PORT`, with the real port.
     pub fn url(&self) -> std::io::Result<String> {
-        Ok(match self {
-            Bound::Tcp(l) => format!("tcp://{}", l.local_addr()?),
-            Bound::Udp(s) => format!("udp://{}", s.local_addr()?),
-        })
+        Ok(format!("udp://{}", self.0.local_addr()?))
     }
 }
 
-/// Serves a bound forward until `shutdown`.
+/// Serves a bound UDP forward until `shutdown`.
 pub async fn serve(
     bound: Bound,
     f: Forward,
@@ -53,50 +43,12 @@ pub async fn serve(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    match bound {
-        Bound::Tcp(l) => serve_tcp(l, f, tunnel, shutdown, tracker).await,
-        Bound::Udp(s) => serve_udp(s, f, tunnel, shutdown, tracker).await,
-    }
-}
-
-async fn serve_tcp(
-    l: TcpListener,
-    f: Forward,
-    tunnel: Arc<Tunnel>,
-    shutdown: CancellationToken,
-    tracker: TaskTracker,
-) {
-    let f = Arc::new(f);
-    loop {
-        let (tcp, from) = tokio::select! {
-            () = shutdown.cancelled() => return,
-            r = l.accept() => match r {
-                Ok(a) => a,
-                Err(e) => {
-                    warn!("forward {}: accept failed: {e}", f.listen);
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = tcp.set_nodelay(true);
-        let (f, tunnel, stop) = (f.clone(), tunnel.clone(), shutdown.clone());
-        let span = tracing::info_span!("forward", %from, to = %f.to);
-        tracker.spawn(
-            async move {
-                tokio::select! {
-                    () = forward_tcp(tcp, &f, &tunnel) => {}
-                    () = stop.cancelled() => debug!("gateway shutting down"),
-                }
-            }
-            .instrument(span),
-        );
-    }
+    serve_udp(bound.0, f, tunnel, shutdown, tracker).await
 }
 
 /// One forwarded TCP connection: a stream through the agent, spliced. A
 /// refused or failed open closes the connection (it has nothing to say).
-async fn forward_tcp(mut tcp: TcpStream, f: &Forward, tunnel: &Tunnel) {
+pub(crate) async fn forward_tcp(mut tcp: TcpStream, f: &Forward, tunnel: &Tunnel) {
     let mut stream = match tunnel.open(Some(&f.to.agent), &f.to.dest, "forward").await {
         Ok(s) => s,
         Err(e) => {
