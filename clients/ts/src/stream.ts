@@ -158,7 +158,9 @@ async function viaWebSocketStream(wss: WebSocketStreamLike, hwm: number): Promis
 }
 
 function viaWebSocket(ws: WebSocketLike, hwm: number, whwm: number, signal?: AbortSignal): Promise<WebSocketDuplex> {
-  ws.binaryType = "arraybuffer";
+  // ArrayBuffers, except that the `ws` package's Buffers (its default) are
+  // kept: they are Uint8Arrays already, and converting them copies.
+  if (ws.binaryType !== "nodebuffer") ws.binaryType = "arraybuffer";
   const pausable = ws as WebSocketLike & { pause?: () => void; resume?: () => void };
   const canPause = typeof pausable.pause === "function" && typeof pausable.resume === "function";
   const sendCallbacks = ws.send.length >= 3;

@@ -3,7 +3,12 @@
 // package all provide. Nothing here is specific to one of them; where `ws`
 // offers more (pause/resume, a send callback) it is detected, not required.
 
-/** The subset of the WHATWG `WebSocket` the package uses. */
+/**
+ * The subset of the WHATWG `WebSocket` the package uses. Like the WHATWG
+ * one, `send()` must take a copy of the bytes it is given (the mux reuses
+ * its frame buffers), unless it takes a third argument, a callback called
+ * once it is done with them (the `ws` package's `send(data, options, cb)`).
+ */
 export interface WebSocketLike {
   readonly readyState: number;
   readonly bufferedAmount: number;

@@ -484,3 +484,21 @@ test("writers wait while the WebSocket's bufferedAmount is above the send high-w
     await srv.close();
   }
 });
+
+test("100 writers take turns through a small send high-water mark; every byte arrives in order", async () => {
+  const srv = await muxServer(echo, { maxStreams: 1024, acceptBacklog: 1024 });
+  const c = await connect(srv.url, { sendHighWaterMark: 64 * 1024 });
+  try {
+    await Promise.all(
+      Array.from({ length: 100 }, async (_, i) => {
+        const s = c.openRaw();
+        const data = pattern(1000 + i, 200_000);
+        const [, back] = await Promise.all([writeAll(s.writable, data, { chunk: 50_000 }), readAll(s.readable)]);
+        assert.deepEqual(back, data, `stream ${s.id}`);
+      }),
+    );
+  } finally {
+    c.close();
+    await srv.close();
+  }
+});

@@ -84,6 +84,21 @@ export function encodeFrame(
   return buf;
 }
 
+/**
+ * Encodes a DATA frame into `target` (at least 12 + payload bytes) and
+ * returns the view of it that is the message.
+ */
+export function encodeDataInto(target: Uint8Array, flags: number, id: number, payload: Uint8Array): Uint8Array {
+  target[0] = VERSION;
+  target[1] = FrameType.Data;
+  target[2] = flags >>> 8;
+  target[3] = flags & 0xff;
+  writeU32(target, 4, id);
+  target[8] = target[9] = target[10] = target[11] = 0;
+  target.set(payload, HEADER_LEN);
+  return target.subarray(0, HEADER_LEN + payload.byteLength);
+}
+
 function writeU32(b: Uint8Array, at: number, v: number): void {
   b[at] = v >>> 24;
   b[at + 1] = (v >>> 16) & 0xff;

@@ -161,8 +161,12 @@ export class MuxStream {
     const session = this.session;
     let off = 0;
     while (off < bytes.byteLength) {
-      if (this.error) throw this.error;
+      if (this.error) {
+        session._wakeWriter(); // pass the turn on
+        throw this.error;
+      }
       if (this.sendCredit === 0) {
+        session._wakeWriter(); // pass the turn on
         await new Promise<void>((r) => this.creditWaiters.push(r));
         continue;
       }
@@ -172,9 +176,10 @@ export class MuxStream {
       }
       const n = Math.min(bytes.byteLength - off, this.sendCredit, session._maxFrame);
       this.sendCredit -= n;
-      session._sendData(encodeFrame(FrameType.Data, 0, this.id, 0, bytes.subarray(off, off + n)));
+      session._sendPayload(this.id, bytes.subarray(off, off + n));
       off += n;
     }
+    session._wakeWriter();
     if (this.error) throw this.error;
   }
 
