@@ -86,6 +86,8 @@ const now = (): number => performance.now();
 const FRAME_BUF = 12 + MAX_PAYLOAD;
 /** Frame buffers kept for reuse (1.5 MiB at most). */
 const POOL_MAX = 24;
+/** Payloads from this size on are encoded into pooled buffers. */
+const POOLED_FROM = 8192;
 
 export class MuxSession {
   /** The WebSocket the session runs on. */
@@ -385,8 +387,17 @@ export class MuxSession {
    * transfer in garbage collection (bench/ts, in-process profile).
    */
   _sendPayload(id: number, payload: Uint8Array): void {
-    if (this.pending || this.socket.readyState !== OPEN) {
-      this.send(encodeFrame(FrameType.Data, 0, id, 0, payload));
+    if (this.pending || this.socket.readyState !== OPEN || payload.byteLength < POOLED_FROM) {
+      // Small frames are cheaper to allocate than to pool (a pooled buffer
+      // is zero-filled 64 KiB when the pool runs dry, as it does with
+      // many small frames in flight).
+      const msg = encodeFrame(FrameType.Data, 0, id, 0, payload);
+      if (this.sendCallbacks && !this.pending && this.socket.readyState === OPEN) {
+        this.socket.send(msg, undefined, this.onFlushed);
+      } else {
+        this.send(msg);
+      }
+      this._wakeWriter();
       return;
     }
     const need = 12 + payload.byteLength;
