@@ -12,6 +12,8 @@ import json
 import shutil
 import subprocess
 import tarfile
+import threading
+import time
 
 import pytest
 
@@ -48,10 +50,18 @@ def packed(tmp_path_factory):
 
 
 @pytest.fixture
-def static_server(packed):
+def ctl_dir(tmp_path):
+    """Files the test creates to signal the page (served under /ctl/)."""
+    d = tmp_path / "ctl"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def static_server(packed, ctl_dir):
     from wsgate_e2e.web import StaticServer
 
-    s = StaticServer({"/pkg/": packed, "/": PAGE_DIR})
+    s = StaticServer({"/pkg/": packed, "/ctl/": ctl_dir, "/": PAGE_DIR})
     yield s
     s.close()
 
@@ -110,3 +120,56 @@ def test_browser_mux_streams_stall_half_close_reset_and_redis(
     assert red["openStreamReply"] == "+PONG\r\n"
     # Chromium has WebSocketStream: openStream uses it there.
     assert red["openStreamVia"] == ("WebSocketStream" if page["webSocketStream"] else "WebSocket")
+
+
+MiB = 1 << 20
+FLOOD = 128 * MiB
+# Kernel socket buffers, the gateway's and Chromium's own: a few MiB each.
+# A readable that kept reading would take in all 128 MiB within seconds.
+MAX_IN_FLIGHT = 48 * MiB
+
+
+def test_browser_open_stream_stops_reading_at_its_high_water_mark(quick_gateway, peer, static_server, ctl_dir, browser):
+    """openStream in Chromium (WebSocketStream) on a bridge route to a peer
+    that writes 128 MiB as fast as it can: while the page reads nothing, the
+    peer stalls (the gateway's relay stopped reading from it); once the page
+    reads, all of it arrives and the stream ends cleanly."""
+    flood = peer("tcp-flood", limit=FLOOD)
+    gw = quick_gateway(flood.spec)
+    url = static_server.url("/ts-stream-page.html", ws=gw.url, hwm=MiB)
+    box = {}
+    t = threading.Thread(target=lambda: box.update(res=browser(url, timeout=120)), daemon=True)
+    t.start()
+    try:
+        deadline = time.monotonic() + 60
+        while flood.sent == 0:
+            assert time.monotonic() < deadline, "the peer never started writing"
+            assert t.is_alive(), box
+            time.sleep(0.05)  # polling a counter, bounded by the deadline
+        sent = wait_plateau(lambda: flood.sent)
+        print(f"peer stalled after {sent / MiB:.1f} MiB")
+        assert sent < MAX_IN_FLIGHT, f"the peer wrote {sent / MiB:.1f} MiB to a page that reads nothing"
+    finally:
+        (ctl_dir / "go").write_text("read now")
+    t.join(timeout=180)
+    res = box["res"]
+    assert res["ok"], res
+    page = res["result"]
+    assert page["error"] is None, page
+    assert page["via"] == "WebSocketStream", page
+    assert page["total"] == FLOOD, page
+    assert page["closed"]["closeCode"] == 1000, page
+
+
+def wait_plateau(read, settle: float = 1.0, timeout: float = 30.0) -> int:
+    """Poll `read()` until it has not changed for `settle` seconds (bounded)."""
+    deadline = time.monotonic() + timeout
+    last, since = read(), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.1)  # polling a counter, bounded by the deadline
+        v = read()
+        if v != last:
+            last, since = v, time.monotonic()
+        elif time.monotonic() - since >= settle:
+            return v
+    raise AssertionError(f"still moving after {timeout}s (at {last})")
