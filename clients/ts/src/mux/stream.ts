@@ -38,15 +38,6 @@ export function resetCodeOf(reason: unknown): number {
   return ResetCode.CANCEL;
 }
 
-/** Internal: what the session calls on a stream. */
-export interface StreamHooks {
-  onData(payload: Uint8Array): void;
-  onFin(): void;
-  onReset(code: number): void;
-  onCredit(delta: number): void;
-  onSessionError(err: MuxError): void;
-}
-
 export class MuxStream {
   /** The stream id: odd when the WebSocket client opened it, even for the server. */
   readonly id: number;
