@@ -483,7 +483,6 @@ export class RedisClient {
   private waiting: Array<{ resolve: (v: RespValue) => void; reject: (e: Error) => void; raw: boolean }> = [];
   private waitHead = 0;
   private error: Error | undefined;
-  private readonly duplex: Duplex & { close?: () => void };
 
   /** Opens a WebSocket to a `--framing resp` bridge route. */
   static async connect(url: string | URL, opts: RedisConnectOptions = {}): Promise<RedisClient> {
@@ -491,8 +490,7 @@ export class RedisClient {
     return new RedisClient(ws, opts);
   }
 
-  constructor(duplex: Duplex & { close?: () => void }, opts: RedisClientOptions = {}) {
-    this.duplex = duplex;
+  constructor(duplex: Duplex, opts: RedisClientOptions = {}) {
     this.decoder = new RespDecoder(opts);
     this.onPush = opts.onPush;
     this.writer = duplex.writable.getWriter();
