@@ -13,13 +13,16 @@
 #   2. e2e/.venv: Python 3 virtualenv with e2e/requirements.txt (pytest, websockets).
 #   3. e2e/node_modules: `npm ci` from e2e/package-lock.json (ws 8.x, playwright-core;
 #      no browser download — the tests use Debian's /usr/bin/chromium).
-#   4. .cache/autobahn: Autobahn|Testsuite (Python 2.7 only) on a private CPython 2.7
+#   4. clients/ts: the wsgate-client package: `npm ci` (TypeScript, ws; pinned by its
+#      package-lock.json) and `npm run build` to dist/, which the Rust interop test
+#      (crates/wsmux/tests/js_interop.rs) and the e2e browser tests load.
+#   5. .cache/autobahn: Autobahn|Testsuite (Python 2.7 only) on a private CPython 2.7
 #      unpacked from Debian bullseye .debs fetched with a private apt configuration
 #      that points at the mirror this machine's apt already uses; the wrapper
 #      .cache/autobahn/wstest runs it.
 #
-# Environment: SKIP_APT=1 skips step 1, SKIP_AUTOBAHN=1 skips step 4,
-# FORCE=1 redoes steps 2-4.
+# Environment: SKIP_APT=1 skips step 1, SKIP_AUTOBAHN=1 skips step 5,
+# FORCE=1 redoes steps 2-5.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -113,7 +116,32 @@ install_node_modules() {
   echo "$want" > "$E2E/node_modules/.e2e-stamp"
 }
 
-# ------------------------------------------------------- 4. Autobahn|Testsuite
+# ------------------------------------------------- 4. the TypeScript client
+install_ts_client() {
+  local dir="$ROOT/clients/ts" want have=""
+  want="$(stamp_of "$dir/package-lock.json" "$dir/package.json")"
+  [ -f "$dir/node_modules/.deps-stamp" ] && have="$(cat "$dir/node_modules/.deps-stamp")"
+  if [ -z "${FORCE:-}" ] && [ "$want" = "$have" ] && [ -x "$dir/node_modules/.bin/tsc" ]; then
+    log "clients/ts/node_modules: up to date"
+  else
+    log "clients/ts/node_modules: npm ci"
+    (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error)
+    echo "$want" > "$dir/node_modules/.deps-stamp"
+  fi
+  # The build's stamp covers its inputs: sources, tsconfig and the compiler.
+  want="$(cd "$dir" && find src tsconfig.json package.json package-lock.json -type f | LC_ALL=C sort | xargs cat | sha256sum | cut -d' ' -f1)"
+  have=""
+  [ -f "$dir/node_modules/.build-stamp" ] && have="$(cat "$dir/node_modules/.build-stamp")"
+  if [ -z "${FORCE:-}" ] && [ "$want" = "$have" ] && [ -f "$dir/dist/index.js" ]; then
+    log "clients/ts/dist: up to date"
+    return
+  fi
+  log "clients/ts/dist: npm run build"
+  (cd "$dir" && rm -rf dist && npm run --silent build)
+  echo "$want" > "$dir/node_modules/.build-stamp"
+}
+
+# ------------------------------------------------------- 5. Autobahn|Testsuite
 AB_PINS=(setuptools==44.0.0 txaio==2.1.0 incremental==16.10.1 pyOpenSSL==19.1.0 cryptography==3.3.2
   Twisted==19.10.0 zope.interface==4.6.0 jinja2==2.11.3 markupsafe==1.1.1 Werkzeug==1.0.1
   klein==17.10.0 service_identity==18.1.0 unittest2==1.1.0 six==1.16.0 'autobahn[twisted,accelerate]==0.10.9')
@@ -227,5 +255,6 @@ EOF
 if [ -z "${SKIP_APT:-}" ]; then install_debian; fi
 install_venv
 install_node_modules
+install_ts_client
 if [ -z "${SKIP_AUTOBAHN:-}" ]; then install_autobahn; fi
 log "all test dependencies are installed"
