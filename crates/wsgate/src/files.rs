@@ -130,7 +130,9 @@ pub async fn serve(root: &Path, prefix: &str, head: &Parts) -> Result<Response<B
         ));
     }
     let rel = relative_path(head.uri.path(), prefix).ok_or_else(not_found)?;
-    let root = tokio::fs::canonicalize(root).await.map_err(|_| not_found())?;
+    let root = tokio::fs::canonicalize(root)
+        .await
+        .map_err(|_| not_found())?;
     let mut path = root.join(&rel);
     let mut meta = tokio::fs::metadata(&path).await.map_err(|_| not_found())?;
     if meta.is_dir() {
@@ -138,7 +140,9 @@ pub async fn serve(root: &Path, prefix: &str, head: &Parts) -> Result<Response<B
         meta = tokio::fs::metadata(&path).await.map_err(|_| not_found())?;
     }
     // Symlinks are followed only while they stay in the tree.
-    let real = tokio::fs::canonicalize(&path).await.map_err(|_| not_found())?;
+    let real = tokio::fs::canonicalize(&path)
+        .await
+        .map_err(|_| not_found())?;
     if !real.starts_with(&root) || !meta.is_file() {
         return Err(not_found());
     }
@@ -159,7 +163,9 @@ pub async fn serve(root: &Path, prefix: &str, head: &Parts) -> Result<Response<B
     } else if meta.len() <= READ_WHOLE {
         full(tokio::fs::read(&real).await.map_err(|_| not_found())?)
     } else {
-        let file = tokio::fs::File::open(&real).await.map_err(|_| not_found())?;
+        let file = tokio::fs::File::open(&real)
+            .await
+            .map_err(|_| not_found())?;
         stream(file)
     };
     Ok(resp.body(body).expect("valid response"))
@@ -225,7 +231,11 @@ mod tests {
         std::fs::create_dir_all(root.join("sub")).unwrap();
         std::fs::write(root.join("index.html"), "<h1>hi</h1>").unwrap();
         std::fs::write(root.join("app.mjs"), "export {}").unwrap();
-        std::fs::write(root.join("sub/data.bin"), vec![7u8; (READ_WHOLE + 5) as usize]).unwrap();
+        std::fs::write(
+            root.join("sub/data.bin"),
+            vec![7u8; (READ_WHOLE + 5) as usize],
+        )
+        .unwrap();
         std::fs::write(dir.path().join("secret.txt"), "secret").unwrap();
         std::os::unix::fs::symlink(dir.path().join("secret.txt"), root.join("leak.txt")).unwrap();
         std::os::unix::fs::symlink(root.join("app.mjs"), root.join("inside.mjs")).unwrap();
@@ -236,23 +246,48 @@ mod tests {
         let tag = r.headers()["etag"].to_str().unwrap().to_string();
         let body = r.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"<h1>hi</h1>");
-        let r = serve(&root, "/app", &get("/app/index.html", &[("if-none-match", &tag)]))
+        let r = serve(
+            &root,
+            "/app",
+            &get("/app/index.html", &[("if-none-match", &tag)]),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status(), 304);
+        let r = serve(&root, "/app", &get("/app/app.mjs", &[]))
             .await
             .unwrap();
-        assert_eq!(r.status(), 304);
-        let r = serve(&root, "/app", &get("/app/app.mjs", &[])).await.unwrap();
-        assert_eq!(r.headers()["content-type"], "text/javascript; charset=utf-8");
-        let r = serve(&root, "/app", &get("/app/inside.mjs", &[])).await.unwrap();
+        assert_eq!(
+            r.headers()["content-type"],
+            "text/javascript; charset=utf-8"
+        );
+        let r = serve(&root, "/app", &get("/app/inside.mjs", &[]))
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200, "a symlink inside the tree is served");
-        let r = serve(&root, "/app", &get("/app/sub/data.bin", &[])).await.unwrap();
-        assert_eq!(r.headers()["content-length"], (READ_WHOLE + 5).to_string().as_str());
+        let r = serve(&root, "/app", &get("/app/sub/data.bin", &[]))
+            .await
+            .unwrap();
+        assert_eq!(
+            r.headers()["content-length"],
+            (READ_WHOLE + 5).to_string().as_str()
+        );
         let body = r.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body.len() as u64, READ_WHOLE + 5, "streamed whole");
-        for bad in ["/app/leak.txt", "/app/sub", "/app/nope", "/app/%2e%2e/secret.txt"] {
+        for bad in [
+            "/app/leak.txt",
+            "/app/sub",
+            "/app/nope",
+            "/app/%2e%2e/secret.txt",
+        ] {
             let e = serve(&root, "/app", &get(bad, &[])).await.unwrap_err();
             assert_eq!(e.kind.status(), 404, "{bad}");
         }
-        let post = http::Request::post("/app/").body(()).unwrap().into_parts().0;
+        let post = http::Request::post("/app/")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
         let e = serve(&root, "/app", &post).await.unwrap_err();
         assert_eq!(e.kind.status(), 405);
     }

@@ -18,8 +18,10 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::Authenticator;
+use crate::auth::rules::Rules;
+use crate::auth::{AuthSet, Authenticator, IdentityHeaders};
 use crate::config::{Config, PeerAddr, Target};
+use crate::limits::identity::IdentityGate;
 use crate::limits::{AdmissionConfig, Gates};
 use crate::metrics::{HttpVersion, Metrics, OpenWebSocket, RouteSeries, WorkerGauge};
 use crate::proxy::backend::{BackendSet, Pool};
@@ -45,6 +47,11 @@ pub struct Gateway {
     pub(crate) metadata_maps: bool,
     /// The reverse tunnel, when configured (`[tunnel]`).
     pub(crate) tunnel: Option<Arc<Tunnel>>,
+    /// The authentication methods (`[auth.NAME]`): what a new config's
+    /// runtime is built over (`AuthSet::build(&config.auth, .., Some(&old))`).
+    pub(crate) auth: AuthSet,
+    /// Per-subject limits (`per_identity_*`).
+    pub(crate) identities: Arc<IdentityGate>,
     /// The WebSocket series of the tunnel's endpoints.
     pub(crate) builtin: Builtin,
     /// Per worker thread; each in cache lines of its own, as the workers
@@ -61,6 +68,11 @@ pub(crate) struct RouteState {
     pub series: Arc<RouteSeries>,
     /// The authentication phase's method; `None`: anyone (the default).
     pub auth: Option<Arc<dyn Authenticator>>,
+    /// Headers set from the identity on backend requests (client copies
+    /// stripped).
+    pub identity_headers: IdentityHeaders,
+    /// The route's identity rules (`allow`): globs a bridge peer must match.
+    pub rules: Rules,
 }
 
 /// Where a route's requests go, live.
@@ -166,8 +178,16 @@ impl Gateway {
                 || matches!(r.target, Target::Discovery(_))
         });
         let backends = BackendSet::build(&config, None);
+        let auth = AuthSet::build(&config.auth, &metrics, None)?;
+        let identities = Arc::new(IdentityGate::default());
         let tunnel = if config.tunnel.agents() || config.tunnel.mux() {
-            Some(Arc::new(Tunnel::new(&config.tunnel, metrics.clone())?))
+            Some(Arc::new(Tunnel::new(
+                &config.tunnel,
+                metrics.clone(),
+                &auth,
+                identities.clone(),
+                config.limits.per_identity_max_streams,
+            )?))
         } else {
             None
         };
@@ -184,7 +204,9 @@ impl Gateway {
                     Target::Files(dir) => Live::Files(dir.clone()),
                 },
                 series: RouteSeries::new(&metrics, &r.name),
-                auth: None,
+                auth: auth.chain(&r.auth).map(|c| c as Arc<dyn Authenticator>),
+                identity_headers: IdentityHeaders::new(&r.auth, &auth),
+                rules: Rules(r.auth.allow.clone()),
             })
             .collect();
         let shutdown = CancellationToken::new();
@@ -204,6 +226,8 @@ impl Gateway {
             routes,
             backends,
             tunnel,
+            auth,
+            identities,
             builtin: Builtin::new(&metrics),
             workers,
             config,
@@ -240,6 +264,7 @@ impl Gateway {
     /// active health checks of proxy routes, and housekeeping (the limiter's
     /// state kept small, its gauge current, freed memory given back).
     pub(crate) fn spawn_background(self: &Arc<Self>) {
+        self.auth.spawn_background(&self.tracker, &self.shutdown);
         for (route, state) in self.config.routes.iter().zip(&self.routes) {
             if let (Live::Proxy(pool), Some((path, every))) = (&state.target, &route.health_check) {
                 let (pool, path, every) = (pool.clone(), path.clone(), *every);

@@ -55,6 +55,11 @@ pub async fn bind(config: &Config) -> anyhow::Result<Vec<Bound>> {
                 &t.cert,
                 &t.key,
                 &[b"h2", b"http/1.1"],
+                l.client_auth.as_ref().map(|c| crate::tls::ClientCerts {
+                    ca: &c.ca,
+                    required: c.required,
+                    crls: &c.crls,
+                }),
             )?),
             None => None,
         };
