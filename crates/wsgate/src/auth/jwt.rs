@@ -121,13 +121,15 @@ impl Jwt {
         }
         let claims = match r {
             Ok(c) => c,
-            Err(e) => return Verdict::Refuse {
-                kind: Kind::Unauthenticated,
-                reason: e.label(),
-                challenge: Some(format!(
+            Err(e) => {
+                return Verdict::Refuse {
+                    kind: Kind::Unauthenticated,
+                    reason: e.label(),
+                    challenge: Some(format!(
                     "Bearer realm=\"wsgate\", error=\"invalid_token\", error_description=\"{e}\""
                 )),
-            },
+                }
+            }
         };
         let Some(subject) = claims.get(&self.subject_claim).and_then(claim_text) else {
             return Verdict::refuse("missing_claim");
