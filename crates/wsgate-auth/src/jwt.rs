@@ -281,8 +281,13 @@ impl KeySet {
         let fits = |k: &&Key| k.family == alg.family() && k.alg.is_none_or(|a| a == alg);
         let mut candidates: Vec<&Key> = self.keys.iter().filter(fits).collect();
         if let Some(kid) = &header.kid {
+            // A token naming a key id is checked by that key, or by keys
+            // without an id; a set that lacks it says so (a JWKS file is
+            // then read again: a rotated key).
             if candidates.iter().any(|k| k.kid.as_deref() == Some(kid)) {
                 candidates.retain(|k| k.kid.as_deref() == Some(kid));
+            } else {
+                candidates.retain(|k| k.kid.is_none());
             }
         }
         if candidates.is_empty() {
