@@ -62,6 +62,10 @@ impl<K: Hash + Eq, V: Clone> TtlCache<K, V> {
     pub fn len(&self) -> usize {
         self.map.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// A SHA-256 digest of `parts` under a per-process random `salt`: cache keys

@@ -158,7 +158,8 @@ impl Verdict {
 pub(crate) enum Method {
     Jwt(jwt::Jwt),
     Basic(basic::Basic),
-    Hook(hook::Hook),
+    /// Boxed: its client and cache make it several times the others' size.
+    Hook(Box<hook::Hook>),
     Mtls(mtls::Mtls),
 }
 
@@ -240,7 +241,7 @@ impl AuthSet {
                     });
                     Method::Basic(basic::Basic::new(b, old)?)
                 }
-                AuthKind::Hook(h) => Method::Hook(hook::Hook::new(h)?),
+                AuthKind::Hook(h) => Method::Hook(Box::new(hook::Hook::new(h)?)),
                 AuthKind::Mtls(t) => Method::Mtls(mtls::Mtls::new(t)),
             };
             out.methods.insert(
