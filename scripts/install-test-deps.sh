@@ -5,7 +5,8 @@
 #   scripts/install-test-deps.sh          # as root, no input needed (CI=true)
 #
 # What it installs:
-#   1. Debian packages: redis-server, socat, chromium, curl, nginx, haproxy,
+#   1. Debian packages: redis-server, socat, chromium, curl, apache2-utils
+#      (htpasswd), nginx, haproxy,
 #      python3 + venv, gcc (Autobahn's wsaccel is a C extension), ca-certificates
 #      and, only where no `node`/`npm` is on PATH, Debian's nodejs + npm.
 #      Services are not started (policy-rc.d) — tests start their own servers
@@ -42,7 +43,7 @@ fi
 
 # ---------------------------------------------------------------- 1. Debian
 install_debian() {
-  local want=(redis-server socat chromium curl openssl nginx haproxy python3 python3-venv
+  local want=(redis-server socat chromium curl openssl apache2-utils nginx haproxy python3 python3-venv
     gcc libc6-dev ca-certificates debian-archive-keyring procps)
   if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
     want+=(nodejs npm)
@@ -89,7 +90,7 @@ install_venv() {
   want="$(stamp_of "$E2E/requirements.txt")"
   [ -f "$E2E/.venv/.stamp" ] && have="$(cat "$E2E/.venv/.stamp")"
   if [ -z "${FORCE:-}" ] && [ "$want" = "$have" ] \
-    && "$E2E/.venv/bin/python" -c 'import pytest, pytest_timeout, websockets' 2>/dev/null; then
+    && "$E2E/.venv/bin/python" -c 'import pytest, pytest_timeout, websockets, jwt, cryptography' 2>/dev/null; then
     log "e2e/.venv: up to date"
     return
   fi

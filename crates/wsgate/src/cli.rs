@@ -282,6 +282,7 @@ fn config_from(a: &ServeArgs) -> anyhow::Result<Config> {
                 tls: tls.clone(),
                 handshake_timeout: None,
                 admission: Default::default(),
+                client_auth: None,
             })
             .collect(),
         limits: limits.clone(),
@@ -296,6 +297,7 @@ fn config_from(a: &ServeArgs) -> anyhow::Result<Config> {
                 limits_by_listener: vec![],
                 admission: Default::default(),
                 health_check: None,
+                auth: Default::default(),
             })
             .into_iter()
             .collect(),
@@ -315,6 +317,7 @@ fn config_from(a: &ServeArgs) -> anyhow::Result<Config> {
             None => None,
         },
         tunnel,
+        auth: vec![],
     })
 }
 

@@ -65,6 +65,14 @@ pub enum Kind {
     Unauthenticated,
     /// The identity is not allowed here (403).
     Forbidden,
+    /// An authentication hook failed, timed out or answered other than
+    /// 2xx/401/403, or a key set could not be had (503).
+    AuthUnavailable,
+    /// The authenticated subject opens connections faster than its rate (429).
+    IdentityRateLimited,
+    /// The authenticated subject has its share of open WebSockets or
+    /// tunnel streams (429).
+    TooManyFromIdentity,
     /// Discovery found a peer that is not on the route's allow list (403).
     PeerNotAllowed,
     /// Discovery found no peer for the request (404).
@@ -152,6 +160,9 @@ impl Kind {
             Kind::Full(Scope::Route) => (S::SERVICE_UNAVAILABLE, None, Some("route_cap")),
             Kind::Unauthenticated => (S::UNAUTHORIZED, None, Some("unauthenticated")),
             Kind::Forbidden => (S::FORBIDDEN, None, Some("forbidden")),
+            Kind::AuthUnavailable => (S::SERVICE_UNAVAILABLE, None, Some("auth_unavailable")),
+            Kind::IdentityRateLimited => (S::TOO_MANY_REQUESTS, None, Some("per_identity_rate")),
+            Kind::TooManyFromIdentity => (S::TOO_MANY_REQUESTS, None, Some("per_identity_cap")),
             Kind::PeerNotAllowed => (S::FORBIDDEN, None, Some("peer_not_allowed")),
             Kind::PeerNotFound => (S::NOT_FOUND, None, None),
             Kind::PeerUnreachable => (S::BAD_GATEWAY, None, Some("peer_unreachable")),
@@ -344,7 +355,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 mod tests {
     use super::*;
 
-    const ALL: [Kind; 37] = [
+    const ALL: [Kind; 40] = [
         Kind::NoRoute,
         Kind::NoSubprotocol,
         Kind::BadHandshake,
@@ -358,6 +369,9 @@ mod tests {
         Kind::Full(Scope::Route),
         Kind::Unauthenticated,
         Kind::Forbidden,
+        Kind::AuthUnavailable,
+        Kind::IdentityRateLimited,
+        Kind::TooManyFromIdentity,
         Kind::PeerNotAllowed,
         Kind::PeerNotFound,
         Kind::PeerUnreachable,

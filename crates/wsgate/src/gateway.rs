@@ -28,8 +28,10 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::Authenticator;
+use crate::auth::rules::Rules;
+use crate::auth::{AuthSet, Authenticator, IdentityHeaders};
 use crate::config::{Config, PeerAddr, ScopeLimits, Target};
+use crate::limits::identity::IdentityGate;
 use crate::limits::{AdmissionConfig, Gates};
 use crate::metrics::{HttpVersion, Metrics, OpenWebSocket, RouteSeries, WorkerGauge};
 use crate::proxy::backend::{BackendSet, Pool};
@@ -57,6 +59,11 @@ pub struct Gateway {
     pub(crate) metadata_maps: bool,
     /// The reverse tunnel, when configured (`[tunnel]`).
     pub(crate) tunnel: Option<Arc<Tunnel>>,
+    /// The authentication methods (`[auth.NAME]`): what a new config's
+    /// runtime is built over (`AuthSet::build(&config.auth, .., Some(&old))`).
+    pub(crate) auth: AuthSet,
+    /// Per-subject limits (`per_identity_*`).
+    pub(crate) identities: Arc<IdentityGate>,
     /// The WebSocket series of the tunnel's endpoints.
     pub(crate) builtin: Builtin,
     /// Each listener's TLS (by its index in the config), loaded from its
@@ -79,6 +86,11 @@ pub(crate) struct RouteState {
     pub series: Arc<RouteSeries>,
     /// The authentication phase's method; `None`: anyone (the default).
     pub auth: Option<Arc<dyn Authenticator>>,
+    /// Headers set from the identity on backend requests (client copies
+    /// stripped).
+    pub identity_headers: IdentityHeaders,
+    /// The route's identity rules (`allow`): globs a bridge peer must match.
+    pub rules: Rules,
 }
 
 /// Where a route's requests go, live.
@@ -184,6 +196,11 @@ impl Gateway {
                     &t.cert,
                     &t.key,
                     &[b"h2", b"http/1.1"],
+                    l.client_auth.as_ref().map(|c| crate::tls::ClientCerts {
+                        ca: &c.ca,
+                        required: c.required,
+                        crls: &c.crls,
+                    }),
                 )?),
                 None => None,
             });
@@ -236,6 +253,12 @@ impl Gateway {
                 || matches!(r.target, Target::Discovery(_))
         });
         let backends = BackendSet::build(&config, previous.map(|p| &p.backends));
+        let auth = AuthSet::build(&config.auth, &metrics, previous.map(|p| &p.auth))?;
+        // Per-subject counts outlive a reload, like the per-client ones.
+        let identities = previous.map_or_else(
+            || Arc::new(IdentityGate::default()),
+            |p| p.identities.clone(),
+        );
         let tunnel = if config.tunnel.agents() || config.tunnel.mux() {
             let registry = previous
                 .and_then(|p| p.tunnel.as_ref())
@@ -243,6 +266,9 @@ impl Gateway {
             Some(Arc::new(Tunnel::new(
                 &config.tunnel,
                 metrics.clone(),
+                &auth,
+                identities.clone(),
+                config.limits.per_identity_max_streams,
                 registry,
             )?))
         } else {
@@ -261,7 +287,9 @@ impl Gateway {
                     Target::Files(dir) => Live::Files(dir.clone()),
                 },
                 series: RouteSeries::new(&metrics, &r.name),
-                auth: None,
+                auth: auth.chain(&r.auth).map(|c| c as Arc<dyn Authenticator>),
+                identity_headers: IdentityHeaders::new(&r.auth, &auth),
+                rules: Rules(r.auth.allow.clone()),
             })
             .collect();
         let shutdown = previous.map_or_else(CancellationToken::new, |p| p.shutdown.clone());
@@ -289,6 +317,8 @@ impl Gateway {
             routes,
             backends,
             tunnel,
+            auth,
+            identities,
             builtin: Builtin::new(&metrics),
             workers,
             config,
@@ -325,6 +355,7 @@ impl Gateway {
     /// active health checks of proxy routes, and housekeeping (the limiter's
     /// state kept small, its gauge current, freed memory given back).
     pub(crate) fn spawn_background(self: &Arc<Self>) {
+        self.auth.spawn_background(&self.tracker, &self.background);
         for (route, state) in self.config.routes.iter().zip(&self.routes) {
             if let (Live::Proxy(pool), Some((path, every))) = (&state.target, &route.health_check) {
                 let (pool, path, every) = (pool.clone(), path.clone(), *every);

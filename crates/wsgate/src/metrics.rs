@@ -24,6 +24,7 @@
 //! | `wsgate_agent_connections` | gauge | `agent` | WebSockets registered agents hold open now, by agent id |
 //! | `wsgate_tunnel_streams_total` | counter | `via`, `outcome` | streams opened through agents, by what asked (`request`, `forward_proxy`, `connect`, `forward`, `mux`, `bridge`) and how it went (`ok`, `agent_unavailable`, `agent_refused`, `agent_unreachable`, `agent_timeout`, `not_allowed`) |
 //! | `wsgate_tunnel_bytes_total` | counter | `direction` | payload bytes through agents: `to_agent`, `from_agent` |
+//! | `wsgate_auth_total` | counter | `method`, `outcome` | authentication outcomes: `method` a configured method's name or `origin`, `outcome` `ok` or the refusal's reason (never the credential) |
 //!
 //! Label values:
 //!
@@ -214,6 +215,12 @@ struct StreamLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct AuthLabels {
+    method: String,
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct TunnelBytesLabels {
     direction: &'static str,
 }
@@ -241,6 +248,7 @@ struct Inner {
     agent_connections: Family<AgentLabels, Gauge>,
     tunnel_streams: Family<StreamLabels, Counter>,
     tunnel_bytes: Family<TunnelBytesLabels, Counter>,
+    auth: Family<AuthLabels, Counter>,
 }
 
 /// The gateway's metrics: a cheap-to-clone handle on one registry.
@@ -273,6 +281,7 @@ impl Metrics {
         let agent_connections = Family::default();
         let tunnel_streams = Family::default();
         let tunnel_bytes = Family::default();
+        let auth = Family::default();
         registry.register(
             "agent_connections",
             "WebSockets registered agents hold open now, by agent id",
@@ -305,6 +314,11 @@ impl Metrics {
             http_requests.clone(),
         );
         registry.register("relayed_bytes", "Payload bytes relayed", bytes.clone());
+        registry.register(
+            "auth",
+            "Authentication outcomes by method (its configured name, or origin) and outcome (ok, or the refusal's reason)",
+            auth.clone(),
+        );
         registry.register(
             "handshake_refusals",
             "Handshakes and requests refused before any upgrade, by reason",
@@ -346,6 +360,7 @@ impl Metrics {
                 agent_connections,
                 tunnel_streams,
                 tunnel_bytes,
+                auth,
             }),
         }
     }
@@ -427,6 +442,19 @@ impl Metrics {
         self.inner
             .refusals
             .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// An authentication method (named in the config, or `origin`) decided:
+    /// `outcome` is `ok` or a refusal's reason, a fixed string of the
+    /// program (never the credential).
+    pub fn auth(&self, method: &str, outcome: &'static str) {
+        self.inner
+            .auth
+            .get_or_create(&AuthLabels {
+                method: method.to_string(),
+                outcome,
+            })
             .inc();
     }
 

@@ -196,6 +196,9 @@ pub(crate) enum Relay {
     Mux {
         tunnel: Arc<Tunnel>,
         connect_timeout: std::time::Duration,
+        /// Who opened the session, and what its streams may reach.
+        identity: Arc<Identity>,
+        rules: Option<tunnel::allow::AllowList>,
     },
     /// A CONNECT tunnel's stream.
     Splice(AgentStream),
@@ -246,7 +249,12 @@ impl Gateway {
             // refused before routing.
             handshake::check_connect(head)?;
         }
-        let meta = Metadata::extract(head, self.metadata_maps);
+        let mut meta = Metadata::extract(head, self.metadata_maps);
+        if self.auth.has_token_protocols() {
+            // A token carried in Sec-WebSocket-Protocol is no subprotocol:
+            // never chosen, never echoed.
+            meta.protocols.retain(|p| !self.auth.is_token_protocol(p));
+        }
         let (index, route, protocol) = match route::select(&self.config.routes, &meta) {
             Selection::Route {
                 index,
@@ -347,7 +355,8 @@ impl Gateway {
         Ok(Admitted { routed, permit })
     }
 
-    /// Phase 3: authentication, by the route's method (anyone, for now).
+    /// Phase 3: authentication, by the route's chain (anyone without one),
+    /// the tunnel's, or an agent's token.
     pub(crate) async fn authenticate<'g>(
         &'g self,
         a: &Admitted<'g>,
@@ -357,17 +366,26 @@ impl Gateway {
             Routed::To {
                 route, state, req, ..
             } => (route, state, req),
-            Routed::Tunnel {
-                tunnel,
-                what: TunnelWhat::Agent(..),
-                req,
-            } => {
-                // An agent is its token: it must own the id it registers.
-                return tunnel
-                    .authenticate_agent(&req.head)
-                    .map_err(|e| (e, Some("agent")));
+            Routed::Tunnel { tunnel, what, req } => {
+                let request = AuthRequest {
+                    head: &req.head,
+                    remote: c.remote,
+                    client_cert: c.client_cert.as_deref(),
+                };
+                return match what {
+                    // An agent must own the id it registers: by its token,
+                    // or by an identity of `agent_auth`.
+                    TunnelWhat::Agent(..) => tunnel
+                        .authenticate_agent(request)
+                        .await
+                        .map_err(|e| (e, Some("agent"))),
+                    _ => tunnel
+                        .authenticate(request)
+                        .await
+                        .map_err(|e| (e, Some(what.name()))),
+                };
             }
-            Routed::Tunnel { .. } | Routed::Health => return Ok(Identity::anonymous()),
+            Routed::Health => return Ok(Identity::anonymous()),
         };
         let request = AuthRequest {
             head: &req.head,
@@ -384,14 +402,20 @@ impl Gateway {
     pub(crate) async fn connect<'g>(
         self: &'g Arc<Self>,
         a: Admitted<'g>,
-        _identity: Identity,
+        identity: Identity,
         c: &Conn,
     ) -> Result<Connected, (Error, Option<&'g str>)> {
         let Admitted { routed, permit } = a;
-        let (route, state, protocol, meta, what, req) = match routed {
+        let (route, state, protocol, meta, what, mut req) = match routed {
             Routed::Health => return Ok(Connected::Health),
             Routed::Tunnel { tunnel, what, req } => {
-                return self.connect_tunnel(tunnel, what, req, permit, c).await
+                let long = what.lasts() && !matches!(what, TunnelWhat::Connect(_));
+                let permit = self
+                    .admit_identity(&identity, &self.config.limits, long, permit)
+                    .map_err(|e| (e, Some(what.name())))?;
+                return self
+                    .connect_tunnel(tunnel, what, req, permit, identity, c)
+                    .await;
             }
             Routed::To {
                 route,
@@ -405,6 +429,15 @@ impl Gateway {
         };
         let name = Some(route.name.as_str());
         let limits = route.limits_for(c.listener);
+        let websocket = matches!(what, What::WebSocket(_));
+        let permit = self
+            .admit_identity(&identity, limits, websocket, permit)
+            .map_err(|e| (e, name))?;
+        if matches!(state.target, Live::Proxy(_)) && !state.identity_headers.is_empty() {
+            state
+                .identity_headers
+                .apply(&mut req.head.headers, &identity);
+        }
         let upgrade = match what {
             What::Http => {
                 let resp = match &state.target {
@@ -466,7 +499,7 @@ impl Gateway {
             Live::Files(_) => unreachable!("static routes take no WebSockets"),
             Live::Peer(_) | Live::Discovery(_) => {
                 let (peer, protocol, framing) = self
-                    .find_peer(route, state, &meta, protocol)
+                    .find_peer(route, state, &meta, protocol, &identity)
                     .map_err(|e| (e, name))?;
                 let conn = match &peer {
                     PeerAddr::Agent(a) => {
@@ -522,9 +555,21 @@ impl Gateway {
         what: TunnelWhat,
         req: Request,
         permit: Option<Permits>,
+        identity: Identity,
         c: &Conn,
     ) -> Result<Connected, (Error, Option<&'g str>)> {
         let name = what.name();
+        let rules = tunnel.stream_rules(&identity);
+        // A CONNECT tunnel is one stream: its slot is held with its permit.
+        let permit = match &what {
+            TunnelWhat::Connect(dest) => {
+                let slot = tunnel
+                    .admit_stream(&identity, rules.as_ref(), dest, "connect")
+                    .map_err(|e| (e, Some(name)))?;
+                permit.map(|p| p.hold(slot))
+            }
+            _ => permit,
+        };
         let span = || tracing::info_span!("tunnel", id = c.id, remote = %c.remote, kind = name);
         let ready = |relay, version| Ready {
             relay,
@@ -553,6 +598,8 @@ impl Gateway {
                 let relay = Relay::Mux {
                     tunnel: tunnel.clone(),
                     connect_timeout: self.config.limits.connect_timeout,
+                    identity: Arc::new(identity),
+                    rules,
                 };
                 Ok(Connected::Upgraded {
                     accepted,
@@ -560,6 +607,9 @@ impl Gateway {
                 })
             }
             TunnelWhat::Relay(target, via) => {
+                let _stream = tunnel
+                    .admit_stream(&identity, rules.as_ref(), &target.dest, via)
+                    .map_err(|e| (e, Some(via)))?;
                 let resp = tunnel::http::relay(
                     tunnel,
                     target,
@@ -588,6 +638,30 @@ impl Gateway {
                 })
             }
         }
+    }
+
+    /// The per-subject limits of an authenticated request (the rate for
+    /// every request, the cap for a WebSocket, `long`), its slot held with
+    /// the request's permit.
+    fn admit_identity(
+        &self,
+        identity: &Identity,
+        limits: &crate::config::Limits,
+        long: bool,
+        permit: Option<Permits>,
+    ) -> Result<Option<Permits>, Error> {
+        let Some(subject) = &identity.subject else {
+            return Ok(permit);
+        };
+        let cap = if long {
+            limits.per_identity_max_connections
+        } else {
+            None
+        };
+        let slot = self
+            .identities
+            .admit(subject, limits.per_identity_rate.as_ref(), cap, false)?;
+        Ok(permit.map(|p| p.hold(slot)))
     }
 
     /// Phase 5: answer. The accept and what runs after it, or a response.
@@ -634,23 +708,46 @@ impl Gateway {
         state: &RouteState,
         meta: &Metadata,
         protocol: Option<String>,
+        identity: &Identity,
+    ) -> Result<(PeerAddr, Option<String>, FramingSpec), Error> {
+        let found = self.find_peer_of(route, state, meta, protocol, identity)?;
+        // The route's identity rules: the peer must match one, filled.
+        if !state.rules.is_empty() && !state.rules.permits_glob(identity, &found.0.to_string()) {
+            warn!(route = %route.name, peer = %found.0, "peer not allowed for this identity");
+            return Err(Error::client(
+                Kind::PeerNotAllowed,
+                "peer not allowed for this identity",
+            ));
+        }
+        Ok(found)
+    }
+
+    fn find_peer_of(
+        &self,
+        route: &Route,
+        state: &RouteState,
+        meta: &Metadata,
+        protocol: Option<String>,
+        identity: &Identity,
     ) -> Result<(PeerAddr, Option<String>, FramingSpec), Error> {
         match &state.target {
             Live::Peer(p) => Ok((p.clone(), protocol, route.framing.clone())),
-            Live::Discovery(d) => match d.lookup(meta) {
-                Discovered::Peer { entry, protocol } => {
-                    let framing = entry.framing.unwrap_or_else(|| route.framing.clone());
-                    Ok((entry.peer, protocol, framing))
+            Live::Discovery(d) => {
+                match d.lookup(meta, &|ph| identity.field(ph).map(String::from)) {
+                    Discovered::Peer { entry, protocol } => {
+                        let framing = entry.framing.unwrap_or_else(|| route.framing.clone());
+                        Ok((entry.peer, protocol, framing))
+                    }
+                    Discovered::Denied(p) => {
+                        warn!(route = %route.name, peer = %p, "discovered peer is not on the allow list");
+                        Err(Error::gateway(Kind::PeerNotAllowed, "peer not allowed"))
+                    }
+                    Discovered::NotFound => Err(Error::client(
+                        Kind::PeerNotFound,
+                        "no peer found for this request",
+                    )),
                 }
-                Discovered::Denied(p) => {
-                    warn!(route = %route.name, peer = %p, "discovered peer is not on the allow list");
-                    Err(Error::gateway(Kind::PeerNotAllowed, "peer not allowed"))
-                }
-                Discovered::NotFound => Err(Error::client(
-                    Kind::PeerNotFound,
-                    "no peer found for this request",
-                )),
-            },
+            }
             Live::Proxy(_) | Live::Files(_) => unreachable!("only bridge routes have a peer"),
         }
     }
@@ -732,8 +829,12 @@ impl Opened {
                 Relay::Mux {
                     tunnel,
                     connect_timeout,
+                    identity,
+                    rules,
                 } => {
-                    tunnel::mux::serve(client, leftover, tunnel, connect_timeout, shutdown).await;
+                    let who = tunnel::mux::Who { identity, rules };
+                    tunnel::mux::serve(client, leftover, tunnel, connect_timeout, who, shutdown)
+                        .await;
                     (0, 0, None)
                 }
                 Relay::Splice(mut stream) => {

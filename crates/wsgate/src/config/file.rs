@@ -35,6 +35,44 @@ struct FileConfig {
     backend_tls: Option<BackendTlsFile>,
     #[serde(default)]
     tunnel: TunnelFile,
+    /// `[auth.NAME]`.
+    #[serde(default)]
+    auth: BTreeMap<String, AuthFile>,
+}
+
+/// `[auth.NAME]`: one method; which keys apply depends on its `type`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthFile {
+    #[serde(rename = "type")]
+    kind: String,
+    // jwt
+    public_key: Option<PathBuf>,
+    secret_file: Option<PathBuf>,
+    jwks: Option<PathBuf>,
+    jwks_url: Option<String>,
+    algorithms: Option<Vec<String>>,
+    issuers: Option<Vec<String>>,
+    audiences: Option<Vec<String>>,
+    leeway: Option<Dur>,
+    require_exp: Option<bool>,
+    max_token_bytes: Option<usize>,
+    sources: Option<Vec<String>>,
+    subject_claim: Option<String>,
+    refresh: Option<Dur>,
+    // basic
+    htpasswd: Option<PathBuf>,
+    realm: Option<String>,
+    cache_ttl: Option<Dur>,
+    cache_size: Option<usize>,
+    // hook
+    url: Option<String>,
+    send_headers: Option<Vec<String>>,
+    copy_headers: Option<Vec<String>>,
+    subject_header: Option<String>,
+    timeout: Option<Dur>,
+    // mtls
+    subject: Option<String>,
 }
 
 /// `[tunnel]`.
@@ -52,6 +90,16 @@ struct TunnelFile {
     forwards: Vec<ForwardFile>,
     keepalive: Option<Dur>,
     open_timeout: Option<Dur>,
+    #[serde(default)]
+    auth: Vec<String>,
+    #[serde(default)]
+    subjects: Vec<String>,
+    #[serde(default)]
+    allow: Vec<String>,
+    #[serde(default)]
+    agent_auth: Vec<String>,
+    #[serde(default)]
+    agent_ids: Vec<String>,
 }
 
 /// `[[tunnel.forward]]`.
@@ -116,6 +164,17 @@ struct ListenerFile {
     handshake_timeout: Option<Dur>,
     #[serde(default)]
     limits: LimitsFile,
+    client_ca: Option<PathBuf>,
+    client_auth: Option<String>,
+    crl: Option<OneOrManyPaths>,
+}
+
+/// One path or a list of them.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrManyPaths {
+    One(PathBuf),
+    Many(Vec<PathBuf>),
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Deserialize)]
@@ -137,6 +196,10 @@ struct LimitsFile {
     per_ip_rate: Option<RateSpec>,
     per_ip_max_connections: Option<usize>,
     bandwidth: Option<ByteSize>,
+    per_identity_rate: Option<RateSpec>,
+    per_identity_max_connections: Option<usize>,
+    per_identity_max_streams: Option<usize>,
+    per_identity_bandwidth: Option<ByteSize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -166,6 +229,17 @@ struct RouteFile {
     limits: LimitsFile,
     health_check: Option<String>,
     health_interval: Option<Dur>,
+    #[serde(default)]
+    auth: Vec<String>,
+    #[serde(default)]
+    origins: Vec<String>,
+    allow_missing_origin: Option<bool>,
+    #[serde(default)]
+    subjects: Vec<String>,
+    #[serde(default)]
+    identity_headers: BTreeMap<String, String>,
+    #[serde(default)]
+    allow: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -176,6 +250,22 @@ struct DiscoveryFile {
     lookups: Vec<String>,
     #[serde(default)]
     allow: Vec<String>,
+}
+
+/// Checks a templated identity rule: its placeholders, and — with each
+/// filled by a plain name — that it is an allow pattern (`pattern`) or a
+/// glob of plain characters (peers, agent ids).
+fn check_identity_pattern(p: &str, pattern: bool) -> Result<(), String> {
+    wsgate_auth::template::check(p)?;
+    let filled = wsgate_auth::template::expand(p, |_| Some("x".into()))
+        .ok_or_else(|| format!("`{p}`: a placeholder is not closed"))?;
+    if pattern {
+        check_mux_allow(std::slice::from_ref(&filled)).map_err(|e| format!("`{p}`: {e}"))
+    } else if filled.is_empty() || filled.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        Err(format!("`{p}` is not a glob"))
+    } else {
+        Ok(())
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -268,6 +358,14 @@ fn merge_limits(base: &Limits, l: &LimitsFile) -> Limits {
         bandwidth: l
             .bandwidth
             .map_or(d.bandwidth, |b| Some(b.0).filter(|b| *b > 0)),
+        per_identity_rate: l.per_identity_rate.or(d.per_identity_rate),
+        per_identity_max_connections: l
+            .per_identity_max_connections
+            .or(d.per_identity_max_connections),
+        per_identity_max_streams: l.per_identity_max_streams.or(d.per_identity_max_streams),
+        per_identity_bandwidth: l
+            .per_identity_bandwidth
+            .map_or(d.per_identity_bandwidth, |b| Some(b.0).filter(|b| *b > 0)),
     }
 }
 
@@ -398,7 +496,7 @@ impl Validator<'_> {
                     let (cert, key) = (resolve(cert), resolve(key));
                     // Load them now: a missing file or a key that does not
                     // belong to the certificate is a configuration error.
-                    if let Err(e) = crate::tls::acceptor(&cert, &key, &[]) {
+                    if let Err(e) = crate::tls::acceptor(&cert, &key, &[], None) {
                         self.error("listener", i, "tls_cert", format!("{e:#}"));
                     }
                     Some(TlsFiles { cert, key })
@@ -423,6 +521,8 @@ impl Validator<'_> {
                     None
                 }
             };
+            let client_auth =
+                self.client_auth(i, &tls, l.client_ca, l.client_auth, l.crl, &resolve);
             if !l.address.contains(':') {
                 self.error(
                     "listener",
@@ -438,6 +538,7 @@ impl Validator<'_> {
                     .handshake_timeout
                     .map(|d| d.0.unwrap_or(Duration::from_secs(3600))),
                 admission,
+                client_auth,
             });
         }
         if listeners.is_empty() {
@@ -470,6 +571,7 @@ impl Validator<'_> {
             trusted,
         };
 
+        let auth = self.auth_methods(raw.auth, &resolve);
         let mut routes = vec![];
         let any_listener_limits = listener_limits.iter().any(LimitsFile::sets_any);
         for (i, mut r) in raw.routes.into_iter().enumerate() {
@@ -487,6 +589,7 @@ impl Validator<'_> {
             }
         }
         let tunnel = self.tunnel(raw.tunnel, &resolve);
+        self.check_auth_use(&auth, &routes, &tunnel, &listeners);
         if routes.is_empty() && self.errors.is_empty() && !(tunnel.agents() || tunnel.mux()) {
             self.errors.push(ConfigError {
                 file: self.file.to_string(),
@@ -521,7 +624,7 @@ impl Validator<'_> {
                 "route",
                 i,
                 "to",
-                "an agent:// peer needs agents: set [tunnel] agent_tokens".into(),
+                "an agent:// peer needs agents: set [tunnel] agent_tokens or agent_auth".into(),
             );
         }
         Config {
@@ -534,6 +637,7 @@ impl Validator<'_> {
             workers: raw.workers,
             backend_tls,
             tunnel,
+            auth,
         }
     }
 
@@ -577,7 +681,29 @@ impl Validator<'_> {
                 Err(e) => self.error("tunnel.forward", i, "to", e.to_string()),
             }
         }
-        if !forwards.is_empty() && agent_tokens.is_none() {
+        let tunnel_auth = RouteAuth {
+            methods: t.auth,
+            subjects: t.subjects,
+            allow: t.allow,
+            ..RouteAuth::default()
+        };
+        for (key, items) in [("allow", &tunnel_auth.allow), ("agent_ids", &t.agent_ids)] {
+            for item in items {
+                if let Err(e) = check_identity_pattern(item, key == "allow") {
+                    fail(self, key, e);
+                }
+            }
+        }
+        if !t.agent_auth.is_empty() && t.agent_ids.is_empty() {
+            fail(
+                self,
+                "agent_auth",
+                "agent_auth needs agent_ids: the ids an identity may register, e.g. \
+                 [\"{cert:cn}\"]"
+                    .into(),
+            );
+        }
+        if !forwards.is_empty() && agent_tokens.is_none() && t.agent_auth.is_empty() {
             self.error(
                 "tunnel.forward",
                 0,
@@ -595,6 +721,9 @@ impl Validator<'_> {
             forwards,
             keepalive: t.keepalive.and_then(|k| k.0).unwrap_or(d.keepalive),
             open_timeout: t.open_timeout.and_then(|k| k.0).unwrap_or(d.open_timeout),
+            auth: tunnel_auth,
+            agent_auth: t.agent_auth,
+            agent_ids: t.agent_ids,
         }
     }
 
@@ -648,6 +777,413 @@ impl Validator<'_> {
                 None
             }
         }
+    }
+
+    /// Records an error at `key` of `[auth.NAME]`.
+    fn auth_error(&mut self, name: &str, key: &str, message: String) {
+        let header = format!("[auth.{name}]");
+        let lines: Vec<&str> = self.text.lines().collect();
+        let mut at = (1, 1);
+        if let Some(i) = lines.iter().position(|l| l.trim() == header) {
+            at = (i + 1, 1);
+            for (j, l) in lines.iter().enumerate().skip(i + 1) {
+                let t = l.trim_start();
+                if t.starts_with('[') {
+                    break;
+                }
+                if let Some(rest) = t.strip_prefix(key) {
+                    if !key.is_empty() && rest.trim_start().starts_with('=') {
+                        at = (j + 1, l.len() - t.len() + 1);
+                        break;
+                    }
+                }
+            }
+        }
+        self.errors.push(ConfigError {
+            file: self.file.to_string(),
+            line: at.0,
+            column: at.1,
+            key: if key.is_empty() {
+                format!("auth.{name}")
+            } else {
+                format!("auth.{name}.{key}")
+            },
+            message,
+        });
+    }
+
+    /// Checks `[auth.NAME]` tables: each type's keys, and the files they
+    /// name (read now, then dropped: the runtime reads them again).
+    fn auth_methods(
+        &mut self,
+        raw: BTreeMap<String, AuthFile>,
+        resolve: &dyn Fn(PathBuf) -> PathBuf,
+    ) -> Vec<AuthMethod> {
+        use super::auth::{Basic, Hook, Jwt, JwtKeys, Mtls};
+        let mut out = vec![];
+        for (name, a) in raw {
+            let before = self.errors.len();
+            if name.is_empty()
+                || name == "origin"
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                self.auth_error(
+                    &name,
+                    "",
+                    "a method's name is letters, digits, `_` and `-` (and not `origin`)".into(),
+                );
+                continue;
+            }
+            let set: Vec<&str> = [
+                ("public_key", a.public_key.is_some()),
+                ("secret_file", a.secret_file.is_some()),
+                ("jwks", a.jwks.is_some()),
+                ("jwks_url", a.jwks_url.is_some()),
+                ("algorithms", a.algorithms.is_some()),
+                ("issuers", a.issuers.is_some()),
+                ("audiences", a.audiences.is_some()),
+                ("leeway", a.leeway.is_some()),
+                ("require_exp", a.require_exp.is_some()),
+                ("max_token_bytes", a.max_token_bytes.is_some()),
+                ("sources", a.sources.is_some()),
+                ("subject_claim", a.subject_claim.is_some()),
+                ("refresh", a.refresh.is_some()),
+                ("htpasswd", a.htpasswd.is_some()),
+                ("realm", a.realm.is_some()),
+                ("cache_ttl", a.cache_ttl.is_some()),
+                ("cache_size", a.cache_size.is_some()),
+                ("url", a.url.is_some()),
+                ("send_headers", a.send_headers.is_some()),
+                ("copy_headers", a.copy_headers.is_some()),
+                ("subject_header", a.subject_header.is_some()),
+                ("timeout", a.timeout.is_some()),
+                ("subject", a.subject.is_some()),
+            ]
+            .into_iter()
+            .filter_map(|(k, on)| on.then_some(k))
+            .collect();
+            let allowed: &[&str] = match a.kind.as_str() {
+                "jwt" => &[
+                    "public_key",
+                    "secret_file",
+                    "jwks",
+                    "jwks_url",
+                    "algorithms",
+                    "issuers",
+                    "audiences",
+                    "leeway",
+                    "require_exp",
+                    "max_token_bytes",
+                    "sources",
+                    "subject_claim",
+                    "refresh",
+                ],
+                "basic" => &["htpasswd", "realm", "cache_ttl", "cache_size"],
+                "hook" => &[
+                    "url",
+                    "send_headers",
+                    "copy_headers",
+                    "subject_header",
+                    "timeout",
+                    "cache_ttl",
+                    "cache_size",
+                ],
+                "mtls" => &["subject"],
+                other => {
+                    let m = format!("unknown type `{other}` (expected jwt, basic, hook or mtls)");
+                    self.auth_error(&name, "type", m);
+                    continue;
+                }
+            };
+            for k in set.iter().filter(|k| !allowed.contains(k)) {
+                let m = format!("`{k}` does not apply to type `{}`", a.kind);
+                self.auth_error(&name, k, m);
+            }
+            let cache_ttl = a
+                .cache_ttl
+                .map_or(Duration::from_secs(300), |d| d.0.unwrap_or_default());
+            let cache_size = a.cache_size.unwrap_or(10_000);
+            let kind = match a.kind.as_str() {
+                "jwt" => {
+                    let keys = match (a.public_key, a.secret_file, a.jwks, a.jwks_url) {
+                        (Some(p), None, None, None) => Some(JwtKeys::Pem(resolve(p))),
+                        (None, Some(p), None, None) => Some(JwtKeys::Secret(resolve(p))),
+                        (None, None, Some(p), None) => Some(JwtKeys::JwksFile(resolve(p))),
+                        (None, None, None, Some(u)) => {
+                            if !(u.starts_with("http://") || u.starts_with("https://"))
+                                || u.parse::<http::Uri>().is_err()
+                            {
+                                self.auth_error(
+                                    &name,
+                                    "jwks_url",
+                                    format!("`{u}` is not an http:// or https:// URL"),
+                                );
+                            }
+                            Some(JwtKeys::JwksUrl(u))
+                        }
+                        _ => {
+                            self.auth_error(
+                                &name,
+                                "type",
+                                "a jwt method needs exactly one of public_key, secret_file, \
+                                 jwks and jwks_url"
+                                    .into(),
+                            );
+                            None
+                        }
+                    };
+                    for alg in a.algorithms.iter().flatten() {
+                        if let Err(e) = wsgate_auth::jwt::parse_algorithm(alg) {
+                            self.auth_error(&name, "algorithms", e.to_string());
+                        }
+                    }
+                    let mut sources = vec![];
+                    for src in a.sources.unwrap_or_else(|| vec!["bearer".into()]) {
+                        match src.parse::<TokenSource>() {
+                            Ok(t) => sources.push(t),
+                            Err(e) => self.auth_error(&name, "sources", e),
+                        }
+                    }
+                    if sources.is_empty() {
+                        self.auth_error(&name, "sources", "no token source".into());
+                    }
+                    keys.map(|keys| {
+                        AuthKind::Jwt(Jwt {
+                            keys,
+                            algorithms: a.algorithms.unwrap_or_default(),
+                            issuers: a.issuers.unwrap_or_default(),
+                            audiences: a.audiences.unwrap_or_default(),
+                            leeway: a
+                                .leeway
+                                .map_or(Duration::from_secs(30), |d| d.0.unwrap_or_default()),
+                            require_exp: a.require_exp.unwrap_or(true),
+                            max_token_bytes: a.max_token_bytes.unwrap_or(8192),
+                            sources,
+                            subject_claim: a.subject_claim.unwrap_or_else(|| "sub".into()),
+                            refresh: a
+                                .refresh
+                                .and_then(|d| d.0)
+                                .unwrap_or(Duration::from_secs(300))
+                                .max(Duration::from_secs(1)),
+                        })
+                    })
+                }
+                "basic" => match a.htpasswd {
+                    Some(p) => Some(AuthKind::Basic(Basic {
+                        htpasswd: resolve(p),
+                        realm: a.realm.unwrap_or_else(|| "wsgate".into()),
+                        cache_ttl,
+                        cache_size,
+                    })),
+                    None => {
+                        self.auth_error(&name, "type", "a basic method needs htpasswd".into());
+                        None
+                    }
+                },
+                "hook" => match a.url {
+                    Some(u) => {
+                        if !(u.starts_with("http://") || u.starts_with("https://"))
+                            || u.parse::<http::Uri>().is_err()
+                        {
+                            self.auth_error(
+                                &name,
+                                "url",
+                                format!("`{u}` is not an http:// or https:// URL"),
+                            );
+                        }
+                        let lower = |v: Option<Vec<String>>| {
+                            v.unwrap_or_default()
+                                .into_iter()
+                                .map(|h| h.to_ascii_lowercase())
+                                .collect::<Vec<_>>()
+                        };
+                        let send = lower(
+                            a.send_headers
+                                .or_else(|| Some(vec!["authorization".into(), "cookie".into()])),
+                        );
+                        let copy = lower(a.copy_headers);
+                        for h in send.iter().chain(&copy).chain(&a.subject_header) {
+                            if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                                self.auth_error(
+                                    &name,
+                                    "send_headers",
+                                    format!("`{h}` is not a header name"),
+                                );
+                            }
+                        }
+                        Some(AuthKind::Hook(Hook {
+                            url: u,
+                            send_headers: send,
+                            copy_headers: copy,
+                            subject_header: a.subject_header.map(|h| h.to_ascii_lowercase()),
+                            timeout: a
+                                .timeout
+                                .and_then(|d| d.0)
+                                .unwrap_or(Duration::from_secs(5)),
+                            cache_ttl,
+                            cache_size,
+                        }))
+                    }
+                    None => {
+                        self.auth_error(&name, "type", "a hook method needs url".into());
+                        None
+                    }
+                },
+                _ => {
+                    let subject = a.subject.unwrap_or_else(|| "cn".into());
+                    if !wsgate_auth::cert::FIELDS.contains(&subject.as_str()) {
+                        self.auth_error(
+                            &name,
+                            "subject",
+                            format!("`{subject}` is not cn, dns, uri or email"),
+                        );
+                    }
+                    Some(AuthKind::Mtls(Mtls { subject }))
+                }
+            };
+            let Some(kind) = kind else { continue };
+            if self.errors.len() == before {
+                if let Err(e) = super::auth::check_method_files(&kind) {
+                    let key = match &kind {
+                        AuthKind::Jwt(j) => match j.keys {
+                            JwtKeys::Pem(_) => "public_key",
+                            JwtKeys::Secret(_) => "secret_file",
+                            _ => "jwks",
+                        },
+                        _ => "htpasswd",
+                    };
+                    self.auth_error(&name, key, e);
+                }
+            }
+            out.push(AuthMethod { name, kind });
+        }
+        out
+    }
+
+    /// A listener's client certificates: the CA and CRLs read now.
+    fn client_auth(
+        &mut self,
+        i: usize,
+        tls: &Option<TlsFiles>,
+        ca: Option<PathBuf>,
+        mode: Option<String>,
+        crl: Option<OneOrManyPaths>,
+        resolve: &dyn Fn(PathBuf) -> PathBuf,
+    ) -> Option<ClientAuth> {
+        let Some(ca) = ca else {
+            for (key, set) in [("client_auth", mode.is_some()), ("crl", crl.is_some())] {
+                if set {
+                    self.error("listener", i, key, format!("`{key}` needs client_ca"));
+                }
+            }
+            return None;
+        };
+        if tls.is_none() {
+            self.error(
+                "listener",
+                i,
+                "client_ca",
+                "client certificates need TLS: set tls_cert and tls_key".into(),
+            );
+        }
+        let required = match mode.as_deref() {
+            None | Some("required") => true,
+            Some("optional") => false,
+            Some(m) => {
+                let m = format!("`{m}` is not \"required\" or \"optional\"");
+                self.error("listener", i, "client_auth", m);
+                true
+            }
+        };
+        let ca = resolve(ca);
+        if let Err(e) = crate::tls::check_client_ca(&ca) {
+            self.error("listener", i, "client_ca", format!("{e:#}"));
+        }
+        let crls: Vec<PathBuf> = match crl {
+            None => vec![],
+            Some(OneOrManyPaths::One(p)) => vec![resolve(p)],
+            Some(OneOrManyPaths::Many(v)) => v.into_iter().map(resolve).collect(),
+        };
+        for c in &crls {
+            if let Err(e) = super::auth::check_crl(c) {
+                self.error("listener", i, "crl", e);
+            }
+        }
+        Some(ClientAuth { ca, required, crls })
+    }
+
+    /// A route's `origins`, `subjects`, `identity_headers` and `allow`.
+    fn route_auth(&mut self, i: usize, a: RouteAuth) -> RouteAuth {
+        if let Err(e) = wsgate_auth::origin::Origins::parse(&a.origins) {
+            self.error("route", i, "origins", e);
+        }
+        for (h, field) in &a.identity_headers {
+            if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                self.error(
+                    "route",
+                    i,
+                    "identity_headers",
+                    format!("`{h}` is not a header name"),
+                );
+            }
+            if let Err(e) = super::auth::check_identity_field(field) {
+                self.error("route", i, "identity_headers", e);
+            }
+        }
+        for p in &a.allow {
+            if let Err(e) = check_identity_pattern(p, false) {
+                self.error("route", i, "allow", e);
+            }
+        }
+        a
+    }
+
+    /// Every method a route or the tunnel names exists; an `mtls` method
+    /// has a listener with client certificates.
+    fn check_auth_use(
+        &mut self,
+        methods: &[AuthMethod],
+        routes: &[Route],
+        tunnel: &Tunnel,
+        listeners: &[ListenerConfig],
+    ) {
+        let find = |n: &str| methods.iter().find(|m| m.name == n);
+        let mtls_listener = listeners.iter().any(|l| l.client_auth.is_some());
+        let check = |v: &mut Self, names: &[String], at: &dyn Fn(&mut Self, String)| {
+            for n in names {
+                match find(n) {
+                    None => at(v, format!("no method `{n}`: define it in [auth.{n}]")),
+                    Some(m) if matches!(m.kind, AuthKind::Mtls(_)) && !mtls_listener => at(
+                        v,
+                        format!(
+                            "method `{n}` reads client certificates: give a [[listener]] \
+                             client_ca"
+                        ),
+                    ),
+                    Some(_) => {}
+                }
+            }
+        };
+        for (i, r) in routes.iter().enumerate() {
+            check(self, &r.auth.methods, &|v, m| {
+                v.error("route", i, "auth", m)
+            });
+        }
+        let tunnel_at = |key: &'static str| {
+            move |v: &mut Self, message: String| {
+                v.errors.push(ConfigError {
+                    file: v.file.to_string(),
+                    line: v.key_line(key),
+                    column: 1,
+                    key: format!("tunnel.{key}"),
+                    message,
+                })
+            }
+        };
+        check(self, &tunnel.auth.methods, &tunnel_at("auth"));
+        check(self, &tunnel.agent_auth, &tunnel_at("agent_auth"));
     }
 
     /// The line of the first `key =` in the file (for keys of plain tables).
@@ -833,6 +1369,21 @@ impl Validator<'_> {
                 None
             }
         };
+        let auth = self.route_auth(
+            i,
+            RouteAuth {
+                methods: r.auth,
+                origins: r.origins,
+                allow_missing_origin: r.allow_missing_origin.unwrap_or(true),
+                subjects: r.subjects,
+                identity_headers: r
+                    .identity_headers
+                    .into_iter()
+                    .map(|(k, v)| (k.to_ascii_lowercase(), v))
+                    .collect(),
+                allow: r.allow,
+            },
+        );
         if self.errors.len() != before {
             return None;
         }
@@ -857,6 +1408,7 @@ impl Validator<'_> {
             limits_by_listener: vec![],
             admission: Default::default(),
             health_check,
+            auth,
         })
     }
 }

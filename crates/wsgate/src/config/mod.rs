@@ -18,9 +18,11 @@ use std::time::Duration;
 
 use wsgate_framing::FramingSpec;
 
+pub mod auth;
 mod file;
 pub mod values;
 
+pub use auth::{AuthKind, AuthMethod, ClientAuth, RouteAuth, TokenSource};
 pub use file::{load, parse};
 pub use values::{
     parse_duration, parse_size, BackendAddr, Balance, Forwarding, IpNet, PeerAddr, RateSpec,
@@ -50,6 +52,9 @@ pub struct Config {
     /// The reverse tunnel (`[tunnel]`): agents, `/request`, the forward
     /// proxy, `--forward` listeners, `/mux`.
     pub tunnel: Tunnel,
+    /// The named authentication methods (`[auth.NAME]`), their files
+    /// checked; routes and the tunnel name them.
+    pub auth: Vec<AuthMethod>,
 }
 
 /// `[tunnel]`: agents behind NAT and what is relayed through them.
@@ -77,6 +82,14 @@ pub struct Tunnel {
     pub keepalive: Duration,
     /// Time an agent has to answer a stream's open request (504 past it).
     pub open_timeout: Duration,
+    /// What `/request`, the forward proxy and `/mux` ask of a request, and
+    /// the rules (`allow`) every stream they open is checked against.
+    pub auth: RouteAuth,
+    /// Methods an agent may register with besides (or instead of) the token
+    /// file; `agent_ids` are the ids such an identity may register
+    /// (templates, `*` globs).
+    pub agent_auth: Vec<String>,
+    pub agent_ids: Vec<String>,
 }
 
 impl Default for Tunnel {
@@ -91,6 +104,9 @@ impl Default for Tunnel {
             forwards: vec![],
             keepalive: Duration::from_secs(15),
             open_timeout: Duration::from_secs(10),
+            auth: RouteAuth::default(),
+            agent_auth: vec![],
+            agent_ids: vec![],
         }
     }
 }
@@ -98,7 +114,7 @@ impl Default for Tunnel {
 impl Tunnel {
     /// Whether agents may register (and `/request` and the forward proxy run).
     pub fn agents(&self) -> bool {
-        self.agent_tokens.is_some()
+        self.agent_tokens.is_some() || !self.agent_auth.is_empty()
     }
 
     /// Whether `/mux` is served.
@@ -192,6 +208,24 @@ impl Config {
             }
         }
         out.extend(self.tunnel.agent_tokens.clone());
+        for l in &self.listeners {
+            if let Some(c) = &l.client_auth {
+                out.push(c.ca.clone());
+                out.extend(c.crls.iter().cloned());
+            }
+        }
+        for m in &self.auth {
+            match &m.kind {
+                auth::AuthKind::Jwt(j) => match &j.keys {
+                    auth::JwtKeys::Pem(p)
+                    | auth::JwtKeys::Secret(p)
+                    | auth::JwtKeys::JwksFile(p) => out.push(p.clone()),
+                    auth::JwtKeys::JwksUrl(_) => {}
+                },
+                auth::AuthKind::Basic(b) => out.push(b.htpasswd.clone()),
+                auth::AuthKind::Hook(_) | auth::AuthKind::Mtls(_) => {}
+            }
+        }
         out
     }
 }
@@ -210,6 +244,8 @@ pub struct ListenerConfig {
     /// This listener's own admission limits (`[listener.limits]`): a cap on
     /// its WebSockets and per-client limits over the gateway's.
     pub admission: ScopeLimits,
+    /// Client certificates (`client_ca`, `client_auth`, `crl`): TLS only.
+    pub client_auth: Option<ClientAuth>,
 }
 
 /// A listener's certificate chain and key (PEM).
@@ -255,6 +291,16 @@ pub struct Limits {
     pub per_ip_max_connections: Option<usize>,
     /// Proxy routes: bytes per second each way for one WebSocket.
     pub bandwidth: Option<u64>,
+    /// New WebSockets (and requests) per authenticated subject; 429 past it.
+    pub per_identity_rate: Option<RateSpec>,
+    /// Concurrent WebSockets per authenticated subject; 429 past it.
+    pub per_identity_max_connections: Option<usize>,
+    /// Concurrent tunnel streams (`/mux` streams, `/request`, CONNECT) per
+    /// authenticated subject; refused past it.
+    pub per_identity_max_streams: Option<usize>,
+    /// Proxy routes: bytes per second each way for all of a subject's
+    /// WebSockets together.
+    pub per_identity_bandwidth: Option<u64>,
 }
 
 impl Default for Limits {
@@ -276,6 +322,10 @@ impl Default for Limits {
             per_ip_rate: None,
             per_ip_max_connections: None,
             bandwidth: None,
+            per_identity_rate: None,
+            per_identity_max_connections: None,
+            per_identity_max_streams: None,
+            per_identity_bandwidth: None,
         }
     }
 }
@@ -299,6 +349,9 @@ pub struct Route {
     pub admission: ScopeLimits,
     /// Proxy routes: active health check (path, interval).
     pub health_check: Option<(String, Duration)>,
+    /// Authentication and rules (`auth`, `origins`, `subjects`,
+    /// `identity_headers`, `allow`).
+    pub auth: RouteAuth,
 }
 
 impl Route {
@@ -342,7 +395,8 @@ pub struct Discovery {
 }
 
 /// Checks one discovery lookup template: every `{…}` must be `{path}`,
-/// `{host}`, `{header:NAME}`, `{cookie:NAME}` or `{query:NAME}`.
+/// `{host}`, `{header:NAME}`, `{cookie:NAME}`, `{query:NAME}`, or an
+/// identity's `{subject}`, `{claim:NAME}`, `{cert:FIELD}`.
 pub fn check_lookup(template: &str) -> Result<(), String> {
     let mut rest = template;
     while let Some(open) = rest.find('{') {
@@ -353,11 +407,13 @@ pub fn check_lookup(template: &str) -> Result<(), String> {
         let ok = matches!(ph, "path" | "host")
             || ["header:", "cookie:", "query:"]
                 .iter()
-                .any(|p| ph.strip_prefix(p).is_some_and(|n| !n.is_empty()));
+                .any(|p| ph.strip_prefix(p).is_some_and(|n| !n.is_empty()))
+            || wsgate_auth::template::placeholder_ok(ph);
         if !ok {
             return Err(format!(
                 "unknown placeholder `{{{ph}}}` in `{template}` (expected {{path}}, {{host}}, \
-                 {{header:NAME}}, {{cookie:NAME}} or {{query:NAME}})"
+                 {{header:NAME}}, {{cookie:NAME}}, {{query:NAME}}, {{subject}}, {{claim:NAME}} or \
+                 {{cert:FIELD}})"
             ));
         }
         rest = &rest[open + close + 1..];

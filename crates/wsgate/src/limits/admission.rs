@@ -498,6 +498,18 @@ pub struct Permits {
     _gateway: Permit,
     /// Empty (and not allocated) unless a listener or route has a gate.
     _scoped: Vec<Permit>,
+    /// The authenticated subject's slot (`per_identity_*`), if counted.
+    _identity: Option<super::identity::IdentityPermit>,
+}
+
+impl Permits {
+    /// The same permits, holding `slot` too.
+    pub fn hold(mut self, slot: Option<super::identity::IdentityPermit>) -> Permits {
+        if slot.is_some() {
+            self._identity = slot;
+        }
+        self
+    }
 }
 
 impl Gates {
@@ -579,6 +591,7 @@ impl Gates {
         Ok(Permits {
             _gateway: gateway,
             _scoped: scoped,
+            _identity: None,
         })
     }
 

@@ -80,6 +80,7 @@
 
 mod admission;
 mod bandwidth;
+pub mod identity;
 
 #[allow(unused_imports)] // the rest of the limiter's API, for tests and docs
 pub use admission::{Admission, Permit, Refusal, Scope, DEFAULT_MAX_TRACKED_IPS};

@@ -77,10 +77,11 @@ impl FileDiscovery {
         }
     }
 
-    /// Finds the peer for a handshake.
-    pub fn lookup(&self, m: &Metadata) -> Discovered {
+    /// Finds the peer for a handshake; `identity` fills the identity
+    /// placeholders (`{subject}`, `{claim:NAME}`, `{cert:FIELD}`).
+    pub fn lookup(&self, m: &Metadata, identity: &dyn Fn(&str) -> Option<String>) -> Discovered {
         for template in &self.lookups {
-            let Some(name) = expand(template, m) else {
+            let Some(name) = expand(template, m, identity) else {
                 continue;
             };
             let path = self.base.join(name);
@@ -193,7 +194,11 @@ fn safe_segment(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-fn expand(template: &str, m: &Metadata) -> Option<String> {
+fn expand(
+    template: &str,
+    m: &Metadata,
+    identity: &dyn Fn(&str) -> Option<String>,
+) -> Option<String> {
     let mut out = String::new();
     let mut rest = template;
     while let Some(open) = rest.find('{') {
@@ -209,6 +214,9 @@ fn expand(template: &str, m: &Metadata) -> Option<String> {
                 p.to_string()
             }
             "host" => m.host.clone(),
+            _ if ph == "subject" || ph.starts_with("claim:") || ph.starts_with("cert:") => {
+                identity(ph)?
+            }
             _ => {
                 let (kind, name) = ph.split_once(':')?;
                 let v = match kind {
@@ -293,7 +301,7 @@ mod tests {
             allow: vec!["tcp://127.0.0.1:*".into()],
             base: dir.path().to_path_buf(),
         });
-        let got = d.lookup(&meta("/", &["cql"], Some(("x-tenant", "acme"))));
+        let got = d.lookup(&meta("/", &["cql"], Some(("x-tenant", "acme"))), &|_| None);
         match got {
             Discovered::Peer { entry, protocol } => {
                 assert_eq!(entry.peer.to_string(), "tcp://127.0.0.1:9042");
@@ -304,12 +312,12 @@ mod tests {
         }
         // Unsafe header value: lookup skipped, default file's peer is not allowed.
         assert!(matches!(
-            d.lookup(&meta("/", &[], Some(("x-tenant", "../etc")))),
+            d.lookup(&meta("/", &[], Some(("x-tenant", "../etc"))), &|_| None),
             Discovered::Denied(_)
         ));
         // The file changes: the next lookup sees it.
         std::fs::write(dir.path().join("acme.peers"), "tcp://127.0.0.1:7000 cql\n").unwrap();
-        match d.lookup(&meta("/", &["cql"], Some(("x-tenant", "acme")))) {
+        match d.lookup(&meta("/", &["cql"], Some(("x-tenant", "acme"))), &|_| None) {
             Discovered::Peer { entry, .. } => {
                 assert_eq!(entry.peer.to_string(), "tcp://127.0.0.1:7000")
             }
@@ -327,10 +335,13 @@ mod tests {
             base: dir.path().to_path_buf(),
         });
         assert!(matches!(
-            d.lookup(&meta("/x", &[], None)),
+            d.lookup(&meta("/x", &[], None), &|_| None),
             Discovered::Denied(_)
         ));
-        assert_eq!(d.lookup(&meta("/../x", &[], None)), Discovered::NotFound);
+        assert_eq!(
+            d.lookup(&meta("/../x", &[], None), &|_| None),
+            Discovered::NotFound
+        );
     }
 
     #[test]

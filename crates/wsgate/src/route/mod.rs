@@ -251,6 +251,7 @@ mod tests {
             limits_by_listener: vec![],
             admission: Default::default(),
             health_check: None,
+            auth: Default::default(),
         }
     }
 

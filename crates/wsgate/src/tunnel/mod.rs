@@ -36,9 +36,11 @@ pub mod mux;
 pub mod registry;
 pub mod splice;
 
-use crate::auth::Identity;
+use crate::auth::rules::Rules;
+use crate::auth::{AuthRequest, AuthSet, Chain, Identity};
 use crate::config;
 use crate::error::{Error, Kind};
+use crate::limits::identity::{IdentityGate, IdentityPermit};
 use crate::metrics::Metrics;
 use allow::AllowList;
 use proto::Destination;
@@ -52,6 +54,16 @@ pub struct Tunnel {
     pub mux_allow: AllowList,
     pub config: config::Tunnel,
     pub metrics: Metrics,
+    /// `[tunnel] auth`: `/request`, the forward proxy and `/mux`.
+    chain: Option<Arc<Chain>>,
+    /// `[tunnel] agent_auth`, and the ids such an identity may register.
+    agent_chain: Option<Arc<Chain>>,
+    agent_ids: Rules,
+    /// `[tunnel] allow`: what an identity's streams may reach.
+    rules: Rules,
+    /// Per-subject stream caps (`per_identity_max_streams`).
+    identities: Arc<IdentityGate>,
+    stream_cap: Option<usize>,
 }
 
 /// The wsmux settings of agent and `/mux` sessions: keepalive every
@@ -75,6 +87,9 @@ impl Tunnel {
     pub fn new(
         config: &config::Tunnel,
         metrics: Metrics,
+        auth: &AuthSet,
+        identities: Arc<IdentityGate>,
+        stream_cap: Option<usize>,
         registry: Option<Arc<Registry>>,
     ) -> anyhow::Result<Tunnel> {
         use anyhow::Context as _;
@@ -92,22 +107,97 @@ impl Tunnel {
             mux_allow: AllowList::parse(&config.mux_allow)?,
             config: config.clone(),
             metrics,
+            chain: auth.chain(&config.auth),
+            agent_chain: auth.chain(&config::RouteAuth {
+                methods: config.agent_auth.clone(),
+                ..config::RouteAuth::default()
+            }),
+            agent_ids: Rules(config.agent_ids.clone()),
+            rules: Rules(config.auth.allow.clone()),
+            identities,
+            stream_cap,
         })
+    }
+
+    /// The authentication phase of `/request`, the forward proxy and
+    /// `/mux`: `[tunnel] auth`, or anonymous.
+    pub async fn authenticate(&self, req: AuthRequest<'_>) -> Result<Identity, Error> {
+        match &self.chain {
+            Some(c) => c.run(req).await,
+            None => Ok(Identity::anonymous()),
+        }
+    }
+
+    /// What `identity`'s streams may reach (`[tunnel] allow` filled from
+    /// it); `None`: no rule of its own.
+    pub fn stream_rules(&self, identity: &Identity) -> Option<AllowList> {
+        self.rules.allow_list(identity)
+    }
+
+    /// Checks one stream's destination against the identity's rules, and
+    /// takes one of its stream slots (held by the permit).
+    pub fn admit_stream(
+        &self,
+        identity: &Identity,
+        rules: Option<&AllowList>,
+        dest: &Destination,
+        via: &'static str,
+    ) -> Result<Option<IdentityPermit>, Error> {
+        if rules.is_some_and(|r| !r.may_permit(dest)) {
+            self.metrics.tunnel_stream(via, "not_allowed");
+            return Err(Error::client(
+                Kind::Forbidden,
+                format!("{dest} is not allowed for this identity"),
+            ));
+        }
+        match &identity.subject {
+            Some(s) => self.identities.admit(s, None, self.stream_cap, true),
+            None => Ok(None),
+        }
+    }
+
+    /// One stream slot of `subject` (`per_identity_max_streams`).
+    pub fn identities_admit(&self, subject: &Arc<str>) -> Result<Option<IdentityPermit>, Error> {
+        self.identities.admit(subject, None, self.stream_cap, true)
+    }
+
+    /// The authentication phase of an agent's registration: a token of the
+    /// token file that owns the id, or an identity of `agent_auth` whose
+    /// `agent_ids` cover it.
+    pub async fn authenticate_agent(&self, req: AuthRequest<'_>) -> Result<Identity, Error> {
+        let head = req.head;
+        let token_known = self.config.agent_tokens.is_some()
+            && bearer(head).is_some_and(|t| self.tokens.knows(t));
+        if token_known || self.agent_chain.is_none() {
+            return self.authenticate_agent_token(head);
+        }
+        let chain = self.agent_chain.as_ref().expect("checked above");
+        let identity = chain.run(req).await?;
+        let id = head
+            .headers
+            .get(proto::ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if self.agent_ids.permits_glob(&identity, id) {
+            Ok(identity)
+        } else {
+            self.metrics.auth(
+                identity.method.as_deref().unwrap_or("-"),
+                "agent_id_not_allowed",
+            );
+            Err(Error::client(
+                Kind::Forbidden,
+                format!("this identity may not register agent id `{id}`"),
+            ))
+        }
     }
 
     /// The authentication phase of an agent's registration: its Bearer token
     /// must own the id it registers (401 without a known token, 403 for an
     /// id the token does not own).
-    pub fn authenticate_agent(&self, head: &Parts) -> Result<Identity, Error> {
+    fn authenticate_agent_token(&self, head: &Parts) -> Result<Identity, Error> {
         let challenge = "Bearer realm=\"wsgate-agent\"";
-        let token = head
-            .headers
-            .get(::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                let (scheme, rest) = v.trim().split_once(' ')?;
-                scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
-            });
+        let token = bearer(head);
         let Some(token) = token else {
             return Err(Error::client(
                 Kind::Unauthenticated,
@@ -149,4 +239,15 @@ impl Tunnel {
         self.metrics.tunnel_stream(via, outcome);
         r
     }
+}
+
+/// The `Authorization: Bearer` token of a request.
+fn bearer(head: &Parts) -> Option<&str> {
+    head.headers
+        .get(::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, rest) = v.trim().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+        })
 }

@@ -21,6 +21,15 @@ use super::Tunnel;
 use crate::error::Kind;
 use crate::io::ClientIo;
 
+/// Who opened a `/mux` session: every stream it opens is checked against
+/// the identity's rules (`[tunnel] allow`) and counted against its stream
+/// cap, at open — not only at the handshake.
+#[derive(Clone)]
+pub struct Who {
+    pub identity: Arc<crate::auth::Identity>,
+    pub rules: Option<super::allow::AllowList>,
+}
+
 /// Time a client has to send a stream's open request.
 const OPEN_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -31,6 +40,7 @@ pub async fn serve(
     leftover: Bytes,
     tunnel: Arc<Tunnel>,
     connect_timeout: Duration,
+    who: Who,
     shutdown: CancellationToken,
 ) {
     let transport = wsmux::WsTransport::from_raw(
@@ -47,7 +57,7 @@ pub async fn serve(
                 Ok(s) => {
                     let tunnel = tunnel.clone();
                     let span = tracing::info_span!("mux", stream = s.id());
-                    streams.spawn(handle(s, tunnel, connect_timeout).instrument(span));
+                    streams.spawn(handle(s, tunnel, connect_timeout, who.clone()).instrument(span));
                 }
                 Err(e) => {
                     debug!("mux session ended: {e}");
@@ -65,7 +75,7 @@ pub async fn serve(
 }
 
 /// Reads a stream's open request, checks it, connects, replies, relays.
-async fn handle(mut s: wsmux::Stream, tunnel: Arc<Tunnel>, connect_timeout: Duration) {
+async fn handle(mut s: wsmux::Stream, tunnel: Arc<Tunnel>, connect_timeout: Duration, who: Who) {
     let mut buf = BytesMut::with_capacity(256);
     let read = async {
         loop {
@@ -101,6 +111,26 @@ async fn handle(mut s: wsmux::Stream, tunnel: Arc<Tunnel>, connect_timeout: Dura
         tunnel.metrics.tunnel_stream("mux", "not_allowed");
         return refuse(s, r).await;
     }
+    if who
+        .rules
+        .as_ref()
+        .is_some_and(|r| !r.permits_target(&target))
+    {
+        let r = Reply::refuse(
+            Status::NotAllowed,
+            format!("{target} is not allowed for this identity"),
+        );
+        tunnel.metrics.tunnel_stream("mux", "not_allowed");
+        return refuse(s, r).await;
+    }
+    // The subject's stream slot, held while the stream lives.
+    let _slot = match &who.identity.subject {
+        Some(subject) => match tunnel.identities_admit(subject) {
+            Ok(p) => p,
+            Err(e) => return refuse(s, Reply::refuse(Status::NotAllowed, e.to_string())).await,
+        },
+        None => None,
+    };
     match target {
         Target::Agent(a) => {
             let mut agent = match tunnel.open(Some(&a.agent), &a.dest, "mux").await {
@@ -120,7 +150,7 @@ async fn handle(mut s: wsmux::Stream, tunnel: Arc<Tunnel>, connect_timeout: Dura
                 debug!("mux stream to {a} ended: {r:?}");
             }
         }
-        Target::Direct(d) => direct(s, buf, d, &tunnel, connect_timeout).await,
+        Target::Direct(d) => direct(s, buf, d, &tunnel, connect_timeout, &who).await,
     }
 }
 
@@ -132,6 +162,7 @@ async fn direct(
     d: Destination,
     tunnel: &Tunnel,
     connect_timeout: Duration,
+    who: &Who,
 ) {
     let addrs: Vec<_> = match tokio::net::lookup_host((d.host.as_str(), d.port)).await {
         Ok(a) => a.collect(),
@@ -140,7 +171,13 @@ async fn direct(
             return refuse(s, r).await;
         }
     };
-    let Some(addr) = addrs.into_iter().find(|a| allowed_at(tunnel, &d, a.ip())) else {
+    let Some(addr) = addrs.into_iter().find(|a| {
+        allowed_at(tunnel, &d, a.ip())
+            && who
+                .rules
+                .as_ref()
+                .is_none_or(|r| r.permits(&d, Some(a.ip())))
+    }) else {
         let r = Reply::refuse(Status::NotAllowed, format!("{d} is not allowed"));
         return refuse(s, r).await;
     };
