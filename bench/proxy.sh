@@ -3,14 +3,16 @@
 # side by side with nginx and HAProxy, all three in front of the same echo
 # backend (wsgate's own `echo:` route), plus that backend reached directly.
 #
-#   [WSBENCH_NICE=-10] bench/proxy.sh [--rounds N] [--idle-rounds N] [--duration S] [--warmup S]
+#   [WSBENCH_NICE=-10] [WSGATE_BASELINE=REV] bench/proxy.sh [--rounds N] [--idle-rounds N] [--duration S] [--warmup S]
 #                                    [--idle-conns N] [--no-build]
 #
 # Runs (a) 64 KiB throughput, (b) 64 B msgs/s at 1 and 50 connections,
 # (c) latency p50/p99, (e) handshakes/s for --rounds rounds (the order of the
 # contenders rotates from round to round), then (d) RSS per idle proxied
 # WebSocket on fresh proxy processes for --idle-rounds rounds. Prints a
-# Markdown table of medians with the ratios wsgate/nginx and wsgate/haproxy;
+# Markdown table of medians with the ratios wsgate/nginx and wsgate/haproxy
+# (and wsgate/REV: with WSGATE_BASELINE=REV, wsgate built at that git revision
+# by bench/baseline.sh runs as one more proxy, a before/after in one run);
 # the table, every raw value, the configs and the logs are kept under
 # bench/results/proxy-<UTC timestamp>/ (git-ignored). Every process it starts
 # is killed on exit. See bench/proxy/README.md.
@@ -73,6 +75,11 @@ RUN=$(mktemp -d /tmp/wsgate-proxy-bench.XXXXXX)
 cp target/release/wsgate target/release/wsbench "$RUN/"
 WSGATE=$RUN/wsgate
 WSBENCH=$RUN/wsbench
+BASE_BIN=
+if [ -n "${WSGATE_BASELINE:-}" ]; then
+    cp "$(bench/baseline.sh "$WSGATE_BASELINE")" "$RUN/wsgate-baseline"
+    BASE_BIN=$RUN/wsgate-baseline
+fi
 # The one-test subcommand of wsbench (`load`; `run` in later versions).
 if "$WSBENCH" --help | grep -qE '^  run '; then LOAD=run; else LOAD=load; fi
 
@@ -117,11 +124,12 @@ wait_listening() {
 }
 
 # Starts a wsgate that prints its port; sets STARTED_PID and STARTED_PORT.
+# BIN (default: the current build) picks the binary.
 start_wsgate() {
-    local name=$1 i
+    local name=$1 i bin=${BIN:-$WSGATE}
     shift
     : >"$OUT/$name.out"
-    setsid "$WSGATE" serve --listen 127.0.0.1:0 "$@" --max-connections 20000 --log warn \
+    setsid "$bin" serve --listen 127.0.0.1:0 "$@" --max-connections 20000 --log warn \
         >"$OUT/$name.out" 2>"$OUT/$name.log" </dev/null &
     STARTED_PID=$!
     PGIDS+=("$STARTED_PID")
@@ -176,6 +184,7 @@ start_fixed_port() {
 start_proxy() {
     case "$1" in
     wsgate) start_wsgate "$2" --to "ws://127.0.0.1:$BACKEND_PORT" ;;
+    baseline) BIN=$BASE_BIN start_wsgate "$2" --to "ws://127.0.0.1:$BACKEND_PORT" ;;
     nginx) start_fixed_port "$2" bench/proxy/nginx.conf.in ;;
     haproxy) start_fixed_port "$2" bench/proxy/haproxy.cfg.in ;;
     esac
@@ -210,6 +219,7 @@ LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 {
     echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
     echo "command: ${WSBENCH_NICE:+WSBENCH_NICE=$WSBENCH_NICE }bench/proxy.sh${ARGS[*]:+ ${ARGS[*]}}"
+    if [ -n "$BASE_BIN" ]; then echo "baseline: wsgate at $(git rev-parse --short "$WSGATE_BASELINE")"; fi
     echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- crates 2>/dev/null || echo ' (crates/ modified)')"
     echo "machine: $(nproc) cores, $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1), $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo), Linux $(uname -r)"
     echo "nginx: $(nginx -v 2>&1 | sed 's/^nginx version: //'), haproxy: $(haproxy -v | head -1 | awk '{ print $3 }')"
@@ -221,15 +231,17 @@ BACKEND_PORT=$STARTED_PORT
 declare -A PORT PID
 PORT[direct]=$BACKEND_PORT
 PID[direct]=$STARTED_PID
-for c in wsgate nginx haproxy; do
+PROXIES=(wsgate nginx haproxy)
+if [ -n "$BASE_BIN" ]; then PROXIES+=(baseline); fi
+for c in "${PROXIES[@]}"; do
     start_proxy "$c" "$c"
     PORT[$c]=$STARTED_PORT
     PID[$c]=$STARTED_PID
 done
-echo "   backend :${PORT[direct]}, wsgate :${PORT[wsgate]}, nginx :${PORT[nginx]}, haproxy :${PORT[haproxy]}" >&2
+echo "   backend :${PORT[direct]}, wsgate :${PORT[wsgate]}, nginx :${PORT[nginx]}, haproxy :${PORT[haproxy]}${BASE_BIN:+, baseline :${PORT[baseline]}}" >&2
 
 # Every contender echoes through before anything is measured.
-for c in wsgate nginx haproxy direct; do
+for c in "${PROXIES[@]}" direct; do
     "$WSBENCH" "$LOAD" --target "ws://127.0.0.1:${PORT[$c]}/" --test latency \
         --warmup 0 --duration 0.2 >/dev/null ||
         { echo "proxy.sh: $c does not echo" >&2; exit 1; }
@@ -241,7 +253,7 @@ RAW=$OUT/raw.csv
 # cell, warm-up included.
 echo "round,test,contender,value,value2,cpu_ticks,steal_ticks,output" >"$RAW"
 read -r STEAL0 TOTAL0 < <(steal_total)
-CONTENDERS=(wsgate nginx haproxy direct)
+CONTENDERS=("${PROXIES[@]}" direct)
 # test id | wsbench flags
 TESTS=(
     "throughput|--test throughput --size 65536 --window 4"
@@ -281,7 +293,7 @@ done
 
 read -r STEAL1 TOTAL1 < <(steal_total)
 # The measuring proxies are done: (d) starts fresh ones.
-for c in wsgate nginx haproxy; do stop_group "${PID[$c]}"; done
+for c in "${PROXIES[@]}"; do stop_group "${PID[$c]}"; done
 
 # ---------------------------------------------------------------- (d)
 # For each proxy, on a fresh process: one warm-up echo, then $IDLE_CONNS
@@ -291,7 +303,6 @@ for c in wsgate nginx haproxy; do stop_group "${PID[$c]}"; done
 # kept as a cross-check.
 IDLE=$OUT/idle.csv
 echo "round,contender,rss_before_kib,rss_peak_kib,kib_per_conn,wsbench_output" >"$IDLE"
-PROXIES=(wsgate nginx haproxy)
 for ((r = 0; r < IDLE_ROUNDS; r++)); do
     echo "== (d) round $((r + 1))/$IDLE_ROUNDS: $IDLE_CONNS idle WebSockets" >&2
     for ((i = 0; i < ${#PROXIES[@]}; i++)); do

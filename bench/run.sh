@@ -4,6 +4,10 @@
 # websocat, a socat TCP relay, the echo server direct) on this machine.
 #
 #   bench/run.sh [extra `wsbench compare` flags, e.g. --rounds 7]
+#   WSGATE_BASELINE=REV bench/run.sh
+#                   also runs wsgate built at git revision REV (bench/baseline.sh)
+#                   beside the current one: before/after in one run, with a
+#                   wsgate/REV table.
 #
 # Prints a Markdown table; it and the per-round values and the contenders'
 # logs are kept under bench/results/<UTC timestamp>/ (not committed).
@@ -43,6 +47,12 @@ if ! "$WEBSOCAT" --version 2>/dev/null | grep -qx "websocat $WEBSOCAT_VERSION"; 
     fi
 fi
 
+BASELINE=()
+if [ -n "${WSGATE_BASELINE:-}" ]; then
+    BASELINE=(--baseline "$(bench/baseline.sh "$WSGATE_BASELINE")"
+        --baseline-label "$(git rev-parse --short "$WSGATE_BASELINE")")
+fi
+
 # On a machine shared with other work, WSBENCH_NICE=-10 runs everything (load
 # generator, echo server, contenders alike) ahead of it (needs root for < 0).
 NICE=()
@@ -55,7 +65,8 @@ echo "== running" >&2
     --wsgate target/release/wsgate \
     --websocat "$WEBSOCAT" \
     --socat "$(command -v socat)" \
-    --command "${WSBENCH_NICE:+WSBENCH_NICE=$WSBENCH_NICE }bench/run.sh${*:+ $*}" \
+    "${BASELINE[@]}" \
+    --command "${WSBENCH_NICE:+WSBENCH_NICE=$WSBENCH_NICE }${WSGATE_BASELINE:+WSGATE_BASELINE=$WSGATE_BASELINE }bench/run.sh${*:+ $*}" \
     "$@" &
 pid=$!
 # wsbench stops every contender it started (process groups) on SIGINT/SIGTERM,

@@ -128,6 +128,21 @@ for t, label in [("msgs1", "(b) per message, 1 conn"), ("msgs50", "(b) per messa
     f = lambda v: "—" if v is None else f"{v:.2f}"
     r = lambda a, b: "—" if not a or not b else f"{a / b:.2f}"
     print(f"| {label} | {f(m['wsgate'])} | {f(m['nginx'])} | {f(m['haproxy'])} | {f(m['direct'])} | {r(m['wsgate'], m['nginx'])} | {r(m['wsgate'], m['haproxy'])} |")
+# Before/after: the current wsgate against the baseline build (WSGATE_BASELINE).
+if any(c == "baseline" for (_, c) in vals):
+    print()
+    print("Before/after, the same run: wsgate ÷ the baseline build (higher is better for (a), (b), (e); lower for (c), (d)); "
+          "paired per-round geometric mean with its 95% confidence interval:")
+    print()
+    print("| test | wsgate | baseline | wsgate/baseline | geomean [95% CI] |")
+    print("|---|---:|---:|---:|---:|")
+    for t, label, fmt, better, _ in rows:
+        w, b = med(t, "wsgate")[0], med(t, "baseline")[0]
+        cells = [per_round[k] for k in sorted(per_round, key=lambda k: int(k[1])) if k[0] == t]
+        rs = [c["wsgate"] / c["baseline"] for c in cells if c.get("wsgate") and c.get("baseline")]
+        ci = format_ci(rs) if len(rs) > 1 else "—"
+        f = lambda v: "—" if v is None else fmt.format(v)
+        print(f"| {label} | {f(w)} | {f(b)} | {f'{w / b:.2f}' if w and b else '—'} | {ci} |")
 if any(errs.values()):
     print("Handshake errors over all rounds: " + ", ".join(f"{c} {n}" for c, n in errs.items()))
 print(f"Raw values: {out}/raw.csv, {out}/idle.csv")

@@ -19,6 +19,13 @@ pub struct Args {
     /// The wsgate binary.
     #[arg(long, default_value = "target/release/wsgate")]
     wsgate: PathBuf,
+    /// An earlier wsgate binary to run beside the current one (a before/after
+    /// comparison in one run); its column and a wsgate/baseline table appear.
+    #[arg(long)]
+    baseline: Option<PathBuf>,
+    /// What the baseline is called in the table (e.g. its git commit).
+    #[arg(long, default_value = "baseline")]
+    baseline_label: String,
     /// The websocat binary.
     #[arg(long, default_value = "websocat")]
     websocat: PathBuf,
@@ -62,6 +69,7 @@ const LATENCY_SLICE_MS: u64 = 20;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Who {
     Wsgate,
+    Baseline,
     Websocat,
     Socat,
     Direct,
@@ -162,8 +170,12 @@ fn path_str(p: &Path) -> String {
 }
 
 fn start_wsgate(a: &Args, echo: &str, log: &Path) -> anyhow::Result<(Proc, Target)> {
+    start_wsgate_bin(&a.wsgate, echo, log)
+}
+
+fn start_wsgate_bin(bin: &Path, echo: &str, log: &Path) -> anyhow::Result<(Proc, Target)> {
     let argv: Vec<String> = [
-        &path_str(&a.wsgate),
+        &path_str(bin),
         "serve",
         "--listen",
         "127.0.0.1:0",
@@ -312,6 +324,16 @@ async fn run(a: Args) -> anyhow::Result<()> {
         target: t,
         _proc: Some(p),
     });
+    if let Some(base) = &a.baseline {
+        let v = version_line(&[&path_str(base), "--version"], "wsgate");
+        let (p, t) = start_wsgate_bin(base, &echo, &dir.join("baseline.log"))?;
+        cs.push(Contender {
+            who: Who::Baseline,
+            label: format!("wsgate {} ({v}, `--framing binary`)", a.baseline_label),
+            target: t,
+            _proc: Some(p),
+        });
+    }
     let (p, t) = start_websocat(&a, &echo, &dir.join("websocat.log"))?;
     cs.push(Contender {
         who: Who::Websocat,
@@ -399,12 +421,20 @@ async fn run(a: Args) -> anyhow::Result<()> {
 
     // (d) on fresh processes, so nothing from the traffic tests is counted.
     let (mut rss_before, mut rss_after) = (BTreeMap::new(), BTreeMap::new());
+    let idle_who: Vec<Who> = if a.baseline.is_some() {
+        vec![Who::Wsgate, Who::Baseline, Who::Websocat]
+    } else {
+        vec![Who::Wsgate, Who::Websocat]
+    };
     for round in 0..a.idle_rounds {
-        for who in [Who::Wsgate, Who::Websocat] {
+        for &who in &idle_who {
             let log = dir.join(format!("{who:?}-idle.log").to_lowercase());
             let r = async {
                 let (p, t) = match who {
                     Who::Wsgate => start_wsgate(&a, &echo, &log)?,
+                    Who::Baseline => {
+                        start_wsgate_bin(a.baseline.as_deref().unwrap_or(&a.wsgate), &echo, &log)?
+                    }
                     _ => start_websocat(&a, &echo, &log)?,
                 };
                 load::verify(&t, SMALL).await?;
@@ -438,7 +468,7 @@ async fn run(a: Args) -> anyhow::Result<()> {
             }
         }
     }
-    for who in [Who::Wsgate, Who::Websocat] {
+    for &who in &idle_who {
         if let (Some(b), Some(af)) = (rss_before.get(&who), rss_after.get(&who)) {
             res.notes.push(format!(
                 "(d) {who:?}: RSS before/after per round, KiB: {}",
@@ -633,6 +663,43 @@ fn report(a: &Args, cs: &[Contender], res: &Results, meta: &Meta) -> String {
             x.map_or("–".into(), |v| fmt_val(m, v)),
             ratio.map_or("–".into(), |r| format!("{r:.2}×")),
         );
+    }
+
+    if a.baseline.is_some() {
+        let _ = writeln!(s, "\n**wsgate / {}** (same run):\n", a.baseline_label);
+        let _ = writeln!(
+            s,
+            "| figure | wsgate | {} | wsgate/{} | target | met |",
+            a.baseline_label, a.baseline_label
+        );
+        let _ = writeln!(s, "|---|---:|---:|---:|---|---|");
+        for (name, m) in [
+            ("(a) 64 KiB echo MB/s", Metric::A),
+            ("(b) 64 B, 1 conn, msgs/s", Metric::B1),
+            ("(b) 64 B, 50 conns, msgs/s", Metric::B50),
+            ("(c) p50 µs", Metric::C50),
+            ("(c) p99 µs", Metric::C99),
+            ("(d) KiB per idle conn", Metric::D),
+            ("(e) handshakes/s", Metric::E),
+        ] {
+            let (w, x) = (res.median(Who::Wsgate, m), res.median(Who::Baseline, m));
+            let ratio = match (w, x) {
+                (Some(w), Some(x)) if x != 0.0 => Some(w / x),
+                _ => None,
+            };
+            let (target, met) = match (m, ratio, w) {
+                (Metric::A, Some(r), _) => ("≥ 1.50×", yes(r >= 1.5)),
+                (Metric::D, _, Some(w)) => ("≤ 8 KiB", yes(w <= 8.0)),
+                _ => ("no loss beyond noise", "–"),
+            };
+            let _ = writeln!(
+                s,
+                "| {name} | {} | {} | {} | {target} | {met} |",
+                w.map_or("–".into(), |v| fmt_val(m, v)),
+                x.map_or("–".into(), |v| fmt_val(m, v)),
+                ratio.map_or("–".into(), |r| format!("{r:.2}×")),
+            );
+        }
     }
 
     let _ = writeln!(
