@@ -435,3 +435,87 @@ framing = "binary"
     );
     server.stop().await;
 }
+
+/// A `--forward` listener's connections pass the gateway's admission like
+/// any other: over `max_connections` one is closed at once, unserved, and
+/// counted as a refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forward_connections_are_admitted_like_any_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("agents.txt");
+    std::fs::write(&tokens, format!("site-a {TOKEN}\n")).unwrap();
+    let echo_port = echo().await;
+    // The agent's WebSocket holds one of the two slots.
+    let text = format!(
+        r#"
+workers = 1
+[limits]
+max_connections = 2
+[[listener]]
+address = "127.0.0.1:0"
+[admin]
+address = "127.0.0.1:0"
+[tunnel]
+agent_tokens = "{}"
+[[tunnel.forward]]
+listen = "127.0.0.1:0"
+to = "agent://site-a/tcp://127.0.0.1:{echo_port}"
+"#,
+        tokens.display()
+    );
+    let config = wsgate::config::parse("t.toml", &text, Path::new(".")).unwrap();
+    let server = wsgate::Server::start(config).await.unwrap();
+    let addr = server.urls()[0].trim_start_matches("ws://").to_string();
+    let admin = server.admin().unwrap().to_string();
+    let allow = format!("tcp://127.0.0.1:{echo_port}");
+    let (status, t) = register(&addr, "site-a", Some(TOKEN), &allow).await;
+    assert_eq!(status, 101);
+    let _agent = serve_agent(t.unwrap(), &allow);
+    until_registered(&admin, 1).await;
+
+    let forward = server.forwards()[0]
+        .0
+        .trim_start_matches("tcp://")
+        .to_string();
+    let mut first = TcpStream::connect(&forward).await.unwrap();
+    first.write_all(b"one").await.unwrap();
+    let mut got = [0u8; 3];
+    first.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"one");
+
+    // The third connection: refused, closed without a byte.
+    let mut second = TcpStream::connect(&forward).await.unwrap();
+    let _ = second.write_all(b"two").await;
+    let mut rest = vec![];
+    let n = tokio::time::timeout(Duration::from_secs(10), second.read_to_end(&mut rest))
+        .await
+        .expect("the refused connection is closed");
+    assert!(n.is_err() || rest.is_empty(), "served: {rest:?}");
+    let (_, metrics) = http(&admin, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(
+        metrics.contains("wsgate_handshake_refusals_total{reason=\"global_cap\"} 1"),
+        "{metrics}"
+    );
+
+    // The first is still served; once it ends, its slot is free again.
+    first.write_all(b"uno").await.unwrap();
+    first.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"uno");
+    drop(first);
+    let mut third = None;
+    for _ in 0..200 {
+        let mut s = TcpStream::connect(&forward).await.unwrap();
+        s.write_all(b"tre").await.unwrap();
+        let mut b = [0u8; 3];
+        if tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut b))
+            .await
+            .is_ok_and(|r| r.is_ok())
+        {
+            third = Some(b);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(third.as_ref().map(|b| &b[..]), Some(&b"tre"[..]));
+    server.stop().await;
+}

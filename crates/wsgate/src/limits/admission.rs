@@ -595,6 +595,12 @@ impl Gates {
         })
     }
 
+    /// Admits a connection that has no listener or route limits of its own
+    /// (a `--forward` listener's): the gateway's gate alone.
+    pub fn admit_gateway(&self, ip: IpAddr) -> Result<Permits, Refusal> {
+        self.admit(ip, usize::MAX, None)
+    }
+
     /// The rate check alone, for a plain HTTP request on `listener` routed to
     /// `route`: the most specific rate set applies.
     pub fn check_rate(

@@ -217,6 +217,21 @@ impl Gateway {
             return;
         };
         let span = tracing::info_span!("forward", from = %remote, to = %f.to);
+        // Admission as for any connection: the gateway's rate, caps and
+        // per-client caps (a forward listener has no listener or route
+        // limits of its own). A refused connection is closed at once: TCP
+        // has no way to say why.
+        let _permit = match self.gates.admit_gateway(remote.ip()) {
+            Ok(p) => p,
+            Err(r) => {
+                let e = crate::error::Error::from(r);
+                if let Some(label) = e.kind.label() {
+                    self.metrics.refused(label);
+                }
+                span.in_scope(|| tracing::debug!("refused: {e}"));
+                return;
+            }
+        };
         tokio::select! {
             () = crate::tunnel::forward::forward_tcp(tcp, f, tunnel).instrument(span) => {}
             () = self.shutdown.cancelled() => {}
