@@ -26,13 +26,31 @@ pub enum Bound {
 }
 
 impl Bound {
-    /// Binds `f.listen` (TCP, or UDP for `udp://`).
+    /// Binds `f.listen` (TCP, or UDP for `udp://`). A TCP forward listens
+    /// with a backlog of 1024, as the gateway's own listeners do: with
+    /// tokio's default (128), a burst of a thousand clients overflowed the
+    /// accept queue and the connections past it sat half-open for seconds.
     pub async fn bind(f: &Forward) -> std::io::Result<Bound> {
         Ok(if f.udp {
             Bound::Udp(UdpSocket::bind(&f.listen).await?)
         } else {
-            let l = TcpListener::bind(&f.listen).await?;
-            Bound::Tcp(l)
+            use socket2::{Domain, Socket, Type};
+            let addr = tokio::net::lookup_host(&f.listen)
+                .await?
+                .next()
+                .ok_or_else(|| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        format!("{}: no address", f.listen),
+                    )
+                })?;
+            let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+            #[cfg(unix)]
+            s.set_reuse_address(true)?;
+            s.set_nonblocking(true)?;
+            s.bind(&addr.into())?;
+            s.listen(1024)?;
+            Bound::Tcp(TcpListener::from_std(s.into())?)
         })
     }
 
