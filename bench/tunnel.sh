@@ -281,15 +281,18 @@ echo bench-token-0123456789 >"$RUN/token.txt"
 # ENTRY (the port clients connect to), ENTRY_PID (the process tree that
 # holds that port: the "gateway" side) and EXIT_PID (the side that connects
 # to the echo server: the "agent" side); NAME names the log files.
+# WSGATE_ENV: an environment for both wsgate processes (the `wsgate-nothp`
+# rows of (d): MIMALLOC_ALLOW_THP=0, see the README).
+WSGATE_ENV=()
 start_wsgate() {
     local name=$1
-    start "$name-gw" "$WSGATE" serve --listen 127.0.0.1:0 --agent-tokens "$TOKENS" --admin 127.0.0.1:0 \
+    start "$name-gw" env "${WSGATE_ENV[@]}" "$WSGATE" serve --listen 127.0.0.1:0 --agent-tokens "$TOKENS" --admin 127.0.0.1:0 \
         --forward "127.0.0.1:0=agent://bench/tcp://127.0.0.1:$ECHO" --max-connections 20000 --log warn
     ENTRY_PID=$STARTED_PID
     GW_PORT=$(wait_line "$OUT/$name-gw.out" 's#^listening on ws://127\.0\.0\.1:\([0-9]*\)$#\1#p' "$ENTRY_PID")
     GW_ADMIN=$(wait_line "$OUT/$name-gw.out" 's#^admin on \(http://.*\)$#\1#p' "$ENTRY_PID")
     ENTRY=$(wait_line "$OUT/$name-gw.out" 's#^forwarding tcp://127\.0\.0\.1:\([0-9]*\) to .*$#\1#p' "$ENTRY_PID")
-    start "$name-agent" "$WSGATE" agent --server "ws://127.0.0.1:$GW_PORT/agent" --id bench \
+    start "$name-agent" env "${WSGATE_ENV[@]}" "$WSGATE" agent --server "ws://127.0.0.1:$GW_PORT/agent" --id bench \
         --token-file "$RUN/token.txt" --allow "tcp://127.0.0.1:$ECHO" --allow "tcp://127.0.0.1:$NGINX" --log warn
     EXIT_PID=$STARTED_PID
     wait_line "$OUT/$name-agent.out" 's/^\(agent bench registered\).*/\1/p' "$EXIT_PID" >/dev/null
@@ -345,7 +348,7 @@ start_rathole() {
 
 BORE_PID=""
 start_bore() {
-    local name=$1
+    local name=$1 i
     # bore's control port is fixed (7835): one server for the whole run.
     if [ -z "$BORE_PID" ] || ! kill -0 "$BORE_PID" 2>/dev/null; then
         start bore-server env RUST_LOG=warn "$BORE" server --bind-addr 127.0.0.1 --min-port 20000 --max-port 60000
@@ -390,8 +393,10 @@ start_ssh_r() {
 }
 
 start_contender() {
+    WSGATE_ENV=()
     case "$1" in
     wsgate) start_wsgate "$2" ;;
+    wsgate-nothp) WSGATE_ENV=(MIMALLOC_ALLOW_THP=0); start_wsgate "$2" ;;
     rathole-tcp) start_rathole "$2" tcp ;;
     rathole-ws) start_rathole "$2" websocket ;;
     bore) start_bore "$2" ;;
@@ -405,7 +410,7 @@ start_contender() {
 stop_contender() {
     local c=$1 entry=$2 exit=$3
     case "$c" in
-    wsgate | rathole-*) stop_group "$exit"; stop_group "$entry" ;;
+    wsgate* | rathole-*) stop_group "$exit"; stop_group "$entry" ;;
     bore | ssh-R) stop_group "$exit" ;;
     ssh-L) stop_group "$entry" ;;
     esac
@@ -517,7 +522,7 @@ for c in "${CONTENDERS[@]}"; do stop_contender "$c" "${EPID[$c]}" "${XPID[$c]}";
 # are open: growth = peak - before.
 IDLE=$OUT/idle.csv
 echo "round,contender,what,n,entry_before_kib,entry_peak_kib,exit_before_kib,exit_peak_kib" >"$IDLE"
-IDLE_CONTENDERS=(wsgate rathole-tcp rathole-ws bore ssh-L ssh-R)
+IDLE_CONTENDERS=(wsgate wsgate-nothp rathole-tcp rathole-ws bore ssh-L ssh-R)
 sample_idle() { # CONTENDER ROUND WHAT N -- command that holds the load
     local c=$1 r=$2 what=$3 n=$4 eb xb ep xp now wpid
     shift 5
@@ -548,6 +553,8 @@ for ((r = 0; r < IDLE_ROUNDS; r++)); do
             "$WSBENCH" load --target "tcp://127.0.0.1:$ENTRY" --test idle --conns "$IDLE_STREAMS" \
             --pid "$ENTRY_PID"
         stop_contender "$c" "$ENTRY_PID" "$EXIT_PID"
+        # bore's server is shared by the other phases: a fresh one per (d) row.
+        [ "$c" = bore ] && { stop_group "$BORE_PID"; BORE_PID=""; }
     done
 done
 
@@ -581,14 +588,16 @@ established() { # PORT: established TCP connections to 127.0.0.1:PORT (server si
 agents_round() { # CONTENDER ROUND
     local c=$1 r=$2 n=$IDLE_AGENTS k dir eb ep pids
     AGENT_PIDS=()
+    WSGATE_ENV=()
     case "$c" in
-    wsgate)
+    wsgate | wsgate-nothp)
+        [ "$c" = wsgate-nothp ] && WSGATE_ENV=(MIMALLOC_ALLOW_THP=0)
         start_wsgate "$c-agents$r"
         stop_group "$EXIT_PID"
         sleep 0.3
         eb=$(rss_trees "$ENTRY_PID")
         for ((k = 1; k <= n; k++)); do
-            start "$c-agents$r-$k" "$WSGATE" agent --server "ws://127.0.0.1:$GW_PORT/agent" --id "idle$k" \
+            start "$c-agents$r-$k" env "${WSGATE_ENV[@]}" "$WSGATE" agent --server "ws://127.0.0.1:$GW_PORT/agent" --id "idle$k" \
                 --token-file "$RUN/token.txt" --allow "tcp://127.0.0.1:$ECHO" --log warn
             AGENT_PIDS+=("$STARTED_PID")
         done
@@ -655,12 +664,15 @@ agents_round() { # CONTENDER ROUND
     echo "$r,$c,agents,$n,$eb,$ep,," >>"$IDLE"
     printf '   %-12s agents  entry %s -> %s KiB (%s agents)\n' "$c" "$eb" "$ep" "$n" >&2
     for k in "${AGENT_PIDS[@]}"; do stop_group "$k"; done
-    case "$c" in wsgate | rathole-*) stop_group "$ENTRY_PID" ;; esac
+    case "$c" in
+    wsgate* | rathole-*) stop_group "$ENTRY_PID" ;;
+    bore) stop_group "$BORE_PID"; BORE_PID="" ;;
+    esac
 }
 
 for ((r = 0; r < IDLE_ROUNDS; r++)); do
     echo "== (d) round $((r + 1))/$IDLE_ROUNDS: $IDLE_AGENTS idle agents" >&2
-    AG=(wsgate rathole-tcp rathole-ws bore ssh-R)
+    AG=(wsgate wsgate-nothp rathole-tcp rathole-ws bore ssh-R)
     for ((i = 0; i < ${#AG[@]}; i++)); do
         agents_round "${AG[$(((i + r) % ${#AG[@]}))]}" $((r + 1))
     done

@@ -88,7 +88,12 @@ for t, label, f in rows:
 for what, side, label in (("streams", "entry", "(d) RSS per open idle stream, entry side, KiB"),
                           ("streams", "exit", "(d) RSS per open idle stream, exit side, KiB"),
                           ("agents", "entry", "(d) RSS per connected idle agent, gateway side, KiB")):
-    cells = [fmt(med(idle, (what, side, c)), "{:.1f}") if (what, side, c) in idle else "n/a" for c in CONTENDERS]
+    cells = []
+    for c in CONTENDERS:
+        v = fmt(med(idle, (what, side, c)), "{:.1f}") if (what, side, c) in idle else "n/a"
+        if c == "wsgate" and (what, side, "wsgate-nothp") in idle:
+            v += f" ({fmt(med(idle, (what, side, 'wsgate-nothp')), '{:.1f}')} without THP)"
+        cells.append(v)
     print(f"| {label} | " + " | ".join(cells) + " |")
 
 print()
@@ -137,6 +142,10 @@ for t, c, want, label in (
 d = med(idle, ("streams", "entry", "wsgate"))
 print(f"| (d) ≤ 8 KiB per open idle stream (gateway) | {fmt(d, '{:.1f} KiB')} | "
       f"{'—' if d is None else ('yes' if d <= 8 else '**no**')} |")
+d = med(idle, ("streams", "entry", "wsgate-nothp"))
+if d is not None:
+    print(f"| (d) the same, mimalloc without transparent huge pages | {fmt(d, '{:.1f} KiB')} | "
+          f"{'yes' if d <= 8 else '**no**'} |")
 
 # ---------------------------------------------------------------- (e)
 print()
