@@ -5,12 +5,15 @@
 #   scripts/install-test-deps.sh          # as root, no input needed (CI=true)
 #
 # What it installs:
-#   1. Debian packages: redis-server, socat, chromium, curl, apache2-utils
-#      (htpasswd), nginx, haproxy,
-#      python3 + venv, gcc (Autobahn's wsaccel is a C extension), ca-certificates
-#      and, only where no `node`/`npm` is on PATH, Debian's nodejs + npm.
+#   1. Debian packages: redis-server, redis-tools (redis-benchmark), socat,
+#      chromium, curl, apache2-utils (htpasswd),
+#      nginx, haproxy, openssh-server + openssh-client (the
+#      tunnel tests run their own sshd on an ephemeral loopback port), python3 +
+#      venv, gcc (Autobahn's wsaccel is a C extension), ca-certificates and,
+#      only where no `node`/`npm` is on PATH, Debian's nodejs + npm.
 #      Services are not started (policy-rc.d) — tests start their own servers
-#      on ephemeral ports.
+#      on ephemeral ports; an ssh service that a package left enabled is not
+#      started either (nothing here starts or enables one).
 #   2. e2e/.venv: Python 3 virtualenv with e2e/requirements.txt (pytest, websockets).
 #   3. e2e/node_modules: `npm ci` from e2e/package-lock.json (ws 8.x, playwright-core;
 #      no browser download — the tests use Debian's /usr/bin/chromium).
@@ -43,7 +46,8 @@ fi
 
 # ---------------------------------------------------------------- 1. Debian
 install_debian() {
-  local want=(redis-server socat chromium curl openssl apache2-utils nginx haproxy python3 python3-venv
+  local want=(redis-server redis-tools socat chromium curl openssl apache2-utils nginx haproxy
+    openssh-server openssh-client python3 python3-venv
     gcc libc6-dev ca-certificates debian-archive-keyring procps)
   if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
     want+=(nodejs npm)

@@ -25,7 +25,7 @@ pub struct Timing {
 /// Runs until the warm-up is over, samples `counter` over `duration`, and
 /// returns its rate per second. A task that ends early is an error (a load
 /// task only ends by failing). All tasks are aborted afterwards.
-async fn sample(
+pub(crate) async fn sample(
     counter: &AtomicU64,
     timing: Timing,
     tasks: &mut JoinSet<anyhow::Result<()>>,

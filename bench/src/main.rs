@@ -3,6 +3,7 @@
 
 mod compare;
 mod echo;
+mod http;
 mod load;
 mod procs;
 mod proto;
@@ -41,6 +42,26 @@ enum Cmd {
     Load(LoadArgs),
     /// Start every contender, run every test for several rounds, print the table.
     Compare(compare::Args),
+    /// (c) for several targets at once, interleaved (20 ms slices, round-robin):
+    /// one `TARGET p50 X us, p99 Y us (N samples)` line per target.
+    LatencyMulti(LatencyMultiArgs),
+}
+
+#[derive(clap::Args)]
+struct LatencyMultiArgs {
+    /// ws://IP:PORT[/path] or tcp://IP:PORT; repeatable.
+    #[arg(long, required = true)]
+    target: Vec<Target>,
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// Seconds measured per target (after the warm-up, also per target).
+    #[arg(long, default_value_t = 1.5)]
+    duration: f64,
+    #[arg(long, default_value_t = 0.2)]
+    warmup: f64,
+    /// Milliseconds of ping-pong on one target before moving to the next.
+    #[arg(long, default_value_t = 20)]
+    slice_ms: u64,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -55,6 +76,9 @@ enum Test {
     Idle,
     /// (e) connect + handshake + one echo + close, from N workers: per second.
     Handshakes,
+    /// HTTP/1.1 GET over N keep-alive connections (tcp:// target): 200 answers
+    /// per second; `--path` is the request target, `--header` adds headers.
+    Http,
 }
 
 #[derive(clap::Args)]
@@ -88,6 +112,20 @@ struct LoadArgs {
     /// Process whose RSS the idle test reads.
     #[arg(long)]
     pid: Option<u32>,
+    /// HTTP test: the request target (`/x`, or `http://HOST:PORT/x` for a
+    /// forward proxy).
+    #[arg(long, default_value = "/")]
+    path: String,
+    /// HTTP test: the Host header (default: the target's address, or the
+    /// authority of an absolute-form --path).
+    #[arg(long)]
+    host: Option<String>,
+    /// HTTP test: an extra header, `Name: value` (repeatable).
+    #[arg(long)]
+    header: Vec<String>,
+    /// HTTP test: send one request, print the status and body, exit.
+    #[arg(long)]
+    check: bool,
 }
 
 fn runtime(threads: usize) -> tokio::runtime::Runtime {
@@ -109,6 +147,7 @@ fn main() -> ExitCode {
         }),
         Cmd::Load(a) => rt.block_on(load_one(a)),
         Cmd::Compare(a) => rt.block_on(compare::main(a)),
+        Cmd::LatencyMulti(a) => rt.block_on(latency_multi(a)),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -147,6 +186,29 @@ async fn load_one(a: LoadArgs) -> anyhow::Result<()> {
             let h = load::handshakes(t, a.conns, a.size.unwrap_or(64), timing).await?;
             println!("{:.0} connections/s ({} errors)", h.per_sec, h.errors);
         }
+        Test::Http => {
+            let host = a.host.clone().unwrap_or_else(|| {
+                a.path
+                    .strip_prefix("http://")
+                    .map(|r| r.split('/').next().unwrap_or(r).to_string())
+                    .unwrap_or_else(|| t.addr().to_string())
+            });
+            let req = http::request(&a.path, &host, &a.header);
+            if a.check {
+                let ans = http::once(t.addr(), &req).await?;
+                println!(
+                    "{} {}",
+                    ans.status,
+                    String::from_utf8_lossy(&ans.body).trim()
+                );
+                if ans.status != 200 {
+                    anyhow::bail!("answered {}", ans.status);
+                }
+                return Ok(());
+            }
+            let r = http::rate(t.addr(), req, a.conns, timing).await?;
+            println!("{:.0} requests/s ({} errors)", r.per_sec, r.errors);
+        }
         Test::Idle => {
             let pid = a.pid.ok_or_else(|| anyhow::anyhow!("--pid is needed"))?;
             let before = load::rss_kib(pid)?;
@@ -160,6 +222,23 @@ async fn load_one(a: LoadArgs) -> anyhow::Result<()> {
                 (after as f64 - before as f64) / conns.len() as f64
             );
         }
+    }
+    Ok(())
+}
+
+async fn latency_multi(a: LatencyMultiArgs) -> anyhow::Result<()> {
+    let timing = Timing {
+        warmup: Duration::from_secs_f64(a.warmup),
+        duration: Duration::from_secs_f64(a.duration),
+    };
+    let ls =
+        load::latency_interleaved(&a.target, a.size, Duration::from_millis(a.slice_ms), timing)
+            .await?;
+    for (t, l) in a.target.iter().zip(ls) {
+        println!(
+            "{t} p50 {:.1} us, p99 {:.1} us ({} samples)",
+            l.p50_us, l.p99_us, l.samples
+        );
     }
     Ok(())
 }

@@ -332,3 +332,77 @@ def haproxy(procs, tmp_path):
     from wsgate_e2e.proxies import start_haproxy
 
     return lambda backend_hostport: start_haproxy(procs, tmp_path, backend_hostport)
+
+
+# ------------------------------------------------------------ reverse tunnel
+@pytest.fixture
+def owners():
+    """Who connected to the internal services (see wsgate_e2e.tunnel.Owners)."""
+    from wsgate_e2e.tunnel import Owners
+
+    return Owners()
+
+
+@pytest.fixture
+def tunnel(wsgate_bin, procs, tmp_path, owners):
+    """tunnel.gateway(*flags) / tunnel.agent(gw, id, allow=...) / tunnel.connect(gw, to):
+    wsgate serve with --agent-tokens (ids site-a, site-b), wsgate agent, wsgate connect."""
+    from wsgate_e2e.tunnel import Tunnel
+
+    return Tunnel(wsgate_bin, procs, tmp_path, owners)
+
+
+class _Internal:
+    """The services behind the NAT, each recording who connected (owners)."""
+
+    def __init__(self, owners, tmp_path):
+        self.owners, self.tmp_path, self.made = owners, tmp_path, []
+        self._pki = None
+
+    def _keep(self, s):
+        self.made.append(s)
+        return s
+
+    @property
+    def pki(self) -> dict:
+        from wsgate_e2e.tunnel import make_ca_and_cert
+
+        if self._pki is None:
+            self._pki = make_ca_and_cert(self.tmp_path / "pki")
+        return self._pki
+
+    def http(self, name: str = "internal-http", tls: bool = False):
+        from wsgate_e2e.tunnel import InternalHttp
+
+        return self._keep(InternalHttp(self.owners, name, (self.pki["cert"], self.pki["key"]) if tls else None))
+
+    def echo(self, name: str = "internal-echo"):
+        from wsgate_e2e.tunnel import TcpEcho
+
+        return self._keep(TcpEcho(self.owners, name))
+
+    def blaster(self, size: int, name: str = "internal-blaster", record: bool = True):
+        from wsgate_e2e.tunnel import TcpBlaster
+
+        return self._keep(TcpBlaster(self.owners, name, size, record))
+
+    def dns(self, name: str = "internal-dns"):
+        from wsgate_e2e.tunnel import UdpDns
+
+        return self._keep(UdpDns(self.owners, name))
+
+    def close(self):
+        for s in reversed(self.made):
+            try:
+                s.close()
+            except Exception:  # noqa: BLE001 - best effort cleanup
+                pass
+
+
+@pytest.fixture
+def internal(owners, tmp_path):
+    """internal.http(tls=False) / .echo() / .blaster(size) / .dns(): services on
+    127.0.0.1:0 that only agents are configured to reach; closed at the end."""
+    i = _Internal(owners, tmp_path)
+    yield i
+    i.close()

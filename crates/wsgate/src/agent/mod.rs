@@ -99,12 +99,19 @@ impl Config {
 }
 
 /// wsmux settings for a keepalive interval (see [`Config::session_config`]);
-/// shared with `wsgate connect`.
+/// shared with `wsgate connect`. The stream limits are the gateway's
+/// (`tunnel::mux_config`): up to 4,096 streams on one WebSocket, 1,024
+/// waiting to be accepted, receive windows of at most 1 GiB in all, so a
+/// gateway can run thousands of streams over one agent connection (wsmux's
+/// defaults, 256 streams and 64 MiB, refused the 257th).
 pub fn mux_config(keepalive: Option<Duration>) -> wsmux::Config {
     let default = wsmux::Config::default();
     wsmux::Config {
         keepalive_interval: keepalive,
         keepalive_timeout: keepalive.unwrap_or(default.keepalive_timeout),
+        max_streams: 4096,
+        accept_backlog: 1024,
+        max_session_memory: 1 << 30,
         ..default
     }
 }

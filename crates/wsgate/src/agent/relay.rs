@@ -63,6 +63,9 @@ struct Copy {
     eof: bool,
     done: bool,
     moved: u64,
+    /// Written since the writer's last flush: a writer that buffers
+    /// (stdout) is flushed before this direction waits for more input.
+    unflushed: bool,
 }
 
 /// Which end of one direction failed.
@@ -80,6 +83,7 @@ impl Copy {
             eof: false,
             done: false,
             moved: 0,
+            unflushed: false,
         }
     }
 
@@ -99,7 +103,21 @@ impl Copy {
         loop {
             if self.pos == self.end && !self.eof {
                 let mut rb = ReadBuf::new(&mut self.buf);
-                ready!(r.as_mut().poll_read(cx, &mut rb)).map_err(Failed::Reader)?;
+                match r.as_mut().poll_read(cx, &mut rb) {
+                    Poll::Ready(read) => read.map_err(Failed::Reader)?,
+                    Poll::Pending => {
+                        // Nothing more to read for now: what was written
+                        // must not sit in the writer's buffer meanwhile
+                        // (`wsgate connect --stdio` writes to a line-buffered
+                        // stdout; an ssh key exchange waits on packets that
+                        // end without a newline).
+                        if self.unflushed {
+                            ready!(w.as_mut().poll_flush(cx)).map_err(Failed::Writer)?;
+                            self.unflushed = false;
+                        }
+                        return Poll::Pending;
+                    }
+                }
                 let n = rb.filled().len();
                 if n == 0 {
                     self.eof = true;
@@ -115,6 +133,7 @@ impl Copy {
                 }
                 self.pos += n;
                 self.moved += n as u64;
+                self.unflushed = true;
             }
             if self.eof {
                 ready!(w.as_mut().poll_flush(cx)).map_err(Failed::Writer)?;
@@ -311,6 +330,27 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn splice_flushes_a_buffering_writer_while_the_reader_waits() {
+        // `wsgate connect --stdio` splices into stdout, which buffers: the
+        // bytes must come out while the stream is still open (an ssh
+        // ProxyCommand hung at its key exchange without this).
+        let (mut a, mut a_peer) = tokio::io::duplex(1024);
+        let (b, mut b_peer) = tokio::io::duplex(1024);
+        let mut b = tokio::io::BufWriter::new(b);
+        let task = tokio::spawn(async move { splice(&mut a, &mut b).await.map(|_| ()) });
+        a_peer.write_all(b"no newline, no EOF").await.unwrap();
+        let mut got = [0u8; 18];
+        tokio::time::timeout(Duration::from_secs(5), b_peer.read_exact(&mut got))
+            .await
+            .expect("the bytes reach the writer's peer before any EOF")
+            .unwrap();
+        assert_eq!(&got, b"no newline, no EOF");
+        drop(a_peer);
+        drop(b_peer);
+        let _ = task.await;
+    }
 
     #[tokio::test]
     async fn splice_half_closes_each_way_and_counts() {

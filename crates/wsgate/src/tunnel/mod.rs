@@ -70,10 +70,15 @@ pub struct Tunnel {
 /// `keepalive`, a link silent for two of them is dead; up to 4,096 streams,
 /// and receive windows of at most 1 GiB in all (a stream's window is 256 KiB
 /// to start: a stalled reader holds at most its window).
+///
+/// wsmux sends a PING one interval after the last answer and declares the
+/// peer dead `keepalive_timeout` after the later of that PING and the last
+/// frame received: a timeout of one interval is what makes "two intervals"
+/// (as `wsgate agent` does).
 pub fn mux_config(keepalive: Duration) -> wsmux::Config {
     wsmux::Config {
         keepalive_interval: Some(keepalive),
-        keepalive_timeout: keepalive * 2,
+        keepalive_timeout: keepalive,
         max_streams: 4096,
         accept_backlog: 1024,
         max_session_memory: 1 << 30,
