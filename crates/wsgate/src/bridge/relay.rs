@@ -13,18 +13,22 @@
 //! chunk per direction, plus (for protocol framers and message peers) at most
 //! one message of `max_message_size`. Plain-TCP clients and all stream peers
 //! are read on readiness into buffers taken only when bytes are there, so an
-//! idle connection holds no buffers at all.
+//! idle connection holds no buffers at all. Big payloads are not copied on
+//! their way: unmasked in the read buffer, they are written from there, with
+//! their frame header, by one `writev` ([`WriteQueue`]).
 //!
 //! All state lives outside the loops' futures, and every await in `down` is
 //! cancel-safe, so `down` can be dropped at any point (shutdown, the client
 //! closing) and the frames it had half-written are finished before the Close.
 
-use std::io;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
 use std::sync::Mutex;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::{tcp, unix, UdpSocket, UnixDatagram};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
@@ -38,7 +42,7 @@ use crate::bridge::peer::PeerConn;
 use crate::error::{self, Error};
 use crate::io::{
     drain, grow, make_room, ready_read, release, with_halves, ClientIo, ConnReader, ConnWriter,
-    CHUNK, FIRST_CHUNK,
+    WriteQueue, CHUNK, FIRST_CHUNK, IOV, NO_COPY,
 };
 use crate::tunnel::proto::{decode_datagram, encode_datagram};
 use crate::tunnel::registry::AgentStream;
@@ -213,13 +217,41 @@ impl PeerWriter<'_> {
         )
     }
 
-    async fn write_stream(&mut self, data: &[u8]) -> io::Result<()> {
+    /// One write of the front of `q` to a stream peer (a `writev` when it
+    /// has segments); the slices live only during the poll.
+    fn poll_write_queue(
+        &mut self,
+        cx: &mut Context<'_>,
+        q: &WriteQueue,
+    ) -> Poll<io::Result<usize>> {
+        if let Some(tail) = q.only_tail() {
+            return match self {
+                PeerWriter::Tcp(s) => Pin::new(s).poll_write(cx, tail),
+                PeerWriter::Unix(s) => Pin::new(s).poll_write(cx, tail),
+                PeerWriter::Agent(s, false) => Pin::new(s).poll_write(cx, tail),
+                _ => unreachable!("message peers get whole messages"),
+            };
+        }
+        let mut iov = [IoSlice::new(&[]); IOV];
+        let k = q.slices(&mut iov);
         match self {
-            PeerWriter::Tcp(s) => s.write_all(data).await,
-            PeerWriter::Unix(s) => s.write_all(data).await,
-            PeerWriter::Agent(s, false) => s.write_all(data).await,
+            PeerWriter::Tcp(s) => Pin::new(s).poll_write_vectored(cx, &iov[..k]),
+            PeerWriter::Unix(s) => Pin::new(s).poll_write_vectored(cx, &iov[..k]),
+            PeerWriter::Agent(s, false) => Pin::new(s).poll_write_vectored(cx, &iov[..k]),
             _ => unreachable!("message peers get whole messages"),
         }
+    }
+
+    /// Writes and consumes all of `q` (stream peers); cancel-safe.
+    async fn write_queue(&mut self, q: &mut WriteQueue) -> io::Result<()> {
+        while !q.is_empty() {
+            let n = std::future::poll_fn(|cx| self.poll_write_queue(cx, q)).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            q.advance(n);
+        }
+        Ok(())
     }
 
     async fn send_message(&mut self, text: bool, msg: Bytes) -> io::Result<()> {
@@ -277,7 +309,8 @@ struct Up {
     decoder: Decoder,
     buf: BytesMut,
     hint: usize,
-    batch: BytesMut,
+    /// Payloads on their way to a stream peer.
+    batch: WriteQueue,
     message: Option<(bool, BytesMut)>,
     bytes: u64,
 }
@@ -306,12 +339,11 @@ async fn up_loop(
                 } => {
                     st.bytes += payload.len() as u64;
                     if stream {
-                        st.batch.extend_from_slice(&payload);
+                        st.batch.append(payload);
                         if st.batch.len() >= BATCH {
-                            if let Err(e) = pw.write_stream(&st.batch).await {
+                            if let Err(e) = pw.write_queue(&mut st.batch).await {
                                 return UpEnd::PeerWrite(e);
                             }
-                            st.batch.clear();
                         }
                         continue;
                     }
@@ -341,10 +373,9 @@ async fn up_loop(
                     _ => {
                         let code = wsframe::parse_close_payload(&payload).map(|(c, _)| c);
                         if !st.batch.is_empty() {
-                            if let Err(e) = pw.write_stream(&st.batch).await {
+                            if let Err(e) = pw.write_queue(&mut st.batch).await {
                                 return UpEnd::PeerWrite(e);
                             }
-                            st.batch.clear();
                         }
                         pw.shutdown().await;
                         return UpEnd::Close(code);
@@ -353,15 +384,12 @@ async fn up_loop(
             }
         }
         if !st.batch.is_empty() {
-            if let Err(e) = pw.write_stream(&st.batch).await {
+            if let Err(e) = pw.write_queue(&mut st.batch).await {
                 return UpEnd::PeerWrite(e);
             }
-            st.batch.clear();
         }
-        if st.batch.capacity() > 4096 {
-            // Written out above; an idle connection keeps no big batch buffer.
-            st.batch = BytesMut::new();
-        }
+        // Written out above; an idle connection keeps no batch buffer.
+        st.batch.shrink();
         if st.buf.is_empty() && matches!(cr, ConnReader::Tcp(_)) {
             // Idle connections hold no read buffer.
             release(&mut st.buf);
@@ -398,7 +426,8 @@ struct Down {
     framer: AnyFramer,
     buf: BytesMut,
     hint: usize,
-    out: BytesMut,
+    /// Frames for the client; big payloads stay in `buf`'s allocation.
+    out: WriteQueue,
     bytes: u64,
 }
 
@@ -423,10 +452,18 @@ impl Down {
         loop {
             match self.framer.next(&self.buf, eof) {
                 Ok(Some(cut)) => {
-                    let msg = &self.buf[cut.start..cut.end];
-                    self.bytes += msg.len() as u64;
-                    push_message(&mut self.out, kind_opcode(cut.kind), msg);
-                    self.buf.advance(cut.consume);
+                    let len = cut.end - cut.start;
+                    self.bytes += len as u64;
+                    if len >= NO_COPY {
+                        self.buf.advance(cut.start);
+                        let msg = self.buf.split_to(len).freeze();
+                        self.out.push_message(kind_opcode(cut.kind), msg);
+                        self.buf.advance(cut.consume - cut.end);
+                    } else {
+                        let msg = &self.buf[cut.start..cut.end];
+                        self.out.copy_message(kind_opcode(cut.kind), msg);
+                        self.buf.advance(cut.consume);
+                    }
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -437,8 +474,8 @@ impl Down {
         }
         if eof && !self.buf.is_empty() {
             self.bytes += self.buf.len() as u64;
-            push_message(&mut self.out, OpCode::Binary, &self.buf);
-            self.buf.clear();
+            let rest = self.buf.split().freeze();
+            self.out.push_message(OpCode::Binary, rest);
         }
         if self.buf.len() as u64 > max {
             return Err(DownEnd::Peer(Error::upstream(
@@ -459,11 +496,11 @@ async fn down_loop(
 ) -> DownEnd {
     let mut eof = false;
     loop {
-        if let Err(e) = cw.write_all(&mut st.out).await {
-            return DownEnd::ClientWrite(e);
-        }
-        if st.out.capacity() > 0 {
-            st.out = BytesMut::new();
+        if !st.out.is_empty() {
+            if let Err(e) = cw.write_queue(&mut st.out).await {
+                return DownEnd::ClientWrite(e);
+            }
+            st.out.free();
         }
         if eof {
             return DownEnd::PeerEof;
@@ -471,7 +508,7 @@ async fn down_loop(
         let (pongs, ping) = shared.with(|c| (c.pongs.split(), std::mem::take(&mut c.ping)));
         st.out.unsplit(pongs);
         if ping {
-            push_message(&mut st.out, OpCode::Ping, b"wsgate");
+            st.out.copy_message(OpCode::Ping, b"wsgate");
         }
         if !st.out.is_empty() {
             continue;
@@ -494,12 +531,12 @@ async fn down_loop(
                         shared.touch();
                         let text = settings.datagram_text && std::str::from_utf8(&st.buf).is_ok();
                         st.bytes += st.buf.len() as u64;
-                        push_message(&mut st.out, if text { OpCode::Text } else { OpCode::Binary }, &st.buf);
+                        st.out.copy_message(if text { OpCode::Text } else { OpCode::Binary }, &st.buf);
                         st.buf.clear();
                     }
                     Ok(PeerData::Message(text, m)) => {
                         st.bytes += m.len() as u64;
-                        push_message(&mut st.out, if text { OpCode::Text } else { OpCode::Binary }, &m);
+                        st.out.copy_message(if text { OpCode::Text } else { OpCode::Binary }, &m);
                     }
                     Ok(PeerData::Eof) => {
                         eof = true;
@@ -656,7 +693,7 @@ async fn run_inner(
             BytesMut::from(&leftover[..])
         },
         hint: FIRST_CHUNK,
-        batch: BytesMut::new(),
+        batch: WriteQueue::default(),
         message: None,
         bytes: 0,
     };
@@ -665,7 +702,7 @@ async fn run_inner(
         framer,
         buf: BytesMut::new(),
         hint: FIRST_CHUNK,
-        out: BytesMut::new(),
+        out: WriteQueue::default(),
         bytes: 0,
     };
     let mut outcome = Outcome::default();
@@ -835,14 +872,14 @@ fn done(mut outcome: Outcome, up: &Up, down: &Down) -> Outcome {
 async fn close_then_drain_up<F: std::future::Future<Output = UpEnd> + Unpin>(
     cw: &mut ConnWriter<'_>,
     up: &mut F,
-    out: &mut BytesMut,
+    out: &mut WriteQueue,
     code: u16,
     reason: &str,
     timeout: Duration,
     outcome: &mut Outcome,
 ) {
-    push_message(out, OpCode::Close, &wsframe::close_payload(code, reason));
-    let sent = tokio::time::timeout(timeout, cw.write_all(out)).await;
+    out.copy_message(OpCode::Close, &wsframe::close_payload(code, reason));
+    let sent = tokio::time::timeout(timeout, cw.write_queue(out)).await;
     if !matches!(sent, Ok(Ok(()))) {
         return;
     }
@@ -860,19 +897,94 @@ async fn close_then_drain_up<F: std::future::Future<Output = UpEnd> + Unpin>(
 async fn finish(
     cw: &mut ConnWriter<'_>,
     cr: &mut ConnReader<'_>,
-    out: &mut BytesMut,
+    out: &mut WriteQueue,
     close: Option<(u16, &str)>,
     timeout: Duration,
     outcome: &mut Outcome,
 ) {
     let payload = close.map_or_else(Vec::new, |(c, r)| wsframe::close_payload(c, r));
-    push_message(out, OpCode::Close, &payload);
-    let n = out.len();
-    let sent = tokio::time::timeout(timeout, cw.write_last(out, n)).await;
+    out.copy_message(OpCode::Close, &payload);
+    let sent = tokio::time::timeout(timeout, cw.write_queue_last(out)).await;
     if !matches!(sent, Ok(Ok(()))) {
         return;
     }
     outcome.close_sent = Some(close.map_or(close_code::NO_STATUS, |(c, _)| c));
     cw.shutdown().await;
     drain(cr, timeout).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpStream;
+
+    #[test]
+    fn big_peer_messages_are_framed_without_copying_and_small_ones_copied() {
+        let spec = wsgate_framing::FramingSpec::parse("lines", "").unwrap();
+        let mut down = Down {
+            framer: spec.new_framer(),
+            buf: BytesMut::new(),
+            hint: FIRST_CHUNK,
+            out: WriteQueue::default(),
+            bytes: 0,
+        };
+        let long = "x".repeat(NO_COPY + 10);
+        down.buf
+            .extend_from_slice(format!("hi\n{long}\nyo\npartial").as_bytes());
+        down.frame(false, 1 << 20).ok().unwrap();
+        assert_eq!(&down.buf[..], b"partial", "an unfinished line waits");
+        assert_eq!(down.bytes, (2 + long.len() + 2) as u64);
+        let wire = down.out.drain_for_test(usize::MAX);
+        let mut dec = Decoder::new(Role::Client, DecoderConfig::default());
+        let mut wire = BytesMut::from(&wire[..]);
+        let mut got = vec![];
+        while let Some(Frame::Data { payload, text, .. }) = dec.next(&mut wire).unwrap() {
+            assert!(text);
+            got.push(String::from_utf8(payload.to_vec()).unwrap());
+        }
+        assert_eq!(got, ["hi", long.as_str(), "yo"]);
+        // At EOF the rest goes out as a final binary message.
+        down.frame(true, 1 << 20).ok().unwrap();
+        assert!(down.buf.is_empty());
+        assert_eq!(down.out.drain_for_test(5)[2..], b"partial"[..]);
+    }
+
+    #[tokio::test]
+    async fn a_queue_reaches_a_slow_stream_peer_whole_and_in_order() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut s = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (mut peer, _) = l.accept().await.unwrap();
+        let mut q = WriteQueue::default();
+        let mut want = vec![];
+        for i in 0..64u32 {
+            // Big pieces (more than the socket buffers hold at once) and small ones.
+            let piece = vec![
+                i as u8;
+                if i % 2 == 0 {
+                    64 * 1024 + i as usize
+                } else {
+                    5
+                }
+            ];
+            want.extend_from_slice(&piece);
+            q.append(BytesMut::from(&piece[..]));
+        }
+        let reader = tokio::spawn(async move {
+            let mut got = vec![];
+            let mut chunk = vec![0u8; 7000];
+            loop {
+                tokio::time::sleep(Duration::from_micros(50)).await;
+                match peer.read(&mut chunk).await.unwrap() {
+                    0 => return got,
+                    n => got.extend_from_slice(&chunk[..n]),
+                }
+            }
+        });
+        let (_r, w) = s.split();
+        let mut pw = PeerWriter::Tcp(w);
+        pw.write_queue(&mut q).await.unwrap();
+        assert!(q.is_empty());
+        pw.shutdown().await;
+        assert_eq!(reader.await.unwrap(), want);
+    }
 }
