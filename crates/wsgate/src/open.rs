@@ -178,12 +178,14 @@ pub struct Opened {
 
 pub(crate) enum Relay {
     Bridge {
-        peer: peer::PeerConn,
+        /// Taken when the relay starts.
+        peer: Option<peer::PeerConn>,
         framer: AnyFramer,
         settings: relay::Settings,
     },
     Proxy {
-        backend: BackendWebSocket,
+        /// Taken when the relay starts.
+        backend: Option<BackendWebSocket>,
         settings: passthrough::Settings,
     },
     /// A registered agent's session.
@@ -489,7 +491,10 @@ impl Gateway {
                 Ok(Connected::Upgraded {
                     accepted,
                     run: Ready {
-                        relay: Relay::Proxy { backend, settings },
+                        relay: Relay::Proxy {
+                            backend: Some(backend),
+                            settings,
+                        },
                         open: open(),
                         permit,
                         span,
@@ -535,7 +540,7 @@ impl Gateway {
                     accepted: Accepted::new(&upgrade, protocol, None),
                     run: Ready {
                         relay: Relay::Bridge {
-                            peer: conn,
+                            peer: Some(conn),
                             framer: framing.new_framer(),
                             settings,
                         },
@@ -756,110 +761,126 @@ impl Gateway {
 impl Opened {
     /// Phase 6: runs the WebSocket to its end over the client's upgraded
     /// socket and the bytes that came after its handshake.
-    pub async fn run(self, client: ClientIo, leftover: Bytes) {
-        let Opened {
-            relay,
-            open,
-            shutdown,
-            span,
-            _permit,
-        } = self;
-        async move {
-            // (bytes up, bytes down, the close code we sent)
-            let (up, down, close) = match relay {
-                Relay::Bridge {
-                    peer,
-                    framer,
-                    settings,
-                } => {
-                    let o = relay::run(client, leftover, peer, framer, settings, shutdown).await;
-                    info!(
-                        bytes_up = o.bytes_up,
-                        bytes_down = o.bytes_down,
-                        close_sent = ?o.close_sent,
-                        close_received = ?o.close_received,
-                        reason = %o.reason,
-                        "websocket closed"
-                    );
-                    (o.bytes_up, o.bytes_down, o.close_sent)
-                }
-                Relay::Proxy { backend, settings } => {
-                    let o = passthrough::run(
-                        passthrough::Side {
-                            io: client,
-                            leftover,
-                        },
-                        passthrough::Side {
-                            io: crate::proxy::backend::into_relay_io(backend.io),
-                            leftover: backend.leftover,
-                        },
-                        settings,
-                        shutdown,
-                    )
-                    .await;
-                    // The backend counts as busy until here (least-connections).
-                    drop(backend.lease);
-                    info!(
-                        bytes_up = o.bytes_up,
-                        bytes_down = o.bytes_down,
-                        injected = ?o.injected,
-                        reason = %o.reason,
-                        "websocket closed"
-                    );
-                    (o.bytes_up, o.bytes_down, o.injected)
-                }
-                Relay::Agent {
-                    tunnel,
-                    registration,
-                    remote,
-                } => {
-                    let (to, from) = tunnel::agents::serve(
-                        client,
+    pub async fn run(mut self, client: ClientIo, leftover: Bytes) {
+        // The span instruments the run; everything else stays in `self`, and
+        // the relay borrows it: each async function keeps its own copy of
+        // what it is given by value for as long as it runs, so moving the
+        // parts from one to the next held them two or three times over, in
+        // the future an idle connection keeps.
+        let span = std::mem::replace(&mut self.span, Span::none());
+        let (up, down, close) = self.relay(client, leftover).instrument(span).await;
+        self.open.bytes(Direction::ClientToUpstream, up);
+        self.open.bytes(Direction::UpstreamToClient, down);
+        self.open.close(close);
+    }
+
+    /// Returns the bytes up, the bytes down and the close code we sent.
+    async fn relay(&mut self, client: ClientIo, leftover: Bytes) -> (u64, u64, Option<u16>) {
+        let shutdown = &self.shutdown;
+        match &mut self.relay {
+            Relay::Bridge {
+                peer,
+                framer,
+                settings,
+            } => {
+                let peer = peer.take().expect("a WebSocket runs once");
+                let o = relay::run(client, leftover, peer, framer, settings, shutdown).await;
+                info!(
+                    bytes_up = o.bytes_up,
+                    bytes_down = o.bytes_down,
+                    close_sent = ?o.close_sent,
+                    close_received = ?o.close_received,
+                    reason = %o.reason,
+                    "websocket closed"
+                );
+                (o.bytes_up, o.bytes_down, o.close_sent)
+            }
+            Relay::Proxy { backend, settings } => {
+                let backend = backend.take().expect("a WebSocket runs once");
+                // Boxed: its future is bigger than the bridge's, which would
+                // otherwise be as big.
+                let o = Box::pin(passthrough::run(
+                    passthrough::Side {
+                        io: client,
                         leftover,
-                        registration,
-                        remote,
-                        tunnel.registry.clone(),
-                        tunnel.config.keepalive,
-                        tunnel.metrics.clone(),
-                        shutdown,
-                    )
-                    .await;
-                    (from, to, None)
-                }
-                Relay::Mux {
-                    tunnel,
-                    connect_timeout,
-                    identity,
-                    rules,
-                } => {
-                    let who = tunnel::mux::Who { identity, rules };
-                    tunnel::mux::serve(client, leftover, tunnel, connect_timeout, who, shutdown)
-                        .await;
-                    (0, 0, None)
-                }
-                Relay::Splice(mut stream) => {
+                    },
+                    passthrough::Side {
+                        io: crate::proxy::backend::into_relay_io(backend.io),
+                        leftover: backend.leftover,
+                    },
+                    settings.clone(),
+                    shutdown.clone(),
+                ))
+                .await;
+                // The backend counts as busy until here (least-connections).
+                drop(backend.lease);
+                info!(
+                    bytes_up = o.bytes_up,
+                    bytes_down = o.bytes_down,
+                    injected = ?o.injected,
+                    reason = %o.reason,
+                    "websocket closed"
+                );
+                (o.bytes_up, o.bytes_down, o.injected)
+            }
+            // The tunnel's sessions and streams are boxed too, for the same
+            // reason: few, and their futures bigger than the bridge's.
+            Relay::Agent {
+                tunnel,
+                registration,
+                remote,
+            } => {
+                let (to, from) = Box::pin(tunnel::agents::serve(
+                    client,
+                    leftover,
+                    registration.clone(),
+                    *remote,
+                    tunnel.registry.clone(),
+                    tunnel.config.keepalive,
+                    tunnel.metrics.clone(),
+                    shutdown.clone(),
+                ))
+                .await;
+                (from, to, None)
+            }
+            Relay::Mux {
+                tunnel,
+                connect_timeout,
+                identity,
+                rules,
+            } => {
+                let who = tunnel::mux::Who {
+                    identity: identity.clone(),
+                    rules: rules.clone(),
+                };
+                let (tunnel, timeout) = (tunnel.clone(), *connect_timeout);
+                let shutdown = shutdown.clone();
+                Box::pin(tunnel::mux::serve(
+                    client, leftover, tunnel, timeout, who, shutdown,
+                ))
+                .await;
+                (0, 0, None)
+            }
+            Relay::Splice(stream) => {
+                let r = Box::pin(async {
                     let mut client = crate::io::Rewind::new(leftover, client.into_io());
-                    let r = tokio::select! {
-                        r = tunnel::splice::splice(&mut client, &mut stream) => r,
+                    tokio::select! {
+                        r = tunnel::splice::splice(&mut client, stream) => r,
                         () = shutdown.cancelled() => Ok(Default::default()),
-                    };
-                    let copied = match r {
-                        Ok(c) => c,
-                        Err((e, c)) => {
-                            debug!("tunnel ended: {e}");
-                            c
-                        }
-                    };
-                    info!(up = copied.a_to_b, down = copied.b_to_a, "tunnel closed");
-                    (copied.a_to_b, copied.b_to_a, None)
-                }
-            };
-            open.bytes(Direction::ClientToUpstream, up);
-            open.bytes(Direction::UpstreamToClient, down);
-            open.close(close);
+                    }
+                })
+                .await;
+                let copied = match r {
+                    Ok(c) => c,
+                    Err((e, c)) => {
+                        debug!("tunnel ended: {e}");
+                        c
+                    }
+                };
+                info!(up = copied.a_to_b, down = copied.b_to_a, "tunnel closed");
+                (copied.a_to_b, copied.b_to_a, None)
+            }
         }
-        .instrument(span)
-        .await
     }
 
     /// The WebSocket's span (its logs' context).

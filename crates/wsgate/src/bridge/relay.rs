@@ -133,7 +133,9 @@ enum PeerReader<'a> {
 }
 
 impl PeerReader<'_> {
-    /// Cancel-safe.
+    /// Cancel-safe. (Readiness is awaited through `poll_*` functions: the
+    /// futures of `readable()`, `recv()` and the like are several times
+    /// bigger, and would be part of every connection's future.)
     async fn read(&mut self, buf: &mut BytesMut, hint: &mut usize) -> io::Result<PeerData> {
         let n = match self {
             PeerReader::Tcp(s) => ready_read!(s, buf, hint)?,
@@ -146,7 +148,7 @@ impl PeerReader<'_> {
             PeerReader::UnixDgram(s) => {
                 buf.clear();
                 loop {
-                    s.readable().await?;
+                    std::future::poll_fn(|cx| s.poll_recv_ready(cx)).await?;
                     buf.reserve(CHUNK);
                     match s.try_recv_buf(buf) {
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -156,7 +158,7 @@ impl PeerReader<'_> {
                 return Ok(PeerData::Datagram);
             }
             PeerReader::Echo(rx) => {
-                return Ok(match rx.recv().await {
+                return Ok(match std::future::poll_fn(|cx| rx.poll_recv(cx)).await {
                     Some((text, b)) => PeerData::Message(text, b),
                     None => PeerData::Eof,
                 })
@@ -190,7 +192,7 @@ impl PeerReader<'_> {
 
 async fn ready_read_dgram(s: &UdpSocket, buf: &mut BytesMut) -> io::Result<()> {
     loop {
-        s.readable().await?;
+        std::future::poll_fn(|cx| s.poll_recv_ready(cx)).await?;
         buf.reserve(CHUNK);
         match s.try_recv_buf(buf) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -254,14 +256,26 @@ impl PeerWriter<'_> {
         Ok(())
     }
 
+    /// (Through `poll_send` and `try_send`, for the reason given at
+    /// [`PeerReader::read`].)
     async fn send_message(&mut self, text: bool, msg: Bytes) -> io::Result<()> {
+        use tokio::sync::mpsc::error::TrySendError;
         match self {
-            PeerWriter::Udp(s) => s.send(&msg).await.map(|_| ()),
-            PeerWriter::UnixDgram(s) => s.send(&msg).await.map(|_| ()),
-            PeerWriter::Echo(Some(tx)) => tx
-                .send((text, msg))
+            PeerWriter::Udp(s) => std::future::poll_fn(|cx| s.poll_send(cx, &msg))
                 .await
-                .map_err(|_| io::ErrorKind::BrokenPipe.into()),
+                .map(|_| ()),
+            PeerWriter::UnixDgram(s) => std::future::poll_fn(|cx| s.poll_send(cx, &msg))
+                .await
+                .map(|_| ()),
+            PeerWriter::Echo(Some(tx)) => match tx.try_send((text, msg)) {
+                Ok(()) => Ok(()),
+                // The loop's one slot is taken: wait for it (boxed, so that
+                // only an echo that waits holds the sender's big future).
+                Err(TrySendError::Full(m)) => Box::pin(tx.send(m))
+                    .await
+                    .map_err(|_| io::ErrorKind::BrokenPipe.into()),
+                Err(TrySendError::Closed(_)) => Err(io::ErrorKind::BrokenPipe.into()),
+            },
             PeerWriter::Echo(None) => Err(io::ErrorKind::BrokenPipe.into()),
             PeerWriter::Agent(s, true) => {
                 let mut framed = BytesMut::with_capacity(2 + msg.len());
@@ -422,8 +436,8 @@ enum DownEnd {
     ClientWrite(io::Error),
 }
 
-struct Down {
-    framer: AnyFramer,
+struct Down<'a> {
+    framer: &'a mut AnyFramer,
     buf: BytesMut,
     hint: usize,
     /// Frames for the client; big payloads stay in `buf`'s allocation.
@@ -445,7 +459,7 @@ fn kind_opcode(k: Kind) -> OpCode {
     }
 }
 
-impl Down {
+impl Down<'_> {
     /// Cuts buffered peer bytes into messages; at EOF whatever is left goes out
     /// as a final binary message, so nothing read is lost.
     fn frame(&mut self, eof: bool, max: u64) -> Result<(), DownEnd> {
@@ -490,7 +504,7 @@ impl Down {
 async fn down_loop(
     pr: &mut PeerReader<'_>,
     cw: &mut ConnWriter<'_>,
-    st: &mut Down,
+    st: &mut Down<'_>,
     shared: &Shared,
     settings: &Settings,
 ) -> DownEnd {
@@ -579,14 +593,18 @@ fn next_deadline(shared: &Shared, s: &Settings, last_ping: Instant) -> Option<In
     d
 }
 
-/// Runs a bridged connection to its end.
+/// Runs a bridged connection to its end. The framer, settings and shutdown
+/// token are borrowed from the caller, whose future holds them anyway: each
+/// layer of async functions keeps its own copy of what it is passed by value
+/// for as long as it runs, and the relay's future is what an idle
+/// connection holds.
 pub async fn run(
     client: ClientIo,
     leftover: Bytes,
     peer: PeerConn,
-    framer: AnyFramer,
-    settings: Settings,
-    shutdown: CancellationToken,
+    framer: &mut AnyFramer,
+    settings: &Settings,
+    shutdown: &CancellationToken,
 ) -> Outcome {
     with_halves!(client, |r, w| {
         with_peer(r, w, peer, leftover, framer, settings, shutdown).await
@@ -598,9 +616,9 @@ async fn with_peer(
     mut cw: ConnWriter<'_>,
     peer: PeerConn,
     leftover: Bytes,
-    framer: AnyFramer,
-    settings: Settings,
-    shutdown: CancellationToken,
+    framer: &mut AnyFramer,
+    settings: &Settings,
+    shutdown: &CancellationToken,
 ) -> Outcome {
     let (cr, cw) = (&mut cr, &mut cw);
     let a = (leftover, framer, settings, shutdown);
@@ -667,7 +685,7 @@ async fn run_inner(
     cw: &mut ConnWriter<'_>,
     pr: &mut PeerReader<'_>,
     pw: &mut PeerWriter<'_>,
-    (leftover, framer, settings, shutdown): (Bytes, AnyFramer, Settings, CancellationToken),
+    (leftover, framer, settings, shutdown): (Bytes, &mut AnyFramer, &Settings, &CancellationToken),
 ) -> Outcome {
     let shared = Shared {
         ctrl: Mutex::new(Ctrl {
@@ -712,11 +730,11 @@ async fn run_inner(
         let up_fut = up_loop(cr, pw, &mut up, &shared);
         tokio::pin!(up_fut);
         let first = {
-            let down_fut = down_loop(pr, cw, &mut down, &shared, &settings);
+            let down_fut = down_loop(pr, cw, &mut down, &shared, settings);
             tokio::pin!(down_fut);
             let mut last_ping = Instant::now();
             loop {
-                let deadline = next_deadline(&shared, &settings, last_ping);
+                let deadline = next_deadline(&shared, settings, last_ping);
                 let timer = async {
                     match deadline {
                         Some(d) => tokio::time::sleep_until(d).await,
@@ -859,7 +877,7 @@ async fn drain_peer(pr: &mut PeerReader<'_>, timeout: Duration) {
     .await;
 }
 
-fn done(mut outcome: Outcome, up: &Up, down: &Down) -> Outcome {
+fn done(mut outcome: Outcome, up: &Up, down: &Down<'_>) -> Outcome {
     outcome.bytes_up = up.bytes;
     outcome.bytes_down = down.bytes;
     outcome
@@ -921,8 +939,9 @@ mod tests {
     #[test]
     fn big_peer_messages_are_framed_without_copying_and_small_ones_copied() {
         let spec = wsgate_framing::FramingSpec::parse("lines", "").unwrap();
+        let mut framer = spec.new_framer();
         let mut down = Down {
-            framer: spec.new_framer(),
+            framer: &mut framer,
             buf: BytesMut::new(),
             hint: FIRST_CHUNK,
             out: WriteQueue::default(),
