@@ -17,6 +17,7 @@
 // median of each round's p50 and of each round's p99).
 //
 //   node bench.mjs [--rounds 5] [--total-mb 64] [--quick] [--json FILE]
+//                  [--cells bulk100,lat100]   only these cells (more rounds of one cell)
 
 import { spawn } from "node:child_process";
 import { once } from "node:events";
@@ -36,6 +37,8 @@ const COUNTS = [1, 10, 100];
 const CHUNK = 65536;
 const RTT_OPS = quick ? 2000 : 10000; // round trips per run, spread over the streams
 const WARMUP = 20; // per stream
+const CELLS = opt("--cells", undefined)?.split(",");
+const wanted = (cell) => !CELLS || CELLS.includes(cell);
 
 const median = (xs) => {
   const s = [...xs].sort((a, b) => a - b);
@@ -122,8 +125,8 @@ try {
     const order = CONTENDERS.map((_, i) => CONTENDERS[(i + round) % CONTENDERS.length]);
     const keep = round === 0 ? () => {} : record;
     for (const n of COUNTS) {
-      for (const c of order) keep(c, `bulk${n}`, await bulk(c, url, n));
-      for (const c of order) keep(c, `lat${n}`, await latency(c, url, n));
+      if (wanted(`bulk${n}`)) for (const c of order) keep(c, `bulk${n}`, await bulk(c, url, n));
+      if (wanted(`lat${n}`)) for (const c of order) keep(c, `lat${n}`, await latency(c, url, n));
     }
     process.stderr.write(round === 0 ? "warm-up round done\n" : `round ${round}/${ROUNDS} done\n`);
   }
@@ -150,10 +153,11 @@ const head = [
 const names = CONTENDERS.map((c) => c.name);
 const rows = [`| workload | ${names.join(" | ")} |`, `|---|${names.map(() => "---").join("|")}|`];
 const cell = (nm, key, f) => median(results[nm][key].map(f));
-for (const n of COUNTS) {
+const has = (key) => wanted(key);
+for (const n of COUNTS.filter((n) => has(`bulk${n}`))) {
   rows.push(`| bulk, ${n} stream${n > 1 ? "s" : ""} (MB/s) | ${names.map((nm) => cell(nm, `bulk${n}`, (x) => x.mbps).toFixed(0)).join(" | ")} |`);
 }
-for (const n of COUNTS) {
+for (const n of COUNTS.filter((n) => has(`lat${n}`))) {
   rows.push(
     `| 64 B round trip, ${n} stream${n > 1 ? "s" : ""}, p50 / p99 (µs) | ${names
       .map((nm) => {
@@ -165,10 +169,10 @@ for (const n of COUNTS) {
 }
 // CPU cost: both processes' CPU time over the work done. The load of other
 // processes stretches wall-clock figures but hardly moves these.
-for (const n of COUNTS) {
+for (const n of COUNTS.filter((n) => has(`bulk${n}`))) {
   rows.push(`| CPU per MB, bulk, ${n} stream${n > 1 ? "s" : ""} (µs) | ${names.map((nm) => cell(nm, `bulk${n}`, (x) => x.cpuPerMb).toFixed(0)).join(" | ")} |`);
 }
-for (const n of COUNTS) {
+for (const n of COUNTS.filter((n) => has(`lat${n}`))) {
   rows.push(`| CPU per round trip, ${n} stream${n > 1 ? "s" : ""} (µs) | ${names.map((nm) => cell(nm, `lat${n}`, (x) => x.cpuPerRt).toFixed(1)).join(" | ")} |`);
 }
 console.log([...head, ...rows].join("\n"));

@@ -39,6 +39,39 @@ test("20 streams echo 1 MB each, with half-close: the echo arrives after our FIN
   }
 });
 
+test("over the `ws` package, the frames sent in one turn of the event loop leave in one write", async () => {
+  const srv = await muxServer(echo);
+  const c = await connect(srv.url);
+  const turn = () => new Promise((r) => setImmediate(r));
+  try {
+    const streams = Array.from({ length: 10 }, () => c.openRaw());
+    await turn(); // the SYNs are out
+    const tcp = c.socket._socket;
+    const writes = [];
+    const { _write, _writev } = tcp;
+    tcp._write = function (chunk, enc, cb) {
+      writes.push(1);
+      return _write.call(this, chunk, enc, cb);
+    };
+    tcp._writev = function (chunks, cb) {
+      writes.push(chunks.length);
+      return _writev.call(this, chunks, cb);
+    };
+    const writers = streams.map((s) => s.writable.getWriter());
+    await Promise.all(writers.map((w, i) => w.write(new Uint8Array([i]))));
+    await turn();
+    assert.deepEqual(writes, [10], "ten DATA frames, ten WebSocket messages, one write");
+    tcp._write = _write;
+    tcp._writev = _writev;
+    await Promise.all(writers.map((w) => w.close()));
+    const back = await Promise.all(streams.map((s) => readAll(s.readable)));
+    assert.deepEqual(back.map((b) => [...b]), streams.map((_, i) => [i]));
+  } finally {
+    c.close();
+    await srv.close();
+  }
+});
+
 test("a stalled reader stops its own sender at its window and no other stream", async () => {
   let stalledPeer;
   const srv = await muxServer((s) => {

@@ -3,8 +3,9 @@
 //! Modified` for a matching `If-None-Match`.
 //!
 //! Nothing outside the directory is ever served: the request path, past the
-//! route's prefix, is percent-decoded and refused (404) if a segment is `..`,
-//! `.`, empty in the middle, or holds a backslash or NUL; the file found is
+//! route's prefix (`/app` takes `/app/…`, never `/appx`), is percent-decoded
+//! and refused (404) if a segment is `..`, `.`, empty in the middle, or
+//! holds a backslash or NUL; the file found is
 //! canonicalised and must still lie inside the canonical directory, so a
 //! symlink pointing out of the tree is a 404 too. A directory is served by
 //! its `index.html` or not at all: no listings.
@@ -76,6 +77,10 @@ fn percent_decode(s: &str) -> Option<String> {
 /// `None` when it tries to leave the directory (or cannot be a file name).
 pub fn relative_path(request_path: &str, prefix: &str) -> Option<PathBuf> {
     let rest = request_path.strip_prefix(prefix)?;
+    // The prefix ends at a segment: `/app` serves `/app/x`, never `/appx`.
+    if !(rest.is_empty() || rest.starts_with('/')) {
+        return None;
+    }
     let decoded = percent_decode(rest)?;
     let mut out = PathBuf::new();
     let segments: Vec<&str> = decoded.split('/').collect();
@@ -211,6 +216,10 @@ mod tests {
             "/app/%zz",
             "/app/%ff",
             "/other/x",
+            "/appx.txt",
+            "/app..",
+            "/app%2fx",
+            "/app%2f..%2fx",
         ] {
             assert_eq!(ok(bad), None, "{bad}");
         }

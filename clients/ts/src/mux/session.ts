@@ -82,6 +82,21 @@ export interface OpenOptions {
 
 const now = (): number => performance.now();
 
+interface Corkable {
+  cork(): void;
+  uncork(): void;
+  setImmediate(f: () => void): void;
+}
+
+/** The `ws` package's net.Socket under an open WebSocket, when it has one (Node only). */
+function corkable(socket: WebSocketLike): Corkable | undefined {
+  const s = (socket as { _socket?: { cork?: unknown; uncork?: unknown } | null })._socket;
+  const immediate = (globalThis as { setImmediate?: (f: () => void) => void }).setImmediate;
+  if (!s || typeof s.cork !== "function" || typeof s.uncork !== "function" || typeof immediate !== "function") return undefined;
+  const tcp = s as { cork(): void; uncork(): void };
+  return { cork: () => tcp.cork(), uncork: () => tcp.uncork(), setImmediate: immediate };
+}
+
 /** Size of a pooled frame buffer: a header and the largest payload. */
 const FRAME_BUF = 12 + MAX_PAYLOAD;
 /** Frame buffers kept for reuse (1.5 MiB at most). */
@@ -109,6 +124,8 @@ export class MuxSession {
   private readonly sendHighWaterMark: number;
   private readonly writableHighWaterMark: number;
   private readonly sendCallbacks: boolean;
+  private transport: Corkable | undefined;
+  private corked = false;
 
   private nextId: number;
   private lastPeerId = 0;
@@ -358,8 +375,29 @@ export class MuxSession {
       }
       this.flushPending();
     }
-    if (this.socket.readyState === OPEN) this.socket.send(buf);
+    if (this.socket.readyState === OPEN) {
+      this.cork();
+      this.socket.send(buf);
+    }
   }
+
+  /**
+   * Where the WebSocket is the `ws` package's, the frames sent in one turn
+   * of the event loop leave in one write (its socket is corked until
+   * setImmediate): one system call for many frames.
+   */
+  private cork(): void {
+    const t = this.transport;
+    if (this.corked || !t) return;
+    this.corked = true;
+    t.cork();
+    t.setImmediate(this.uncork);
+  }
+
+  private readonly uncork = (): void => {
+    this.corked = false;
+    this.transport!.uncork();
+  };
 
   private flushPending(): void {
     const p = this.pending;
@@ -393,6 +431,7 @@ export class MuxSession {
       // many small frames in flight).
       const msg = encodeFrame(FrameType.Data, 0, id, 0, payload);
       if (this.sendCallbacks && !this.pending && this.socket.readyState === OPEN) {
+        this.cork();
         this.socket.send(msg, undefined, this.onFlushed);
       } else {
         this.send(msg);
@@ -403,6 +442,7 @@ export class MuxSession {
     const need = 12 + payload.byteLength;
     const buf = (need <= FRAME_BUF && this.framePool.pop()) || new Uint8Array(Math.max(need, FRAME_BUF));
     const msg = encodeDataInto(buf, 0, id, payload);
+    this.cork();
     if (this.sendCallbacks) {
       this.socket.send(msg, undefined, () => {
         if (this.framePool.length < POOL_MAX && buf.byteLength === FRAME_BUF) this.framePool.push(buf);
@@ -624,6 +664,7 @@ export class MuxSession {
   // ------------------------------------------------------------ keepalive
 
   private start(): void {
+    this.transport = corkable(this.socket);
     this.flushPending();
     this.lastRecv = this.lastPong = now();
     this.sendPing(); // the first round trip, for window tuning
