@@ -285,6 +285,9 @@ def test_a_restarted_agent_serves_again(tunnel, internal):
     assert http_get(gw, web.url("/hello"))[0] == 200
     a.proc.send_signal(signal.SIGKILL)
     poll("503 without the agent", lambda: http_get(gw, web.url("/hello"))[0] == 503, 5)
+    # A request can find the link dead before the registry has dropped it;
+    # the new agent's link is counted from an empty listing.
+    gw.wait_connections("site-a", 0)
     tunnel.agent(gw, "site-a")
     assert http_get(gw, web.url("/hello")) == (200, b"hello from internal-http")
 
