@@ -463,6 +463,12 @@ impl Gateway {
             What::WebSocket(u) => u,
         };
         let permit = permit.expect("WebSockets hold a permit");
+        // The bandwidth the subject's WebSockets share.
+        let shared_bandwidth = identity
+            .subject
+            .as_ref()
+            .zip(limits.per_identity_bandwidth)
+            .map(|(s, b)| self.identities.bandwidth(s, b));
         let span = tracing::info_span!("ws", id = c.id, remote = %c.remote);
         let version = http_version(&upgrade);
         // Counted open once the peer or backend is there.
@@ -485,6 +491,7 @@ impl Gateway {
                     max_lifetime: limits.max_lifetime,
                     close_timeout: limits.close_timeout,
                     bandwidth: limits.bandwidth,
+                    shared_bandwidth,
                 };
                 Ok(Connected::Upgraded {
                     accepted,
@@ -529,6 +536,7 @@ impl Gateway {
                     close_timeout: limits.close_timeout,
                     datagram_text: matches!(framing, FramingSpec::Auto)
                         || matches!(peer, PeerAddr::Echo),
+                    shared_bandwidth,
                 };
                 let protocol = protocol.and_then(|p| HeaderValue::try_from(p).ok());
                 Ok(Connected::Upgraded {

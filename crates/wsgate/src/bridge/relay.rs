@@ -40,6 +40,7 @@ use crate::io::{
     drain, grow, make_room, ready_read, release, with_halves, ClientIo, ConnReader, ConnWriter,
     CHUNK, FIRST_CHUNK,
 };
+use crate::limits::{Pace, SharedBandwidth};
 use crate::tunnel::proto::{decode_datagram, encode_datagram};
 use crate::tunnel::registry::AgentStream;
 
@@ -58,6 +59,10 @@ pub struct Settings {
     pub close_timeout: Duration,
     /// Datagram peers and `echo:`: text messages for valid UTF-8 datagrams.
     pub datagram_text: bool,
+    /// The subject's bandwidth, shared with its other connections
+    /// (`per_identity_bandwidth`): each loop waits out its debt before its
+    /// next read.
+    pub shared_bandwidth: Option<std::sync::Arc<SharedBandwidth>>,
 }
 
 /// How a relay ended, for logs.
@@ -280,6 +285,7 @@ struct Up {
     batch: BytesMut,
     message: Option<(bool, BytesMut)>,
     bytes: u64,
+    pace: Option<Pace>,
 }
 
 async fn up_loop(
@@ -373,7 +379,16 @@ async fn up_loop(
                     "client closed the connection without a close frame".into(),
                 );
             }
-            Ok(_) => shared.touch(),
+            Ok(n) => {
+                shared.touch();
+                if let Some(d) = st
+                    .pace
+                    .as_mut()
+                    .and_then(|p| p.delay_for(n, Instant::now()))
+                {
+                    tokio::time::sleep(d).await;
+                }
+            }
             Err(e) => {
                 pw.shutdown().await;
                 return UpEnd::ClientGone(format!("client read failed: {e}"));
@@ -400,6 +415,9 @@ struct Down {
     hint: usize,
     out: BytesMut,
     bytes: u64,
+    pace: Option<Pace>,
+    /// No peer read before this (the pace's debt).
+    paced_until: Option<Instant>,
 }
 
 /// Appends one unmasked server frame carrying a whole message.
@@ -479,6 +497,12 @@ async fn down_loop(
         if st.buf.is_empty() {
             release(&mut st.buf);
         }
+        if let Some(t) = st.paced_until {
+            // Cancel-safe: the deadline stays until it has passed.
+            tokio::time::sleep_until(t).await;
+            st.paced_until = None;
+        }
+        let before = st.bytes;
         tokio::select! {
             biased;
             _ = shared.wake_down.notified() => {}
@@ -510,6 +534,12 @@ async fn down_loop(
                     Err(e) => return DownEnd::Peer(Error::upstream(error::Kind::PeerFailed, "peer error").because(e)),
                 }
             }
+        }
+        if let Some(p) = st.pace.as_mut() {
+            let now = Instant::now();
+            st.paced_until = p
+                .delay_for((st.bytes - before) as usize, now)
+                .map(|d| now + d);
         }
     }
 }
@@ -659,6 +689,7 @@ async fn run_inner(
         batch: BytesMut::new(),
         message: None,
         bytes: 0,
+        pace: Pace::new(None, settings.shared_bandwidth.as_ref(), true),
     };
     drop(leftover);
     let mut down = Down {
@@ -667,6 +698,8 @@ async fn run_inner(
         hint: FIRST_CHUNK,
         out: BytesMut::new(),
         bytes: 0,
+        pace: Pace::new(None, settings.shared_bandwidth.as_ref(), false),
+        paced_until: None,
     };
     let mut outcome = Outcome::default();
 
