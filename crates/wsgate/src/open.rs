@@ -618,6 +618,12 @@ impl Gateway {
                 let _stream = tunnel
                     .admit_stream(&identity, rules.as_ref(), &target.dest, via)
                     .map_err(|e| (e, Some(via)))?;
+                let mut req = req;
+                if !tunnel.identity_headers.is_empty() {
+                    tunnel
+                        .identity_headers
+                        .apply(&mut req.head.headers, &identity);
+                }
                 let resp = tunnel::http::relay(
                     tunnel,
                     target,
