@@ -259,7 +259,8 @@ struct DiscoveryFile {
 /// glob of plain characters (peers, agent ids).
 fn check_identity_pattern(p: &str, pattern: bool) -> Result<(), String> {
     wsgate_auth::template::check(p)?;
-    let filled = wsgate_auth::template::expand(p, |_| Some("x".into()))
+    // A stand-in that fits a name, a port and an address octet alike.
+    let filled = wsgate_auth::template::expand(p, |_| Some("1".into()))
         .ok_or_else(|| format!("`{p}`: a placeholder is not closed"))?;
     if pattern {
         check_mux_allow(std::slice::from_ref(&filled)).map_err(|e| format!("`{p}`: {e}"))
