@@ -44,7 +44,7 @@ pub mod cache;
 mod client;
 mod hook;
 mod jwt;
-mod mtls;
+pub(crate) mod mtls;
 pub mod rules;
 
 /// What an authenticator sees of a request.

@@ -78,7 +78,12 @@ impl Gateway {
                                     self.first_request(s, false, c, BytesMut::new()).await
                                 }
                             }
-                            Ok(Err(e)) => debug!("TLS handshake failed: {e}"),
+                            Ok(Err(e)) => {
+                                if let Some(reason) = crate::auth::mtls::tls_refusal(&e) {
+                                    self.metrics.refused(reason);
+                                }
+                                debug!("TLS handshake failed: {e}");
+                            }
                             Err(_) => debug!("TLS handshake timed out"),
                         }
                     })
