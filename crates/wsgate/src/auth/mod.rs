@@ -47,6 +47,8 @@ mod jwt;
 pub(crate) mod mtls;
 pub mod rules;
 
+pub use jwt::find_token;
+
 /// What an authenticator sees of a request.
 #[derive(Debug, Clone, Copy)]
 pub struct AuthRequest<'a> {
