@@ -414,8 +414,9 @@ def test_client_certificates_name_agents_and_fill_cert_templates(
     gw = start_gateway("serve", "--config", cfg, admin=True)
     wss = f"wss://127.0.0.1:{gw.port}"
 
-    # An agent registers by its certificate: its CN is the id it may take.
-    common = ["--token-file", dummy, "--allow", "tcp://127.0.0.1:*", "--ca", d / "ca.pem", "--pool", "1"]
+    # An agent registers by its certificate alone (no --token-file): its CN
+    # is the id it may take.
+    common = ["--allow", "tcp://127.0.0.1:*", "--ca", d / "ca.pem", "--pool", "1"]
     agent = procs.start([wsgate_bin, "agent", "--server", wss + "/agent", "--id", "site-a",
                          "--client-cert", d / "site-a.pem", "--client-key", d / "site-a.key", *common], "agent")
     agent.wait_lines(re.compile(r"^agent site-a registered at "), 1, 20)
@@ -423,7 +424,8 @@ def test_client_certificates_name_agents_and_fill_cert_templates(
                          "--client-cert", d / "site-a.pem", "--client-key", d / "site-a.key", *common],
                         "agent-other-id")
     assert other.wait(timeout=20) == 1
-    nocert = procs.start([wsgate_bin, "agent", "--server", wss + "/agent", "--id", "site-a", *common],
+    nocert = procs.start([wsgate_bin, "agent", "--server", wss + "/agent", "--id", "site-a",
+                          "--token-file", dummy, *common],
                          "agent-no-cert")
     assert nocert.wait(timeout=20) == 1
     assert "401" in nocert.stderr_text(), nocert.stderr_text()
