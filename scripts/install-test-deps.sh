@@ -14,7 +14,7 @@
 #      Services are not started (policy-rc.d) — tests start their own servers
 #      on ephemeral ports; an ssh service that a package left enabled is not
 #      started either (nothing here starts or enables one).
-#   2. e2e/.venv: Python 3 virtualenv with e2e/requirements.txt (pytest, websockets).
+#   2. e2e/.venv: Python 3 virtualenv with e2e/requirements.txt (pytest, websockets, PyJWT, h2).
 #   3. e2e/node_modules: `npm ci` from e2e/package-lock.json (ws 8.x, playwright-core;
 #      no browser download — the tests use Debian's /usr/bin/chromium).
 #   4. clients/ts: the wsgate-client package: `npm ci` (TypeScript, ws; pinned by its
@@ -94,7 +94,7 @@ install_venv() {
   want="$(stamp_of "$E2E/requirements.txt")"
   [ -f "$E2E/.venv/.stamp" ] && have="$(cat "$E2E/.venv/.stamp")"
   if [ -z "${FORCE:-}" ] && [ "$want" = "$have" ] \
-    && "$E2E/.venv/bin/python" -c 'import pytest, pytest_timeout, websockets, jwt, cryptography' 2>/dev/null; then
+    && "$E2E/.venv/bin/python" -c 'import pytest, pytest_timeout, websockets, jwt, cryptography, h2' 2>/dev/null; then
     log "e2e/.venv: up to date"
     return
   fi

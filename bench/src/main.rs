@@ -1,6 +1,7 @@
 //! `wsbench` — the load generator, TCP echo server and comparison driver of
 //! the wsgate benchmark. See bench/README.md.
 
+mod auth;
 mod compare;
 mod echo;
 mod http;
@@ -42,6 +43,9 @@ enum Cmd {
     Load(LoadArgs),
     /// Start every contender, run every test for several rounds, print the table.
     Compare(compare::Args),
+    /// Handshakes per second of one endpoint with credentials (headers, a TLS
+    /// client certificate), and the CPU a process spent per handshake.
+    Handshakes(auth::Args),
     /// (c) for several targets at once, interleaved (20 ms slices, round-robin):
     /// one `TARGET p50 X us, p99 Y us (N samples)` line per target.
     LatencyMulti(LatencyMultiArgs),
@@ -148,6 +152,7 @@ fn main() -> ExitCode {
         Cmd::Load(a) => rt.block_on(load_one(a)),
         Cmd::Compare(a) => rt.block_on(compare::main(a)),
         Cmd::LatencyMulti(a) => rt.block_on(latency_multi(a)),
+        Cmd::Handshakes(a) => rt.block_on(auth::main(a)),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

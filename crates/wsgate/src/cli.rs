@@ -450,9 +450,11 @@ struct AgentArgs {
     #[arg(long)]
     id: String,
     /// A file holding the bearer token the gateway's agent token file lists
-    /// for this id (surrounding whitespace is ignored).
-    #[arg(long, value_name = "FILE")]
-    token_file: PathBuf,
+    /// for this id, or a JWT of one of its `agent_auth` methods (surrounding
+    /// whitespace is ignored). Optional with --client-cert: the certificate
+    /// is then the agent's identity.
+    #[arg(long, value_name = "FILE", required_unless_present = "client_cert")]
+    token_file: Option<PathBuf>,
     /// A destination streams may reach, SCHEME://HOST:PORT: SCHEME tcp, udp,
     /// http or *; HOST a name glob (*.internal), an address or a CIDR block
     /// (10.0.0.0/8, [fd00::/8]); PORT a number, a range (8000-8100) or *.
@@ -550,12 +552,18 @@ fn agent_config(a: &AgentArgs) -> anyhow::Result<crate::agent::Config> {
         .parse()
         .map_err(|e| anyhow::anyhow!("--server: {e}"))?;
     crate::tunnel::proto::parse_id(&a.id).map_err(|e| anyhow::anyhow!("--id: {e}"))?;
-    let token = std::fs::read_to_string(&a.token_file)
-        .with_context(|| format!("--token-file: cannot read {}", a.token_file.display()))?
-        .trim()
-        .to_string();
-    crate::agent::check_token(&token)
-        .map_err(|e| anyhow::anyhow!("--token-file {}: {e}", a.token_file.display()))?;
+    let token = match &a.token_file {
+        Some(f) => {
+            let token = std::fs::read_to_string(f)
+                .with_context(|| format!("--token-file: cannot read {}", f.display()))?
+                .trim()
+                .to_string();
+            crate::agent::check_token(&token)
+                .map_err(|e| anyhow::anyhow!("--token-file {}: {e}", f.display()))?;
+            Some(token)
+        }
+        None => None,
+    };
     let allow = AllowList::parse(&a.allow).map_err(|e| anyhow::anyhow!("--allow: {e}"))?;
     Ok(crate::agent::Config {
         server,

@@ -465,6 +465,12 @@ impl Gateway {
             What::WebSocket(u) => u,
         };
         let permit = permit.expect("WebSockets hold a permit");
+        // The bandwidth the subject's WebSockets share.
+        let shared_bandwidth = identity
+            .subject
+            .as_ref()
+            .zip(limits.per_identity_bandwidth)
+            .map(|(s, b)| self.identities.bandwidth(s, b));
         // The connection's span (`conn`, with the same id and address) where
         // the handshake runs inside it: a span of its own held about 2.4 KiB
         // per idle WebSocket with mimalloc (its registry slot, formatted
@@ -497,6 +503,7 @@ impl Gateway {
                     max_lifetime: limits.max_lifetime,
                     close_timeout: limits.close_timeout,
                     bandwidth: limits.bandwidth,
+                    shared_bandwidth,
                 };
                 Ok(Connected::Upgraded {
                     accepted,
@@ -544,6 +551,7 @@ impl Gateway {
                     close_timeout: limits.close_timeout,
                     datagram_text: matches!(framing, FramingSpec::Auto)
                         || matches!(peer, PeerAddr::Echo),
+                    shared_bandwidth,
                 };
                 let protocol = protocol.and_then(|p| HeaderValue::try_from(p).ok());
                 Ok(Connected::Upgraded {
@@ -625,6 +633,12 @@ impl Gateway {
                 let _stream = tunnel
                     .admit_stream(&identity, rules.as_ref(), &target.dest, via)
                     .map_err(|e| (e, Some(via)))?;
+                let mut req = req;
+                if !tunnel.identity_headers.is_empty() {
+                    tunnel
+                        .identity_headers
+                        .apply(&mut req.head.headers, &identity);
+                }
                 let resp = tunnel::http::relay(
                     tunnel,
                     target,

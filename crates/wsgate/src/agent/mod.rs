@@ -54,8 +54,9 @@ pub struct Config {
     pub server: WsUrl,
     /// The id to register under (checked with [`proto::parse_id`]).
     pub id: String,
-    /// The bearer token (trimmed, checked to be a header value).
-    pub token: String,
+    /// The bearer token (trimmed, checked to be a header value); `None`
+    /// when the client certificate is the agent's identity.
+    pub token: Option<String>,
     /// What streams may reach (default deny).
     pub allow: AllowList,
     pub tls: TlsFiles,
@@ -72,15 +73,14 @@ pub struct Config {
 
 impl Config {
     /// The headers of the registration request (§1), besides the WebSocket
-    /// ones: the token, the id, and the allow patterns when there are any.
+    /// ones: the token when there is one, the id, and the allow patterns
+    /// when there are any.
     pub fn registration_headers(&self) -> Vec<(String, String)> {
-        let mut h = vec![
-            (
-                "Authorization".to_string(),
-                format!("Bearer {}", self.token),
-            ),
-            ("Wsgate-Agent-Id".to_string(), self.id.clone()),
-        ];
+        let mut h = vec![];
+        if let Some(t) = &self.token {
+            h.push(("Authorization".to_string(), format!("Bearer {t}")));
+        }
+        h.push(("Wsgate-Agent-Id".to_string(), self.id.clone()));
         if !self.allow.is_empty() {
             h.push(("Wsgate-Agent-Allow".to_string(), self.allow.to_header()));
         }
@@ -196,7 +196,11 @@ impl Agent {
     /// Errors here are argument errors (nothing was dialed).
     pub fn new(config: Config) -> anyhow::Result<Arc<Agent>> {
         proto::parse_id(&config.id)?;
-        check_token(&config.token).map_err(|e| anyhow::anyhow!(e))?;
+        if let Some(t) = &config.token {
+            check_token(t).map_err(|e| anyhow::anyhow!(e))?;
+        } else if config.tls.identity.is_none() {
+            anyhow::bail!("an agent needs a token or a client certificate");
+        }
         if config.allow.0.len() > proto::MAX_ALLOW {
             anyhow::bail!(
                 "{} --allow patterns: at most {} can be registered",
@@ -452,7 +456,7 @@ mod tests {
         Config {
             server: "ws://gw.example:8080/agent".parse().unwrap(),
             id: "site-a".into(),
-            token: "8f2c".into(),
+            token: Some("8f2c".into()),
             allow: AllowList::parse(allow).unwrap(),
             tls: TlsFiles::default(),
             pool: 2,
@@ -486,6 +490,15 @@ mod tests {
         assert_eq!(AllowList::from_header(allow).unwrap(), c.allow);
         // No patterns, no header (it is optional).
         assert_eq!(get_none(&config(&[])), None);
+        // A certificate-only agent sends no Authorization.
+        let c = Config {
+            token: None,
+            ..config(&[])
+        };
+        assert!(c
+            .registration_headers()
+            .iter()
+            .all(|(k, _)| !k.eq_ignore_ascii_case("authorization")));
     }
 
     fn get_none(c: &Config) -> Option<String> {

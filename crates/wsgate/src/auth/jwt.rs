@@ -289,13 +289,28 @@ pub fn find_token(head: &Parts, sources: &[TokenSource]) -> Option<String> {
                 .iter()
                 .filter_map(|v| v.to_str().ok())
                 .flat_map(|v| v.split(','))
-                .find_map(|p| p.trim().strip_prefix(prefix.as_str()).map(str::to_string)),
+                .find_map(|p| p.trim().strip_prefix(prefix.as_str()).map(protocol_token)),
         };
         if let Some(t) = found.filter(|t| !t.is_empty()) {
             return Some(t);
         }
     }
     None
+}
+
+/// The token of a `Sec-WebSocket-Protocol` entry past its prefix: a JWT as
+/// it is (it has dots), or base64url of one (no dots; what wsgate-client
+/// sends as `wsgate.bearer.…`).
+fn protocol_token(rest: &str) -> String {
+    use base64::Engine as _;
+    if rest.contains('.') {
+        return rest.to_string();
+    }
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(rest.trim_end_matches('='))
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .unwrap_or_else(|| rest.to_string())
 }
 
 #[cfg(test)]
@@ -325,5 +340,14 @@ mod tests {
             Some("q.q.q")
         );
         assert_eq!(f(&["cookie:none"]), None);
+        // wsgate-client's form: base64url of the token.
+        let head = http::Request::get("/mux")
+            .header("sec-websocket-protocol", "wsmux.v1, wsgate.bearer.YS5iLmM")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        let s = vec!["protocol:wsgate.bearer.".parse().unwrap()];
+        assert_eq!(find_token(&head, &s).as_deref(), Some("a.b.c"));
     }
 }

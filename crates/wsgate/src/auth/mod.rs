@@ -44,8 +44,10 @@ pub mod cache;
 mod client;
 mod hook;
 mod jwt;
-mod mtls;
+pub(crate) mod mtls;
 pub mod rules;
+
+pub use jwt::find_token;
 
 /// What an authenticator sees of a request.
 #[derive(Debug, Clone, Copy)]

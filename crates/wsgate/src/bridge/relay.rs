@@ -44,6 +44,7 @@ use crate::io::{
     drain, grow, make_room, ready_read, release, with_halves, ClientIo, ConnReader, ConnWriter,
     WriteQueue, CHUNK, FIRST_CHUNK, IOV, NO_COPY,
 };
+use crate::limits::{Pace, SharedBandwidth};
 use crate::tunnel::proto::{decode_datagram, encode_datagram};
 use crate::tunnel::registry::AgentStream;
 
@@ -62,6 +63,10 @@ pub struct Settings {
     pub close_timeout: Duration,
     /// Datagram peers and `echo:`: text messages for valid UTF-8 datagrams.
     pub datagram_text: bool,
+    /// The subject's bandwidth, shared with its other connections
+    /// (`per_identity_bandwidth`): each loop waits out its debt before its
+    /// next read.
+    pub shared_bandwidth: Option<std::sync::Arc<SharedBandwidth>>,
 }
 
 /// How a relay ended, for logs.
@@ -327,6 +332,7 @@ struct Up {
     batch: WriteQueue,
     message: Option<(bool, BytesMut)>,
     bytes: u64,
+    pace: Option<Pace>,
 }
 
 async fn up_loop(
@@ -415,7 +421,16 @@ async fn up_loop(
                     "client closed the connection without a close frame".into(),
                 );
             }
-            Ok(_) => shared.touch(),
+            Ok(n) => {
+                shared.touch();
+                if let Some(d) = st
+                    .pace
+                    .as_mut()
+                    .and_then(|p| p.delay_for(n, Instant::now()))
+                {
+                    tokio::time::sleep(d).await;
+                }
+            }
             Err(e) => {
                 pw.shutdown().await;
                 return UpEnd::ClientGone(format!("client read failed: {e}"));
@@ -443,6 +458,9 @@ struct Down<'a> {
     /// Frames for the client; big payloads stay in `buf`'s allocation.
     out: WriteQueue,
     bytes: u64,
+    pace: Option<Pace>,
+    /// No peer read before this (the pace's debt).
+    paced_until: Option<Instant>,
 }
 
 /// Appends one unmasked server frame carrying a whole message.
@@ -530,6 +548,12 @@ async fn down_loop(
         if st.buf.is_empty() {
             release(&mut st.buf);
         }
+        if let Some(t) = st.paced_until {
+            // Cancel-safe: the deadline stays until it has passed.
+            tokio::time::sleep_until(t).await;
+            st.paced_until = None;
+        }
+        let before = st.bytes;
         tokio::select! {
             biased;
             _ = shared.wake_down.notified() => {}
@@ -561,6 +585,12 @@ async fn down_loop(
                     Err(e) => return DownEnd::Peer(Error::upstream(error::Kind::PeerFailed, "peer error").because(e)),
                 }
             }
+        }
+        if let Some(p) = st.pace.as_mut() {
+            let now = Instant::now();
+            st.paced_until = p
+                .delay_for((st.bytes - before) as usize, now)
+                .map(|d| now + d);
         }
     }
 }
@@ -714,6 +744,7 @@ async fn run_inner(
         batch: WriteQueue::default(),
         message: None,
         bytes: 0,
+        pace: Pace::new(None, settings.shared_bandwidth.as_ref(), true),
     };
     drop(leftover);
     let mut down = Down {
@@ -722,6 +753,8 @@ async fn run_inner(
         hint: FIRST_CHUNK,
         out: WriteQueue::default(),
         bytes: 0,
+        pace: Pace::new(None, settings.shared_bandwidth.as_ref(), false),
+        paced_until: None,
     };
     let mut outcome = Outcome::default();
 

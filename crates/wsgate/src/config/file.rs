@@ -100,6 +100,8 @@ struct TunnelFile {
     agent_auth: Vec<String>,
     #[serde(default)]
     agent_ids: Vec<String>,
+    #[serde(default)]
+    identity_headers: BTreeMap<String, String>,
 }
 
 /// `[[tunnel.forward]]`.
@@ -257,7 +259,8 @@ struct DiscoveryFile {
 /// glob of plain characters (peers, agent ids).
 fn check_identity_pattern(p: &str, pattern: bool) -> Result<(), String> {
     wsgate_auth::template::check(p)?;
-    let filled = wsgate_auth::template::expand(p, |_| Some("x".into()))
+    // A stand-in that fits a name, a port and an address octet alike.
+    let filled = wsgate_auth::template::expand(p, |_| Some("1".into()))
         .ok_or_else(|| format!("`{p}`: a placeholder is not closed"))?;
     if pattern {
         check_mux_allow(std::slice::from_ref(&filled)).map_err(|e| format!("`{p}`: {e}"))
@@ -685,8 +688,25 @@ impl Validator<'_> {
             methods: t.auth,
             subjects: t.subjects,
             allow: t.allow,
+            identity_headers: t
+                .identity_headers
+                .into_iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v))
+                .collect(),
             ..RouteAuth::default()
         };
+        for (h, field) in &tunnel_auth.identity_headers {
+            if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                fail(
+                    self,
+                    "identity_headers",
+                    format!("`{h}` is not a header name"),
+                );
+            }
+            if let Err(e) = super::auth::check_identity_field(field) {
+                fail(self, "identity_headers", e);
+            }
+        }
         for (key, items) in [("allow", &tunnel_auth.allow), ("agent_ids", &t.agent_ids)] {
             for item in items {
                 if let Err(e) = check_identity_pattern(item, key == "allow") {

@@ -1,5 +1,8 @@
-//! A per-connection bandwidth cap.
+//! Bandwidth caps: one connection's ([`Bandwidth`]), and one shared by
+//! every connection of a subject ([`SharedBandwidth`]); [`Pace`] is what one
+//! direction of a connection obeys (both, when both are set).
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -73,6 +76,80 @@ impl Bandwidth {
     }
 }
 
+/// A cap shared by several connections (a subject's `per_identity_bandwidth`):
+/// one bucket per direction, each connection paying its bytes into it. The
+/// connections together get `bytes_per_second` each way, plus one second's
+/// worth as burst; a connection waits for what the others sent too.
+#[derive(Debug)]
+pub struct SharedBandwidth {
+    /// Client to upstream, upstream to client.
+    dirs: [Mutex<Bandwidth>; 2],
+    bytes_per_second: u64,
+}
+
+impl SharedBandwidth {
+    /// # Panics
+    /// If `bytes_per_second` is 0.
+    pub fn new(bytes_per_second: u64) -> Self {
+        SharedBandwidth {
+            dirs: [
+                Mutex::new(Bandwidth::new(bytes_per_second)),
+                Mutex::new(Bandwidth::new(bytes_per_second)),
+            ],
+            bytes_per_second,
+        }
+    }
+
+    pub fn bytes_per_second(&self) -> u64 {
+        self.bytes_per_second
+    }
+
+    fn delay_for(&self, up: bool, n: usize, now: Instant) -> Option<Duration> {
+        let mut b = self.dirs[usize::from(!up)]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        b.delay_for(n, now)
+    }
+}
+
+/// What paces one direction of one connection: its own cap, its subject's
+/// shared one, or both (it waits for the longer).
+#[derive(Debug, Clone)]
+pub struct Pace {
+    own: Option<Bandwidth>,
+    shared: Option<Arc<SharedBandwidth>>,
+    /// Which of the shared buckets: client to upstream (`true`) or back.
+    up: bool,
+}
+
+impl Pace {
+    /// The pace of direction `up` (client to upstream) of a connection
+    /// capped at `own` bytes per second and sharing `shared`; `None` when
+    /// neither is set.
+    pub fn new(own: Option<u64>, shared: Option<&Arc<SharedBandwidth>>, up: bool) -> Option<Pace> {
+        let own = own.filter(|b| *b > 0).map(Bandwidth::new);
+        if own.is_none() && shared.is_none() {
+            return None;
+        }
+        Some(Pace {
+            own,
+            shared: shared.cloned(),
+            up,
+        })
+    }
+
+    /// Takes `n` more bytes at `now`: how long to wait before the next read
+    /// (see [`Bandwidth::delay_for`]); the longer of the two caps' delays.
+    pub fn delay_for(&mut self, n: usize, now: Instant) -> Option<Duration> {
+        let own = self.own.as_mut().and_then(|b| b.delay_for(n, now));
+        let shared = self
+            .shared
+            .as_ref()
+            .and_then(|s| s.delay_for(self.up, n, now));
+        own.max(shared)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,6 +211,29 @@ mod tests {
             elapsed >= Duration::from_secs(10) - MS && elapsed <= Duration::from_secs(10),
             "{elapsed:?}"
         );
+    }
+
+    #[test]
+    fn connections_sharing_a_cap_split_it_and_a_pace_obeys_the_stricter_cap() {
+        let shared = Arc::new(SharedBandwidth::new(1000));
+        let mut a = Pace::new(None, Some(&shared), true).unwrap();
+        let mut b = Pace::new(None, Some(&shared), true).unwrap();
+        let mut down = Pace::new(None, Some(&shared), false).unwrap();
+        let t0 = Instant::now();
+        // One burst between them: 600 + 400 pass, the next bytes wait.
+        assert_eq!(a.delay_for(600, t0), None);
+        assert_eq!(b.delay_for(400, t0), None);
+        assert_eq!(a.delay_for(100, t0), Some(100 * MS));
+        assert_eq!(b.delay_for(100, t0), Some(200 * MS));
+        // The other direction has a bucket of its own.
+        assert_eq!(down.delay_for(1000, t0), None);
+        // A connection's own cap, stricter than the shared one, wins.
+        let roomy = Arc::new(SharedBandwidth::new(1_000_000));
+        let mut c = Pace::new(Some(100), Some(&roomy), true).unwrap();
+        assert_eq!(c.delay_for(200, t0), Some(1000 * MS));
+        assert!(Pace::new(None, None, true).is_none());
+        assert!(Pace::new(Some(0), None, true).is_none());
+        assert_eq!(shared.bytes_per_second(), 1000);
     }
 
     #[test]

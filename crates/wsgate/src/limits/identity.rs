@@ -1,7 +1,8 @@
 //! Limits per authenticated subject, beside the per-client-address ones: a
-//! rate of new connections and requests, a cap on open WebSockets and one
-//! on open tunnel streams. Anonymous requests are not counted here (the
-//! per-address limits hold them).
+//! rate of new connections and requests, a cap on open WebSockets, one on
+//! open tunnel streams, and a bandwidth shared by the subject's WebSockets.
+//! Anonymous requests are not counted here (the per-address limits hold
+//! them).
 //!
 //! Bounded like the address limiter: a subject has an entry only while it
 //! holds something open or its rate has not recovered, and the table never
@@ -11,11 +12,12 @@
 //! early, never be locked out by others.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::SharedBandwidth;
 use crate::config::RateSpec;
 use crate::error::{Error, Kind};
 
@@ -38,6 +40,16 @@ pub struct IdentityGate {
 struct Inner {
     origin: Instant,
     table: Mutex<HashMap<Arc<str>, Entry>>,
+    /// Each subject's shared bandwidth, alive while a connection holds it.
+    bandwidth: Mutex<Buckets>,
+}
+
+#[derive(Default)]
+struct Buckets {
+    map: HashMap<Arc<str>, Weak<SharedBandwidth>>,
+    /// Entries after the last sweep of dead ones (a sweep runs when the map
+    /// has doubled since: amortised O(1) per connection).
+    swept: usize,
 }
 
 /// What a subject holds open; dropping it gives the slot back.
@@ -53,6 +65,7 @@ impl Default for IdentityGate {
             inner: Arc::new(Inner {
                 origin: Instant::now(),
                 table: Mutex::new(HashMap::new()),
+                bandwidth: Mutex::default(),
             }),
         }
     }
@@ -133,6 +146,31 @@ impl IdentityGate {
     }
 }
 
+impl IdentityGate {
+    /// The bandwidth `subject`'s connections share (`per_identity_bandwidth`
+    /// of `bytes_per_second`): the one its open connections hold, or a new
+    /// one when it holds none (or one of another rate, after a reload).
+    pub fn bandwidth(&self, subject: &Arc<str>, bytes_per_second: u64) -> Arc<SharedBandwidth> {
+        let mut b = self
+            .inner
+            .bandwidth
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = b.map.get(subject).and_then(Weak::upgrade) {
+            if s.bytes_per_second() == bytes_per_second {
+                return s;
+            }
+        }
+        let s = Arc::new(SharedBandwidth::new(bytes_per_second));
+        b.map.insert(subject.clone(), Arc::downgrade(&s));
+        if b.map.len() > 2 * b.swept.max(64) {
+            b.map.retain(|_, w| w.strong_count() > 0);
+            b.swept = b.map.len();
+        }
+        s
+    }
+}
+
 impl std::fmt::Debug for IdentityPermit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IdentityPermit")
@@ -182,5 +220,26 @@ mod tests {
         assert!(e.retry_after.is_some());
         assert!(g.admit(&ada, Some(&r), None, false).is_ok());
         assert!(g.tracked() <= 2);
+    }
+
+    #[test]
+    fn a_subjects_connections_share_one_bandwidth_while_they_hold_it() {
+        let g = IdentityGate::default();
+        let (ada, bob): (Arc<str>, Arc<str>) = ("ada".into(), "bob".into());
+        let a1 = g.bandwidth(&ada, 1000);
+        let a2 = g.bandwidth(&ada, 1000);
+        assert!(Arc::ptr_eq(&a1, &a2));
+        assert!(!Arc::ptr_eq(&a1, &g.bandwidth(&bob, 1000)));
+        // A new rate (a reload) starts a new bucket for new connections.
+        let a3 = g.bandwidth(&ada, 2000);
+        assert!(!Arc::ptr_eq(&a1, &a3));
+        assert_eq!(a3.bytes_per_second(), 2000);
+        drop((a1, a2, a3));
+        // Dead entries are swept as the map grows: it stays bounded.
+        for i in 0..10_000 {
+            drop(g.bandwidth(&Arc::from(format!("s{i}")), 1000));
+        }
+        let left = g.inner.bandwidth.lock().unwrap().map.len();
+        assert!(left <= 256, "{left} entries");
     }
 }

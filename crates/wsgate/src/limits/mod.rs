@@ -76,7 +76,9 @@
 //! [`Bandwidth`] is a per-connection token bucket owned by one relay task: no
 //! locks, no allocation. It answers how long to wait before sending the next
 //! chunk, so the relay stops reading from the fast side and TCP back-pressure
-//! does the rest.
+//! does the rest. [`SharedBandwidth`] is one cap for several connections (a
+//! subject's `per_identity_bandwidth`); [`Pace`] is what one direction of a
+//! connection obeys: its own cap, its subject's, or both.
 
 mod admission;
 mod bandwidth;
@@ -85,4 +87,6 @@ pub mod identity;
 #[allow(unused_imports)] // the rest of the limiter's API, for tests and docs
 pub use admission::{Admission, Permit, Refusal, Scope, DEFAULT_MAX_TRACKED_IPS};
 pub use admission::{AdmissionConfig, Gates, Permits};
+#[allow(unused_imports)] // the per-connection cap, used through `Pace`
 pub use bandwidth::Bandwidth;
+pub use bandwidth::{Pace, SharedBandwidth};

@@ -21,7 +21,7 @@ use wsframe::{parse_header, ProtocolError};
 
 use crate::error::Kind;
 use crate::io::{drain, release, with_halves, ClientIo, ConnReader, ConnWriter, FIRST_CHUNK};
-use crate::limits::Bandwidth;
+use crate::limits::{Pace, SharedBandwidth};
 
 /// Follows frame boundaries in one direction of a WebSocket byte stream.
 #[derive(Debug, Default)]
@@ -108,6 +108,9 @@ pub struct Settings {
     pub close_timeout: Duration,
     /// Bytes per second each way.
     pub bandwidth: Option<u64>,
+    /// The subject's bandwidth, shared with its other connections
+    /// (`per_identity_bandwidth`).
+    pub shared_bandwidth: Option<std::sync::Arc<SharedBandwidth>>,
 }
 
 /// How a proxied WebSocket ended, for logs and metrics.
@@ -192,17 +195,17 @@ struct Dir {
     hint: usize,
     tracker: Tracker,
     bytes: u64,
-    bandwidth: Option<Bandwidth>,
+    bandwidth: Option<Pace>,
 }
 
 impl Dir {
-    fn new(leftover: bytes::Bytes, bandwidth: Option<u64>) -> Dir {
+    fn new(leftover: bytes::Bytes, bandwidth: Option<Pace>) -> Dir {
         Dir {
             buf: BytesMut::from(&leftover[..]),
             hint: FIRST_CHUNK,
             tracker: Tracker::default(),
             bytes: 0,
-            bandwidth: bandwidth.map(Bandwidth::new),
+            bandwidth,
         }
     }
 }
@@ -353,8 +356,18 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Outcome {
     let dirs = (
-        Dir::new(client.leftover, settings.bandwidth),
-        Dir::new(backend.leftover, settings.bandwidth),
+        Dir::new(
+            client.leftover,
+            Pace::new(settings.bandwidth, settings.shared_bandwidth.as_ref(), true),
+        ),
+        Dir::new(
+            backend.leftover,
+            Pace::new(
+                settings.bandwidth,
+                settings.shared_bandwidth.as_ref(),
+                false,
+            ),
+        ),
     );
     with_halves!(client.io, |cr, cw| {
         with_halves!(backend.io, |br, bw| {

@@ -84,6 +84,9 @@ impl Gateway {
                                 }
                             }
                             Ok(Err(e)) => {
+                                if let Some(reason) = crate::auth::mtls::tls_refusal(&e) {
+                                    self.metrics.refused(reason);
+                                }
                                 debug!("TLS handshake failed: {e}");
                                 None
                             }

@@ -37,7 +37,7 @@ pub mod registry;
 pub mod splice;
 
 use crate::auth::rules::Rules;
-use crate::auth::{AuthRequest, AuthSet, Chain, Identity};
+use crate::auth::{AuthRequest, AuthSet, Chain, Identity, IdentityHeaders};
 use crate::config;
 use crate::error::{Error, Kind};
 use crate::limits::identity::{IdentityGate, IdentityPermit};
@@ -61,6 +61,9 @@ pub struct Tunnel {
     agent_ids: Rules,
     /// `[tunnel] allow`: what an identity's streams may reach.
     rules: Rules,
+    /// `[tunnel] identity_headers`: set on `/request` and forward-proxy
+    /// requests (client copies removed).
+    pub identity_headers: IdentityHeaders,
     /// Per-subject stream caps (`per_identity_max_streams`).
     identities: Arc<IdentityGate>,
     stream_cap: Option<usize>,
@@ -119,6 +122,7 @@ impl Tunnel {
             }),
             agent_ids: Rules(config.agent_ids.clone()),
             rules: Rules(config.auth.allow.clone()),
+            identity_headers: IdentityHeaders::new(&config.auth, auth),
             identities,
             stream_cap,
         })
