@@ -979,6 +979,8 @@ mod tests {
             hint: FIRST_CHUNK,
             out: WriteQueue::default(),
             bytes: 0,
+            pace: None,
+            paced_until: None,
         };
         let long = "x".repeat(NO_COPY + 10);
         down.buf
