@@ -5,8 +5,12 @@
 //! kept current by the events of `wsgate:events` (an `up` adds a node to a
 //! cached entry, a `down` takes it out, a `node-down` takes the node out of
 //! every entry), so a steady stream of opens to a known id makes no Redis
-//! command at all. An answer that was in flight while an event about its id
-//! came is used once and not kept (it may predate the event). While the
+//! command at all. Events about an id that come while its look-up is in
+//! flight are applied to the answer when it comes: each event sets one
+//! (node, id) pair, events arrive in the order Redis published them, and
+//! one published before the look-up ran agrees with its answer, so the
+//! answer with every such event applied is Redis's state after the last
+//! one. While the
 //! listener has lost the channel (Redis restarted or unreachable) the cache
 //! goes on serving; once it follows the channel again, events may have been
 //! missed, and everything is forgotten: the next open of each id looks it
@@ -29,8 +33,48 @@ pub const CAPACITY: usize = 100_000;
 enum Slot {
     /// The nodes holding the id (none: known to be held nowhere).
     Known(Vec<Arc<str>>),
-    /// A look-up is in flight; `stale` once an event about the id came.
-    Fetching { stale: bool },
+    /// A look-up is in flight: the events about the id since it started,
+    /// to apply to its answer; `stale` when some may have been missed.
+    Fetching { pending: Vec<Change>, stale: bool },
+}
+
+/// What an event does to one id's entry.
+#[derive(Clone)]
+enum Change {
+    Add(Arc<str>),
+    Remove(Arc<str>),
+}
+
+/// Events kept for one look-up in flight; past them it is not kept.
+const MAX_PENDING: usize = 64;
+
+impl Change {
+    fn apply(&self, nodes: &mut Vec<Arc<str>>) {
+        match self {
+            Change::Add(n) => {
+                if !nodes.contains(n) {
+                    nodes.push(n.clone());
+                }
+            }
+            Change::Remove(n) => nodes.retain(|x| x != n),
+        }
+    }
+}
+
+impl Slot {
+    /// Applies a change: at once to a known entry, later to one in flight.
+    fn change(&mut self, c: Change) {
+        match self {
+            Slot::Known(nodes) => c.apply(nodes),
+            Slot::Fetching { pending, stale } => {
+                if pending.len() < MAX_PENDING {
+                    pending.push(c);
+                } else {
+                    *stale = true;
+                }
+            }
+        }
+    }
 }
 
 /// One id of the catalog: its nodes, each with the allow patterns its
@@ -76,25 +120,36 @@ impl Owners {
                 if g.by_id.len() >= CAPACITY {
                     g.by_id.clear();
                 }
-                g.by_id
-                    .insert(id.to_string(), Slot::Fetching { stale: false });
+                g.by_id.insert(
+                    id.to_string(),
+                    Slot::Fetching {
+                        pending: vec![],
+                        stale: false,
+                    },
+                );
                 Lookup::Miss
             }
         }
     }
 
-    /// A look-up of `id` answered `nodes`: kept, unless an event about the
-    /// id came meanwhile (or the cache was cleared).
+    /// A look-up of `id` answered `nodes`: kept, with the events that came
+    /// meanwhile applied, unless some may have been missed (the cache was
+    /// cleared).
     pub fn fetched(&self, id: &str, nodes: &[Arc<str>]) {
         let mut g = self.lock();
-        match g.by_id.get(id) {
-            Some(Slot::Fetching { stale: false }) => {
-                g.by_id.insert(id.to_string(), Slot::Known(nodes.to_vec()));
+        match g.by_id.remove(id) {
+            Some(Slot::Fetching {
+                pending,
+                stale: false,
+            }) => {
+                let mut nodes = nodes.to_vec();
+                pending.iter().for_each(|c| c.apply(&mut nodes));
+                g.by_id.insert(id.to_string(), Slot::Known(nodes));
             }
-            Some(Slot::Fetching { stale: true }) => {
-                g.by_id.remove(id);
+            Some(Slot::Fetching { stale: true, .. }) | None => {}
+            Some(known) => {
+                g.by_id.insert(id.to_string(), known);
             }
-            _ => {}
         }
     }
 
@@ -128,26 +183,20 @@ impl Owners {
             g.catalog_epoch += 1;
         }
         match e {
-            Event::Up { node, id } => match g.by_id.get_mut(id) {
-                Some(Slot::Known(nodes)) => {
-                    if !nodes.iter().any(|n| &**n == node) {
-                        nodes.push(Arc::from(node.as_str()));
-                    }
+            Event::Up { node, id } => {
+                if let Some(slot) = g.by_id.get_mut(id) {
+                    slot.change(Change::Add(Arc::from(node.as_str())));
                 }
-                Some(Slot::Fetching { stale }) => *stale = true,
-                None => {}
-            },
-            Event::Down { node, id } => match g.by_id.get_mut(id) {
-                Some(Slot::Known(nodes)) => nodes.retain(|n| &**n != node),
-                Some(Slot::Fetching { stale }) => *stale = true,
-                None => {}
-            },
+            }
+            Event::Down { node, id } => {
+                if let Some(slot) = g.by_id.get_mut(id) {
+                    slot.change(Change::Remove(Arc::from(node.as_str())));
+                }
+            }
             Event::NodeDown { node } => {
+                let node: Arc<str> = Arc::from(node.as_str());
                 for slot in g.by_id.values_mut() {
-                    match slot {
-                        Slot::Known(nodes) => nodes.retain(|n| &**n != node),
-                        Slot::Fetching { stale } => *stale = true,
-                    }
+                    slot.change(Change::Remove(node.clone()));
                 }
             }
             _ => {}
@@ -158,7 +207,7 @@ impl Owners {
     pub fn clear(&self) {
         let mut g = self.lock();
         for slot in g.by_id.values_mut() {
-            if let Slot::Fetching { stale } = slot {
+            if let Slot::Fetching { stale, .. } = slot {
                 *stale = true;
             }
         }
@@ -235,22 +284,39 @@ mod tests {
     }
 
     #[test]
-    fn an_answer_overtaken_by_an_event_is_not_kept() {
+    fn events_during_a_look_up_are_applied_to_its_answer() {
         let o = Owners::default();
         assert_eq!(o.get("x"), Lookup::Miss);
         o.apply(&up("b", "x"));
+        o.apply(&Event::Down {
+            node: "a".into(),
+            id: "x".into(),
+        });
+        o.apply(&up("c", "x"));
+        o.apply(&Event::NodeDown { node: "c".into() });
+        // The answer may or may not have seen them: the same either way.
         o.fetched("x", &nodes(&["a"]));
-        assert_eq!(o.get("x"), Lookup::Miss, "looked up again");
-        o.fetched("x", &nodes(&["a", "b"]));
-        assert_eq!(o.get("x"), Lookup::Hit(nodes(&["a", "b"])));
+        assert_eq!(o.get("x"), Lookup::Hit(nodes(&["b"])));
+        assert_eq!(o.get("y"), Lookup::Miss);
+        o.apply(&up("b", "y"));
+        o.fetched("y", &nodes(&["a", "b"]));
+        assert_eq!(o.get("y"), Lookup::Hit(nodes(&["a", "b"])));
+        // Too many events in flight: the answer is used once, not kept.
+        assert_eq!(o.get("z"), Lookup::Miss);
+        for i in 0..=MAX_PENDING {
+            o.apply(&up(&format!("n{i}"), "z"));
+        }
+        o.fetched("z", &nodes(&["a"]));
+        assert_eq!(o.get("z"), Lookup::Miss);
+        o.fetch_failed("z");
         // Clearing forgets answers and spoils look-ups in flight.
-        assert_eq!(o.get("y"), Lookup::Miss);
+        assert_eq!(o.get("w"), Lookup::Miss);
         o.clear();
-        o.fetched("y", &nodes(&["a"]));
+        o.fetched("w", &nodes(&["a"]));
         assert_eq!(o.get("x"), Lookup::Miss);
-        assert_eq!(o.get("y"), Lookup::Miss);
-        o.fetch_failed("y");
-        assert_eq!(o.get("y"), Lookup::Miss);
+        assert_eq!(o.get("w"), Lookup::Miss);
+        o.fetch_failed("w");
+        assert_eq!(o.get("w"), Lookup::Miss);
     }
 
     #[test]

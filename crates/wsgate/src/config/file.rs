@@ -1835,11 +1835,11 @@ framing_config = 'separator=\r\n'
         let dir = tempfile::tempdir().unwrap();
         let ok = "redis = \"redis://127.0.0.1:6379/0\"\nnode_id = \"node-a\"\n\
                   advertise = \"ws://10.0.0.1:8080\"\nsecret = \"0123456789abcdef\"\n";
-        // Line of the key in with_cluster's text: 5 lines of tunnel first,
-        // then `[cluster]` on line 5.
+        // In with_cluster's text `[cluster]` is line 5, and `ok`'s keys
+        // lines 6 to 9.
         for (table, want) in [
             (
-                "[cluster]\nredis = \"redis://h\"\n",
+                "redis = \"redis://h\"\n",
                 "t.toml:5:1: cluster.node_id: required",
             ),
             (
