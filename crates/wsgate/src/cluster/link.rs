@@ -329,6 +329,11 @@ async fn handle(mut st: wsmux::Stream, s: Serving) {
             );
             if status == Status::NoAgent {
                 debug!("{e}");
+                // The asking node believed this one holds it: the entry in
+                // Redis is corrected here, where the truth is.
+                if let Some(id) = &id {
+                    s.registry.recheck(id);
+                }
             } else {
                 warn!("{e}");
             }

@@ -289,6 +289,15 @@ impl Registry {
         }
     }
 
+    /// Has the directory write again what this node holds of `id`: another
+    /// node asked for it here, believing this node holds it, and it does
+    /// not (a stale entry, corrected at its source).
+    pub fn recheck(&self, id: &str) {
+        if let Some(d) = self.directory.get() {
+            d.changed(id);
+        }
+    }
+
     /// What this node holds of `id`, if anything.
     pub fn holding(&self, id: &str) -> Option<Holding> {
         let m = self.by_id.lock().unwrap_or_else(|e| e.into_inner());
