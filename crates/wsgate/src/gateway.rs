@@ -285,7 +285,12 @@ impl Gateway {
         };
         let cluster = match (&config.cluster, &tunnel) {
             (Some(c), Some(t)) => Some(match previous.and_then(|p| p.cluster.clone()) {
-                Some(kept) => kept,
+                Some(kept) => {
+                    if !kept.same_secret(c) {
+                        anyhow::bail!("[cluster] secret changed: restart to use it");
+                    }
+                    kept
+                }
                 None => Cluster::new(
                     c,
                     &config.tunnel,

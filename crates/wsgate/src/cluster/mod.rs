@@ -207,6 +207,12 @@ impl Cluster {
         Ok(c)
     }
 
+    /// Whether `config`'s secret is the one in use (a reload cannot change
+    /// it: the running links were proven with it).
+    pub fn same_secret(&self, config: &config::Cluster) -> bool {
+        config.secret.load().is_ok_and(|s| *s == *self.secret)
+    }
+
     /// Where node links arrive.
     pub fn path(&self) -> &str {
         &self.config.path
