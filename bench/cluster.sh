@@ -15,10 +15,14 @@
 #   - stream opens/s: 8 workers, each connect, 64 B echo, close: each
 #     connection is one stream open through the agent (and, via B, one
 #     across the link);
-# and, during B's opens, Redis's commands (INFO commandstats, and MONITOR
-# for the keys of agents) per stream open B made. Last, --agents agents
-# (default 2000, ids bench-0..) register at A (wsbench agents, idle wsmux
-# sessions): A's RSS and Redis's used_memory per agent.
+# and, during each opens run, the CPU time of the nodes and the agent per
+# stream open; during B's opens, Redis's commands (INFO commandstats, and
+# MONITOR for the keys of agents) per stream open B made. Last, --agents
+# agents (default 2000, ids bench-0..) register at A, then the same ids at
+# B (wsbench agents, idle wsmux sessions): A's RSS and Redis's used_memory
+# per agent (one node holding it, then two), A's CPU per idle agent
+# connection over --idle-window seconds (default 15: one keepalive), and
+# Redis's time per EVAL.
 #
 # Prints a Markdown table of medians; the table, raw values and logs are
 # kept under bench/results/cluster-<UTC timestamp>/ (git-ignored). Every
@@ -35,14 +39,16 @@ ROUNDS=3
 DURATION=2
 WARMUP=0.5
 AGENTS=2000
+IDLE_WINDOW=15
 BUILD=1
 while [ $# -gt 0 ]; do
     case "$1" in
     --rounds) ROUNDS=$2; shift 2 ;;
     --duration) DURATION=$2; shift 2 ;;
     --agents) AGENTS=$2; shift 2 ;;
+    --idle-window) IDLE_WINDOW=$2; shift 2 ;;
     --no-build) BUILD=0; shift ;;
-    -h | --help) sed -n '2,25p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,29p' "$0"; exit 0 ;;
     *) echo "cluster.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -153,13 +159,14 @@ EOF
     NODE_FWD=$(wait_line "$OUT/$name.out" 's#^forwarding tcp://\([^ ]*\) to .*#\1#p' "$NODE_PID")
 }
 start_node node-a
-A_PID=$NODE_PID A_ADDR=$NODE_ADDR A_FWD=$NODE_FWD
+A_PID=$NODE_PID A_ADDR=$NODE_ADDR A_FWD=$NODE_FWD A_ADMIN=$NODE_ADMIN
 start_node node-b
-B_ADMIN=$NODE_ADMIN B_FWD=$NODE_FWD
+B_PID=$NODE_PID B_ADDR=$NODE_ADDR B_ADMIN=$NODE_ADMIN B_FWD=$NODE_FWD
 
 setsid "$WSGATE" agent --server "ws://$A_ADDR/agent" --id site-a --token-file "$RUN/token.txt" \
     --pool 2 --allow "tcp://$ECHO" --log warn >"$OUT/agent.out" 2>"$OUT/agent.log" </dev/null &
-PGIDS+=($!)
+AGENT_PID=$!
+PGIDS+=("$AGENT_PID")
 for ((i = 0; i < 100; i++)); do
     [ "$(rc scard wsgate:agent:site-a)" = 1 ] && break
     sleep 0.1
@@ -170,6 +177,23 @@ done
 }
 
 load() { "$WSBENCH" --threads 2 load --duration "$DURATION" --warmup "$WARMUP" "$@"; }
+
+# CPU time (user + system, clock ticks) used so far by the processes given.
+cpu_ticks() {
+    local p s=0 t
+    for p in "$@"; do
+        t=$(sed 's/^.*) //' "/proc/$p/stat" | awk '{ print $12 + $13 }')
+        s=$((s + t))
+    done
+    echo "$s"
+}
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
+
+# A node's forward streams opened so far.
+fwd_streams() {
+    curl -s "http://$1/metrics" |
+        awk '/^wsgate_tunnel_streams_total\{via="forward",outcome="ok"\}/ { print $2 }'
+}
 
 # B's remote stream opens so far (cache hits + misses).
 b_opens() {
@@ -184,7 +208,7 @@ redis_calls() {
 
 echo "== warm-up" >&2
 for fwd in "$A_FWD" "$B_FWD"; do
-    load --target "tcp://$fwd" --test latency --duration 0.5 >/dev/null
+    "$WSBENCH" --threads 2 load --duration 0.5 --warmup 0.1 --target "tcp://$fwd" --test latency >/dev/null
 done
 
 RAW=$OUT/raw.csv
@@ -209,8 +233,14 @@ for ((r = 1; r <= ROUNDS; r++)); do
             o0=$(b_opens)
             c2=$(redis_calls)
         fi
+        if [ "$p" = A ]; then admin=$A_ADMIN; else admin=$B_ADMIN; fi
+        s0=$(fwd_streams "$admin")
+        t0=$(cpu_ticks "$A_PID" "$B_PID" "$AGENT_PID")
         v=$(load --target "tcp://$fwd" --test handshakes --conns 8 | awk '{ print $1 }')
+        t1=$(cpu_ticks "$A_PID" "$B_PID" "$AGENT_PID")
+        s1=$(fwd_streams "$admin")
         echo "$r,$p,opens,$v" >>"$RAW"
+        echo "$r,$p,cpu_us_per_open,$(python3 -c "print(round(($t1 - $t0) * $TICK_US / max($s1 - $s0, 1), 1))")" >>"$RAW"
         if [ "$p" = B ]; then
             c3=$(redis_calls)
             o1=$(b_opens)
@@ -229,21 +259,47 @@ for ((r = 1; r <= ROUNDS; r++)); do
     done
 done
 
-echo "== memory per idle agent ($AGENTS agents at node-a)" >&2
-m0=$(rc info memory | tr -d '\r' | sed -n 's/^used_memory:\([0-9]*\)/\1/p')
+echo "== idle CPU of node A without agents (${IDLE_WINDOW} s)" >&2
+c0=$(cpu_ticks "$A_PID")
+sleep "$IDLE_WINDOW"
+c1=$(cpu_ticks "$A_PID")
+echo "== memory per idle agent ($AGENTS agents at node-a, then at node-b too)" >&2
+used() { rc info memory | tr -d '\r' | sed -n 's/^used_memory:\([0-9]*\)/\1/p'; }
+evals() { rc info commandstats | tr -d '\r' | sed -n 's/^cmdstat_eval:calls=\([0-9]*\),usec=\([0-9]*\),.*/\1 \2/p'; }
+e0=$(evals)
+m0=$(used)
 setsid "$WSBENCH" --threads 2 agents --addr "$A_ADDR" --count "$AGENTS" --prefix bench \
-    --token "$TOKEN" --pid "$A_PID" >"$OUT/agents.out" 2>"$OUT/agents.log" </dev/null &
+    --token "$TOKEN" --pid "$A_PID" >"$OUT/agents-a.out" 2>"$OUT/agents-a.log" </dev/null &
 PGIDS+=($!)
-AG=$(wait_line "$OUT/agents.out" 's/^registered \([0-9]*\) agents.* \([0-9.]*\) KiB per agent$/\1 \2/p' $!)
+AG=$(wait_line "$OUT/agents-a.out" 's/^registered \([0-9]*\) agents.* \([0-9.]*\) KiB per agent$/\1 \2/p' $!)
 for ((i = 0; i < 300; i++)); do
     [ "$(rc scard wsgate:agents)" -ge $((AGENTS + 1)) ] && break
     sleep 0.1
 done
-m1=$(rc info memory | tr -d '\r' | sed -n 's/^used_memory:\([0-9]*\)/\1/p')
-echo "mem,A,rss_kib_per_agent,${AG#* }" >>"$RAW"
-echo "mem,redis,bytes_per_agent,$(((m1 - m0) / AGENTS))" >>"$RAW"
+m1=$(used)
+e1=$(evals)
 rc memory usage wsgate:agent:bench-1 >"$OUT/memory-usage.txt"
 rc memory usage wsgate:agent:bench-1:info >>"$OUT/memory-usage.txt"
+echo "== idle CPU of node A with $AGENTS agents (${IDLE_WINDOW} s)" >&2
+c2=$(cpu_ticks "$A_PID")
+sleep "$IDLE_WINDOW"
+c3=$(cpu_ticks "$A_PID")
+setsid "$WSBENCH" --threads 2 agents --addr "$B_ADDR" --count "$AGENTS" --prefix bench \
+    --token "$TOKEN" --pid "$B_PID" >"$OUT/agents-b.out" 2>"$OUT/agents-b.log" </dev/null &
+PGIDS+=($!)
+wait_line "$OUT/agents-b.out" 's/^registered \([0-9]*\) agents.*/\1/p' $! >/dev/null
+for ((i = 0; i < 300; i++)); do
+    [ "$(rc scard wsgate:node:node-b:agents)" -ge "$AGENTS" ] && break
+    sleep 0.1
+done
+m2=$(used)
+echo "mem,A,rss_kib_per_agent,${AG#* }" >>"$RAW"
+echo "mem,redis,bytes_per_agent,$(((m1 - m0) / AGENTS))" >>"$RAW"
+echo "mem,redis,bytes_per_second_holder,$(((m2 - m1) / AGENTS))" >>"$RAW"
+echo "mem,A,idle_cpu_us_per_agent_s,$(python3 -c "print(round((($c3 - $c2) - ($c1 - $c0)) * $TICK_US / $AGENTS / $IDLE_WINDOW, 3))")" >>"$RAW"
+read -r ec0 eu0 <<<"${e0:-0 0}"
+read -r ec1 eu1 <<<"$e1"
+echo "mem,redis,eval_us,$(python3 -c "print(round(($eu1 - $eu0) / max($ec1 - $ec0, 1), 2))")" >>"$RAW"
 
 python3 - "$RAW" "$ROUNDS" "$DURATION" "$(nproc)" "$(cut -d' ' -f1-3 /proc/loadavg)" <<'EOF' | tee "$OUT/table.md"
 import csv, statistics, sys
@@ -256,7 +312,8 @@ print(f"{rounds} rounds of {duration} s per cell, medians; {cores} cores; load a
 print("| | A -> agent | B -> A -> agent | B / A |")
 print("|---|---|---|---|")
 for t, name, unit in [("throughput", "throughput (64 KiB writes)", "MB/s"), ("opens", "stream opens/s (8 workers)", "/s"),
-                      ("p50", "64 B round trip p50", "µs"), ("p99", "64 B round trip p99", "µs")]:
+                      ("p50", "64 B round trip p50", "µs"), ("p99", "64 B round trip p99", "µs"),
+                      ("cpu_us_per_open", "CPU per stream open (nodes + agent)", "µs")]:
     a, b = m("A", t), m("B", t)
     print(f"| {name} | {a:.1f} {unit} | {b:.1f} {unit} | {b / a:.2f} |")
 print()
@@ -264,6 +321,9 @@ print(f"- Redis commands per stream open through B (steady state): {m('B', 'redi
       f"(commands while B opened {m('B', 'remote_opens'):.0f} streams: {m('B', 'redis_cmds_during_opens'):.0f}; "
       f"in an idle window as long: {m('B', 'redis_cmds_idle'):.0f}; commands on agent keys: {m('B', 'agent_key_cmds'):.0f})")
 print(f"- Node RSS per idle registered agent: {m('A', 'rss_kib_per_agent'):.1f} KiB; "
-      f"Redis memory per agent: {m('redis', 'bytes_per_agent'):.0f} bytes")
+      f"node CPU per idle agent connection: {m('A', 'idle_cpu_us_per_agent_s'):.3f} µs/s (keepalive 15 s)")
+print(f"- Redis memory per agent id: {m('redis', 'bytes_per_agent'):.0f} bytes held by one node, "
+      f"+{m('redis', 'bytes_per_second_holder'):.0f} bytes for a second node; "
+      f"{m('redis', 'eval_us'):.1f} µs of Redis time per hold (EVAL)")
 EOF
 echo "results: $OUT" >&2
