@@ -2,7 +2,7 @@
 # The cluster benchmark, one command: the cost of the extra hop B -> A ->
 # agent against A -> agent, and what the directory costs (docs/cluster.md).
 #
-#   [WSBENCH_NICE=-10] bench/cluster.sh [--rounds N] [--duration S] [--agents N] [--no-build]
+#   [WSBENCH_NICE=-10] bench/cluster.sh [--rounds N] [--duration S] [--agents N] [--idle-window S] [--no-build]
 #
 # Starts redis-server, a TCP echo server (wsbench echo), two wsgate nodes A
 # and B in one cluster, and one `wsgate agent` registered at A only (pool
