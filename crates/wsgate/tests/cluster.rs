@@ -1205,6 +1205,64 @@ async fn sigterm_leaves_the_cluster_before_draining_and_sigkill_is_routed_around
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_node_with_many_ids_is_removed_in_batches() {
+    let Some(c) = Three::start().await else {
+        return;
+    };
+    let _a = c.agent_at("node-a", "site-a").await;
+    let monitor = Monitor::start(c.redis.port).await;
+    // node-x: listed in wsgate:nodes, no lease key (it died), 2,500 ids
+    // (more than one cleanup script takes), one of them site-a, which
+    // node-a also holds.
+    c.redis
+        .try_cmd(&[
+            "EVAL",
+            "for i = 1, 2499 do \
+               local id = 'ghost-' .. i \
+               redis.call('SADD', 'wsgate:node:node-x:agents', id) \
+               redis.call('SADD', 'wsgate:agent:' .. id, 'node-x') \
+               redis.call('HSET', 'wsgate:agent:' .. id .. ':info', 'node-x', '1 0 tcp://*:*') \
+               redis.call('SADD', 'wsgate:agents', id) \
+             end \
+             redis.call('SADD', 'wsgate:node:node-x:agents', 'site-a') \
+             redis.call('SADD', 'wsgate:agent:site-a', 'node-x') \
+             redis.call('SADD', 'wsgate:nodes', 'node-x') \
+             return 1",
+            "0",
+        ])
+        .await
+        .unwrap();
+    let r = &c.redis;
+    until("node-x removed", Duration::from_secs(10), || async {
+        !r.members("wsgate:nodes")
+            .await
+            .contains(&"node-x".to_string())
+    })
+    .await;
+    let agents = r.members("wsgate:agents").await;
+    assert_eq!(agents, vec!["site-a".to_string()], "only site-a is left");
+    assert_eq!(r.members("wsgate:agent:site-a").await, vec!["node-a"]);
+    assert!(r.members("wsgate:node:node-x:agents").await.is_empty());
+    assert!(r.members("wsgate:agent:ghost-2499").await.is_empty());
+    // In scripts of at most 1,000 ids each (MONITOR shows the commands a
+    // script runs): 3 batches, or more where two nodes shared the work.
+    let spops = monitor
+        .lines
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains("\"SPOP\" \"wsgate:node:node-x:agents\" \"1000\""))
+        .count();
+    assert!(spops >= 3, "cleanup batches: {spops}");
+    // Everyone still reaches site-a.
+    let (status, body) = c
+        .node("node-b")
+        .request(&c.web_url("/after"), Some("site-a"))
+        .await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_restarted_nodes_keep_serving_and_register_again() {
     let Some(mut c) = Three::start().await else {
         return;
