@@ -1,6 +1,7 @@
 //! `wsbench` — the load generator, TCP echo server and comparison driver of
 //! the wsgate benchmark. See bench/README.md.
 
+mod agents;
 mod auth;
 mod compare;
 mod echo;
@@ -46,6 +47,28 @@ enum Cmd {
     /// Handshakes per second of one endpoint with credentials (headers, a TLS
     /// client certificate), and the CPU a process spent per handshake.
     Handshakes(auth::Args),
+    /// Register many agents at a gateway (ids PREFIX-0..N-1) and hold them:
+    /// prints `registered N agents: RSS A KiB -> B KiB, X KiB per agent`
+    /// (RSS of --pid), then holds them until killed.
+    Agents {
+        /// HOST:PORT of the gateway's listener.
+        #[arg(long)]
+        addr: String,
+        #[arg(long, default_value = "/agent")]
+        path: String,
+        #[arg(long, default_value_t = 1000)]
+        count: usize,
+        #[arg(long, default_value = "bench")]
+        prefix: String,
+        /// The token every id is registered with.
+        #[arg(long)]
+        token: String,
+        /// The gateway's process id (its RSS is read before and after).
+        #[arg(long)]
+        pid: u32,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+    },
     /// (c) for several targets at once, interleaved (20 ms slices, round-robin):
     /// one `TARGET p50 X us, p99 Y us (N samples)` line per target.
     LatencyMulti(LatencyMultiArgs),
@@ -153,6 +176,30 @@ fn main() -> ExitCode {
         Cmd::Compare(a) => rt.block_on(compare::main(a)),
         Cmd::LatencyMulti(a) => rt.block_on(latency_multi(a)),
         Cmd::Handshakes(a) => rt.block_on(auth::main(a)),
+        Cmd::Agents {
+            addr,
+            path,
+            count,
+            prefix,
+            token,
+            pid,
+            concurrency,
+        } => rt.block_on(async {
+            let before = load::rss_kib(pid)?;
+            let sessions =
+                agents::register_many(&addr, &path, &prefix, &token, count, concurrency).await?;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let after = load::rss_kib(pid)?;
+            println!(
+                "registered {} agents: RSS {before} KiB -> {after} KiB, {:.1} KiB per agent",
+                sessions.len(),
+                (after as f64 - before as f64) / sessions.len() as f64
+            );
+            use std::io::Write as _;
+            std::io::stdout().flush()?;
+            std::future::pending::<()>().await;
+            Ok(())
+        }),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

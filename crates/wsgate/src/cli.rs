@@ -318,6 +318,7 @@ fn config_from(a: &ServeArgs) -> anyhow::Result<Config> {
         },
         tunnel,
         auth: vec![],
+        cluster: None,
     })
 }
 
@@ -443,9 +444,10 @@ impl Signals {
 #[derive(Debug, Args)]
 struct AgentArgs {
     /// The gateway's agent registration URL, ws:// or wss:// (e.g.
-    /// ws://gw.example:8080/agent).
-    #[arg(long, value_name = "URL")]
-    server: String,
+    /// ws://gw.example:8080/agent). Repeatable: the nodes of a cluster; the
+    /// pool is spread over them (at least two different ones when given).
+    #[arg(long, value_name = "URL", required = true)]
+    server: Vec<String>,
     /// The id to register under: 1-64 of A-Z a-z 0-9 . _ -, not starting with a dot.
     #[arg(long)]
     id: String,
@@ -547,10 +549,11 @@ fn duration_arg(flag: &str, s: &str) -> anyhow::Result<Option<std::time::Duratio
 
 fn agent_config(a: &AgentArgs) -> anyhow::Result<crate::agent::Config> {
     use crate::tunnel::allow::AllowList;
-    let server = a
+    let servers = a
         .server
-        .parse()
-        .map_err(|e| anyhow::anyhow!("--server: {e}"))?;
+        .iter()
+        .map(|s| s.parse().map_err(|e| anyhow::anyhow!("--server: {e}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     crate::tunnel::proto::parse_id(&a.id).map_err(|e| anyhow::anyhow!("--id: {e}"))?;
     let token = match &a.token_file {
         Some(f) => {
@@ -566,7 +569,7 @@ fn agent_config(a: &AgentArgs) -> anyhow::Result<crate::agent::Config> {
     };
     let allow = AllowList::parse(&a.allow).map_err(|e| anyhow::anyhow!("--allow: {e}"))?;
     Ok(crate::agent::Config {
-        server,
+        servers,
         id: a.id.clone(),
         token,
         allow,

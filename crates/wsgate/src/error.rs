@@ -99,6 +99,9 @@ pub enum Kind {
     AgentUnreachable,
     /// The agent did not answer, or the destination did not, in time (504).
     AgentTimeout,
+    /// A cluster node needed its directory (Redis) to find an agent, and
+    /// Redis could not be reached (503).
+    DirectoryUnavailable,
 
     // --- After the upgrade.
     /// The peer ended its stream (1000, after everything it sent).
@@ -175,6 +178,9 @@ impl Kind {
             Kind::AgentRefused => (S::FORBIDDEN, None, Some("agent_refused")),
             Kind::AgentUnreachable => (S::BAD_GATEWAY, None, Some("agent_unreachable")),
             Kind::AgentTimeout => (S::GATEWAY_TIMEOUT, None, Some("agent_timeout")),
+            Kind::DirectoryUnavailable => {
+                (S::SERVICE_UNAVAILABLE, None, Some("directory_unavailable"))
+            }
             Kind::PeerClosed => (S::BAD_GATEWAY, Some(close_code::NORMAL), None),
             Kind::PeerFailed => (S::BAD_GATEWAY, Some(close_code::INTERNAL_ERROR), None),
             Kind::PeerMalformed => (S::BAD_GATEWAY, Some(close_code::INTERNAL_ERROR), None),
@@ -355,7 +361,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 mod tests {
     use super::*;
 
-    const ALL: [Kind; 40] = [
+    const ALL: [Kind; 41] = [
         Kind::NoRoute,
         Kind::NoSubprotocol,
         Kind::BadHandshake,
@@ -384,6 +390,7 @@ mod tests {
         Kind::AgentRefused,
         Kind::AgentUnreachable,
         Kind::AgentTimeout,
+        Kind::DirectoryUnavailable,
         Kind::PeerClosed,
         Kind::PeerFailed,
         Kind::PeerMalformed,

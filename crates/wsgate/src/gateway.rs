@@ -30,6 +30,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::rules::Rules;
 use crate::auth::{AuthSet, Authenticator, IdentityHeaders};
+use crate::cluster::Cluster;
 use crate::config::{Config, PeerAddr, ScopeLimits, Target};
 use crate::limits::identity::IdentityGate;
 use crate::limits::{AdmissionConfig, Gates};
@@ -59,6 +60,8 @@ pub struct Gateway {
     pub(crate) metadata_maps: bool,
     /// The reverse tunnel, when configured (`[tunnel]`).
     pub(crate) tunnel: Option<Arc<Tunnel>>,
+    /// This node's part in a cluster (`[cluster]`), kept across reloads.
+    pub(crate) cluster: Option<Arc<Cluster>>,
     /// The authentication methods (`[auth.NAME]`): what a new config's
     /// runtime is built over (`AuthSet::build(&config.auth, .., Some(&old))`).
     pub(crate) auth: AuthSet,
@@ -110,6 +113,7 @@ pub(crate) struct Builtin {
     agent: Arc<RouteSeries>,
     mux: Arc<RouteSeries>,
     connect: Arc<RouteSeries>,
+    node: Arc<RouteSeries>,
 }
 
 impl Builtin {
@@ -118,6 +122,7 @@ impl Builtin {
             agent: RouteSeries::new(metrics, "agent"),
             mux: RouteSeries::new(metrics, "mux"),
             connect: RouteSeries::new(metrics, "connect"),
+            node: RouteSeries::new(metrics, "node"),
         }
     }
 
@@ -126,6 +131,7 @@ impl Builtin {
         match name {
             "agent" => &self.agent,
             "mux" => &self.mux,
+            "node" => &self.node,
             _ => &self.connect,
         }
         .websocket(version)
@@ -178,6 +184,9 @@ impl Gateway {
         }
         if old.tunnel.forwards != new.tunnel.forwards {
             anyhow::bail!("[[tunnel.forward]] listeners cannot change on reload: restart");
+        }
+        if old.cluster != new.cluster {
+            anyhow::bail!("[cluster] cannot change on reload: restart");
         }
         Self::build(config, Some(self))
     }
@@ -274,6 +283,24 @@ impl Gateway {
         } else {
             None
         };
+        let cluster = match (&config.cluster, &tunnel) {
+            (Some(c), Some(t)) => Some(match previous.and_then(|p| p.cluster.clone()) {
+                Some(kept) => {
+                    if !kept.same_secret(c) {
+                        anyhow::bail!("[cluster] secret changed: restart to use it");
+                    }
+                    kept
+                }
+                None => Cluster::new(
+                    c,
+                    &config.tunnel,
+                    config.backend_tls.as_ref(),
+                    t.registry.clone(),
+                    metrics.clone(),
+                )?,
+            }),
+            _ => None,
+        };
         let routes = config
             .routes
             .iter()
@@ -317,6 +344,7 @@ impl Gateway {
             routes,
             backends,
             tunnel,
+            cluster,
             auth,
             identities,
             builtin: Builtin::new(&metrics),
@@ -330,14 +358,27 @@ impl Gateway {
         }))
     }
 
-    /// The admin listener's pages beside `/metrics`: `GET /agents`.
+    /// The admin listener's pages beside `/metrics`: `GET /agents` (in a
+    /// cluster, the cluster's view) and the control endpoints
+    /// (docs/cluster.md §7), which act on every node of a cluster and on
+    /// this one alone otherwise.
     pub(crate) fn admin_pages(&self) -> Option<crate::metrics::Pages> {
         let tunnel = self.tunnel.clone()?;
-        Some(Arc::new(move |path: &str| {
-            (path == "/agents").then(|| {
-                serde_json::to_string_pretty(&tunnel.registry.snapshot())
-                    .unwrap_or_else(|_| "[]".into())
-            })
+        let cluster = self.cluster.clone();
+        Some(Arc::new(move |req: crate::metrics::AdminRequest| {
+            let known = req.path == "/agents"
+                || req.path == "/revoked"
+                || req.path == "/revoke"
+                || req.path == "/unrevoke"
+                || (req.path.starts_with("/agents/") && req.path.ends_with("/disconnect"));
+            if !known {
+                return None;
+            }
+            let (tunnel, cluster) = (tunnel.clone(), cluster.clone());
+            Some(
+                Box::pin(async move { admin_answer(&tunnel, cluster.as_deref(), req).await })
+                    as std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>>,
+            )
         }))
     }
 
@@ -394,6 +435,110 @@ impl Gateway {
                 }
             }
         });
+    }
+}
+
+/// Answers one admin page (see [`Gateway::admin_pages`]).
+async fn admin_answer(
+    tunnel: &Tunnel,
+    cluster: Option<&Cluster>,
+    req: crate::metrics::AdminRequest,
+) -> crate::metrics::AdminAnswer {
+    use crate::metrics::AdminAnswer;
+    use crate::tunnel::registry::Revoked;
+    use http::{Method, StatusCode};
+    let json = |status, v: serde_json::Value| AdminAnswer {
+        status,
+        json: serde_json::to_string_pretty(&v).unwrap_or_default(),
+    };
+    let failed = |e: crate::error::Error| {
+        json(
+            e.kind.status(),
+            serde_json::json!({ "error": e.to_string() }),
+        )
+    };
+    let get = req.method == Method::GET || req.method == Method::HEAD;
+    let post = req.method == Method::POST;
+    let not_allowed = || {
+        json(
+            StatusCode::METHOD_NOT_ALLOWED,
+            serde_json::json!({ "error": "method not allowed" }),
+        )
+    };
+    let registry = &tunnel.registry;
+    match req.path.as_str() {
+        "/agents" if get => match cluster {
+            None => json(StatusCode::OK, serde_json::json!(registry.snapshot())),
+            Some(c) => match c.view().await {
+                Ok(v) => json(StatusCode::OK, serde_json::json!(v)),
+                Err(e) => failed(e),
+            },
+        },
+        "/revoked" if get => json(StatusCode::OK, serde_json::json!(registry.revoked())),
+        "/revoke" | "/unrevoke" if post => {
+            let revoke = req.path == "/revoke";
+            let body: serde_json::Value = match serde_json::from_slice(&req.body) {
+                Ok(v) => v,
+                Err(e) => {
+                    return json(
+                        StatusCode::BAD_REQUEST,
+                        serde_json::json!({ "error": format!("a JSON body: {{\"id\": \"ID\"}} or {{\"token_sha256\": \"HEX\"}}: {e}") }),
+                    )
+                }
+            };
+            let what = match (
+                body.get("id").and_then(|v| v.as_str()),
+                body.get("token_sha256").and_then(|v| v.as_str()),
+            ) {
+                (Some(id), None) => Revoked::parse(&format!("id:{id}")),
+                (None, Some(h)) => Revoked::parse(&format!("token:{}", h.to_ascii_lowercase())),
+                _ => None,
+            };
+            let Some(what) = what else {
+                return json(
+                    StatusCode::BAD_REQUEST,
+                    serde_json::json!({ "error": "give one of `id` (an agent id) and `token_sha256` (64 hex digits)" }),
+                );
+            };
+            let dropped = match cluster {
+                Some(c) => match c.revoke(&what, revoke).await {
+                    Ok(n) => n,
+                    Err(e) => return failed(e),
+                },
+                None if revoke => registry.revoke(&what),
+                None => {
+                    registry.unrevoke(&what);
+                    0
+                }
+            };
+            tracing::info!(what = %what.key(), revoke, dropped, "admin: revocation changed");
+            json(
+                StatusCode::OK,
+                serde_json::json!({ "revoked": revoke, "what": what.key(), "dropped_here": dropped, "cluster": cluster.is_some() }),
+            )
+        }
+        p if p.starts_with("/agents/") && post => {
+            let id = &p["/agents/".len()..p.len() - "/disconnect".len()];
+            if !crate::tunnel::proto::valid_id(id) {
+                return json(
+                    StatusCode::BAD_REQUEST,
+                    serde_json::json!({ "error": format!("invalid agent id `{id}`") }),
+                );
+            }
+            let dropped = match cluster {
+                Some(c) => match c.disconnect(id).await {
+                    Ok(n) => n,
+                    Err(e) => return failed(e),
+                },
+                None => registry.disconnect(id),
+            };
+            tracing::info!(agent = %id, dropped, "admin: disconnect");
+            json(
+                StatusCode::OK,
+                serde_json::json!({ "disconnected": id, "dropped_here": dropped, "cluster": cluster.is_some() }),
+            )
+        }
+        _ => not_allowed(),
     }
 }
 

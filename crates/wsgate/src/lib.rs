@@ -16,6 +16,7 @@
 //! | `bridge/` | peers and the relay with framing functions |
 //! | `proxy/` | forwarding to backends, header rules, pools, passthrough |
 //! | `tunnel/` | the reverse tunnel: its wire format, allow patterns, agents |
+//! | `cluster/` | many nodes as one: the Redis directory, node links |
 //! | `gateway.rs`, `open.rs`, `error.rs`, `io.rs` | the root type, the phases, errors, shared client I/O |
 //!
 //! For the binary, tests and fuzz targets the crate exposes the CLI
@@ -30,6 +31,7 @@ mod agent;
 pub mod auth;
 mod bridge;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 mod connect;
 pub mod error;
@@ -107,6 +109,9 @@ impl Server {
             }
             None => None,
         };
+        if let Some(c) = &gateway.cluster {
+            c.start().await;
+        }
         let current = server::Current::new(gateway.clone());
         gateway.serve(bound, &current);
         Ok(Server {

@@ -24,6 +24,10 @@
 //! | `wsgate_agent_connections` | gauge | `agent` | WebSockets registered agents hold open now, by agent id |
 //! | `wsgate_tunnel_streams_total` | counter | `via`, `outcome` | streams opened through agents, by what asked (`request`, `forward_proxy`, `connect`, `forward`, `mux`, `bridge`) and how it went (`ok`, `agent_unavailable`, `agent_refused`, `agent_unreachable`, `agent_timeout`, `not_allowed`) |
 //! | `wsgate_tunnel_bytes_total` | counter | `direction` | payload bytes through agents: `to_agent`, `from_agent` |
+//! | `wsgate_cluster_links` | gauge | `direction` | node links open now: `out` (dialed by this node), `in` (dialed by others) |
+//! | `wsgate_cluster_streams_total` | counter | `side`, `outcome` | streams across node links: `out` opened through another node (`ok`, `no_agent` (a stale owner entry, corrected), `link_lost`, `link_failed`, or a stream outcome), `in` served here for another node (`ok`, `no_agent`, `refused`, `bad_open`) |
+//! | `wsgate_cluster_redis_errors_total` | counter | `op` | Redis commands that failed: `lease`, `nodes`, `lookup`, `hold`, `release`, `cleanup`, `resync`, `catalog`, `view`, `revoked`, `revoke`, `publish`, `subscribe` |
+//! | `wsgate_cluster_lookups_total` | counter | `result` | owner look-ups of stream opens: `hit` (cache), `miss` (Redis) |
 //! | `wsgate_auth_total` | counter | `method`, `outcome` | authentication outcomes: `method` a configured method's name or `origin`, `outcome` `ok` or the refusal's reason (never the credential) |
 //!
 //! Label values:
@@ -215,6 +219,27 @@ struct StreamLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DirectionLabels {
+    direction: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ClusterStreamLabels {
+    side: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct OpLabels {
+    op: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct AuthLabels {
     method: String,
     outcome: &'static str,
@@ -249,6 +274,10 @@ struct Inner {
     tunnel_streams: Family<StreamLabels, Counter>,
     tunnel_bytes: Family<TunnelBytesLabels, Counter>,
     auth: Family<AuthLabels, Counter>,
+    cluster_links: Family<DirectionLabels, Gauge>,
+    cluster_streams: Family<ClusterStreamLabels, Counter>,
+    cluster_redis_errors: Family<OpLabels, Counter>,
+    cluster_lookups: Family<ResultLabels, Counter>,
 }
 
 /// The gateway's metrics: a cheap-to-clone handle on one registry.
@@ -282,6 +311,30 @@ impl Metrics {
         let tunnel_streams = Family::default();
         let tunnel_bytes = Family::default();
         let auth = Family::default();
+        let cluster_links = Family::default();
+        let cluster_streams = Family::default();
+        let cluster_redis_errors = Family::default();
+        let cluster_lookups = Family::default();
+        registry.register(
+            "cluster_links",
+            "Node links open now: out (dialed by this node), in (dialed by others)",
+            cluster_links.clone(),
+        );
+        registry.register(
+            "cluster_streams",
+            "Streams across node links: out (opened through another node), in (served here for another node), by outcome",
+            cluster_streams.clone(),
+        );
+        registry.register(
+            "cluster_redis_errors",
+            "Redis commands of the cluster directory that failed, by operation",
+            cluster_redis_errors.clone(),
+        );
+        registry.register(
+            "cluster_lookups",
+            "Owner look-ups of stream opens: hit (cached) or miss (read from Redis)",
+            cluster_lookups.clone(),
+        );
         registry.register(
             "agent_connections",
             "WebSockets registered agents hold open now, by agent id",
@@ -361,6 +414,10 @@ impl Metrics {
                 tunnel_streams,
                 tunnel_bytes,
                 auth,
+                cluster_links,
+                cluster_streams,
+                cluster_redis_errors,
+                cluster_lookups,
             }),
         }
     }
@@ -517,6 +574,40 @@ impl Metrics {
                 .get_or_create(&TunnelBytesLabels { direction })
                 .clone(),
         )
+    }
+
+    /// A node link opened (`1`) or ended (`-1`); `direction` `out` or `in`.
+    pub fn cluster_links(&self, direction: &'static str, delta: i64) {
+        self.inner
+            .cluster_links
+            .get_or_create(&DirectionLabels { direction })
+            .inc_by(delta);
+    }
+
+    /// A stream across a node link: `side` `out` or `in`, `outcome` a fixed
+    /// string of the program.
+    pub fn cluster_stream(&self, side: &'static str, outcome: &'static str) {
+        self.inner
+            .cluster_streams
+            .get_or_create(&ClusterStreamLabels { side, outcome })
+            .inc();
+    }
+
+    /// A Redis command of operation `op` failed.
+    pub fn cluster_redis_error(&self, op: &'static str) {
+        self.inner
+            .cluster_redis_errors
+            .get_or_create(&OpLabels { op })
+            .inc();
+    }
+
+    /// An owner look-up: answered by the cache (`hit`), or not.
+    pub fn cluster_lookup(&self, hit: bool) {
+        let result = if hit { "hit" } else { "miss" };
+        self.inner
+            .cluster_lookups
+            .get_or_create(&ResultLabels { result })
+            .inc();
     }
 
     /// Everything, in the OpenMetrics text format (ends with `# EOF`).
@@ -704,16 +795,43 @@ impl Drop for OpenWebSocket {
     }
 }
 
+/// A request to the admin listener's other pages (`/agents`, control).
+#[derive(Debug)]
+pub struct AdminRequest {
+    pub method: Method,
+    pub path: String,
+    /// The body of a `POST` (at most [`MAX_ADMIN_BODY`] bytes).
+    pub body: Bytes,
+}
+
+/// The answer of such a page: a status and a JSON body.
+#[derive(Debug)]
+pub struct AdminAnswer {
+    pub status: StatusCode,
+    pub json: String,
+}
+
+/// Largest admin request body read.
+pub const MAX_ADMIN_BODY: usize = 64 * 1024;
+
+/// More pages of the admin listener: `None` for a path they do not serve,
+/// else the answer to come.
+pub type Pages = Arc<
+    dyn Fn(
+            AdminRequest,
+        )
+            -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = AdminAnswer> + Send>>>
+        + Send
+        + Sync,
+>;
+
 /// Serves `GET /metrics` and `GET /healthz` (HEAD too) on `listener` until
-/// `shutdown`; anything else is 404 (405 for another method on those paths).
+/// `shutdown`; the `pages` first (`/agents`, control); anything else is 404 (405 for another method on those paths).
 ///
 /// HTTP/1.1 without keep-alive: a scraper connects once per scrape. At most
 /// 32 connections are served at once, each within 30 s; on shutdown the
 /// answers in flight are finished, then this returns. Accept errors (such as
 /// running out of file descriptors) are logged and retried after 100 ms.
-/// More pages of the admin listener: JSON for a `GET` path (`/agents`).
-pub type Pages = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
-
 pub async fn serve_admin(
     listener: TcpListener,
     metrics: Metrics,
@@ -747,8 +865,8 @@ pub async fn serve_admin(
         tracker.spawn(async move {
             let _slot = slot;
             let service = service_fn(move |req| {
-                let response = answer(&metrics, pages.as_ref(), &req);
-                async move { Ok::<_, Infallible>(response) }
+                let (metrics, pages) = (metrics.clone(), pages.clone());
+                async move { Ok::<_, Infallible>(answer(&metrics, pages.as_ref(), req).await) }
             });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -766,13 +884,41 @@ pub async fn serve_admin(
     tracker.wait().await;
 }
 
-fn answer<B>(metrics: &Metrics, pages: Option<&Pages>, req: &Request<B>) -> Response<Full<Bytes>> {
-    let page = match req.method() {
-        &Method::GET | &Method::HEAD => pages.and_then(|p| p(req.uri().path())),
-        _ => None,
+async fn answer(
+    metrics: &Metrics,
+    pages: Option<&Pages>,
+    req: Request<hyper::body::Incoming>,
+) -> Response<Full<Bytes>> {
+    use http_body_util::BodyExt as _;
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path().to_string();
+    let body = if parts.method == Method::POST {
+        match http_body_util::Limited::new(body, MAX_ADMIN_BODY)
+            .collect()
+            .await
+        {
+            Ok(b) => b.to_bytes(),
+            Err(_) => Bytes::new(),
+        }
+    } else {
+        Bytes::new()
     };
-    let (status, content_type, body) = match (req.method(), req.uri().path()) {
-        _ if page.is_some() => (StatusCode::OK, "application/json", page.unwrap_or_default()),
+    let page = match pages {
+        Some(p) => match p(AdminRequest {
+            method: parts.method.clone(),
+            path: path.clone(),
+            body,
+        }) {
+            Some(f) => Some(f.await),
+            None => None,
+        },
+        None => None,
+    };
+    let (status, content_type, body) = match (&parts.method, path.as_str()) {
+        _ if page.is_some() => {
+            let p = page.expect("checked");
+            (p.status, "application/json", p.json)
+        }
         (&Method::GET | &Method::HEAD, "/metrics") => {
             (StatusCode::OK, CONTENT_TYPE, metrics.render())
         }

@@ -107,6 +107,8 @@ pub(crate) enum TunnelWhat {
     Relay(tunnel::http::Target, &'static str),
     /// `CONNECT host:port` through an agent.
     Connect(Destination),
+    /// Another cluster node's link (WebSocket, `wsgate-node.v1`).
+    Node(Upgrade, crate::cluster::link::Hello),
 }
 
 impl TunnelWhat {
@@ -122,6 +124,7 @@ impl TunnelWhat {
             TunnelWhat::Mux(..) => "mux",
             TunnelWhat::Relay(_, via) => via,
             TunnelWhat::Connect(_) => "connect",
+            TunnelWhat::Node(..) => "node",
         }
     }
 }
@@ -204,6 +207,11 @@ pub(crate) enum Relay {
     },
     /// A CONNECT tunnel's stream.
     Splice(AgentStream),
+    /// Another cluster node's link.
+    Node {
+        serving: crate::cluster::link::Serving,
+        from: String,
+    },
 }
 
 fn http_version(u: &Upgrade) -> HttpVersion {
@@ -240,6 +248,14 @@ impl Gateway {
         let head = &req.head;
         if head.uri.path() == self.config.health_path {
             return Ok(Routed::Health);
+        }
+        if let (Some(tunnel), Some(cluster)) = (&self.tunnel, &self.cluster) {
+            if head.uri.path() == cluster.path() && handshake::is_websocket_request(head) {
+                let upgrade = handshake::validate(head)?;
+                let hello = crate::cluster::link::hello(head)?;
+                let what = TunnelWhat::Node(upgrade, hello);
+                return Ok(Routed::Tunnel { tunnel, what, req });
+            }
         }
         if let Some(tunnel) = &self.tunnel {
             if let Some(what) = tunnel_request(tunnel, head)? {
@@ -381,6 +397,14 @@ impl Gateway {
                         .authenticate_agent(request)
                         .await
                         .map_err(|e| (e, Some("agent"))),
+                    // A node proves the cluster's secret.
+                    TunnelWhat::Node(_, hello) => match &self.cluster {
+                        Some(c) => c
+                            .authenticate(&req.head, &hello.from)
+                            .map(|()| Identity::anonymous())
+                            .map_err(|e| (e, Some("node"))),
+                        None => unreachable!("node links are routed only in a cluster"),
+                    },
                     _ => tunnel
                         .authenticate(request)
                         .await
@@ -657,6 +681,21 @@ impl Gateway {
                 self.metrics.http_request(via, status.as_u16());
                 resp.map(Connected::Relayed).map_err(|e| (e, Some(via)))
             }
+            TunnelWhat::Node(upgrade, hello) => {
+                let protocol = HeaderValue::from_static(crate::cluster::wire::NODE_PROTOCOL);
+                let accepted = Accepted::new(&upgrade, Some(protocol), None);
+                let Some(cluster) = &self.cluster else {
+                    unreachable!("node links are routed only in a cluster");
+                };
+                let relay = Relay::Node {
+                    serving: cluster.serving(),
+                    from: hello.from,
+                };
+                Ok(Connected::Upgraded {
+                    accepted,
+                    run: ready(relay, http_version(&upgrade)),
+                })
+            }
             TunnelWhat::Connect(dest) => {
                 let stream = tunnel
                     .open(None, &dest, "connect")
@@ -881,6 +920,18 @@ impl Opened {
                 let shutdown = shutdown.clone();
                 Box::pin(tunnel::mux::serve(
                     client, leftover, tunnel, timeout, who, shutdown,
+                ))
+                .await;
+                (0, 0, None)
+            }
+            Relay::Node { serving, from } => {
+                let (from, serving) = (std::mem::take(from), serving.clone());
+                Box::pin(crate::cluster::link::serve(
+                    client,
+                    leftover,
+                    from,
+                    serving,
+                    shutdown.clone(),
                 ))
                 .await;
                 (0, 0, None)

@@ -540,6 +540,52 @@ async fn a_pool_of_two_registers_twice() {
 }
 
 #[tokio::test]
+async fn with_several_servers_the_pool_spreads_moves_at_once_and_spreads_again() {
+    let (ga, gb) = (FakeGateway::bind().await, FakeGateway::bind().await);
+    let dir = tempfile::tempdir().unwrap();
+    let echo = tcp_echo().await;
+    let token = token_file(&dir, "secret-token");
+    let (ua, ub) = (ga.url(), gb.url());
+    let _a = Proc::start(&[
+        "agent",
+        "--server",
+        &ua,
+        "--server",
+        &ub,
+        "--id",
+        "site-a",
+        "--token-file",
+        &token,
+        "--pool",
+        "2",
+        "--allow",
+        "tcp://127.0.0.1:*",
+    ]);
+    // One connection at each server.
+    let ra = ga.register().await;
+    let rb = gb.register().await;
+    // Server a goes away: its slot registers at b at once (no backoff,
+    // whose first delay is at least 1 s).
+    let lost = std::time::Instant::now();
+    drop(ra);
+    let rb2 = gb.register().await;
+    assert!(
+        lost.elapsed() < Duration::from_millis(900),
+        "moved after {:?}",
+        lost.elapsed()
+    );
+    for r in [&rb, &rb2] {
+        let back = echo_through(&r.session, &format!("tcp://{echo}"), b"both").await;
+        assert_eq!(back, b"both");
+    }
+    // Server a accepts again: within the rebalancing period one of the two
+    // connections at b moves back to a (GOAWAY on the one it leaves).
+    let back_at_a = ga.register().await;
+    let back = echo_through(&back_at_a.session, &format!("tcp://{echo}"), b"spread").await;
+    assert_eq!(back, b"spread");
+}
+
+#[tokio::test]
 async fn the_agent_dials_again_when_the_gateway_closes_the_websocket() {
     let gw = FakeGateway::bind().await;
     let dir = tempfile::tempdir().unwrap();

@@ -13,6 +13,17 @@
 //! delay from `backoff.rs` (1 s to 30 s, with jitter). A refusal that
 //! retrying cannot fix (400, 401, 403) ends the agent with exit 1.
 //!
+//! With several `--server`s (the nodes of a cluster, docs/cluster.md §6),
+//! each dial goes to the server holding the fewest of this agent's live
+//! connections (slot `k` prefers server `k` at first), so a pool of two or
+//! more keeps connections to at least two servers. A connection lost, or
+//! ended by the server's GOAWAY, is dialed again at once to another server;
+//! only when every server failed in a row does the backoff delay apply.
+//! Every 5 s a slot sharing its server with another of the agent's
+//! connections moves to a server that has none (after a rolling restart
+//! the pool is spread again): it sends GOAWAY on its session (its streams
+//! finish) and dials the empty server.
+//!
 //! Shutdown (SIGTERM, SIGINT): GOAWAY on every session (the gateway opens no
 //! more streams there; streams already in the accept backlog are still
 //! served), wait for the open streams to finish (at most `--drain`), drop the
@@ -26,7 +37,7 @@ mod serve;
 use std::future::Future;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, Notify};
@@ -46,12 +57,18 @@ pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// After the drain, how long dropped sessions get to deliver their GOAWAY
 /// and close their WebSockets.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
+/// How often a slot looks whether it should move to a server with none of
+/// the agent's connections.
+const REBALANCE_EVERY: Duration = Duration::from_secs(5);
+/// A server that failed a dial this recently is not picked while another is.
+const FAILED_FOR: Duration = Duration::from_secs(5);
 
 /// What an agent is told on its command line; plain data.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// The gateway's registration URL, `ws://` or `wss://`.
-    pub server: WsUrl,
+    /// The gateways' registration URLs, `ws://` or `wss://` (at least one;
+    /// the nodes of a cluster).
+    pub servers: Vec<WsUrl>,
     /// The id to register under (checked with [`proto::parse_id`]).
     pub id: String,
     /// The bearer token (trimmed, checked to be a header value); `None`
@@ -170,7 +187,12 @@ impl Drop for GaugeGuard {
 /// A running agent, built from a [`Config`].
 pub struct Agent {
     config: Config,
-    dialer: Dialer,
+    /// One per server.
+    dialers: Vec<Dialer>,
+    /// Live connections per server (taking new streams).
+    load: Vec<AtomicUsize>,
+    /// When each server last failed a dial.
+    failed: Mutex<Vec<Option<Instant>>>,
     /// SIGTERM: stop taking streams, stop dialing.
     stop: CancellationToken,
     /// After the drain: drop every session.
@@ -189,6 +211,9 @@ enum End {
     PeerGoAway,
     /// The session failed.
     Failed(wsmux::Error),
+    /// This slot moves to a server with none of the agent's connections
+    /// (GOAWAY sent on this one; its load already given back).
+    Rebalance,
 }
 
 impl Agent {
@@ -208,16 +233,28 @@ impl Agent {
                 proto::MAX_ALLOW
             );
         }
-        let dialer = Dialer::new(
-            config.server.clone(),
-            &config.tls,
-            proto::AGENT_PROTOCOL,
-            config.registration_headers(),
-            DIAL_TIMEOUT,
-        )?;
+        if config.servers.is_empty() {
+            anyhow::bail!("at least one --server is needed");
+        }
+        let dialers = config
+            .servers
+            .iter()
+            .map(|url| {
+                Dialer::new(
+                    url.clone(),
+                    &config.tls,
+                    proto::AGENT_PROTOCOL,
+                    config.registration_headers(),
+                    DIAL_TIMEOUT,
+                )
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let n = dialers.len();
         Ok(Arc::new(Agent {
             config,
-            dialer,
+            dialers,
+            load: (0..n).map(|_| AtomicUsize::new(0)).collect(),
+            failed: Mutex::new(vec![None; n]),
             stop: CancellationToken::new(),
             release: CancellationToken::new(),
             streams: Gauge::default(),
@@ -271,24 +308,89 @@ impl Agent {
         }
     }
 
+    fn recently_failed(&self, server: usize) -> bool {
+        let f = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        f[server].is_some_and(|t| t.elapsed() < FAILED_FOR)
+    }
+
+    /// The server slot `slot` dials next: the one with the fewest of this
+    /// agent's live connections, not `avoid` (the one just lost or failed)
+    /// when there is another, nor one that failed recently when another
+    /// did not; ties go to the slot's own (slot `k` to server `k`).
+    fn pick(&self, slot: usize, avoid: Option<usize>) -> usize {
+        let n = self.dialers.len();
+        if n == 1 {
+            return 0;
+        }
+        let own = (slot - 1) % n;
+        let all: Vec<usize> = (0..n).filter(|&j| Some(j) != avoid).collect();
+        let healthy: Vec<usize> = all
+            .iter()
+            .copied()
+            .filter(|&j| !self.recently_failed(j))
+            .collect();
+        let from = if healthy.is_empty() { &all } else { &healthy };
+        from.iter()
+            .copied()
+            .min_by_key(|&j| (self.load[j].load(Ordering::SeqCst), (j + n - own) % n))
+            .unwrap_or(own)
+    }
+
+    /// Whether the slot on `server` should move: it shares the server with
+    /// another of the agent's connections while a healthy server has none.
+    /// Claims the move (gives the load back) when so, so that only one of
+    /// the connections sharing a server moves.
+    fn should_move(&self, server: usize) -> bool {
+        let n = self.dialers.len();
+        let empty = (0..n).any(|j| {
+            j != server && self.load[j].load(Ordering::SeqCst) == 0 && !self.recently_failed(j)
+        });
+        if !empty {
+            return false;
+        }
+        let l = &self.load[server];
+        let mut cur = l.load(Ordering::SeqCst);
+        while cur > 1 {
+            match l.compare_exchange(cur, cur - 1, Ordering::SeqCst, Ordering::SeqCst) {
+                Ok(_) => return true,
+                Err(now) => cur = now,
+            }
+        }
+        false
+    }
+
     /// One pooled connection: dial, serve, and dial again, until stopped.
     async fn connection(self: Arc<Self>, slot: usize, fatal: mpsc::Sender<DialError>) {
-        let (id, url, pool) = (&self.config.id, &self.config.server, self.config.pool);
+        let (id, pool, n) = (&self.config.id, self.config.pool, self.dialers.len());
         let mut backoff = Backoff::new();
+        let mut avoid = None;
+        // Dials failed in a row: the delay applies once every server failed.
+        let mut failures = 0;
         loop {
+            let server = self.pick(slot, avoid);
+            let url = &self.config.servers[server];
             let dialed = tokio::select! {
-                r = self.dialer.dial() => r,
+                r = self.dialers[server].dial() => r,
                 () = self.stop.cancelled() => return,
             };
+            let redial_now;
             match dialed {
                 Ok((ws, gone)) => {
+                    failures = 0;
+                    self.failed.lock().unwrap_or_else(|e| e.into_inner())[server] = None;
+                    self.load[server].fetch_add(1, Ordering::SeqCst);
                     let up = Instant::now();
                     let session =
                         Arc::new(wsmux::Session::client(ws, self.config.session_config()));
                     tracing::info!(agent = %id, conn = slot, "connection {slot}/{pool} registered at {url}");
-                    self.announce();
+                    self.announce(url);
                     let conn_streams = Gauge::default();
-                    let end = self.accept_loop(&session, slot, &conn_streams).await;
+                    let end = self
+                        .accept_loop(&session, slot, server, &conn_streams)
+                        .await;
+                    if !matches!(end, End::Rebalance) {
+                        self.load[server].fetch_sub(1, Ordering::SeqCst);
+                    }
                     match end {
                         End::Stopped => {
                             self.release.cancelled().await;
@@ -296,13 +398,21 @@ impl Agent {
                             let _ = tokio::time::timeout(CLOSE_WAIT, gone).await;
                             return;
                         }
-                        End::PeerGoAway => {
-                            tracing::info!(
-                                agent = %id,
-                                conn = slot,
-                                open = conn_streams.get(),
-                                "gateway sent GOAWAY: its open streams go on, a new connection takes new ones"
-                            );
+                        End::PeerGoAway | End::Rebalance => {
+                            if matches!(end, End::Rebalance) {
+                                tracing::info!(
+                                    agent = %id,
+                                    conn = slot,
+                                    "connection {slot}/{pool} moves from {url} to a server with none of this agent's connections"
+                                );
+                            } else {
+                                tracing::info!(
+                                    agent = %id,
+                                    conn = slot,
+                                    open = conn_streams.get(),
+                                    "gateway sent GOAWAY: its open streams go on, a new connection takes new ones"
+                                );
+                            }
                             // Keep the session until its streams are done,
                             // the gateway closes it, or the agent stops.
                             let release = self.release.clone();
@@ -315,9 +425,16 @@ impl Agent {
                                 drop(session);
                                 let _ = tokio::time::timeout(CLOSE_WAIT, gone).await;
                             });
+                            // Another server takes over at once; a lone
+                            // server that is going away is dialed after
+                            // the delay.
+                            redial_now = n > 1;
+                            avoid = matches!(end, End::PeerGoAway).then_some(server);
                         }
                         End::Failed(e) => {
                             tracing::warn!(agent = %id, conn = slot, "connection {slot}/{pool} lost: {e}");
+                            redial_now = n > 1;
+                            avoid = Some(server);
                         }
                     }
                     if up.elapsed() >= backoff::STABLE {
@@ -330,7 +447,20 @@ impl Agent {
                 }
                 Err(e) => {
                     tracing::warn!(agent = %id, conn = slot, "cannot register at {url}: {e}");
+                    self.failed.lock().unwrap_or_else(|e| e.into_inner())[server] =
+                        Some(Instant::now());
+                    avoid = Some(server);
+                    failures += 1;
+                    // Other servers are tried at once; the delay comes once
+                    // every one of them failed in a row.
+                    redial_now = failures < n;
+                    if failures >= n {
+                        failures = 0;
+                    }
                 }
+            }
+            if redial_now {
+                continue;
             }
             let delay = backoff.next_delay();
             tracing::info!(agent = %id, conn = slot, "connection {slot}/{pool}: dialing again in {:.1}s", delay.as_secs_f64());
@@ -342,16 +472,12 @@ impl Agent {
     }
 
     /// Prints `agent ID registered at URL` on stdout, once per process.
-    fn announce(&self) {
+    fn announce(&self, url: &WsUrl) {
         if self.announced.swap(true, Ordering::SeqCst) {
             return;
         }
         let mut out = std::io::stdout().lock();
-        let _ = writeln!(
-            out,
-            "agent {} registered at {}",
-            self.config.id, self.config.server
-        );
+        let _ = writeln!(out, "agent {} registered at {}", self.config.id, url);
         let _ = out.flush();
     }
 
@@ -361,15 +487,28 @@ impl Agent {
         self: &Arc<Self>,
         session: &Arc<wsmux::Session>,
         slot: usize,
+        server: usize,
         conn_streams: &Gauge,
     ) -> End {
         let mut stopping = false;
+        let spread = self.dialers.len() > 1;
+        let mut look = tokio::time::interval_at(
+            tokio::time::Instant::now() + REBALANCE_EVERY,
+            REBALANCE_EVERY,
+        );
         loop {
             let accepted = tokio::select! {
                 biased;
                 () = self.stop.cancelled(), if !stopping => {
                     stopping = true;
                     session.goaway();
+                    continue;
+                }
+                _ = look.tick(), if spread && !stopping => {
+                    if self.should_move(server) {
+                        session.goaway();
+                        return End::Rebalance;
+                    }
                     continue;
                 }
                 r = session.accept() => r,
@@ -454,7 +593,7 @@ mod tests {
 
     fn config(allow: &[&str]) -> Config {
         Config {
-            server: "ws://gw.example:8080/agent".parse().unwrap(),
+            servers: vec!["ws://gw.example:8080/agent".parse().unwrap()],
             id: "site-a".into(),
             token: Some("8f2c".into()),
             allow: AllowList::parse(allow).unwrap(),

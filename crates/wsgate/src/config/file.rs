@@ -38,6 +38,20 @@ struct FileConfig {
     /// `[auth.NAME]`.
     #[serde(default)]
     auth: BTreeMap<String, AuthFile>,
+    cluster: Option<ClusterFile>,
+}
+
+/// `[cluster]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClusterFile {
+    redis: Option<String>,
+    node_id: Option<String>,
+    advertise: Option<String>,
+    secret: Option<String>,
+    secret_file: Option<PathBuf>,
+    lease: Option<Dur>,
+    path: Option<String>,
 }
 
 /// `[auth.NAME]`: one method; which keys apply depends on its `type`.
@@ -630,6 +644,7 @@ impl Validator<'_> {
                 "an agent:// peer needs agents: set [tunnel] agent_tokens or agent_auth".into(),
             );
         }
+        let cluster = raw.cluster.and_then(|c| self.cluster(c, &tunnel, &resolve));
         Config {
             listeners,
             limits,
@@ -641,7 +656,169 @@ impl Validator<'_> {
             backend_tls,
             tunnel,
             auth,
+            cluster,
         }
+    }
+
+    /// Records an error at `key` of a plain table `[table]` (at the table's
+    /// header when the key is not written).
+    fn table_error(&mut self, table: &str, key: &str, message: String) {
+        let header = format!("[{table}]");
+        let lines: Vec<&str> = self.text.lines().collect();
+        let mut at = (1, 1);
+        if let Some(i) = lines.iter().position(|l| l.trim() == header) {
+            at = (i + 1, 1);
+            for (j, l) in lines.iter().enumerate().skip(i + 1) {
+                let t = l.trim_start();
+                if t.starts_with('[') {
+                    break;
+                }
+                if let Some(rest) = t.strip_prefix(key).filter(|_| !key.is_empty()) {
+                    if rest.trim_start().starts_with('=') {
+                        at = (j + 1, l.len() - t.len() + 1);
+                        break;
+                    }
+                }
+            }
+        }
+        self.errors.push(ConfigError {
+            file: self.file.to_string(),
+            line: at.0,
+            column: at.1,
+            key: if key.is_empty() {
+                table.to_string()
+            } else {
+                format!("{table}.{key}")
+            },
+            message,
+        });
+    }
+
+    /// Checks `[cluster]`: every key but `lease` and `path` is required
+    /// (the secret as `secret` or `secret_file`, read now); it needs agents.
+    fn cluster(
+        &mut self,
+        c: ClusterFile,
+        tunnel: &Tunnel,
+        resolve: &dyn Fn(PathBuf) -> PathBuf,
+    ) -> Option<Cluster> {
+        let before = self.errors.len();
+        let required = |v: &mut Self, key: &str, value: Option<String>, what: &str| {
+            if value.is_none() {
+                v.table_error("cluster", key, format!("required: {what}"));
+            }
+            value.unwrap_or_default()
+        };
+        let redis = required(
+            self,
+            "redis",
+            c.redis,
+            "the Redis URL, e.g. \"redis://127.0.0.1:6379/0\"",
+        );
+        let node_id = required(
+            self,
+            "node_id",
+            c.node_id,
+            "this node's id, unique in the cluster",
+        );
+        let advertise = required(
+            self,
+            "advertise",
+            c.advertise,
+            "where other nodes dial this one, e.g. \"ws://10.0.0.1:8080\"",
+        );
+        if !redis.is_empty() {
+            if let Err(e) = check_redis_url(&redis) {
+                self.table_error("cluster", "redis", e);
+            }
+        }
+        if !node_id.is_empty() && !wsgate_tunnel::proto::valid_id(&node_id) {
+            self.table_error(
+                "cluster",
+                "node_id",
+                format!(
+                    "invalid node id `{node_id}`: 1-64 of A-Z a-z 0-9 . _ -, not starting with `.`"
+                ),
+            );
+        }
+        if !advertise.is_empty() {
+            if let Err(e) = check_advertise(&advertise) {
+                self.table_error("cluster", "advertise", e);
+            }
+        }
+        let secret = match (c.secret, c.secret_file) {
+            (Some(s), None) => Some(ClusterSecret::Inline(s)),
+            (None, Some(p)) => Some(ClusterSecret::File(resolve(p))),
+            (Some(_), Some(_)) => {
+                self.table_error(
+                    "cluster",
+                    "secret_file",
+                    "give `secret` or `secret_file`, not both".into(),
+                );
+                None
+            }
+            (None, None) => {
+                self.table_error(
+                    "cluster",
+                    "secret",
+                    "required: the secret node links prove (`secret`, or `secret_file`)".into(),
+                );
+                None
+            }
+        };
+        if let Some(s) = &secret {
+            if let Err(e) = s.load() {
+                let key = match s {
+                    ClusterSecret::Inline(_) => "secret",
+                    ClusterSecret::File(_) => "secret_file",
+                };
+                self.table_error("cluster", key, e);
+            }
+        }
+        let lease = match c.lease {
+            None => Duration::from_secs(5),
+            Some(Dur(Some(d))) if d >= Duration::from_secs(1) && d <= Duration::from_secs(300) => d,
+            Some(_) => {
+                self.table_error(
+                    "cluster",
+                    "lease",
+                    "must be between 1s and 5m (entries are renewed every third of it)".into(),
+                );
+                Duration::from_secs(5)
+            }
+        };
+        let path = match c.path {
+            None => "/cluster".to_string(),
+            Some(p) if p.starts_with('/') => p,
+            Some(p) => {
+                self.table_error("cluster", "path", format!("`{p}` must start with `/`"));
+                p
+            }
+        };
+        if !tunnel.agents() {
+            self.table_error(
+                "cluster",
+                "",
+                "a cluster shares agents: set [tunnel] agent_tokens or agent_auth".into(),
+            );
+        } else if [&tunnel.agent_path, &tunnel.request_path, &tunnel.mux_path].contains(&&path) {
+            self.table_error(
+                "cluster",
+                "path",
+                format!("`{path}` is already a [tunnel] path"),
+            );
+        }
+        if self.errors.len() != before {
+            return None;
+        }
+        Some(Cluster {
+            redis,
+            node_id,
+            advertise,
+            secret: secret?,
+            lease,
+            path,
+        })
     }
 
     /// Checks `[tunnel]`: the token file is read and parsed now (its bad
@@ -1638,6 +1815,120 @@ framing_config = 'separator=\r\n'
         assert_eq!(c.routes.len(), 2);
         assert_eq!(c.routes[1].matcher.headers["x-tenant"], "acme");
         assert_eq!(c.health_path, "/health");
+    }
+
+    /// A config with agents and the given `[cluster]` table.
+    fn with_cluster(dir: &Path, table: &str) -> String {
+        let tokens = dir.join("agents.txt");
+        std::fs::write(&tokens, "site-a 0123456789abcdef\n").unwrap();
+        format!(
+            "[[listener]]\naddress = \"127.0.0.1:0\"\n[tunnel]\nagent_tokens = \"{}\"\n{table}",
+            tokens.display()
+        )
+    }
+
+    #[test]
+    fn a_cluster_table_is_read_with_its_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("s.key"), "0123456789abcdef0123\n").unwrap();
+        let text = with_cluster(
+            dir.path(),
+            "[cluster]\nredis = \"redis://127.0.0.1:6379/0\"\nnode_id = \"node-a\"\n\
+             advertise = \"ws://10.0.0.1:8080\"\nsecret_file = \"s.key\"\n",
+        );
+        let c = parse("t.toml", &text, dir.path()).unwrap().cluster.unwrap();
+        assert_eq!(
+            (c.node_id.as_str(), c.path.as_str(), c.lease),
+            ("node-a", "/cluster", Duration::from_secs(5))
+        );
+        assert_eq!(c.secret.load().unwrap(), b"0123456789abcdef0123");
+        // No [cluster]: no cluster.
+        let text = with_cluster(dir.path(), "");
+        assert!(parse("t.toml", &text, dir.path())
+            .unwrap()
+            .cluster
+            .is_none());
+    }
+
+    #[test]
+    fn cluster_errors_name_file_line_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = "redis = \"redis://127.0.0.1:6379/0\"\nnode_id = \"node-a\"\n\
+                  advertise = \"ws://10.0.0.1:8080\"\nsecret = \"0123456789abcdef\"\n";
+        // In with_cluster's text `[cluster]` is line 5, and `ok`'s keys
+        // lines 6 to 9.
+        for (table, want) in [
+            (
+                "redis = \"redis://h\"\n",
+                "t.toml:5:1: cluster.node_id: required",
+            ),
+            (
+                &*ok.replace("node-a", "../a"),
+                "t.toml:7:1: cluster.node_id: invalid node id `../a`",
+            ),
+            (
+                &*ok.replace("ws://10.0.0.1:8080", "ws://10.0.0.1:8080/x"),
+                "t.toml:8:1: cluster.advertise: `ws://10.0.0.1:8080/x`: give HOST:PORT only",
+            ),
+            (
+                &*ok.replace("ws://10.0.0.1:8080", "http://h:1"),
+                "cluster.advertise: `http://h:1` is not a ws:// or wss:// URL",
+            ),
+            (
+                &*ok.replace("ws://10.0.0.1:8080", "ws://h"),
+                "cluster.advertise: `ws://h` needs HOST:PORT",
+            ),
+            (
+                &*ok.replace("redis://127.0.0.1:6379/0", "rediss://h"),
+                "t.toml:6:1: cluster.redis: `rediss://h`: TLS to Redis",
+            ),
+            (
+                &*ok.replace("redis://127.0.0.1:6379/0", "http://h"),
+                "cluster.redis: `http://h` is not a redis:// URL",
+            ),
+            (
+                &*ok.replace("0123456789abcdef", "short"),
+                "t.toml:9:1: cluster.secret: the secret has 5 bytes: at least 16",
+            ),
+            (
+                &format!("{ok}secret_file = \"x\"\n"),
+                "cluster.secret_file: give `secret` or `secret_file`, not both",
+            ),
+            (
+                &*ok.replace("secret = \"0123456789abcdef\"", "secret_file = \"missing\""),
+                "cluster.secret_file: cannot read",
+            ),
+            (
+                &*ok.replace("secret = \"0123456789abcdef\"\n", ""),
+                "cluster.secret: required",
+            ),
+            (
+                &format!("{ok}lease = \"100ms\"\n"),
+                "cluster.lease: must be between 1s and 5m",
+            ),
+            (
+                &format!("{ok}path = \"/agent\"\n"),
+                "cluster.path: `/agent` is already a [tunnel] path",
+            ),
+            (
+                &format!("{ok}path = \"x\"\n"),
+                "cluster.path: `x` must start with `/`",
+            ),
+            (&format!("{ok}nodes = 3\n"), "unknown field `nodes`"),
+        ] {
+            let text = with_cluster(dir.path(), &format!("[cluster]\n{table}"));
+            let errs = parse("t.toml", &text, dir.path()).unwrap_err().to_string();
+            assert!(errs.contains(want), "{table}\nwant {want}\ngot  {errs}");
+        }
+        // A cluster shares agents: without any, it is an error.
+        let text = format!(
+            "[[listener]]\naddress = \"127.0.0.1:0\"\n[[route]]\nto = \"echo:\"\n[cluster]\n{ok}"
+        );
+        let errs = parse("t.toml", &text, dir.path()).unwrap_err().to_string();
+        assert!(
+            errs.contains("t.toml:5:1: cluster: a cluster shares agents"),
+            "{errs}"
+        );
     }
 
     #[test]

@@ -55,6 +55,122 @@ pub struct Config {
     /// The named authentication methods (`[auth.NAME]`), their files
     /// checked; routes and the tunnel name them.
     pub auth: Vec<AuthMethod>,
+    /// `[cluster]`: this node's place among gateway nodes that share their
+    /// agents through Redis; `None`: a single node, no Redis.
+    pub cluster: Option<Cluster>,
+}
+
+/// `[cluster]` (docs/cluster.md): where the directory lives, who this node
+/// is, where other nodes reach it, and the secret node links prove.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cluster {
+    /// `redis://HOST:PORT/DB` or `unix:///PATH`.
+    pub redis: String,
+    /// This node's id: 1–64 of `A-Z a-z 0-9 . _ -`, unique in the cluster.
+    pub node_id: String,
+    /// `ws://HOST:PORT` or `wss://HOST:PORT`: where other nodes dial this
+    /// one (`path` is appended).
+    pub advertise: String,
+    pub secret: ClusterSecret,
+    /// How long this node's entries live in Redis without a renewal (they
+    /// are renewed every third of it).
+    pub lease: Duration,
+    /// Where node links arrive (WebSocket, subprotocol `wsgate-node.v1`).
+    pub path: String,
+}
+
+/// The shared secret of node links: written in the file, or in a file of
+/// its own (its bytes, a final newline cut).
+#[derive(Clone, PartialEq, Eq)]
+pub enum ClusterSecret {
+    Inline(String),
+    File(PathBuf),
+}
+
+impl fmt::Debug for ClusterSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClusterSecret::Inline(_) => f.write_str("Inline(..)"),
+            ClusterSecret::File(p) => f.debug_tuple("File").field(p).finish(),
+        }
+    }
+}
+
+/// The least bytes a cluster secret may have.
+pub const MIN_CLUSTER_SECRET: usize = 16;
+
+impl ClusterSecret {
+    /// The secret's bytes (a file is read now); `Err` names the problem.
+    pub fn load(&self) -> Result<Vec<u8>, String> {
+        let bytes = match self {
+            ClusterSecret::Inline(s) => s.as_bytes().to_vec(),
+            ClusterSecret::File(p) => {
+                let mut b =
+                    std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+                if b.last() == Some(&b'\n') {
+                    b.pop();
+                    if b.last() == Some(&b'\r') {
+                        b.pop();
+                    }
+                }
+                b
+            }
+        };
+        if bytes.len() < MIN_CLUSTER_SECRET {
+            return Err(format!(
+                "the secret has {} bytes: at least {MIN_CLUSTER_SECRET} are needed",
+                bytes.len()
+            ));
+        }
+        Ok(bytes)
+    }
+}
+
+/// Checks a node's `advertise` URL: `ws://HOST:PORT` or `wss://HOST:PORT`,
+/// with a port and no path.
+pub fn check_advertise(url: &str) -> Result<(), String> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| format!("`{url}` is not a URL: {e}"))?;
+    if !matches!(uri.scheme_str(), Some("ws" | "wss")) {
+        return Err(format!("`{url}` is not a ws:// or wss:// URL"));
+    }
+    let path = uri.path_and_query().map_or("", |p| p.as_str());
+    let Some(authority) = uri.authority() else {
+        return Err(format!("`{url}` has no host"));
+    };
+    if !matches!(path, "" | "/") || authority.as_str().contains('@') {
+        return Err(format!(
+            "`{url}`: give HOST:PORT only (the cluster path is appended)"
+        ));
+    }
+    match authority.port_u16() {
+        Some(p) if p > 0 && !authority.host().is_empty() => Ok(()),
+        _ => Err(format!(
+            "`{url}` needs HOST:PORT with a port other nodes can dial"
+        )),
+    }
+}
+
+/// Checks a `[cluster] redis` URL: `redis://…` or a Unix socket
+/// (`unix:///PATH`, `redis+unix:///PATH`).
+pub fn check_redis_url(url: &str) -> Result<(), String> {
+    if url.starts_with("rediss://") {
+        return Err(format!(
+            "`{url}`: TLS to Redis (rediss://) is not built in; use redis:// on a trusted \
+             network or a Unix socket"
+        ));
+    }
+    let ok = ["redis://", "unix://", "redis+unix://"]
+        .iter()
+        .any(|p| url.strip_prefix(p).is_some_and(|r| !r.is_empty()));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{url}` is not a redis:// URL (redis://HOST:PORT/DB, unix:///PATH)"
+        ))
+    }
 }
 
 /// `[tunnel]`: agents behind NAT and what is relayed through them.
@@ -208,6 +324,9 @@ impl Config {
             }
         }
         out.extend(self.tunnel.agent_tokens.clone());
+        if let Some(ClusterSecret::File(p)) = self.cluster.as_ref().map(|c| &c.secret) {
+            out.push(p.clone());
+        }
         for l in &self.listeners {
             if let Some(c) = &l.client_auth {
                 out.push(c.ca.clone());

@@ -23,6 +23,10 @@ use crate::http::Body;
 use crate::io::{ClientIo, Rewind};
 use crate::open::{Answer, Opened, Request};
 
+/// How long a connection that has sent no request yet may take to send one
+/// once the gateway is shutting down.
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
+
 impl Gateway {
     /// Serves one connection with HTTP/1.1 or HTTP/2 until it ends; on
     /// shutdown, asks it to finish gracefully (bounded).
@@ -33,7 +37,11 @@ impl Gateway {
         let gw = self.clone();
         let worker = c.worker;
         let handshake_timeout = c.handshake_timeout;
+        // A permit once a request reached the service: see the shutdown below.
+        let served = Arc::new(tokio::sync::Notify::new());
+        let first = served.clone();
         let svc = service_fn(move |req| {
+            first.notify_one();
             let (gw, c) = (gw.clone(), c.clone());
             async move { Ok::<_, Infallible>(gw.handle(req, &c).await) }
         });
@@ -49,8 +57,26 @@ impl Gateway {
                         }
                     }
                     _ = self.workers[worker].shutdown.cancelled() => {
-                        conn.as_mut().graceful_shutdown();
-                        let _ = tokio::time::timeout($grace, conn).await;
+                        // hyper ends a connection that has not started a
+                        // request at once, even when its request is read
+                        // already (our reader took the head; it waits in
+                        // the rewind buffer): a connection accepted just
+                        // before the shutdown gets its first request served
+                        // (waiting at most FIRST_REQUEST_GRACE for it).
+                        let done = tokio::select! {
+                            r = &mut conn => {
+                                if let Err(e) = r {
+                                    debug!("http connection ended: {e}");
+                                }
+                                true
+                            }
+                            () = served.notified() => false,
+                            () = tokio::time::sleep(FIRST_REQUEST_GRACE) => false,
+                        };
+                        if !done {
+                            conn.as_mut().graceful_shutdown();
+                            let _ = tokio::time::timeout($grace, conn).await;
+                        }
                     }
                 }
             }};

@@ -334,6 +334,11 @@ impl Gateway {
     /// Stops accepting, closes every WebSocket with 1001 and waits (bounded by
     /// the drain timeout) for them to finish.
     pub async fn shutdown(&self) {
+        // A cluster node first leaves (other nodes stop routing here), then
+        // sends GOAWAY to its agents and node links like any gateway.
+        if let Some(c) = &self.cluster {
+            c.leave().await;
+        }
         self.shutdown.cancel();
         self.tracker.close();
         for w in self.workers.iter() {
@@ -353,6 +358,9 @@ impl Gateway {
                 open = self.active(),
                 "drain timeout reached; dropping remaining connections"
             );
+        }
+        if let Some(c) = &self.cluster {
+            c.stop().await;
         }
     }
 

@@ -22,6 +22,9 @@ use crate::metrics::Metrics;
 pub struct Registration {
     pub id: String,
     pub allow: AllowList,
+    /// The SHA-256 (hex) of its Bearer token, if it sent one: what a
+    /// token's revocation matches.
+    pub credential: Option<String>,
 }
 
 /// Checks a registration request's shape (docs/tunnel.md §1): the
@@ -53,9 +56,11 @@ pub fn registration(head: &Parts) -> Result<Registration, Error> {
             AllowList::from_header(v).map_err(|e| bad(format!("{}: {e}", proto::ALLOW_HEADER)))?
         }
     };
+    let credential = super::bearer(head).map(super::registry::token_fingerprint);
     Ok(Registration {
         id: id.to_string(),
         allow,
+        credential,
     })
 }
 
@@ -87,6 +92,7 @@ pub async fn serve(
         session,
         registry.next_serial(),
         &metrics,
+        reg.credential,
     ));
     registry.register(conn.clone());
     metrics.agent_connections(&conn.id, 1);
@@ -103,6 +109,9 @@ pub async fn serve(
                 conn.session.goaway();
                 break "gateway shutting down".into();
             }
+            // Disconnected or revoked by an operator: dropping the session
+            // ends the WebSocket (GOAWAY, then Close).
+            () = conn.kick.cancelled() => break "dropped by an operator (disconnect or revoke)".into(),
         }
     };
     if shutdown.is_cancelled() {

@@ -153,7 +153,7 @@ pub async fn relay(
     let stream = tunnel
         .open(target.agent.as_deref(), &target.dest, via)
         .await?;
-    let agent = stream.agent().id.clone();
+    let agent = stream.agent_id().to_string();
     let unreachable = |e: hyper::Error| {
         Error::upstream(
             Kind::AgentUnreachable,

@@ -175,6 +175,20 @@ impl Tunnel {
     /// `agent_ids` cover it.
     pub async fn authenticate_agent(&self, req: AuthRequest<'_>) -> Result<Identity, Error> {
         let head = req.head;
+        let id = head
+            .headers
+            .get(proto::ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .trim();
+        let credential = bearer(head).map(registry::token_fingerprint);
+        if self.registry.is_revoked(id, credential.as_deref()) {
+            self.metrics.auth("-", "revoked");
+            return Err(Error::client(
+                Kind::Forbidden,
+                format!("agent id `{id}` or its token is revoked"),
+            ));
+        }
         let token_known = self.config.agent_tokens.is_some()
             && bearer(head).is_some_and(|t| self.tokens.knows(t));
         if token_known || self.agent_chain.is_none() {
@@ -251,7 +265,7 @@ impl Tunnel {
 }
 
 /// The `Authorization: Bearer` token of a request.
-fn bearer(head: &Parts) -> Option<&str> {
+pub(crate) fn bearer(head: &Parts) -> Option<&str> {
     head.headers
         .get(::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())

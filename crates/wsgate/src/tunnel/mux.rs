@@ -223,7 +223,7 @@ fn allowed_at(tunnel: &Tunnel, d: &Destination, ip: std::net::IpAddr) -> bool {
 
 /// Sends OK; bytes the client sent after its open request are not lost:
 /// they are read again by the relay (the stream keeps them).
-async fn reply_ok(s: &mut wsmux::Stream, early: &BytesMut) -> std::io::Result<()> {
+pub(crate) async fn reply_ok(s: &mut wsmux::Stream, early: &BytesMut) -> std::io::Result<()> {
     let mut out = BytesMut::new();
     Reply::ok().encode(&mut out);
     s.write_all(&out).await?;
@@ -238,7 +238,7 @@ async fn reply_ok(s: &mut wsmux::Stream, early: &BytesMut) -> std::io::Result<()
 }
 
 /// Answers a refusal and ends the stream.
-async fn refuse(mut s: wsmux::Stream, r: Reply) {
+pub(crate) async fn refuse(mut s: wsmux::Stream, r: Reply) {
     let mut out = BytesMut::new();
     r.encode(&mut out);
     if s.write_all(&out).await.is_ok() {
