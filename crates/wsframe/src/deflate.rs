@@ -40,7 +40,7 @@
 use bytes::{BufMut, BytesMut};
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 
-use crate::decode::Role;
+use crate::decode::{Decoder, DecoderConfig, Frame, Role};
 use crate::frame::{apply_mask, write_header, OpCode};
 use crate::utf8::Utf8Validator;
 use crate::ProtocolError;
@@ -56,7 +56,7 @@ const TRAILER: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
 pub const RSV1: u8 = 0x40;
 
 /// What one side is willing to agree to (a route's settings). Plain data.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Config {
     /// The server resets its compressor after every message (and says so).
     pub server_no_context_takeover: bool,
@@ -899,6 +899,134 @@ impl Inflater {
         self.state = None;
         if let Some(h) = &mut self.history {
             h.trim();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// A decoder whose compressed messages come out inflated.
+
+/// A [`Decoder`] with an optional [`Inflater`]: frames come out as the
+/// decoder gives them, except that a compressed message's payload comes out
+/// inflated, in pieces of at most `chunk` bytes, with `rsv` 0. Callers that
+/// stream payloads on (the gateway's relay) or reassemble messages (clients)
+/// need not know whether a message was compressed. Without an inflater,
+/// RSV1 stays an error (the decoder's `allowed_rsv` is left as given).
+#[derive(Debug)]
+pub struct InflatingDecoder {
+    decoder: Decoder,
+    inflater: Option<Inflater>,
+    chunk: usize,
+    pending: Option<Pending>,
+}
+
+/// The compressed piece being inflated.
+#[derive(Debug)]
+struct Pending {
+    input: BytesMut,
+    text: bool,
+    first: bool,
+    last: bool,
+}
+
+impl InflatingDecoder {
+    /// `inflater`: set when permessage-deflate was agreed; RSV1 is then
+    /// allowed on a message's first frame. Text messages are checked as
+    /// UTF-8 after inflation when the decoder checks text.
+    pub fn new(
+        role: Role,
+        mut config: DecoderConfig,
+        inflater: Option<Inflater>,
+        chunk: usize,
+    ) -> Self {
+        if inflater.is_some() {
+            config.allowed_rsv |= RSV1;
+        }
+        InflatingDecoder {
+            decoder: Decoder::new(role, config),
+            inflater,
+            chunk: chunk.max(1),
+            pending: None,
+        }
+    }
+
+    /// Wraps a decoder that may already be in a message (uncompressed).
+    pub fn from_decoder(decoder: Decoder) -> Self {
+        InflatingDecoder {
+            decoder,
+            inflater: None,
+            chunk: 64 * 1024,
+            pending: None,
+        }
+    }
+
+    /// The frame decoder underneath.
+    pub fn decoder(&self) -> &Decoder {
+        &self.decoder
+    }
+
+    /// Like [`Decoder::next`], with compressed payloads inflated.
+    pub fn next(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, ProtocolError> {
+        loop {
+            if let Some(p) = &mut self.pending {
+                let inf = self.inflater.as_mut().expect("pending needs an inflater");
+                let mut out = BytesMut::new();
+                let step = inf.inflate(&p.input, p.last, &mut out, self.chunk)?;
+                let _ = p.input.split_to(step.consumed);
+                let first = std::mem::take(&mut p.first);
+                let text = p.text;
+                if step.done || (p.input.is_empty() && !p.last) {
+                    self.pending = None;
+                }
+                if out.is_empty() && !first && !step.done {
+                    continue;
+                }
+                return Ok(Some(Frame::Data {
+                    payload: out,
+                    text,
+                    first,
+                    last: step.done,
+                    rsv: 0,
+                }));
+            }
+            match self.decoder.next(buf)? {
+                Some(Frame::Data {
+                    payload,
+                    text,
+                    first,
+                    last,
+                    rsv,
+                }) if rsv & RSV1 != 0 => {
+                    let inf = self.inflater.as_mut().ok_or(ProtocolError::ReservedBits)?;
+                    if first {
+                        inf.begin(text && self.decoder.validates_utf8());
+                    }
+                    self.pending = Some(Pending {
+                        input: payload,
+                        text,
+                        first,
+                        last,
+                    });
+                }
+                other => return Ok(other),
+            }
+        }
+    }
+
+    /// Whether an inflater holds a zlib state that [`Self::hibernate`]
+    /// would let go of (never in the middle of a message).
+    pub fn holds_state(&self) -> bool {
+        self.pending.is_none()
+            && !self.decoder.in_message()
+            && self.inflater.as_ref().is_some_and(Inflater::holds_state)
+    }
+
+    /// Lets go of the inflater's zlib state between messages.
+    pub fn hibernate(&mut self) {
+        if self.pending.is_none() && !self.decoder.in_message() {
+            if let Some(i) = &mut self.inflater {
+                i.hibernate();
+            }
         }
     }
 }

@@ -199,6 +199,8 @@ pub(crate) enum Relay {
         /// Who opened the session, and what its streams may reach.
         identity: Arc<Identity>,
         rules: Option<tunnel::allow::AllowList>,
+        /// permessage-deflate, when the handshake agreed on it.
+        deflate: Option<(wsframe::deflate::Agreed, wsframe::deflate::Config)>,
     },
     /// A CONNECT tunnel's stream.
     Splice(AgentStream),
@@ -520,7 +522,8 @@ impl Gateway {
                             (e, name)
                         })?,
                 };
-                info!(parent: &span, route = %route.name, %peer, protocol = protocol.as_deref().unwrap_or("-"), framing = %framing, "websocket open");
+                let deflate = handshake::deflate(&req.head, route.deflate.as_ref());
+                info!(parent: &span, route = %route.name, %peer, protocol = protocol.as_deref().unwrap_or("-"), framing = %framing, deflate = deflate.is_some(), "websocket open");
                 let settings = relay::Settings {
                     max_message_size: limits.max_message_size,
                     idle_timeout: limits.idle_timeout,
@@ -529,10 +532,14 @@ impl Gateway {
                     close_timeout: limits.close_timeout,
                     datagram_text: matches!(framing, FramingSpec::Auto)
                         || matches!(peer, PeerAddr::Echo),
+                    deflate: deflate
+                        .as_ref()
+                        .zip(route.deflate)
+                        .map(|((agreed, _), config)| (*agreed, config)),
                 };
                 let protocol = protocol.and_then(|p| HeaderValue::try_from(p).ok());
                 Ok(Connected::Upgraded {
-                    accepted: Accepted::new(&upgrade, protocol, None),
+                    accepted: Accepted::new(&upgrade, protocol, deflate.map(|(_, answer)| answer)),
                     run: Ready {
                         relay: Relay::Bridge {
                             peer: conn,
@@ -594,12 +601,16 @@ impl Gateway {
             TunnelWhat::Mux(upgrade, offered) => {
                 let protocol =
                     offered.then(|| HeaderValue::from_static(tunnel::proto::MUX_PROTOCOL));
-                let accepted = Accepted::new(&upgrade, protocol, None);
+                let config = tunnel.config.deflate;
+                let deflate = handshake::deflate(&req.head, config.as_ref());
+                let agreed = deflate.as_ref().zip(config).map(|((a, _), c)| (*a, c));
+                let accepted = Accepted::new(&upgrade, protocol, deflate.map(|(_, answer)| answer));
                 let relay = Relay::Mux {
                     tunnel: tunnel.clone(),
                     connect_timeout: self.config.limits.connect_timeout,
                     identity: Arc::new(identity),
                     rules,
+                    deflate: agreed,
                 };
                 Ok(Connected::Upgraded {
                     accepted,
@@ -831,10 +842,19 @@ impl Opened {
                     connect_timeout,
                     identity,
                     rules,
+                    deflate,
                 } => {
                     let who = tunnel::mux::Who { identity, rules };
-                    tunnel::mux::serve(client, leftover, tunnel, connect_timeout, who, shutdown)
-                        .await;
+                    tunnel::mux::serve(
+                        client,
+                        leftover,
+                        tunnel,
+                        connect_timeout,
+                        who,
+                        deflate,
+                        shutdown,
+                    )
+                    .await;
                     (0, 0, None)
                 }
                 Relay::Splice(mut stream) => {

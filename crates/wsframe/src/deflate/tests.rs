@@ -1,5 +1,4 @@
 use super::*;
-use crate::decode::{Decoder, DecoderConfig, Frame};
 use proptest::prelude::*;
 
 fn neg(header: &str, config: &Config) -> Option<String> {
@@ -411,4 +410,75 @@ proptest! {
         let _ = inflate_pieces(&mut inf, &[&data], true, room);
         let _ = offers([&data[..]]);
     }
+}
+
+#[test]
+fn the_inflating_decoder_hands_out_inflated_pieces() {
+    let agreed = negotiate([&b"permessage-deflate"[..]], &Config::default()).unwrap();
+    let cfg = Config {
+        min_size: 0,
+        ..Config::default()
+    };
+    let mut client = agreed.deflater(Role::Client, &cfg);
+    let text = "héllo wörld, ".repeat(50);
+    let mut compressed = vec![];
+    client.compress(text.as_bytes(), &mut compressed);
+    // The compressed message in three frames, a ping between them, then an
+    // uncompressed one.
+    let mut wire = BytesMut::new();
+    let key = Some([1, 2, 3, 4]);
+    let thirds: Vec<&[u8]> = compressed.chunks(compressed.len() / 3 + 1).collect();
+    for (i, part) in thirds.iter().enumerate() {
+        let op = if i == 0 {
+            OpCode::Text
+        } else {
+            OpCode::Continuation
+        };
+        let rsv = if i == 0 { RSV1 } else { 0 };
+        write_header(&mut wire, i + 1 == thirds.len(), rsv, op, key, part.len());
+        let at = wire.len();
+        wire.put_slice(part);
+        apply_mask(&mut wire[at..], key.unwrap(), 0);
+        if i == 0 {
+            crate::encode_frame(&mut wire, true, OpCode::Ping, key, b"p");
+        }
+    }
+    crate::encode_frame(&mut wire, true, OpCode::Binary, key, b"plain");
+    let mut dec = InflatingDecoder::new(
+        Role::Server,
+        DecoderConfig::default(),
+        Some(agreed.inflater(Role::Server, 1 << 20)),
+        7,
+    );
+    let (mut msg, mut msgs, mut pings) = (vec![], vec![], 0);
+    while let Some(f) = dec.next(&mut wire).unwrap() {
+        match f {
+            Frame::Data {
+                payload,
+                first,
+                last,
+                rsv,
+                ..
+            } => {
+                assert_eq!(rsv, 0);
+                assert!(payload.len() <= 7);
+                assert_eq!(first, msg.is_empty() && !payload.is_empty() || first);
+                msg.extend_from_slice(&payload);
+                if last {
+                    msgs.push(std::mem::take(&mut msg));
+                }
+            }
+            Frame::Control { .. } => pings += 1,
+        }
+    }
+    assert_eq!(msgs, vec![text.into_bytes(), b"plain".to_vec()]);
+    assert_eq!(pings, 1);
+    assert!(dec.holds_state());
+    dec.hibernate();
+    assert!(!dec.holds_state());
+    // Without an inflater, RSV1 is a protocol error (1002).
+    let mut plain = InflatingDecoder::new(Role::Server, DecoderConfig::default(), None, 7);
+    let mut wire = BytesMut::new();
+    write_header(&mut wire, true, RSV1, OpCode::Binary, key, 0);
+    assert_eq!(plain.next(&mut wire).unwrap_err().close_code(), 1002);
 }

@@ -29,9 +29,8 @@ use tokio::net::{tcp, unix, UdpSocket, UnixDatagram};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use wsframe::{
-    close_code, write_header, Decoder, DecoderConfig, Frame, OpCode, ProtocolError, Role,
-};
+use wsframe::deflate::{Deflater, InflatingDecoder};
+use wsframe::{close_code, write_header, DecoderConfig, Frame, OpCode, ProtocolError, Role};
 use wsgate_framing::{AnyFramer, Framer, Kind};
 
 use crate::bridge::peer::PeerConn;
@@ -47,6 +46,9 @@ use crate::tunnel::registry::AgentStream;
 const MAX_PONGS: usize = 2048;
 /// Client payload bytes gathered before they are written to a stream peer.
 const BATCH: usize = 64 * 1024;
+/// permessage-deflate: a direction that moved nothing this long lets go of
+/// its zlib state ([`wsframe::deflate`]; docs/deflate.md).
+const DEFLATE_IDLE: Duration = Duration::from_secs(2);
 
 /// Per-connection settings.
 #[derive(Debug, Clone)]
@@ -58,6 +60,8 @@ pub struct Settings {
     pub close_timeout: Duration,
     /// Datagram peers and `echo:`: text messages for valid UTF-8 datagrams.
     pub datagram_text: bool,
+    /// permessage-deflate, when the handshake agreed on it.
+    pub deflate: Option<(wsframe::deflate::Agreed, wsframe::deflate::Config)>,
 }
 
 /// How a relay ended, for logs.
@@ -274,7 +278,7 @@ enum UpEnd {
 }
 
 struct Up {
-    decoder: Decoder,
+    decoder: InflatingDecoder,
     buf: BytesMut,
     hint: usize,
     batch: BytesMut,
@@ -366,7 +370,18 @@ async fn up_loop(
             // Idle connections hold no read buffer.
             release(&mut st.buf);
         }
-        match cr.read(&mut st.buf, &mut st.hint).await {
+        let read = if st.decoder.holds_state() {
+            tokio::select! {
+                r = cr.read(&mut st.buf, &mut st.hint) => r,
+                () = tokio::time::sleep(DEFLATE_IDLE) => {
+                    st.decoder.hibernate();
+                    continue;
+                }
+            }
+        } else {
+            cr.read(&mut st.buf, &mut st.hint).await
+        };
+        match read {
             Ok(0) => {
                 pw.shutdown().await;
                 return UpEnd::ClientGone(
@@ -400,6 +415,24 @@ struct Down {
     hint: usize,
     out: BytesMut,
     bytes: u64,
+    deflater: Option<Deflater>,
+}
+
+/// Appends one data message: compressed when permessage-deflate was agreed
+/// and it is big enough, else as [`push_message`] does.
+fn push_data(out: &mut BytesMut, deflater: &mut Option<Deflater>, opcode: OpCode, payload: &[u8]) {
+    match deflater {
+        Some(d) => d.encode(out, opcode, payload),
+        None => push_message(out, opcode, payload),
+    }
+}
+
+/// Waits out [`DEFLATE_IDLE`] when a compressor holds its zlib state.
+async fn deflate_idle(d: &Option<Deflater>) {
+    match d {
+        Some(d) if d.holds_state() => tokio::time::sleep(DEFLATE_IDLE).await,
+        _ => std::future::pending().await,
+    }
 }
 
 /// Appends one unmasked server frame carrying a whole message.
@@ -425,7 +458,12 @@ impl Down {
                 Ok(Some(cut)) => {
                     let msg = &self.buf[cut.start..cut.end];
                     self.bytes += msg.len() as u64;
-                    push_message(&mut self.out, kind_opcode(cut.kind), msg);
+                    push_data(
+                        &mut self.out,
+                        &mut self.deflater,
+                        kind_opcode(cut.kind),
+                        msg,
+                    );
                     self.buf.advance(cut.consume);
                 }
                 Ok(None) => break,
@@ -437,7 +475,7 @@ impl Down {
         }
         if eof && !self.buf.is_empty() {
             self.bytes += self.buf.len() as u64;
-            push_message(&mut self.out, OpCode::Binary, &self.buf);
+            push_data(&mut self.out, &mut self.deflater, OpCode::Binary, &self.buf);
             self.buf.clear();
         }
         if self.buf.len() as u64 > max {
@@ -494,12 +532,12 @@ async fn down_loop(
                         shared.touch();
                         let text = settings.datagram_text && std::str::from_utf8(&st.buf).is_ok();
                         st.bytes += st.buf.len() as u64;
-                        push_message(&mut st.out, if text { OpCode::Text } else { OpCode::Binary }, &st.buf);
+                        push_data(&mut st.out, &mut st.deflater, if text { OpCode::Text } else { OpCode::Binary }, &st.buf);
                         st.buf.clear();
                     }
                     Ok(PeerData::Message(text, m)) => {
                         st.bytes += m.len() as u64;
-                        push_message(&mut st.out, if text { OpCode::Text } else { OpCode::Binary }, &m);
+                        push_data(&mut st.out, &mut st.deflater, if text { OpCode::Text } else { OpCode::Binary }, &m);
                     }
                     Ok(PeerData::Eof) => {
                         eof = true;
@@ -508,6 +546,11 @@ async fn down_loop(
                         }
                     }
                     Err(e) => return DownEnd::Peer(Error::upstream(error::Kind::PeerFailed, "peer error").because(e)),
+                }
+            }
+            () = deflate_idle(&st.deflater) => {
+                if let Some(d) = &mut st.deflater {
+                    d.hibernate();
                 }
             }
         }
@@ -640,13 +683,16 @@ async fn run_inner(
         wake_down: Notify::new(),
         track_activity: settings.idle_timeout.is_some(),
     };
+    let deflate = settings.deflate;
     let mut up = Up {
-        decoder: Decoder::new(
+        decoder: InflatingDecoder::new(
             Role::Server,
             DecoderConfig {
                 max_message_size: settings.max_message_size,
                 ..Default::default()
             },
+            deflate.map(|(a, _)| a.inflater(Role::Server, settings.max_message_size)),
+            CHUNK,
         ),
         // Copy what hyper read past the request head, and let go of hyper's
         // read buffer, which `leftover` would otherwise keep alive.
@@ -667,6 +713,7 @@ async fn run_inner(
         hint: FIRST_CHUNK,
         out: BytesMut::new(),
         bytes: 0,
+        deflater: deflate.map(|(a, c)| a.deflater(Role::Server, &c)),
     };
     let mut outcome = Outcome::default();
 
