@@ -55,7 +55,7 @@ enum Command {
 #[derive(Debug, Args)]
 struct ServeArgs {
     /// The TOML config file (see examples/). Not combined with the route flags.
-    #[arg(long, short, conflicts_with_all = ["listen", "to", "backend_ca", "agent_tokens", "forward", "mux_allow"])]
+    #[arg(long, short, conflicts_with_all = ["listen", "to", "backend_ca", "agent_tokens", "forward", "mux_allow", "deflate", "deflate_config"])]
     config: Option<PathBuf>,
     /// Address to listen on, HOST:PORT (port 0 picks a free one). Repeatable.
     #[arg(long, value_name = "HOST:PORT")]
@@ -316,7 +316,7 @@ fn config_from(a: &ServeArgs) -> anyhow::Result<Config> {
                 admission: Default::default(),
                 health_check: None,
                 auth: Default::default(),
-                deflate: deflate.clone(),
+                deflate,
             })
             .into_iter()
             .collect(),
@@ -352,8 +352,10 @@ fn deflate_from(a: &ServeArgs) -> anyhow::Result<Option<wsframe::deflate::Config
 
 /// `[tunnel]` from the quick-mode flags, checked as the config file's is.
 fn tunnel_from(a: &ServeArgs) -> anyhow::Result<config::Tunnel> {
-    let mut t = config::Tunnel::default();
-    t.deflate = deflate_from(a)?;
+    let mut t = config::Tunnel {
+        deflate: deflate_from(a)?,
+        ..Default::default()
+    };
     if let Some(p) = &a.agent_tokens {
         config::check_tokens(p).map_err(|e| anyhow::anyhow!("--agent-tokens: {e}"))?;
         t.agent_tokens = Some(p.clone());

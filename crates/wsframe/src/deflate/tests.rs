@@ -426,7 +426,8 @@ fn the_inflating_decoder_hands_out_inflated_pieces() {
     // The compressed message in three frames, a ping between them, then an
     // uncompressed one.
     let mut wire = BytesMut::new();
-    let key = Some([1, 2, 3, 4]);
+    let mask = [1, 2, 3, 4];
+    let key = Some(mask);
     let thirds: Vec<&[u8]> = compressed.chunks(compressed.len() / 3 + 1).collect();
     for (i, part) in thirds.iter().enumerate() {
         let op = if i == 0 {
@@ -438,7 +439,7 @@ fn the_inflating_decoder_hands_out_inflated_pieces() {
         write_header(&mut wire, i + 1 == thirds.len(), rsv, op, key, part.len());
         let at = wire.len();
         wire.put_slice(part);
-        apply_mask(&mut wire[at..], key.unwrap(), 0);
+        apply_mask(&mut wire[at..], mask, 0);
         if i == 0 {
             crate::encode_frame(&mut wire, true, OpCode::Ping, key, b"p");
         }

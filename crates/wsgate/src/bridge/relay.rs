@@ -50,6 +50,21 @@ const BATCH: usize = 64 * 1024;
 /// its zlib state ([`wsframe::deflate`]; docs/deflate.md).
 const DEFLATE_IDLE: Duration = Duration::from_secs(2);
 
+/// Zlib states let go of by idle connections, ever. The freed memory goes
+/// back to mimalloc's per-thread heap, which returns it to the system only
+/// when that thread collects: each worker's 1 s tick does so when this
+/// moved (`server`), so an idle connection's RSS really falls.
+static HIBERNATED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many zlib states idle connections have let go of (see [`HIBERNATED`]).
+pub fn hibernations() -> u64 {
+    HIBERNATED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn hibernated() {
+    HIBERNATED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Per-connection settings.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -283,7 +298,27 @@ struct Up {
     hint: usize,
     batch: BytesMut,
     message: Option<(bool, BytesMut)>,
+    /// `max_message_size`: a gathered message's buffer never grows past it.
+    max_message: usize,
     bytes: u64,
+}
+
+/// Appends a piece to a message being gathered, growing the buffer by
+/// doubling as `extend_from_slice` would, but never past `limit` (the
+/// decoder has already refused a message past it): an inflated message
+/// at the limit holds the limit, not twice it.
+fn gather(m: &mut BytesMut, piece: &[u8], limit: usize) {
+    let need = m.len() + piece.len();
+    if need > m.capacity() {
+        // Not `reserve`: it would double past the limit.
+        let want = need
+            .max(m.capacity().saturating_mul(2))
+            .min(limit.max(need));
+        let mut grown = BytesMut::with_capacity(want);
+        grown.extend_from_slice(m);
+        *m = grown;
+    }
+    m.extend_from_slice(piece);
 }
 
 async fn up_loop(
@@ -322,7 +357,7 @@ async fn up_loop(
                     if first {
                         st.message = Some((text, payload));
                     } else if let Some((_, m)) = st.message.as_mut() {
-                        m.extend_from_slice(&payload);
+                        gather(m, &payload, st.max_message);
                     }
                     if last {
                         let (text, m) = st.message.take().expect("message started");
@@ -375,6 +410,7 @@ async fn up_loop(
                 r = cr.read(&mut st.buf, &mut st.hint) => r,
                 () = tokio::time::sleep(DEFLATE_IDLE) => {
                     st.decoder.hibernate();
+                    hibernated();
                     continue;
                 }
             }
@@ -551,6 +587,7 @@ async fn down_loop(
             () = deflate_idle(&st.deflater) => {
                 if let Some(d) = &mut st.deflater {
                     d.hibernate();
+                    hibernated();
                 }
             }
         }
@@ -704,6 +741,7 @@ async fn run_inner(
         hint: FIRST_CHUNK,
         batch: BytesMut::new(),
         message: None,
+        max_message: usize::try_from(settings.max_message_size).unwrap_or(usize::MAX),
         bytes: 0,
     };
     drop(leftover);
