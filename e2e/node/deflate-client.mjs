@@ -11,7 +11,8 @@
 // first), waits for each echo and compares it, then closes with 1000.
 // --newline ends each message with "\n" (a `lines` route through a TCP echo
 // peer gives it back without). Prints one JSON result line:
-// {"ok", "extensions", "echoed", "close_code", "error"}; exit 0 when ok.
+// {"ok", "extensions" (the server's answer), "echoed", "close_code", "error"};
+// exit 0 when ok.
 import WebSocket from 'ws';
 
 const [url, ...rest] = process.argv.slice(2);
@@ -47,6 +48,9 @@ function message(n, seed) {
 }
 
 const ws = new WebSocket(url, { perMessageDeflate: { ...opt.offer, threshold: 0 } });
+// The server's Sec-WebSocket-Extensions answer (ws.extensions has only the names).
+let answered;
+ws.on('upgrade', (res) => { answered = res.headers['sec-websocket-extensions']; });
 const expected = [];
 let echoed = 0;
 ws.on('open', () => {
@@ -70,12 +74,12 @@ ws.on('message', (data, isBinary) => {
   const want = expected[echoed];
   const got = data.toString();
   if (isBinary || got !== want) {
-    finish({ ok: false, error: `message ${echoed}: ${isBinary ? 'binary' : 'text'} of ${got.length} bytes, expected text of ${want?.length}`, extensions: ws.extensions });
+    finish({ ok: false, error: `message ${echoed}: ${isBinary ? 'binary' : 'text'} of ${got.length} bytes, expected text of ${want?.length}`, extensions: answered ?? ws.extensions });
   }
   echoed++;
   if (echoed === opt.sizes.length) ws.close(1000);
 });
 ws.on('close', (code) => {
-  finish({ ok: echoed === opt.sizes.length && code === 1000, extensions: ws.extensions, echoed, close_code: code });
+  finish({ ok: echoed === opt.sizes.length && code === 1000, extensions: answered ?? ws.extensions, echoed, close_code: code });
 });
-ws.on('error', (e) => finish({ ok: false, error: String(e), extensions: ws.extensions, echoed }));
+ws.on('error', (e) => finish({ ok: false, error: String(e), extensions: answered ?? ws.extensions, echoed }));

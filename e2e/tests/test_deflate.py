@@ -98,9 +98,8 @@ def test_python_websockets_round_trips_with_each_offer(deflate_routes, kind, off
                 assert pmd.local_max_window_bits == params["client_max_window_bits"]
             for round_ in range(2):  # the second round runs on the carried window
                 for m in msgs:
+                    # On a lines route an empty line is an empty message.
                     await ws.send(m + ("\n" if newline else ""))
-                    if newline and m == "":
-                        continue  # an empty line is no message on a lines route
                     got = await asyncio.wait_for(ws.recv(), 20)
                     assert got == m, f"round {round_}: {len(got)} bytes back for {len(m)}"
 
@@ -128,8 +127,10 @@ def test_node_ws_round_trips_with_each_offer(deflate_routes, node_bin, kind, off
     assert res["ok"], res
     ext = res["extensions"]
     assert ext.startswith("permessage-deflate"), ext
-    if offer != "default":
-        assert offer.replace("=", "=") in ext, ext
+    # The gateway agrees to what ws asked of it; a client_max_window_bits
+    # equal to the offer's is not repeated (ws then holds itself to its own).
+    if offer.startswith("server") or offer == "client_no_context_takeover":
+        assert offer in ext, ext
 
 
 def test_the_gateway_compresses_and_sets_rsv1_on_first_frames_only(quick_gateway):
@@ -269,15 +270,20 @@ def test_a_one_megabyte_frame_that_inflates_to_a_gigabyte_is_1009(deflate_routes
         print(f"bomb {len(bomb)} B: close {close.close_code if close else None} in {took:.2f}s; "
               f"RSS {before} KiB before, peak {hwm} KiB (peak before {hwm_before} KiB)")
         assert close is not None and close.close_code == 1009
-        # The peak grew by less than the 4 MiB limit plus the 1 MB frame and
-        # a few read and inflate chunks, nowhere near a gigabyte.
-        assert hwm - max(before, 0) < 12 * 1024, (before, hwm)
+        # Nowhere near a gigabyte. A stream peer (tcp) gets the inflated
+        # chunks as they come: the peak grows by the 1 MB frame and a few
+        # chunks (2–6 MiB measured). `echo:` gathers the message up to the
+        # 4 MiB limit, in a buffer grown by doubling whose freed steps
+        # mimalloc keeps mapped until the worker collects: 16 MiB measured
+        # (docs/deflate.md). Bound: 5 × the limit.
+        bound = 8 * 1024 if kind == "tcp" else 20 * 1024
+        assert hwm - max(before, 0) < bound, (before, hwm)
     finally:
         ws.close()
     # The gateway still serves.
     ok = RawWebSocket.open(gw.host, gw.port, extra={"Sec-WebSocket-Extensions": "permessage-deflate"})
     try:
-        ok.send_frame(OP_TEXT, deflate(b"still here" * 20) + (b"" if kind == "echo" else b""), rsv=4)
+        ok.send_frame(OP_TEXT, deflate(b"still here" * 20), rsv=4)
         if kind == "tcp":
             ok.send_frame(OP_TEXT, b"\n")
         f = ok.recv_frame()
@@ -286,23 +292,84 @@ def test_a_one_megabyte_frame_that_inflates_to_a_gigabyte_is_1009(deflate_routes
         ok.close()
 
 
-def test_deflate_on_a_proxy_route_is_refused(start_gateway, wsgate_bin, write_config):
+def test_config_errors_name_file_line_and_key(wsgate_bin, write_config):
     import subprocess
 
-    cfg = write_config("""
+    def check(text: str) -> str:
+        cfg = write_config(text)
+        cp = subprocess.run([wsgate_bin, "check", "--config", cfg], capture_output=True, text=True, timeout=20)
+        assert cp.returncode == 1, cp
+        return cp.stderr.replace(str(cfg), "FILE")
+
+    err = check("""
         [[listener]]
         address = "127.0.0.1:0"
-        [[route]]
-        path = "/p"
-        proxy = "ws://127.0.0.1:9"
-        deflate = true
         [[route]]
         path = "/e"
         to = "echo:"
         [route.deflate]
         server_max_window_bits = 16
     """)
-    cp = subprocess.run([wsgate_bin, "check", "--config", cfg], capture_output=True, text=True, timeout=20)
-    assert cp.returncode == 1
-    err = cp.stderr
-    assert f"{cfg}:11:26: route[1].deflate.server_max_window_bits: must be 8 to 15, not 16" in err, err
+    assert "FILE:8:26: route[0].deflate.server_max_window_bits: must be 8 to 15, not 16" in err, err
+    err = check("""
+        [[listener]]
+        address = "127.0.0.1:0"
+        [[route]]
+        path = "/p"
+        proxy = "ws://127.0.0.1:9"
+        deflate = true
+    """)
+    assert "FILE:7:1: route[0].deflate: `deflate` applies to routes the gateway terminates" in err, err
+
+
+def _settled_rss(pid: int, at_least: float, timeout: float = 15.0) -> int:
+    """VmRSS once `at_least` seconds have passed and two readings 0.5 s
+    apart agree within 1% (bounded by `timeout`)."""
+    start = time.monotonic()
+    last = _rss_kib(pid, "VmRSS")
+    while time.monotonic() - start < timeout:
+        time.sleep(0.5)
+        now = _rss_kib(pid, "VmRSS")
+        if time.monotonic() - start >= at_least and abs(now - last) <= last / 100:
+            return now
+        last = now
+    return last
+
+
+def test_memory_per_connection_busy_and_idle(quick_gateway):
+    """RSS per connection over 300 `echo:` WebSockets that each echoed one
+    20 KB JSON message: without deflate, with deflate right after the echo
+    (busy: both zlib states made), and once idle past DEFLATE_IDLE (2 s)."""
+    n = 300
+    msg = json_text(20_000).encode()
+    figures = {}
+    for label, flags in (("plain", ()), ("deflate", ("--deflate",))):
+        gw = quick_gateway("echo:", *flags)
+        pid = gw.proc.popen.pid
+        ext = {"Sec-WebSocket-Extensions": "permessage-deflate"}
+        warm = RawWebSocket.open(gw.host, gw.port, extra=ext)
+        warm.send_frame(OP_TEXT, deflate(msg) if flags else msg, rsv=4 if flags else 0)
+        assert warm.recv_frame().opcode == OP_TEXT
+        before = _settled_rss(pid, 0)
+        conns = []
+        try:
+            for _ in range(n):
+                ws = RawWebSocket.open(gw.host, gw.port, extra=ext)
+                ws.send_frame(OP_TEXT, deflate(msg) if flags else msg, rsv=4 if flags else 0)
+                conns.append(ws)
+            for ws in conns:
+                f = ws.recv_frame()
+                assert f.opcode == OP_TEXT and (f.rsv == 4) == bool(flags)
+            busy = _rss_kib(pid, "VmRSS")
+            idle = _settled_rss(pid, 3.5)
+            figures[label] = ((busy - before) / n, (idle - before) / n)
+        finally:
+            for ws in conns + [warm]:
+                ws.close()
+    print("KiB per connection (busy, idle):", {k: (round(b, 1), round(i, 1)) for k, (b, i) in figures.items()})
+    (plain_busy, _), (busy, idle) = figures["plain"], figures["deflate"]
+    # Busy: both zlib states (about 440 KiB at 15 bits); idle: they are gone,
+    # only the windows are left (at most 2 × 20 KB here).
+    assert busy > plain_busy + 200, figures
+    assert idle < busy / 3, figures
+    assert idle < plain_busy + 64, figures
