@@ -101,6 +101,11 @@ impl Decoder {
         }
     }
 
+    /// Whether text messages are checked as UTF-8.
+    pub fn validates_utf8(&self) -> bool {
+        self.config.validate_utf8
+    }
+
     /// Whether a data message has started and not yet ended.
     pub fn in_message(&self) -> bool {
         self.message.is_some()

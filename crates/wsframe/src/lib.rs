@@ -9,6 +9,8 @@
 //!   waiting for bytes holds **no read buffer** and a cancelled read loses nothing;
 //! * RSV bits **passed through** untouched, so permessage-deflate can be
 //!   negotiated end to end between a client and a backend;
+//! * permessage-deflate (RFC 7692) for the ends that terminate it
+//!   ([`deflate`]): negotiation, and inflation bounded by the message size;
 //! * header-only parsing ([`parse_header`]) for relays that only need frame
 //!   boundaries.
 //!
@@ -33,6 +35,7 @@
 //! ```
 
 mod decode;
+pub mod deflate;
 mod frame;
 pub mod handshake;
 mod utf8;
@@ -77,13 +80,15 @@ pub enum ProtocolError {
     InvalidUtf8,
     #[error("message larger than the {limit}-byte limit")]
     MessageTooBig { limit: u64 },
+    #[error("invalid permessage-deflate data")]
+    BadDeflate,
 }
 
 impl ProtocolError {
     /// The close code the connection must be failed with.
     pub fn close_code(&self) -> u16 {
         match self {
-            ProtocolError::InvalidUtf8 => close_code::INVALID_PAYLOAD,
+            ProtocolError::InvalidUtf8 | ProtocolError::BadDeflate => close_code::INVALID_PAYLOAD,
             ProtocolError::MessageTooBig { .. } => close_code::TOO_BIG,
             _ => close_code::PROTOCOL_ERROR,
         }

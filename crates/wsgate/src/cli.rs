@@ -55,7 +55,7 @@ enum Command {
 #[derive(Debug, Args)]
 struct ServeArgs {
     /// The TOML config file (see examples/). Not combined with the route flags.
-    #[arg(long, short, conflicts_with_all = ["listen", "to", "backend_ca", "agent_tokens", "forward", "mux_allow"])]
+    #[arg(long, short, conflicts_with_all = ["listen", "to", "backend_ca", "agent_tokens", "forward", "mux_allow", "deflate", "deflate_config"])]
     config: Option<PathBuf>,
     /// Address to listen on, HOST:PORT (port 0 picks a free one). Repeatable.
     #[arg(long, value_name = "HOST:PORT")]
@@ -92,6 +92,17 @@ struct ServeArgs {
     /// Configuration for the framing (e.g. `separator=\r\n` for lines, `u16,keep-header`).
     #[arg(long, default_value = "")]
     framing_config: String,
+    /// Negotiate permessage-deflate (RFC 7692) on the --to route (a bridge
+    /// or echo: peer) and on /mux.
+    #[arg(long)]
+    deflate: bool,
+    /// permessage-deflate settings, comma-separated:
+    /// server_no_context_takeover, client_no_context_takeover,
+    /// server_max_window_bits=8..15, client_max_window_bits=8..15,
+    /// min_size=BYTES (smaller messages go uncompressed; default 64),
+    /// level=0..9 (default 6). Implies --deflate.
+    #[arg(long, value_name = "KEY[=VALUE],...")]
+    deflate_config: Option<String>,
     /// A subprotocol the route speaks (repeatable; `*` accepts any). Clients
     /// offering none of them get 400.
     #[arg(long = "protocol", value_name = "NAME")]
@@ -243,6 +254,13 @@ fn config_from(a: &ServeArgs) -> anyhow::Result<Config> {
     };
     let framing = FramingSpec::parse(&a.framing, &a.framing_config)
         .map_err(|e| anyhow::anyhow!("--framing: {e}"))?;
+    let deflate = deflate_from(a)?;
+    if deflate.is_some() && matches!(target, Some(Target::Proxy(_))) {
+        anyhow::bail!(
+            "--deflate: a proxied route passes permessage-deflate through to its backend; \
+             --deflate applies to bridge peers and echo:"
+        );
+    }
     let tls = match (&a.tls_cert, &a.tls_key) {
         (Some(cert), Some(key)) => Some(TlsFiles {
             cert: cert.clone(),
@@ -298,6 +316,7 @@ fn config_from(a: &ServeArgs) -> anyhow::Result<Config> {
                 admission: Default::default(),
                 health_check: None,
                 auth: Default::default(),
+                deflate,
             })
             .into_iter()
             .collect(),
@@ -322,9 +341,22 @@ fn config_from(a: &ServeArgs) -> anyhow::Result<Config> {
     })
 }
 
+/// `--deflate` and `--deflate-config`: the settings, or `None`.
+fn deflate_from(a: &ServeArgs) -> anyhow::Result<Option<wsframe::deflate::Config>> {
+    match &a.deflate_config {
+        Some(s) => wsframe::deflate::Config::parse_list(s)
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("--deflate-config: {e}")),
+        None => Ok(a.deflate.then(Default::default)),
+    }
+}
+
 /// `[tunnel]` from the quick-mode flags, checked as the config file's is.
 fn tunnel_from(a: &ServeArgs) -> anyhow::Result<config::Tunnel> {
-    let mut t = config::Tunnel::default();
+    let mut t = config::Tunnel {
+        deflate: deflate_from(a)?,
+        ..Default::default()
+    };
     if let Some(p) = &a.agent_tokens {
         config::check_tokens(p).map_err(|e| anyhow::anyhow!("--agent-tokens: {e}"))?;
         t.agent_tokens = Some(p.clone());

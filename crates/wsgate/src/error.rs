@@ -218,13 +218,13 @@ impl Kind {
 }
 
 impl From<&wsframe::ProtocolError> for Kind {
-    /// A violation of RFC 6455: too big (1009), bad UTF-8 (1007), or any
-    /// other (1002).
+    /// A violation of RFC 6455: too big (1009), bad UTF-8 or corrupt
+    /// permessage-deflate data (1007), or any other (1002).
     fn from(e: &wsframe::ProtocolError) -> Kind {
         use wsframe::ProtocolError as P;
         match e {
             P::MessageTooBig { .. } => Kind::MessageTooBig,
-            P::InvalidUtf8 => Kind::InvalidPayload,
+            P::InvalidUtf8 | P::BadDeflate => Kind::InvalidPayload,
             _ => Kind::ProtocolViolation,
         }
     }
@@ -469,11 +469,13 @@ mod tests {
         use wsframe::ProtocolError as P;
         let code = |k: Kind| k.close_code();
         assert_eq!(code((&P::InvalidUtf8).into()), Some(1007));
+        assert_eq!(code((&P::BadDeflate).into()), Some(1007));
         assert_eq!(code((&P::MessageTooBig { limit: 1 }).into()), Some(1009));
         assert_eq!(code((&P::UnmaskedFrame).into()), Some(1002));
         // Each agrees with the codec's own choice.
         for e in [
             P::InvalidUtf8,
+            P::BadDeflate,
             P::MessageTooBig { limit: 1 },
             P::ReservedBits,
         ] {

@@ -393,6 +393,11 @@ impl WriteQueue {
         self.tail.extend_from_slice(payload);
     }
 
+    /// Where frames encoded in place are appended (after every segment).
+    pub(crate) fn tail_mut(&mut self) -> &mut BytesMut {
+        &mut self.tail
+    }
+
     /// Appends already encoded frames.
     pub(crate) fn unsplit(&mut self, encoded: BytesMut) {
         if self.tail.is_empty() {

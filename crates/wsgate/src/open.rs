@@ -204,6 +204,8 @@ pub(crate) enum Relay {
         /// Who opened the session, and what its streams may reach.
         identity: Arc<Identity>,
         rules: Option<tunnel::allow::AllowList>,
+        /// permessage-deflate, when the handshake agreed on it.
+        deflate: Option<(wsframe::deflate::Agreed, wsframe::deflate::Config)>,
     },
     /// A CONNECT tunnel's stream.
     Splice(AgentStream),
@@ -566,7 +568,8 @@ impl Gateway {
                             (e, name)
                         })?,
                 };
-                info!(parent: &span, route = %route.name, %peer, protocol = protocol.as_deref().unwrap_or("-"), framing = %framing, "websocket open");
+                let deflate = handshake::deflate(&req.head, route.deflate.as_ref());
+                info!(parent: &span, route = %route.name, %peer, protocol = protocol.as_deref().unwrap_or("-"), framing = %framing, deflate = deflate.is_some(), "websocket open");
                 let settings = relay::Settings {
                     max_message_size: limits.max_message_size,
                     idle_timeout: limits.idle_timeout,
@@ -576,10 +579,14 @@ impl Gateway {
                     datagram_text: matches!(framing, FramingSpec::Auto)
                         || matches!(peer, PeerAddr::Echo),
                     shared_bandwidth,
+                    deflate: deflate
+                        .as_ref()
+                        .zip(route.deflate)
+                        .map(|((agreed, _), config)| (*agreed, config)),
                 };
                 let protocol = protocol.and_then(|p| HeaderValue::try_from(p).ok());
                 Ok(Connected::Upgraded {
-                    accepted: Accepted::new(&upgrade, protocol, None),
+                    accepted: Accepted::new(&upgrade, protocol, deflate.map(|(_, answer)| answer)),
                     run: Ready {
                         relay: Relay::Bridge {
                             peer: Some(conn),
@@ -641,12 +648,16 @@ impl Gateway {
             TunnelWhat::Mux(upgrade, offered) => {
                 let protocol =
                     offered.then(|| HeaderValue::from_static(tunnel::proto::MUX_PROTOCOL));
-                let accepted = Accepted::new(&upgrade, protocol, None);
+                let config = tunnel.config.deflate;
+                let deflate = handshake::deflate(&req.head, config.as_ref());
+                let agreed = deflate.as_ref().zip(config).map(|((a, _), c)| (*a, c));
+                let accepted = Accepted::new(&upgrade, protocol, deflate.map(|(_, answer)| answer));
                 let relay = Relay::Mux {
                     tunnel: tunnel.clone(),
                     connect_timeout: self.config.limits.connect_timeout,
                     identity: Arc::new(identity),
                     rules,
+                    deflate: agreed,
                 };
                 Ok(Connected::Upgraded {
                     accepted,
@@ -911,6 +922,7 @@ impl Opened {
                 connect_timeout,
                 identity,
                 rules,
+                deflate,
             } => {
                 let who = tunnel::mux::Who {
                     identity: identity.clone(),
@@ -919,7 +931,7 @@ impl Opened {
                 let (tunnel, timeout) = (tunnel.clone(), *connect_timeout);
                 let shutdown = shutdown.clone();
                 Box::pin(tunnel::mux::serve(
-                    client, leftover, tunnel, timeout, who, shutdown,
+                    client, leftover, tunnel, timeout, who, *deflate, shutdown,
                 ))
                 .await;
                 (0, 0, None)

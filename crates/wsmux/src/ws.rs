@@ -15,7 +15,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use wsframe::{close_code, encode_frame, Decoder, DecoderConfig, Frame, OpCode, Role};
+use wsframe::deflate::{self, Deflater, InflatingDecoder};
+use wsframe::{close_code, encode_frame, DecoderConfig, Frame, OpCode, Role};
 
 /// The WebSocket subprotocol name of mux protocol version 1.
 pub const SUBPROTOCOL: &str = "wsmux.v1";
@@ -40,7 +41,9 @@ const DEFAULT_MAX_MESSAGE: u64 = 1 << 20;
 pub struct WsTransport<S> {
     io: S,
     role: Role,
-    decoder: Decoder,
+    decoder: InflatingDecoder,
+    /// permessage-deflate, when the handshake agreed on it.
+    deflater: Option<Deflater>,
     rbuf: BytesMut,
     partial: Option<(bool, Vec<u8>)>,
     wbuf: BytesMut,
@@ -64,14 +67,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> WsTransport<S> {
     /// failure in the WebSocket layer would close the connection before the
     /// GOAWAY could tell the peer why.
     pub fn from_raw(io: S, role: Role, config: DecoderConfig, leftover: &[u8]) -> Self {
+        Self::from_raw_deflate(io, role, config, leftover, None)
+    }
+
+    /// [`WsTransport::from_raw`] for a WebSocket whose handshake agreed on
+    /// permessage-deflate: messages of at least `min_size` bytes are sent
+    /// compressed, compressed messages are inflated (bounded by the
+    /// decoder's `max_message_size`).
+    pub fn from_raw_deflate(
+        io: S,
+        role: Role,
+        config: DecoderConfig,
+        leftover: &[u8],
+        deflate: Option<(deflate::Agreed, deflate::Config)>,
+    ) -> Self {
         let config = DecoderConfig {
             validate_utf8: false,
             ..config
         };
+        let inflater = deflate.map(|(a, _)| a.inflater(role, config.max_message_size));
         WsTransport {
             io,
             role,
-            decoder: Decoder::new(role, config),
+            decoder: InflatingDecoder::new(role, config, inflater, RECV_BUF_CAPACITY),
+            deflater: deflate.map(|(a, c)| a.deflater(role, &c)),
             rbuf: BytesMut::from(leftover),
             partial: None,
             wbuf: BytesMut::new(),
@@ -95,14 +114,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> WsTransport<S> {
 
     /// Client handshake (RFC 6455 §4.1) on `io`, offering the `wsmux.v1`
     /// subprotocol, then wrap.
-    pub async fn connect(mut io: S, host: &str, path: &str) -> io::Result<Self> {
+    pub async fn connect(io: S, host: &str, path: &str) -> io::Result<Self> {
+        Self::connect_deflate(io, host, path, None).await
+    }
+
+    /// [`WsTransport::connect`], offering permessage-deflate with `deflate`
+    /// when given; the server's answer decides whether it is used.
+    pub async fn connect_deflate(
+        mut io: S,
+        host: &str,
+        path: &str,
+        deflate: Option<&deflate::Config>,
+    ) -> io::Result<Self> {
         let key = wsframe::handshake::generate_key();
+        let offer = deflate.map(deflate::client_offer);
+        let extra: Vec<(&str, &str)> = offer
+            .iter()
+            .map(|o| ("Sec-WebSocket-Extensions", o.as_str()))
+            .collect();
         io.write_all(&wsframe::handshake::client_request(
             host,
             path,
             &key,
             &[SUBPROTOCOL],
-            &[],
+            &extra,
         ))
         .await?;
         let mut buf = BytesMut::with_capacity(1024);
@@ -127,12 +162,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> WsTransport<S> {
         if resp.header("sec-websocket-accept") != Some(expected.as_str()) {
             return Err(bad_handshake("wrong Sec-WebSocket-Accept"));
         }
+        let agreed = match deflate {
+            Some(config) => {
+                let answers = resp
+                    .headers
+                    .iter()
+                    .filter(|(k, _)| k.eq_ignore_ascii_case("sec-websocket-extensions"))
+                    .map(|(_, v)| v.as_bytes());
+                deflate::accept_response(answers, config)
+                    .map_err(|e| bad_handshake(&format!("permessage-deflate answer: {e}")))?
+                    .map(|a| (a, *config))
+            }
+            None => None,
+        };
         let leftover = buf.split_off(resp.head_len);
-        Ok(Self::from_raw(
+        Ok(Self::from_raw_deflate(
             io,
             Role::Client,
             Self::default_config(),
             &leftover,
+            agreed,
         ))
     }
 
@@ -344,6 +393,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Transport for WsTranspo
     }
 
     fn start_send(&mut self, msg: Bytes) -> io::Result<()> {
+        if let Some(d) = &mut self.deflater {
+            d.encode(&mut self.wbuf, OpCode::Binary, &msg);
+            return Ok(());
+        }
         let mask = self.mask();
         encode_frame(&mut self.wbuf, true, OpCode::Binary, mask, &msg);
         Ok(())

@@ -33,9 +33,8 @@ use tokio::net::{tcp, unix, UdpSocket, UnixDatagram};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use wsframe::{
-    close_code, write_header, Decoder, DecoderConfig, Frame, OpCode, ProtocolError, Role,
-};
+use wsframe::deflate::{Deflater, InflatingDecoder};
+use wsframe::{close_code, write_header, DecoderConfig, Frame, OpCode, ProtocolError, Role};
 use wsgate_framing::{AnyFramer, Framer, Kind};
 
 use crate::bridge::peer::PeerConn;
@@ -52,6 +51,24 @@ use crate::tunnel::registry::AgentStream;
 const MAX_PONGS: usize = 2048;
 /// Client payload bytes gathered before they are written to a stream peer.
 const BATCH: usize = 64 * 1024;
+/// permessage-deflate: a direction that moved nothing this long lets go of
+/// its zlib state ([`wsframe::deflate`]; docs/deflate.md).
+const DEFLATE_IDLE: Duration = Duration::from_secs(2);
+
+/// Zlib states let go of by idle connections, ever. The freed memory goes
+/// back to mimalloc's per-thread heap, which returns it to the system only
+/// when that thread collects: each worker's 1 s tick does so when this
+/// moved (`server`), so an idle connection's RSS really falls.
+static HIBERNATED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many zlib states idle connections have let go of (see [`HIBERNATED`]).
+pub fn hibernations() -> u64 {
+    HIBERNATED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn hibernated() {
+    HIBERNATED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
 
 /// Per-connection settings.
 #[derive(Debug, Clone)]
@@ -67,6 +84,8 @@ pub struct Settings {
     /// (`per_identity_bandwidth`): each loop waits out its debt before its
     /// next read.
     pub shared_bandwidth: Option<std::sync::Arc<SharedBandwidth>>,
+    /// permessage-deflate, when the handshake agreed on it.
+    pub deflate: Option<(wsframe::deflate::Agreed, wsframe::deflate::Config)>,
 }
 
 /// How a relay ended, for logs.
@@ -325,14 +344,34 @@ enum UpEnd {
 }
 
 struct Up {
-    decoder: Decoder,
+    decoder: InflatingDecoder,
     buf: BytesMut,
     hint: usize,
     /// Payloads on their way to a stream peer.
     batch: WriteQueue,
     message: Option<(bool, BytesMut)>,
+    /// `max_message_size`: a gathered message's buffer never grows past it.
+    max_message: usize,
     bytes: u64,
     pace: Option<Pace>,
+}
+
+/// Appends a piece to a message being gathered, growing the buffer by
+/// doubling as `extend_from_slice` would, but never past `limit` (the
+/// decoder has already refused a message past it): an inflated message
+/// at the limit holds the limit, not twice it.
+fn gather(m: &mut BytesMut, piece: &[u8], limit: usize) {
+    let need = m.len() + piece.len();
+    if need > m.capacity() {
+        // Not `reserve`: it would double past the limit.
+        let want = need
+            .max(m.capacity().saturating_mul(2))
+            .min(limit.max(need));
+        let mut grown = BytesMut::with_capacity(want);
+        grown.extend_from_slice(m);
+        *m = grown;
+    }
+    m.extend_from_slice(piece);
 }
 
 async fn up_loop(
@@ -370,7 +409,7 @@ async fn up_loop(
                     if first {
                         st.message = Some((text, payload));
                     } else if let Some((_, m)) = st.message.as_mut() {
-                        m.extend_from_slice(&payload);
+                        gather(m, &payload, st.max_message);
                     }
                     if last {
                         let (text, m) = st.message.take().expect("message started");
@@ -414,7 +453,19 @@ async fn up_loop(
             // Idle connections hold no read buffer.
             release(&mut st.buf);
         }
-        match cr.read(&mut st.buf, &mut st.hint).await {
+        let read = if st.decoder.holds_state() {
+            tokio::select! {
+                r = cr.read(&mut st.buf, &mut st.hint) => r,
+                () = tokio::time::sleep(DEFLATE_IDLE) => {
+                    st.decoder.hibernate();
+                    hibernated();
+                    continue;
+                }
+            }
+        } else {
+            cr.read(&mut st.buf, &mut st.hint).await
+        };
+        match read {
             Ok(0) => {
                 pw.shutdown().await;
                 return UpEnd::ClientGone(
@@ -461,6 +512,29 @@ struct Down<'a> {
     pace: Option<Pace>,
     /// No peer read before this (the pace's debt).
     paced_until: Option<Instant>,
+    deflater: Option<Deflater>,
+}
+
+/// Appends one data message: compressed when permessage-deflate was agreed
+/// and it is big enough, else copied as [`WriteQueue::copy_message`] does.
+fn push_data(
+    out: &mut WriteQueue,
+    deflater: &mut Option<Deflater>,
+    opcode: OpCode,
+    payload: &[u8],
+) {
+    match deflater {
+        Some(d) => d.encode(out.tail_mut(), opcode, payload),
+        None => out.copy_message(opcode, payload),
+    }
+}
+
+/// Waits out [`DEFLATE_IDLE`] when a compressor holds its zlib state.
+async fn deflate_idle(d: &Option<Deflater>) {
+    match d {
+        Some(d) if d.holds_state() => tokio::time::sleep(DEFLATE_IDLE).await,
+        _ => std::future::pending().await,
+    }
 }
 
 /// Appends one unmasked server frame carrying a whole message.
@@ -486,14 +560,19 @@ impl Down<'_> {
                 Ok(Some(cut)) => {
                     let len = cut.end - cut.start;
                     self.bytes += len as u64;
-                    if len >= NO_COPY {
+                    if len >= NO_COPY && self.deflater.is_none() {
                         self.buf.advance(cut.start);
                         let msg = self.buf.split_to(len).freeze();
                         self.out.push_message(kind_opcode(cut.kind), msg);
                         self.buf.advance(cut.consume - cut.end);
                     } else {
                         let msg = &self.buf[cut.start..cut.end];
-                        self.out.copy_message(kind_opcode(cut.kind), msg);
+                        push_data(
+                            &mut self.out,
+                            &mut self.deflater,
+                            kind_opcode(cut.kind),
+                            msg,
+                        );
                         self.buf.advance(cut.consume);
                     }
                 }
@@ -506,8 +585,13 @@ impl Down<'_> {
         }
         if eof && !self.buf.is_empty() {
             self.bytes += self.buf.len() as u64;
-            let rest = self.buf.split().freeze();
-            self.out.push_message(OpCode::Binary, rest);
+            if self.deflater.is_none() {
+                let rest = self.buf.split().freeze();
+                self.out.push_message(OpCode::Binary, rest);
+            } else {
+                push_data(&mut self.out, &mut self.deflater, OpCode::Binary, &self.buf);
+                self.buf.clear();
+            }
         }
         if self.buf.len() as u64 > max {
             return Err(DownEnd::Peer(Error::upstream(
@@ -569,12 +653,12 @@ async fn down_loop(
                         shared.touch();
                         let text = settings.datagram_text && std::str::from_utf8(&st.buf).is_ok();
                         st.bytes += st.buf.len() as u64;
-                        st.out.copy_message(if text { OpCode::Text } else { OpCode::Binary }, &st.buf);
+                        push_data(&mut st.out, &mut st.deflater, if text { OpCode::Text } else { OpCode::Binary }, &st.buf);
                         st.buf.clear();
                     }
                     Ok(PeerData::Message(text, m)) => {
                         st.bytes += m.len() as u64;
-                        st.out.copy_message(if text { OpCode::Text } else { OpCode::Binary }, &m);
+                        push_data(&mut st.out, &mut st.deflater, if text { OpCode::Text } else { OpCode::Binary }, &m);
                     }
                     Ok(PeerData::Eof) => {
                         eof = true;
@@ -583,6 +667,12 @@ async fn down_loop(
                         }
                     }
                     Err(e) => return DownEnd::Peer(Error::upstream(error::Kind::PeerFailed, "peer error").because(e)),
+                }
+            }
+            () = deflate_idle(&st.deflater) => {
+                if let Some(d) = &mut st.deflater {
+                    d.hibernate();
+                    hibernated();
                 }
             }
         }
@@ -725,13 +815,16 @@ async fn run_inner(
         wake_down: Notify::new(),
         track_activity: settings.idle_timeout.is_some(),
     };
+    let deflate = settings.deflate;
     let mut up = Up {
-        decoder: Decoder::new(
+        decoder: InflatingDecoder::new(
             Role::Server,
             DecoderConfig {
                 max_message_size: settings.max_message_size,
                 ..Default::default()
             },
+            deflate.map(|(a, _)| a.inflater(Role::Server, settings.max_message_size)),
+            CHUNK,
         ),
         // Copy what hyper read past the request head, and let go of hyper's
         // read buffer, which `leftover` would otherwise keep alive.
@@ -743,6 +836,7 @@ async fn run_inner(
         hint: FIRST_CHUNK,
         batch: WriteQueue::default(),
         message: None,
+        max_message: usize::try_from(settings.max_message_size).unwrap_or(usize::MAX),
         bytes: 0,
         pace: Pace::new(None, settings.shared_bandwidth.as_ref(), true),
     };
@@ -755,6 +849,7 @@ async fn run_inner(
         bytes: 0,
         pace: Pace::new(None, settings.shared_bandwidth.as_ref(), false),
         paced_until: None,
+        deflater: deflate.map(|(a, c)| a.deflater(Role::Server, &c)),
     };
     let mut outcome = Outcome::default();
 

@@ -116,6 +116,7 @@ struct TunnelFile {
     agent_ids: Vec<String>,
     #[serde(default)]
     identity_headers: BTreeMap<String, String>,
+    deflate: Option<DeflateFile>,
 }
 
 /// `[[tunnel.forward]]`.
@@ -256,6 +257,94 @@ struct RouteFile {
     identity_headers: BTreeMap<String, String>,
     #[serde(default)]
     allow: Vec<String>,
+    deflate: Option<DeflateFile>,
+}
+
+/// `deflate = true|false`, or a `[route.deflate]` (`[tunnel.deflate]`)
+/// table: permessage-deflate on a WebSocket the gateway terminates.
+#[derive(Debug)]
+enum DeflateFile {
+    Off,
+    On(DeflateTable),
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeflateTable {
+    server_no_context_takeover: Option<bool>,
+    client_no_context_takeover: Option<bool>,
+    server_max_window_bits: Option<Bounded<8, 15>>,
+    client_max_window_bits: Option<Bounded<8, 15>>,
+    min_size: Option<ByteSize>,
+    level: Option<Bounded<0, 9>>,
+}
+
+/// An integer from `LO` to `HI`, checked where it is written.
+#[derive(Debug, Clone, Copy)]
+struct Bounded<const LO: u8, const HI: u8>(u8);
+
+impl<'de, const LO: u8, const HI: u8> Deserialize<'de> for Bounded<LO, HI> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = i64::deserialize(d)?;
+        u8::try_from(n)
+            .ok()
+            .filter(|n| (LO..=HI).contains(n))
+            .map(Bounded)
+            .ok_or_else(|| serde::de::Error::custom(format!("must be {LO} to {HI}, not {n}")))
+    }
+}
+
+impl<'de> Deserialize<'de> for DeflateFile {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = DeflateFile;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("true, false or a table of permessage-deflate settings")
+            }
+            fn visit_bool<E: serde::de::Error>(self, on: bool) -> Result<DeflateFile, E> {
+                Ok(if on {
+                    DeflateFile::On(DeflateTable::default())
+                } else {
+                    DeflateFile::Off
+                })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<DeflateFile, A::Error> {
+                DeflateTable::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(DeflateFile::On)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl DeflateFile {
+    /// The settings, or `None` when off.
+    fn settings(self) -> Option<wsframe::deflate::Config> {
+        let DeflateFile::On(t) = self else {
+            return None;
+        };
+        let d = wsframe::deflate::Config::default();
+        Some(wsframe::deflate::Config {
+            server_no_context_takeover: t
+                .server_no_context_takeover
+                .unwrap_or(d.server_no_context_takeover),
+            client_no_context_takeover: t
+                .client_no_context_takeover
+                .unwrap_or(d.client_no_context_takeover),
+            server_max_window_bits: t
+                .server_max_window_bits
+                .map_or(d.server_max_window_bits, |b| b.0),
+            client_max_window_bits: t
+                .client_max_window_bits
+                .map_or(d.client_max_window_bits, |b| b.0),
+            min_size: t.min_size.map_or(d.min_size, |s| s.0 as usize),
+            level: t.level.map_or(d.level, |l| l.0),
+        })
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -921,6 +1010,7 @@ impl Validator<'_> {
             auth: tunnel_auth,
             agent_auth: t.agent_auth,
             agent_ids: t.agent_ids,
+            deflate: t.deflate.and_then(DeflateFile::settings),
         }
     }
 
@@ -1566,6 +1656,17 @@ impl Validator<'_> {
                 None
             }
         };
+        let deflate = r.deflate.and_then(DeflateFile::settings);
+        if deflate.is_some() && matches!(target, Some(Target::Proxy(_) | Target::Files(_))) {
+            self.error(
+                "route",
+                i,
+                "deflate",
+                "`deflate` applies to routes the gateway terminates (`to`, [route.discovery]); \
+                 a proxy route passes permessage-deflate through to its backend"
+                    .into(),
+            );
+        }
         let auth = self.route_auth(
             i,
             RouteAuth {
@@ -1606,6 +1707,7 @@ impl Validator<'_> {
             admission: Default::default(),
             health_check,
             auth,
+            deflate,
         })
     }
 }
@@ -1945,6 +2047,67 @@ framing_config = 'separator=\r\n'
         );
         let e = errors(&format!("workers = -1\n{base}"));
         assert!(e[0].starts_with("t.toml:1:"), "{e:?}");
+    }
+
+    #[test]
+    fn deflate_is_a_switch_or_a_table_on_terminated_routes() {
+        let base = "[[listener]]\naddress = \"127.0.0.1:1\"\n";
+        let c = parse(
+            "t.toml",
+            &format!(
+                "{base}[[route]]\npath = \"/a\"\nto = \"echo:\"\ndeflate = true\n\
+                 [[route]]\npath = \"/b\"\nto = \"echo:\"\ndeflate = false\n\
+                 [[route]]\npath = \"/c\"\nto = \"tcp://127.0.0.1:9\"\n[route.deflate]\n\
+                 server_no_context_takeover = true\nclient_max_window_bits = 9\n\
+                 min_size = \"1KiB\"\nlevel = 1\n\
+                 [tunnel]\nmux_allow = [\"tcp://127.0.0.1:*\"]\ndeflate = {{ server_max_window_bits = 8 }}\n"
+            ),
+            Path::new("."),
+        )
+        .unwrap();
+        assert_eq!(
+            c.routes[0].deflate,
+            Some(wsframe::deflate::Config::default())
+        );
+        assert_eq!(c.routes[1].deflate, None);
+        let d = c.routes[2].deflate.unwrap();
+        assert!(d.server_no_context_takeover && !d.client_no_context_takeover);
+        assert_eq!(
+            (d.client_max_window_bits, d.min_size, d.level),
+            (9, 1024, 1)
+        );
+        assert_eq!(c.tunnel.deflate.unwrap().server_max_window_bits, 8);
+
+        let e = errors(&format!(
+            "{base}[[route]]\npath = \"/c\"\nto = \"echo:\"\n[route.deflate]\nserver_max_window_bits = 7\n"
+        ));
+        assert_eq!(
+            e,
+            ["t.toml:7:26: route[0].deflate.server_max_window_bits: must be 8 to 15, not 7"]
+        );
+        let e = errors(&format!(
+            "{base}[[route]]\npath = \"/c\"\nto = \"echo:\"\n[route.deflate]\nwindow = 9\n"
+        ));
+        assert!(
+            e[0].starts_with("t.toml:7:1: route[0].deflate.window: unknown field `window`"),
+            "{e:?}"
+        );
+        let e = errors(&format!(
+            "{base}[[route]]\npath = \"/c\"\nto = \"echo:\"\ndeflate = 1\n"
+        ));
+        assert!(
+            e[0].starts_with("t.toml:6:11: route[0].deflate: invalid type"),
+            "{e:?}"
+        );
+        let e = errors(&format!(
+            "{base}[[route]]\npath = \"/p\"\nproxy = \"ws://127.0.0.1:9\"\ndeflate = true\n"
+        ));
+        assert!(
+            e[0].starts_with(
+                "t.toml:6:1: route[0].deflate: `deflate` applies to routes the gateway terminates"
+            ),
+            "{e:?}"
+        );
     }
 
     #[test]

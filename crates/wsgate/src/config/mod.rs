@@ -206,6 +206,8 @@ pub struct Tunnel {
     /// (templates, `*` globs).
     pub agent_auth: Vec<String>,
     pub agent_ids: Vec<String>,
+    /// permessage-deflate on `/mux` WebSockets (`[tunnel.deflate]`).
+    pub deflate: Option<wsframe::deflate::Config>,
 }
 
 impl Default for Tunnel {
@@ -223,6 +225,7 @@ impl Default for Tunnel {
             auth: RouteAuth::default(),
             agent_auth: vec![],
             agent_ids: vec![],
+            deflate: None,
         }
     }
 }
@@ -471,6 +474,9 @@ pub struct Route {
     /// Authentication and rules (`auth`, `origins`, `subjects`,
     /// `identity_headers`, `allow`).
     pub auth: RouteAuth,
+    /// permessage-deflate, negotiated on bridge routes (`deflate`,
+    /// `[route.deflate]`); `None`: never compressed by the gateway.
+    pub deflate: Option<wsframe::deflate::Config>,
 }
 
 impl Route {

@@ -38,6 +38,21 @@ pub fn has_token(parts: &Parts, name: header::HeaderName, token: &str) -> bool {
     header_has_token(&parts.headers, name, token)
 }
 
+/// permessage-deflate for a handshake the gateway terminates: the
+/// parameters agreed from the request's `Sec-WebSocket-Extensions` under
+/// `config` (docs/deflate.md), and the answer's header value; `None`: the
+/// WebSocket goes uncompressed (no offer, or none acceptable).
+pub fn deflate(
+    parts: &Parts,
+    config: Option<&wsframe::deflate::Config>,
+) -> Option<(wsframe::deflate::Agreed, HeaderValue)> {
+    let config = config?;
+    let values = parts.headers.get_all(header::SEC_WEBSOCKET_EXTENSIONS);
+    let agreed = wsframe::deflate::negotiate(values.iter().map(HeaderValue::as_bytes), config)?;
+    let answer = HeaderValue::try_from(agreed.response()).expect("tokens are a valid header value");
+    Some((agreed, answer))
+}
+
 /// Whether a comma-separated header of `headers` contains `token`.
 pub fn header_has_token(headers: &http::HeaderMap, name: header::HeaderName, token: &str) -> bool {
     headers

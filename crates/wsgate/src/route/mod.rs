@@ -252,6 +252,7 @@ mod tests {
             admission: Default::default(),
             health_check: None,
             auth: Default::default(),
+            deflate: None,
         }
     }
 

@@ -312,16 +312,20 @@ impl Gateway {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             // Ticks since this worker's number of connections last fell.
             let (mut last_open, mut since_drop) = (0, u32::MAX);
+            // Idle deflate connections free their zlib states: trim then too.
+            let mut last_hibernations = crate::bridge::relay::hibernations();
             loop {
                 tokio::select! {
                     _ = w.shutdown.cancelled() => return,
                     _ = tick.tick() => {
                         let open = w.open.get();
                         since_drop = if open < last_open { 0 } else { since_drop.saturating_add(1) };
-                        if since_drop < 4 {
+                        let hibernations = crate::bridge::relay::hibernations();
+                        if since_drop < 4 || hibernations != last_hibernations {
                             release_thread_memory();
                         }
                         last_open = open;
+                        last_hibernations = hibernations;
                     }
                 }
             }

@@ -41,13 +41,15 @@ pub async fn serve(
     tunnel: Arc<Tunnel>,
     connect_timeout: Duration,
     who: Who,
+    deflate: Option<(wsframe::deflate::Agreed, wsframe::deflate::Config)>,
     shutdown: CancellationToken,
 ) {
-    let transport = wsmux::WsTransport::from_raw(
+    let transport = wsmux::WsTransport::from_raw_deflate(
         client.into_io(),
         wsframe::Role::Server,
         wsmux::WsTransport::<Box<dyn crate::io::Io>>::default_config(),
         &leftover,
+        deflate,
     );
     let session = wsmux::Session::server(transport, super::mux_config(tunnel.config.keepalive));
     let streams = TaskTracker::new();
