@@ -1076,6 +1076,7 @@ mod tests {
             bytes: 0,
             pace: None,
             paced_until: None,
+            deflater: None,
         };
         let long = "x".repeat(NO_COPY + 10);
         down.buf
@@ -1084,7 +1085,7 @@ mod tests {
         assert_eq!(&down.buf[..], b"partial", "an unfinished line waits");
         assert_eq!(down.bytes, (2 + long.len() + 2) as u64);
         let wire = down.out.drain_for_test(usize::MAX);
-        let mut dec = Decoder::new(Role::Client, DecoderConfig::default());
+        let mut dec = wsframe::Decoder::new(Role::Client, wsframe::DecoderConfig::default());
         let mut wire = BytesMut::from(&wire[..]);
         let mut got = vec![];
         while let Some(Frame::Data { payload, text, .. }) = dec.next(&mut wire).unwrap() {
