@@ -385,7 +385,47 @@ pub(crate) fn header(typ: FrameType, flags: Flags, stream_id: u32, value: u32) -
     h
 }
 
+/// One outgoing frame with its header apart from its payload, so that a
+/// payload (a slice of what the application wrote) reaches the transport
+/// without being copied: see [`crate::Transport::start_send_parts`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    /// The 12 header bytes.
+    pub header: [u8; HEADER_LEN],
+    /// The payload (empty for most control frames).
+    pub payload: Bytes,
+}
+
+impl Outgoing {
+    /// A frame of `header` and `payload`.
+    pub fn new(header: [u8; HEADER_LEN], payload: Bytes) -> Outgoing {
+        Outgoing { header, payload }
+    }
+
+    /// The frame's size on the wire (one message): header and payload.
+    pub fn wire_len(&self) -> usize {
+        HEADER_LEN + self.payload.len()
+    }
+
+    /// The whole frame as one message (a copy).
+    pub fn to_bytes(&self) -> Bytes {
+        let mut b = BytesMut::with_capacity(self.wire_len());
+        b.extend_from_slice(&self.header);
+        b.extend_from_slice(&self.payload);
+        b.freeze()
+    }
+
+    /// Split an encoded frame (at least a header) into its two parts.
+    pub(crate) fn from_encoded(mut b: Bytes) -> Outgoing {
+        let payload = b.split_off(HEADER_LEN);
+        let mut header = [0u8; HEADER_LEN];
+        header.copy_from_slice(&b);
+        Outgoing { header, payload }
+    }
+}
+
 /// Encode a DATA frame whose payload is copied from `data`.
+#[cfg(test)]
 pub(crate) fn encode_data(stream_id: u32, flags: Flags, data: &[u8]) -> Bytes {
     let mut buf = BytesMut::with_capacity(HEADER_LEN + data.len());
     put_header(&mut buf, FrameType::Data, flags, stream_id, 0);

@@ -37,10 +37,12 @@
 
 use crate::config::Config;
 use crate::error::Error;
-use crate::frame::{self, reset_code, Flags, Frame, FrameType, GoAwayCode, INITIAL_WINDOW};
+use crate::frame::{
+    self, reset_code, Flags, Frame, FrameType, GoAwayCode, Outgoing, INITIAL_WINDOW,
+};
 use crate::pool::BufPool;
 use crate::transport::Message;
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, Bytes};
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::sync::Arc;
@@ -250,14 +252,14 @@ pub struct Connection {
 
     // --- outgoing ---
     /// Ordered per stream: SYN, ACK, DATA, FIN, RST.
-    data_q: VecDeque<Bytes>,
+    data_q: VecDeque<Outgoing>,
     data_q_bytes: usize,
     queue_waiters: VecDeque<u32>,
     wu_q: VecDeque<u32>,
     rst_q: VecDeque<(u32, u32)>,
     pong: Option<u32>,
     ping_out: Option<u32>,
-    goaway_out: Option<Bytes>,
+    goaway_out: Option<Outgoing>,
     /// `poll_transmit` last returned `None`: the next queued frame needs the
     /// driver's attention (see [`Connection::take_wakeup`]).
     transmit_idle: bool,
@@ -297,19 +299,18 @@ fn proto(reason: &str) -> Error {
     }
 }
 
-fn rst_frame(id: u32, code: u32) -> Bytes {
-    let mut b = BytesMut::with_capacity(frame::HEADER_LEN);
-    frame::put_header(&mut b, FrameType::Data, Flags::RST, id, code);
-    b.freeze()
+fn rst_frame(id: u32, code: u32) -> Outgoing {
+    Outgoing::new(
+        frame::header(FrameType::Data, Flags::RST, id, code),
+        Bytes::new(),
+    )
 }
 
-fn control_frame(id: u32, flags: Flags, delta: u32) -> Bytes {
-    Frame::WindowUpdate {
-        stream_id: id,
-        flags,
-        delta,
-    }
-    .encode()
+fn control_frame(id: u32, flags: Flags, delta: u32) -> Outgoing {
+    Outgoing::new(
+        frame::header(FrameType::WindowUpdate, flags, id, delta),
+        Bytes::new(),
+    )
 }
 
 impl Connection {
@@ -318,7 +319,7 @@ impl Connection {
     pub fn new(role: Role, config: Config, now: Instant) -> Connection {
         let cfg = config.normalized();
         Connection {
-            pool: BufPool::new(frame::HEADER_LEN + cfg.max_frame_payload, POOL_BUFFERS),
+            pool: BufPool::new(cfg.max_frame_payload, POOL_BUFFERS),
             cfg,
             role,
             streams: HashMap::new(),
@@ -515,6 +516,13 @@ impl Connection {
     /// [`Connection::close`], then the GOAWAY; then `None`: close the
     /// transport.
     pub fn poll_transmit(&mut self, now: Instant) -> Option<Bytes> {
+        self.poll_transmit_frame(now).map(|f| f.to_bytes())
+    }
+
+    /// [`Connection::poll_transmit`] with the frame's header apart from its
+    /// payload, which is a slice of what the application wrote, not a copy
+    /// (see [`crate::Transport::start_send_parts`]).
+    pub fn poll_transmit_frame(&mut self, now: Instant) -> Option<Outgoing> {
         self.wakeup = false;
         match self.phase {
             Phase::Closed => None,
@@ -523,7 +531,7 @@ impl Connection {
                     return None;
                 }
                 if let Some(f) = self.data_q.pop_front() {
-                    self.data_q_bytes -= f.len();
+                    self.data_q_bytes -= f.wire_len();
                     return Some(f);
                 }
                 self.goaway_out.take()
@@ -541,27 +549,17 @@ impl Connection {
         }
     }
 
-    fn next_frame(&mut self, now: Instant) -> Option<Bytes> {
+    fn next_frame(&mut self, now: Instant) -> Option<Outgoing> {
         if let Some(g) = self.goaway_out.take() {
             return Some(g);
         }
         if let Some(o) = self.pong.take() {
-            return Some(
-                Frame::Ping {
-                    ack: true,
-                    opaque: o,
-                }
-                .encode(),
-            );
+            let h = frame::header(FrameType::Ping, Flags::ACK, 0, o);
+            return Some(Outgoing::new(h, Bytes::new()));
         }
         if let Some(o) = self.ping_out.take() {
-            return Some(
-                Frame::Ping {
-                    ack: false,
-                    opaque: o,
-                }
-                .encode(),
-            );
+            let h = frame::header(FrameType::Ping, Flags::SYN, 0, o);
+            return Some(Outgoing::new(h, Bytes::new()));
         }
         if let Some((id, code)) = self.rst_q.pop_front() {
             return Some(rst_frame(id, code));
@@ -572,7 +570,7 @@ impl Connection {
             }
         }
         let f = self.data_q.pop_front()?;
-        self.data_q_bytes -= f.len();
+        self.data_q_bytes -= f.wire_len();
         if !self.send_queue_full() {
             while let Some(id) = self.queue_waiters.pop_front() {
                 if let Some(st) = self.streams.get_mut(&id) {
@@ -586,7 +584,7 @@ impl Connection {
 
     /// Build the WINDOW_UPDATE for `id`, growing its window when the last
     /// half-window was consumed within two round trips.
-    fn window_update(&mut self, id: u32, now: Instant) -> Option<Bytes> {
+    fn window_update(&mut self, id: u32, now: Instant) -> Option<Outgoing> {
         let st = self.streams.get_mut(&id)?;
         st.wu_pending = false;
         if st.fin_recv || st.closed() {
@@ -658,8 +656,8 @@ impl Connection {
         }
     }
 
-    fn push_data(&mut self, frame: Bytes) {
-        self.data_q_bytes += frame.len();
+    fn push_data(&mut self, frame: Outgoing) {
+        self.data_q_bytes += frame.wire_len();
         self.data_q.push_back(frame);
         self.queued();
     }
@@ -697,7 +695,9 @@ impl Connection {
             _ => None,
         };
         if let Some((code, reason)) = goaway {
-            self.goaway_out = Some(Frame::GoAway { code, reason }.encode());
+            self.goaway_out = Some(Outgoing::from_encoded(
+                Frame::GoAway { code, reason }.encode(),
+            ));
             self.goaway_sent = true;
         }
         if !matches!(err, Error::SessionClosed) {
@@ -1052,6 +1052,44 @@ impl Connection {
         max: usize,
         mut sink: impl FnMut(&[u8]),
     ) -> Result<usize, ReadError> {
+        self.read_with(id, max, |front, k| {
+            sink(&front[..k]);
+            if k == front.len() {
+                true
+            } else {
+                front.advance(k);
+                false
+            }
+        })
+    }
+
+    /// [`Connection::read`] without a copy: the received payloads (or the
+    /// first part of the last one) are handed to `sink` as they are.
+    pub fn read_bytes(
+        &mut self,
+        id: u32,
+        max: usize,
+        mut sink: impl FnMut(Bytes),
+    ) -> Result<usize, ReadError> {
+        self.read_with(id, max, |front, k| {
+            if k == front.len() {
+                sink(std::mem::take(front));
+                true
+            } else {
+                sink(front.split_to(k));
+                false
+            }
+        })
+    }
+
+    /// Consumes up to `max` bytes: `take(front, k)` takes the first `k`
+    /// bytes of the front payload and says whether it is used up.
+    fn read_with(
+        &mut self,
+        id: u32,
+        max: usize,
+        mut take: impl FnMut(&mut Bytes, usize) -> bool,
+    ) -> Result<usize, ReadError> {
         if max == 0 {
             return Ok(0);
         }
@@ -1068,12 +1106,9 @@ impl Connection {
                     break;
                 };
                 let k = front.len().min(max - n);
-                sink(&front[..k]);
                 n += k;
-                if k == front.len() {
+                if take(front, k) {
                     st.recv_buf.pop_front();
-                } else {
-                    front.advance(k);
                 }
             }
             st.buffered -= n;
@@ -1109,6 +1144,27 @@ impl Connection {
     /// [`Config::max_frame_payload`] bytes each, within the stream's credit,
     /// and returns how many bytes it took. `Ok(0)` only for empty `data`.
     pub fn write(&mut self, id: u32, data: &[u8]) -> Result<usize, WriteError> {
+        let pool = self.pool.clone();
+        self.write_with(id, data.len(), |off, n| pool.bytes(&[&data[off..off + n]]))
+    }
+
+    /// [`Connection::write`] without a copy: the frames carry slices of
+    /// `data`, and what was taken is removed from its front.
+    pub fn write_bytes(&mut self, id: u32, data: &mut Bytes) -> Result<usize, WriteError> {
+        let whole = data.clone();
+        let n = self.write_with(id, whole.len(), |off, n| whole.slice(off..off + n))?;
+        data.advance(n);
+        Ok(n)
+    }
+
+    /// Queues frames for up to `len` bytes; `payload(offset, n)` gives the
+    /// `n` bytes at `offset` of the data.
+    fn write_with(
+        &mut self,
+        id: u32,
+        len: usize,
+        mut payload: impl FnMut(usize, usize) -> Bytes,
+    ) -> Result<usize, WriteError> {
         if let Some(e) = &self.error {
             return Err(WriteError::Session(e.clone()));
         }
@@ -1123,7 +1179,7 @@ impl Connection {
         if st.fin_sent || st.rst_sent {
             return Err(WriteError::Closed);
         }
-        if data.is_empty() {
+        if len == 0 {
             return Ok(0);
         }
         if st.send_credit == 0 {
@@ -1142,9 +1198,7 @@ impl Connection {
             let Some(st) = self.streams.get_mut(&id) else {
                 break;
             };
-            let rest = &data[written..];
-            let n = rest
-                .len()
+            let n = (len - written)
                 .min(max_payload)
                 .min(st.send_credit.min(u32::MAX as u64) as usize);
             if n == 0 {
@@ -1152,10 +1206,9 @@ impl Connection {
             }
             st.send_credit -= n as u64;
             let hdr = frame::header(FrameType::Data, Flags::empty(), id, 0);
-            let frame = self.pool.bytes(&[&hdr, &rest[..n]]);
-            self.push_data(frame);
+            self.push_data(Outgoing::new(hdr, payload(written, n)));
             written += n;
-            if written == data.len() || self.send_queue_full() {
+            if written == len || self.send_queue_full() {
                 break;
             }
         }
@@ -1178,7 +1231,8 @@ impl Connection {
             return Ok(());
         }
         st.fin_sent = true;
-        self.push_data(frame::encode_data(id, Flags::FIN, &[]));
+        let h = frame::header(FrameType::Data, Flags::FIN, id, 0);
+        self.push_data(Outgoing::new(h, Bytes::new()));
         Ok(())
     }
 
@@ -1233,13 +1287,13 @@ impl Connection {
         }
         self.goaway_sent = true;
         self.counts_changed = true;
-        self.goaway_out = Some(
+        self.goaway_out = Some(Outgoing::from_encoded(
             Frame::GoAway {
                 code: GoAwayCode::Normal,
                 reason: String::new(),
             }
             .encode(),
-        );
+        ));
         self.queued();
     }
 

@@ -4,9 +4,11 @@
 //! The connection lives behind one mutex together with the wakers of the
 //! tasks waiting on it (the `quinn` / `quinn-proto` arrangement). Stream
 //! handles call into it directly (a write copies into a frame buffer and
-//! queues it, a read copies out of the buffered frames); the driver task
-//! moves messages between it and the transport and runs its timer. After
-//! every call, the connection's events say whom to wake.
+//! queues it, a read copies out of the buffered frames; their `Bytes`
+//! variants queue slices and hand out the received payloads, no copy); the
+//! driver task moves frames between it and the transport (header and
+//! payload apart, [`Transport::start_send_parts`]) and runs its timer.
+//! After every call, the connection's events say whom to wake.
 
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -304,10 +306,10 @@ impl<T: Transport> Driver<T> {
                 }
                 Poll::Ready(Ok(())) => {}
             }
-            let Some(msg) = self.shared.lock_driver().conn.poll_transmit(now()) else {
+            let Some(f) = self.shared.lock_driver().conn.poll_transmit_frame(now()) else {
                 break;
             };
-            if let Err(e) = self.transport.start_send(msg) {
+            if let Err(e) = self.transport.start_send_parts(&f.header, f.payload) {
                 self.shared
                     .lock_driver()
                     .conn
@@ -359,9 +361,13 @@ impl<T: Transport> Driver<T> {
                 // go on to closing, which also flushes.
                 Poll::Ready(Err(_)) => {}
                 Poll::Ready(Ok(())) => {
-                    let next = self.shared.lock_driver().conn.poll_transmit(now());
-                    if let Some(msg) = next {
-                        if self.transport.start_send(msg).is_ok() {
+                    let next = self.shared.lock_driver().conn.poll_transmit_frame(now());
+                    if let Some(f) = next {
+                        if self
+                            .transport
+                            .start_send_parts(&f.header, f.payload)
+                            .is_ok()
+                        {
                             continue;
                         }
                     }

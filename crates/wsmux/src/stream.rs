@@ -3,6 +3,8 @@
 use crate::error::StreamReset;
 use crate::proto::{ReadError, WriteError};
 use crate::session::Shared;
+use bytes::Bytes;
+use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -70,6 +72,61 @@ impl Stream {
     pub fn recv_window(&self) -> u32 {
         self.shared.lock().conn.stream_window(self.id)
     }
+
+    /// Read without a copy: up to `max` bytes, as the received payloads
+    /// themselves (or the first part of one), appended to `out`. Returns how
+    /// many bytes; `0` with `max > 0` is the end of the stream. Fails as
+    /// [`AsyncRead::poll_read`] does.
+    pub fn poll_read_bytes(
+        &mut self,
+        cx: &mut Context<'_>,
+        max: usize,
+        out: &mut VecDeque<Bytes>,
+    ) -> Poll<io::Result<usize>> {
+        let id = self.id;
+        let mut st = self.shared.lock();
+        let r = st.conn.read_bytes(id, max, |b| out.push_back(b));
+        read_result(r, || st.wait_read(id, cx.waker()))
+    }
+
+    /// Write without a copy: the frames carry slices of `data`; what was
+    /// taken (at least one byte unless `data` is empty) is removed from its
+    /// front, and the count returned. Waits and fails as
+    /// [`AsyncWrite::poll_write`] does.
+    pub fn poll_write_bytes(
+        &mut self,
+        cx: &mut Context<'_>,
+        data: &mut Bytes,
+    ) -> Poll<io::Result<usize>> {
+        let id = self.id;
+        let mut st = self.shared.lock();
+        match st.conn.write_bytes(id, data) {
+            Ok(n) => Poll::Ready(Ok(n)),
+            Err(WriteError::Blocked) => {
+                st.wait_write(id, cx.waker());
+                Poll::Pending
+            }
+            Err(e) => Poll::Ready(Err(write_error(e))),
+        }
+    }
+}
+
+/// The outcome of a read; `wait` registers the waker when it must wait.
+fn read_result<T>(r: Result<T, ReadError>, wait: impl FnOnce()) -> Poll<io::Result<T>> {
+    match r {
+        Ok(n) => Poll::Ready(Ok(n)),
+        Err(ReadError::Blocked) => {
+            wait();
+            Poll::Pending
+        }
+        Err(ReadError::Reset(code)) => Poll::Ready(Err(reset_error(code))),
+        Err(ReadError::LocallyReset) => Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::NotConnected,
+            "stream was reset locally",
+        ))),
+        Err(ReadError::UnknownStream) => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
+        Err(ReadError::Session(e)) => Poll::Ready(Err(e.to_io())),
+    }
 }
 
 impl std::fmt::Debug for Stream {
@@ -86,20 +143,8 @@ impl AsyncRead for Stream {
     ) -> Poll<io::Result<()>> {
         let id = self.id;
         let mut st = self.shared.lock();
-        match st.conn.read(id, buf.remaining(), |b| buf.put_slice(b)) {
-            Ok(_) => Poll::Ready(Ok(())),
-            Err(ReadError::Blocked) => {
-                st.wait_read(id, cx.waker());
-                Poll::Pending
-            }
-            Err(ReadError::Reset(code)) => Poll::Ready(Err(reset_error(code))),
-            Err(ReadError::LocallyReset) => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::NotConnected,
-                "stream was reset locally",
-            ))),
-            Err(ReadError::UnknownStream) => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
-            Err(ReadError::Session(e)) => Poll::Ready(Err(e.to_io())),
-        }
+        let r = st.conn.read(id, buf.remaining(), |b| buf.put_slice(b));
+        read_result(r, || st.wait_read(id, cx.waker())).map_ok(|_| ())
     }
 }
 

@@ -37,6 +37,17 @@ pub trait Transport: Send + Unpin + 'static {
     /// Queue one binary message. Only called after `poll_ready` returned
     /// `Ready(Ok(()))`.
     fn start_send(&mut self, msg: Bytes) -> io::Result<()>;
+    /// Queue one binary message made of `head` followed by `body` (a mux
+    /// frame's header and its payload). Only called after `poll_ready`
+    /// returned `Ready(Ok(()))`. The default joins them (a copy) for
+    /// [`Transport::start_send`]; a transport that can write the two apart
+    /// (a `writev`) overrides it, so the payload is never copied.
+    fn start_send_parts(&mut self, head: &[u8], body: Bytes) -> io::Result<()> {
+        let mut msg = Vec::with_capacity(head.len() + body.len());
+        msg.extend_from_slice(head);
+        msg.extend_from_slice(&body);
+        self.start_send(msg.into())
+    }
     /// Push queued messages out.
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
     /// Flush and close the sending direction (WebSocket close).
@@ -52,6 +63,9 @@ impl<T: Transport + ?Sized> Transport for Box<T> {
     }
     fn start_send(&mut self, msg: Bytes) -> io::Result<()> {
         (**self).start_send(msg)
+    }
+    fn start_send_parts(&mut self, head: &[u8], body: Bytes) -> io::Result<()> {
+        (**self).start_send_parts(head, body)
     }
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         (**self).poll_flush(cx)

@@ -10,13 +10,16 @@
 use crate::pool::BufPool;
 use crate::transport::{Message, Transport};
 use bytes::{Buf, Bytes, BytesMut};
-use std::io;
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use wsframe::deflate::{self, Deflater, InflatingDecoder};
-use wsframe::{close_code, encode_frame, DecoderConfig, Frame, OpCode, Role};
+use wsframe::{
+    apply_mask, close_code, encode_frame, write_header, DecoderConfig, Frame, OpCode, Role,
+};
 
 /// The WebSocket subprotocol name of mux protocol version 1.
 pub const SUBPROTOCOL: &str = "wsmux.v1";
@@ -33,6 +36,83 @@ const RECV_POOL_BUFFERS: usize = 128;
 /// occupies more than twice its length.
 const RECV_BUF_CAPACITY: usize = 12 + 32 * 1024 + 64;
 
+/// Payloads this big or bigger are written from where they are, after their
+/// headers, by one `writev` (unmasked frames: the server's); smaller ones
+/// are copied behind their header, so many small frames go out in one
+/// contiguous write.
+const NO_COPY: usize = 4096;
+/// Most slices given to one `writev`.
+const IOV: usize = 16;
+
+/// Encoded frames waiting to be written, in order: whole segments (frame
+/// headers and the payloads they precede, not copied), then `tail` (copied
+/// frames and the headers written since the last segment).
+#[derive(Default)]
+struct WriteQueue {
+    segments: VecDeque<Bytes>,
+    /// Bytes in `segments`.
+    in_segments: usize,
+    tail: BytesMut,
+}
+
+impl WriteQueue {
+    fn len(&self) -> usize {
+        self.in_segments + self.tail.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends `data` without copying it.
+    fn push(&mut self, data: Bytes) {
+        if !self.tail.is_empty() {
+            let t = self.tail.split().freeze();
+            self.in_segments += t.len();
+            self.segments.push_back(t);
+        }
+        self.in_segments += data.len();
+        self.segments.push_back(data);
+    }
+
+    /// The queue's first bytes, as up to `iov.len()` slices; returns how many.
+    fn slices<'a>(&'a self, iov: &mut [IoSlice<'a>]) -> usize {
+        let tail = (!self.tail.is_empty()).then_some(&self.tail[..]);
+        let all = self.segments.iter().map(|s| &s[..]).chain(tail);
+        let mut k = 0;
+        for (slot, s) in iov.iter_mut().zip(all) {
+            *slot = IoSlice::new(s);
+            k += 1;
+        }
+        k
+    }
+
+    /// Drops the first `n` bytes (written).
+    fn advance(&mut self, mut n: usize) {
+        while n > 0 {
+            match self.segments.front_mut() {
+                Some(s) if s.len() <= n => {
+                    n -= s.len();
+                    self.in_segments -= s.len();
+                    self.segments.pop_front();
+                }
+                Some(s) => {
+                    s.advance(n);
+                    self.in_segments -= n;
+                    return;
+                }
+                None => {
+                    self.tail.advance(n);
+                    break;
+                }
+            }
+        }
+        if self.tail.is_empty() {
+            self.tail.clear();
+        }
+    }
+}
+
 /// Largest message a mux peer needs: the 12-byte header plus a 64 KiB
 /// payload; the default limit leaves room for other uses (byte streams).
 const DEFAULT_MAX_MESSAGE: u64 = 1 << 20;
@@ -46,7 +126,7 @@ pub struct WsTransport<S> {
     deflater: Option<Deflater>,
     rbuf: BytesMut,
     partial: Option<(bool, Vec<u8>)>,
-    wbuf: BytesMut,
+    wbuf: WriteQueue,
     close_sent: bool,
     close_received: bool,
     read_eof: bool,
@@ -93,7 +173,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> WsTransport<S> {
             deflater: deflate.map(|(a, c)| a.deflater(role, &c)),
             rbuf: BytesMut::from(leftover),
             partial: None,
-            wbuf: BytesMut::new(),
+            wbuf: WriteQueue::default(),
             close_sent: false,
             close_received: false,
             read_eof: false,
@@ -253,7 +333,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> WsTransport<S> {
 
     fn poll_write_buf(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.wbuf.is_empty() {
-            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.wbuf))?;
+            let n = if self.wbuf.segments.is_empty() {
+                ready!(Pin::new(&mut self.io).poll_write(cx, &self.wbuf.tail))?
+            } else {
+                let mut iov = [IoSlice::new(&[]); IOV];
+                let k = self.wbuf.slices(&mut iov);
+                ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &iov[..k]))?
+            };
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
@@ -264,7 +350,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> WsTransport<S> {
 
     fn send_control(&mut self, op: OpCode, payload: &[u8]) {
         let mask = self.mask();
-        encode_frame(&mut self.wbuf, true, op, mask, payload);
+        encode_frame(&mut self.wbuf.tail, true, op, mask, payload);
     }
 }
 
@@ -393,12 +479,46 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Transport for WsTranspo
     }
 
     fn start_send(&mut self, msg: Bytes) -> io::Result<()> {
+        self.start_send_parts(&[], msg)
+    }
+
+    fn start_send_parts(&mut self, head: &[u8], body: Bytes) -> io::Result<()> {
         if let Some(d) = &mut self.deflater {
-            d.encode(&mut self.wbuf, OpCode::Binary, &msg);
+            // Compressed: the input is one message, copied into the output.
+            if head.is_empty() {
+                d.encode(&mut self.wbuf.tail, OpCode::Binary, &body);
+            } else {
+                let mut msg = Vec::with_capacity(head.len() + body.len());
+                msg.extend_from_slice(head);
+                msg.extend_from_slice(&body);
+                d.encode(&mut self.wbuf.tail, OpCode::Binary, &msg);
+            }
             return Ok(());
         }
+        let len = head.len() + body.len();
         let mask = self.mask();
-        encode_frame(&mut self.wbuf, true, OpCode::Binary, mask, &msg);
+        let tail = &mut self.wbuf.tail;
+        match mask {
+            // A client masks: one copy, masked in place.
+            Some(mask) => {
+                tail.reserve(wsframe::MAX_HEADER_LEN + len);
+                write_header(tail, true, 0, OpCode::Binary, Some(mask), len);
+                let start = tail.len();
+                tail.extend_from_slice(head);
+                tail.extend_from_slice(&body);
+                apply_mask(&mut tail[start..], mask, 0);
+            }
+            None => {
+                tail.reserve(wsframe::MAX_HEADER_LEN + head.len());
+                write_header(tail, true, 0, OpCode::Binary, None, len);
+                tail.extend_from_slice(head);
+                if body.len() >= NO_COPY {
+                    self.wbuf.push(body);
+                } else {
+                    tail.extend_from_slice(&body);
+                }
+            }
+        }
         Ok(())
     }
 
@@ -416,5 +536,59 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Transport for WsTranspo
         ready!(self.poll_write_buf(cx))?;
         ready!(Pin::new(&mut self.io).poll_flush(cx))?;
         Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_write_queue_keeps_order_across_segments_and_the_tail() {
+        let mut q = WriteQueue::default();
+        q.tail.extend_from_slice(b"ab");
+        q.push(Bytes::from_static(b"cdef"));
+        q.tail.extend_from_slice(b"gh");
+        q.push(Bytes::from_static(b"ij"));
+        q.tail.extend_from_slice(b"k");
+        assert_eq!(q.len(), 11);
+        let mut out = Vec::new();
+        while !q.is_empty() {
+            let mut iov = [IoSlice::new(&[]); IOV];
+            let k = q.slices(&mut iov);
+            // Partial writes of 3 bytes at a time.
+            let all: Vec<u8> = iov[..k].iter().flat_map(|s| s.iter().copied()).collect();
+            let n = all.len().min(3);
+            out.extend_from_slice(&all[..n]);
+            q.advance(n);
+        }
+        assert_eq!(out, b"abcdefghijk");
+        assert_eq!(q.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn server_frames_carry_big_payloads_uncopied_and_both_roles_decode() {
+        for (role, peer) in [(Role::Server, Role::Client), (Role::Client, Role::Server)] {
+            let (a, b) = tokio::io::duplex(1 << 20);
+            let cfg = WsTransport::<tokio::io::DuplexStream>::default_config();
+            let mut tx = WsTransport::from_raw(a, role, cfg.clone(), &[]);
+            let mut rx = WsTransport::from_raw(b, peer, cfg, &[]);
+            let big = Bytes::from(vec![9u8; 20_000]);
+            tx.start_send_parts(b"HEAD", big.clone()).unwrap();
+            tx.start_send_parts(b"h", Bytes::from_static(b"small"))
+                .unwrap();
+            // Unmasked: the big payload is queued as it is, not copied.
+            assert_eq!(
+                tx.wbuf.segments.len(),
+                usize::from(role == Role::Server) * 2
+            );
+            std::future::poll_fn(|cx| tx.poll_flush(cx)).await.unwrap();
+            let mut want = b"HEAD".to_vec();
+            want.extend_from_slice(&big);
+            for want in [want, b"hsmall".to_vec()] {
+                let m = std::future::poll_fn(|cx| rx.poll_recv(cx)).await;
+                assert_eq!(m.unwrap().unwrap(), Message::Binary(want.into()));
+            }
+        }
     }
 }

@@ -20,9 +20,10 @@ use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
-use super::relay::{self, Side};
+use super::relay;
 use crate::tunnel::allow::AllowList;
 use crate::tunnel::proto::{self, Destination, Reply, Scheme, Status};
+use crate::tunnel::splice::{splice_mux, Copied, Failed};
 
 /// How a stream ended, for the log line.
 #[derive(Debug)]
@@ -157,20 +158,24 @@ async fn relay_tcp(
             };
         }
     }
-    let (moved, error) = match relay::splice(&mut stream, &mut tcp).await {
-        Ok(m) => (m, None),
-        Err(e) => {
-            let error = match e.side {
-                Side::A => {
+    let moved = |c: Copied| relay::Moved {
+        a_to_b: c.b_to_a,
+        b_to_a: c.a_to_b,
+    };
+    let (moved, error) = match splice_mux(&mut tcp, &mut stream).await {
+        Ok(c) => (moved(c), None),
+        Err((side, e, c)) => {
+            let error = match side {
+                Failed::Mux => {
                     relay::abort_tcp(tcp);
-                    format!("stream: {}", e.error)
+                    format!("stream: {e}")
                 }
-                Side::B => {
+                Failed::Io => {
                     stream.reset(wsmux::reset_code::CANCEL);
-                    format!("destination: {}", e.error)
+                    format!("destination: {e}")
                 }
             };
-            (e.moved, Some(error))
+            (moved(c), Some(error))
         }
     };
     Outcome::Relayed {

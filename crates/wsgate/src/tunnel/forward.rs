@@ -15,7 +15,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::proto::{decode_datagram, encode_datagram, MAX_DATAGRAM};
-use super::splice::splice;
+use super::splice::splice_mux;
 use super::Tunnel;
 use crate::config::Forward;
 
@@ -57,14 +57,14 @@ pub(crate) async fn forward_tcp(mut tcp: TcpStream, f: &Forward, tunnel: &Tunnel
         }
     };
     let id = stream.id();
-    match splice(&mut tcp, &mut stream).await {
+    match splice_mux(&mut tcp, &mut stream).await {
         Ok(c) => debug!(
             stream = id,
             up = c.a_to_b,
             down = c.b_to_a,
             "forward closed"
         ),
-        Err((e, c)) => {
+        Err((_, e, c)) => {
             info!(
                 stream = id,
                 up = c.a_to_b,

@@ -787,6 +787,39 @@ impl Drop for AgentStream {
     }
 }
 
+impl super::splice::MuxIo for AgentStream {
+    fn poll_read_bytes(
+        &mut self,
+        cx: &mut Context<'_>,
+        max: usize,
+        out: &mut std::collections::VecDeque<bytes::Bytes>,
+    ) -> Poll<io::Result<usize>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(max);
+            out.push_back(self.prefix.split_to(n).freeze());
+            self.via.received(n);
+            return Poll::Ready(Ok(n));
+        }
+        let r = self.inner()?.poll_read_bytes(cx, max, out);
+        if let Poll::Ready(Ok(n)) = &r {
+            self.via.received(*n);
+        }
+        r
+    }
+
+    fn poll_write_bytes(
+        &mut self,
+        cx: &mut Context<'_>,
+        data: &mut bytes::Bytes,
+    ) -> Poll<io::Result<usize>> {
+        let r = self.inner()?.poll_write_bytes(cx, data);
+        if let Poll::Ready(Ok(n)) = &r {
+            self.via.sent(*n);
+        }
+        r
+    }
+}
+
 impl AsyncRead for AgentStream {
     fn poll_read(
         mut self: Pin<&mut Self>,

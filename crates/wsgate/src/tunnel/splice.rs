@@ -14,10 +14,13 @@
 //! error in either direction ends both.
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::future::Future;
-use std::io;
+use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -116,6 +119,259 @@ impl Direction {
     }
 }
 
+// ---------------------------------------------------------------------------
+// A byte stream and a tunnel stream, without copies
+
+/// A tunnel stream that reads and writes [`Bytes`] without copying them
+/// (`wsmux::Stream`, and the gateway's stream through an agent).
+pub trait MuxIo: AsyncWrite + Unpin {
+    /// Appends up to `max` received bytes to `out`, as they came; `0` is
+    /// the end of the stream.
+    fn poll_read_bytes(
+        &mut self,
+        cx: &mut Context<'_>,
+        max: usize,
+        out: &mut VecDeque<Bytes>,
+    ) -> Poll<io::Result<usize>>;
+    /// Takes bytes from the front of `data` (sent as slices of it).
+    fn poll_write_bytes(
+        &mut self,
+        cx: &mut Context<'_>,
+        data: &mut Bytes,
+    ) -> Poll<io::Result<usize>>;
+}
+
+impl MuxIo for wsmux::Stream {
+    fn poll_read_bytes(
+        &mut self,
+        cx: &mut Context<'_>,
+        max: usize,
+        out: &mut VecDeque<Bytes>,
+    ) -> Poll<io::Result<usize>> {
+        wsmux::Stream::poll_read_bytes(self, cx, max, out)
+    }
+
+    fn poll_write_bytes(
+        &mut self,
+        cx: &mut Context<'_>,
+        data: &mut Bytes,
+    ) -> Poll<io::Result<usize>> {
+        wsmux::Stream::poll_write_bytes(self, cx, data)
+    }
+}
+
+/// Most bytes read from the byte stream at once, and taken from the tunnel
+/// stream at once (what one direction holds while its writer lags).
+const MUX_CHUNK: usize = 64 * 1024;
+/// The thread's read arena: reads land in it and are split off as
+/// [`Bytes`] that the tunnel stream's frames carry to the socket uncopied;
+/// a new arena is taken when less than [`MUX_CHUNK`] is left.
+const ARENA: usize = 256 * 1024;
+
+thread_local! {
+    /// Used within one `poll` only; holds no bytes between polls.
+    static READ_ARENA: RefCell<BytesMut> = RefCell::new(BytesMut::new());
+}
+
+/// One read of at most [`MUX_CHUNK`] bytes into the thread's arena (an
+/// idle direction holds no buffer); empty at the end of the stream.
+fn poll_read_arena<R: AsyncRead + ?Sized>(
+    cx: &mut Context<'_>,
+    src: Pin<&mut R>,
+) -> Poll<io::Result<Bytes>> {
+    READ_ARENA.with(|a| {
+        let mut a = a.borrow_mut();
+        if a.capacity() - a.len() < MUX_CHUNK {
+            *a = BytesMut::with_capacity(ARENA);
+        }
+        ready!(tokio_util::io::poll_read_buf(
+            src,
+            cx,
+            &mut (&mut *a).limit(MUX_CHUNK)
+        ))?;
+        Poll::Ready(Ok(a.split().freeze()))
+    })
+}
+
+/// Which side of [`splice_mux`] failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failed {
+    /// The byte stream.
+    Io,
+    /// The tunnel stream.
+    Mux,
+}
+
+/// The byte stream into the tunnel stream: reads go out as frames that
+/// carry them, uncopied.
+#[derive(Default)]
+struct IntoMux {
+    /// Read but not yet taken by the tunnel stream (only while it lags).
+    pending: Bytes,
+    eof: bool,
+    done: bool,
+    bytes: u64,
+}
+
+impl IntoMux {
+    fn poll_copy<R, M>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut src: Pin<&mut R>,
+        dst: &mut M,
+    ) -> Poll<Result<(), (Failed, io::Error)>>
+    where
+        R: AsyncRead + ?Sized,
+        M: MuxIo + ?Sized,
+    {
+        loop {
+            if self.done {
+                return Poll::Ready(Ok(()));
+            }
+            while !self.pending.is_empty() {
+                let n = ready!(dst.poll_write_bytes(cx, &mut self.pending))
+                    .map_err(|e| (Failed::Mux, e))?;
+                if n == 0 {
+                    return Poll::Ready(Err((Failed::Mux, io::ErrorKind::WriteZero.into())));
+                }
+                self.bytes += n as u64;
+            }
+            if self.eof {
+                ready!(Pin::new(&mut *dst).poll_shutdown(cx)).map_err(|e| (Failed::Mux, e))?;
+                self.done = true;
+                return Poll::Ready(Ok(()));
+            }
+            let b = ready!(poll_read_arena(cx, src.as_mut())).map_err(|e| (Failed::Io, e))?;
+            if b.is_empty() {
+                self.eof = true;
+            } else {
+                self.pending = b;
+            }
+        }
+    }
+}
+
+/// The tunnel stream into the byte stream: received payloads are written
+/// as they came (a `writev` of several).
+#[derive(Default)]
+struct FromMux {
+    /// Taken from the tunnel stream, not yet written.
+    pending: VecDeque<Bytes>,
+    eof: bool,
+    done: bool,
+    /// Written since the writer's last flush: a writer that buffers is
+    /// flushed before this direction waits for more input.
+    unflushed: bool,
+    bytes: u64,
+}
+
+impl FromMux {
+    fn poll_copy<M, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &mut M,
+        mut dst: Pin<&mut W>,
+    ) -> Poll<Result<(), (Failed, io::Error)>>
+    where
+        M: MuxIo + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        let wr = |e| (Failed::Io, e);
+        loop {
+            if self.done {
+                return Poll::Ready(Ok(()));
+            }
+            while !self.pending.is_empty() {
+                let n = if self.pending.len() == 1 {
+                    ready!(dst.as_mut().poll_write(cx, &self.pending[0])).map_err(wr)?
+                } else {
+                    let mut iov = [IoSlice::new(&[]); 16];
+                    let mut k = 0;
+                    for (slot, b) in iov.iter_mut().zip(self.pending.iter()) {
+                        *slot = IoSlice::new(b);
+                        k += 1;
+                    }
+                    ready!(dst.as_mut().poll_write_vectored(cx, &iov[..k])).map_err(wr)?
+                };
+                if n == 0 {
+                    return Poll::Ready(Err((Failed::Io, io::ErrorKind::WriteZero.into())));
+                }
+                self.bytes += n as u64;
+                self.unflushed = true;
+                let mut n = n;
+                while n > 0 {
+                    let front = self.pending.front_mut().expect("written from it");
+                    if front.len() <= n {
+                        n -= front.len();
+                        self.pending.pop_front();
+                    } else {
+                        front.advance(n);
+                        n = 0;
+                    }
+                }
+            }
+            if self.eof {
+                ready!(dst.as_mut().poll_flush(cx)).map_err(wr)?;
+                ready!(dst.as_mut().poll_shutdown(cx)).map_err(wr)?;
+                self.done = true;
+                return Poll::Ready(Ok(()));
+            }
+            match src.poll_read_bytes(cx, MUX_CHUNK, &mut self.pending) {
+                Poll::Ready(Ok(0)) => self.eof = true,
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err((Failed::Mux, e))),
+                Poll::Pending => {
+                    if self.unflushed {
+                        ready!(dst.as_mut().poll_flush(cx)).map_err(wr)?;
+                        self.unflushed = false;
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+/// [`splice`] of a byte stream `io` and a tunnel stream `mux`, without a
+/// copy in user space: what `io` gives is read into the thread's arena and
+/// framed from there, what `mux` received is written from the frames it
+/// came in. `a_to_b` counts `io` to `mux`. On failure, says which side's
+/// I/O failed, so the caller can abort the other one.
+pub async fn splice_mux<A, M>(
+    io: &mut A,
+    mux: &mut M,
+) -> Result<Copied, (Failed, io::Error, Copied)>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    M: MuxIo + ?Sized,
+{
+    let (mut up, mut down) = (IntoMux::default(), FromMux::default());
+    let r = std::future::poll_fn(|cx| {
+        let x = up.poll_copy(cx, Pin::new(&mut *io), &mut *mux);
+        if let Poll::Ready(Err(e)) = x {
+            return Poll::Ready(Err(e));
+        }
+        let y = down.poll_copy(cx, &mut *mux, Pin::new(&mut *io));
+        if let Poll::Ready(Err(e)) = y {
+            return Poll::Ready(Err(e));
+        }
+        if x.is_ready() && y.is_ready() {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+    let copied = Copied {
+        a_to_b: up.bytes,
+        b_to_a: down.bytes,
+    };
+    match r {
+        Ok(()) => Ok(copied),
+        Err((side, e)) => Err((side, e, copied)),
+    }
+}
+
 /// Copies `a` into `b` and `b` into `a` until both directions have ended
 /// (see the module docs); the bytes each way, or the first error.
 pub fn splice<'a, A, B>(a: &'a mut A, b: &'a mut B) -> Splice<'a, A, B>
@@ -206,6 +462,47 @@ mod tests {
                 b_to_a: 19
             }
         );
+    }
+
+    #[tokio::test]
+    async fn splice_mux_moves_both_ways_with_half_close_and_a_slow_writer() {
+        let (ta, tb) = wsmux::transport::memory_pair(4);
+        let client = wsmux::Session::client(ta, wsmux::Config::default());
+        let server = wsmux::Session::server(tb, wsmux::Config::default());
+        let mut near = client.open().await.unwrap();
+        let mut far = server.accept().await.unwrap();
+        // A small pipe on the byte-stream side, so its writer lags.
+        let (mut a, mut ax) = duplex(1024);
+        let relay = tokio::spawn(async move {
+            splice_mux(&mut ax, &mut near)
+                .await
+                .map_err(|(side, e, _)| (side, e.to_string()))
+        });
+        let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let sent = big.clone();
+        let writer = tokio::spawn(async move {
+            a.write_all(&sent).await.unwrap();
+            a.shutdown().await.unwrap();
+            let mut back = vec![];
+            a.read_to_end(&mut back).await.unwrap();
+            back
+        });
+        let mut got = vec![];
+        far.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, big);
+        let reply: Vec<u8> = (0..200_000u32).map(|i| (i % 13) as u8).collect();
+        far.write_all(&reply).await.unwrap();
+        far.shutdown().await.unwrap();
+        assert_eq!(writer.await.unwrap(), reply);
+        let copied = relay.await.unwrap().unwrap();
+        assert_eq!(
+            copied,
+            Copied {
+                a_to_b: 300_000,
+                b_to_a: 200_000
+            }
+        );
+        drop((client, server));
     }
 
     #[tokio::test]

@@ -217,6 +217,57 @@ fn a_writer_stops_at_its_credit_and_resumes_with_the_window_update() {
 }
 
 #[test]
+fn bytes_are_written_and_read_without_a_copy_and_counted_as_reads_are() {
+    let (mut s, now) = server(cfg());
+    let id = s.open(now).unwrap();
+    assert!(matches!(
+        &sent(&mut s, now)[..],
+        [Frame::WindowUpdate { .. }]
+    ));
+    // Written: each frame's payload is a slice of the Bytes written.
+    let mut data = Bytes::from(vec![5u8; 40 * KIB]);
+    let base = data.as_ptr() as usize;
+    assert_eq!(s.write_bytes(id, &mut data).unwrap(), 40 * KIB);
+    assert!(data.is_empty());
+    let a = s.poll_transmit_frame(now).unwrap();
+    let b = s.poll_transmit_frame(now).unwrap();
+    assert_eq!((a.payload.len(), b.payload.len()), (32 * KIB, 8 * KIB));
+    assert_eq!(a.payload.as_ptr() as usize, base);
+    assert_eq!(b.payload.as_ptr() as usize, base + 32 * KIB);
+    assert_eq!(
+        decode(a.to_bytes()).unwrap(),
+        data_frame(id, &[5u8; 32 * KIB])
+    );
+    assert_eq!(s.stats().send_queue, 0);
+    // Read: the received payloads themselves; the window is credited back
+    // as with `read`.
+    let mut ptr1 = None;
+    for (b, n) in [(1u8, 60 * KIB), (2, 60 * KIB), (3, 30 * KIB)] {
+        let msg = data_frame(id, &vec![b; n]).encode();
+        ptr1.get_or_insert(msg.as_ptr() as usize + frame::HEADER_LEN);
+        s.handle_message(now, Message::Binary(msg));
+    }
+    let ptr1 = ptr1.unwrap();
+    let mut out = Vec::new();
+    assert_eq!(
+        s.read_bytes(id, 140 * KIB, |b| out.push(b)).unwrap(),
+        140 * KIB
+    );
+    assert_eq!(out[0].as_ptr() as usize, ptr1);
+    let lens: Vec<usize> = out.iter().map(|b| b.len()).collect();
+    assert_eq!(lens, [60 * KIB, 60 * KIB, 20 * KIB]);
+    assert_eq!(s.stream_buffered(id), 10 * KIB);
+    assert!(matches!(
+        &sent(&mut s, now)[..],
+        [Frame::WindowUpdate { delta, .. }] if *delta == 140 * KIB as u32
+    ));
+}
+
+fn data_frame(id: u32, payload: &[u8]) -> Frame {
+    data(id, Flags::empty(), payload)
+}
+
+#[test]
 fn one_window_update_credits_everything_read_since_the_last() {
     let (mut s, now) = server(cfg());
     feed(&mut s, now, wu(1, Flags::SYN, 0));
