@@ -16,6 +16,7 @@
 //!
 //! Run it alone: `cargo test -p wsgate --test cluster`.
 
+mod common;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -418,22 +419,6 @@ async fn http(addr: &str, request: &str) -> (u16, String) {
 
 // ----------------------------------------------------------------- agents
 
-/// A TCP echo server.
-async fn echo() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = l.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    port
-}
-
 /// An HTTP server answering `hello PATH`.
 async fn web() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -614,7 +599,7 @@ impl Three {
     async fn start_with(advertise: impl Fn(usize) -> Option<String>) -> Option<Three> {
         let dir = tempfile::tempdir().unwrap();
         let redis = Redis::start(dir.path()).await?;
-        let (echo, web) = (echo().await, web().await);
+        let (echo, web) = (common::tcp_echo().await, web().await);
         let forwards = [format!("agent://site-a/tcp://127.0.0.1:{echo}")];
         let mut nodes = vec![];
         for (i, id) in ["node-a", "node-b", "node-c"].iter().enumerate() {

@@ -5,6 +5,7 @@
 //! bridge route to an agent's peer, `GET /agents`, and failing over to
 //! another connection when one dies.
 
+mod common;
 use std::path::Path;
 use std::time::Duration;
 
@@ -15,22 +16,6 @@ use wsgate::tunnel::allow::AllowList;
 use wsgate::tunnel::proto::{self, Reply, Status};
 
 const TOKEN: &str = "secret-site-a";
-
-/// A TCP echo server.
-async fn echo() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = l.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    port
-}
 
 /// An HTTP server answering `hello <path>` to any request.
 async fn http_server() -> u16 {
@@ -197,7 +182,7 @@ async fn agents_register_and_everything_goes_through_them() {
     let dir = tempfile::tempdir().unwrap();
     let tokens = dir.path().join("agents.txt");
     std::fs::write(&tokens, format!("site-a {TOKEN}\nsite-b other-token\n")).unwrap();
-    let (echo_port, web_port) = (echo().await, http_server().await);
+    let (echo_port, web_port) = (common::tcp_echo().await, http_server().await);
     let text = format!(
         r#"
 workers = 1
@@ -444,7 +429,7 @@ async fn forward_connections_are_admitted_like_any_other() {
     let dir = tempfile::tempdir().unwrap();
     let tokens = dir.path().join("agents.txt");
     std::fs::write(&tokens, format!("site-a {TOKEN}\n")).unwrap();
-    let echo_port = echo().await;
+    let echo_port = common::tcp_echo().await;
     // The agent's WebSocket holds one of the two slots.
     let text = format!(
         r#"

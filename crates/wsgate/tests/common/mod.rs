@@ -91,3 +91,21 @@ impl Drop for Gateway {
         let _ = self.child.wait();
     }
 }
+
+/// A TCP echo server on an ephemeral loopback port, for the life of the
+/// test's runtime; each connection is echoed until EOF, then half-closed.
+pub async fn tcp_echo() -> u16 {
+    use tokio::io::AsyncWriteExt;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    port
+}
