@@ -623,7 +623,9 @@ fn agent_main(a: &AgentArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    // This thread only waits for signals; each pooled connection runs on a
+    // thread of its own (agent::spawn_link_thread).
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
