@@ -624,17 +624,31 @@ fn agent_main(a: &AgentArgs) -> ExitCode {
         }
     };
     // This thread only waits for signals; each pooled connection runs on a
-    // thread of its own (agent::spawn_link_thread).
+    // thread of its own (agent::spawn_link_thread). Name lookups run on
+    // blocking threads that cannot be cancelled: wait for them a little.
+    until_signal(
+        |signal| agent.run(signal),
+        |rt| rt.shutdown_timeout(std::time::Duration::from_millis(500)),
+    )
+}
+
+/// Runs `main` on a single-threaded runtime until it returns (it is given
+/// the future of the first SIGTERM or SIGINT), shuts the runtime down with
+/// `shutdown`, and turns the result into the exit status (1 on error).
+fn until_signal<F, Fut>(main: F, shutdown: impl FnOnce(tokio::runtime::Runtime)) -> ExitCode
+where
+    F: FnOnce(std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
     let result = rt.block_on(async {
         let signals = Signals::new()?;
-        agent.run(signals.wait()).await
+        main(Box::pin(signals.wait())).await
     });
-    // Name lookups run on blocking threads that cannot be cancelled.
-    rt.shutdown_timeout(std::time::Duration::from_millis(500));
+    shutdown(rt);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -672,21 +686,6 @@ fn connect_main(a: &ConnectArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    let result = rt.block_on(async {
-        let signals = Signals::new()?;
-        client.run(signals.wait()).await
-    });
     // A read of stdin may be blocked on its thread for good.
-    rt.shutdown_background();
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(1)
-        }
-    }
+    until_signal(|signal| client.run(signal), |rt| rt.shutdown_background())
 }
