@@ -31,6 +31,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::request::Parts;
 use http::{HeaderValue, Response, StatusCode};
+use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument, Span};
@@ -44,7 +45,7 @@ use crate::gateway::{Conn, Gateway, Live, RouteState};
 use crate::http::handshake::{self, Accepted, Upgrade};
 use crate::http::{self as h, Body};
 use crate::io::ClientIo;
-use crate::limits::Permits;
+use crate::limits::{PacedBody, Permits, SharedBandwidth};
 use crate::metrics::{Direction, HttpVersion, OpenWebSocket};
 use crate::proxy::{passthrough, BackendWebSocket, Handshake};
 use crate::route::discovery::Discovered;
@@ -204,11 +205,14 @@ pub(crate) enum Relay {
         /// Who opened the session, and what its streams may reach.
         identity: Arc<Identity>,
         rules: Option<tunnel::allow::AllowList>,
+        /// The subject's `per_identity_bandwidth`, pacing every stream.
+        bandwidth: Option<Arc<SharedBandwidth>>,
         /// permessage-deflate, when the handshake agreed on it.
         deflate: Option<(wsframe::deflate::Agreed, wsframe::deflate::Config)>,
     },
-    /// A CONNECT tunnel's stream.
-    Splice(AgentStream),
+    /// A CONNECT tunnel's stream, paced by the subject's
+    /// `per_identity_bandwidth` when it has one.
+    Splice(AgentStream, Option<Arc<SharedBandwidth>>),
     /// Another cluster node's link.
     Node {
         serving: crate::cluster::link::Serving,
@@ -466,19 +470,29 @@ impl Gateway {
                 .identity_headers
                 .apply(&mut req.head.headers, &identity);
         }
+        // The bandwidth the subject's connections and requests share.
+        let shared_bandwidth = self.shared_bandwidth(&identity, limits);
         let upgrade = match what {
             What::Http => {
+                let paced = shared_bandwidth.as_ref();
                 let resp = match &state.target {
                     Live::Proxy(pool) => {
                         let body = req.body.expect("hyper reads plain requests");
                         self.proxy
-                            .forward(pool, req.head, body, c.remote, c.secure)
+                            .forward(pool, req.head, body, paced, c.remote, c.secure)
                             .await
                     }
                     Live::Files(dir) => {
                         let prefix = route.matcher.path_prefix.as_deref();
                         let prefix = prefix.or(route.matcher.path.as_deref()).unwrap_or("");
-                        crate::files::serve(dir, prefix.trim_end_matches('/'), &req.head).await
+                        let resp =
+                            crate::files::serve(dir, prefix.trim_end_matches('/'), &req.head).await;
+                        match paced {
+                            Some(p) => resp.map(|r| {
+                                r.map(|b| PacedBody::new(b, Some(p), false).boxed_unsync())
+                            }),
+                            None => resp,
+                        }
                     }
                     _ => unreachable!("plain requests are routed to proxy and static routes"),
                 };
@@ -491,12 +505,6 @@ impl Gateway {
             What::WebSocket(u) => u,
         };
         let permit = permit.expect("WebSockets hold a permit");
-        // The bandwidth the subject's WebSockets share.
-        let shared_bandwidth = identity
-            .subject
-            .as_ref()
-            .zip(limits.per_identity_bandwidth)
-            .map(|(s, b)| self.identities.bandwidth(s, b));
         // The connection's span (`conn`, with the same id and address) where
         // the handshake runs inside it: a span of its own held about 2.4 KiB
         // per idle WebSocket with mimalloc (its registry slot, formatted
@@ -614,6 +622,8 @@ impl Gateway {
     ) -> Result<Connected, (Error, Option<&'g str>)> {
         let name = what.name();
         let rules = tunnel.stream_rules(&identity);
+        // The bandwidth the subject's streams share (`[limits]`'s).
+        let bandwidth = self.shared_bandwidth(&identity, &self.config.limits);
         // A CONNECT tunnel is one stream: its slot is held with its permit.
         let permit = match &what {
             TunnelWhat::Connect(dest) => {
@@ -657,6 +667,7 @@ impl Gateway {
                     connect_timeout: self.config.limits.connect_timeout,
                     identity: Arc::new(identity),
                     rules,
+                    bandwidth,
                     deflate: agreed,
                 };
                 Ok(Connected::Upgraded {
@@ -683,6 +694,7 @@ impl Gateway {
                     c.secure,
                     &self.config.forwarding,
                     self.config.limits.backend_timeout,
+                    bandwidth.as_ref(),
                     via,
                 )
                 .await;
@@ -713,10 +725,23 @@ impl Gateway {
                     .await
                     .map_err(|e| (e, Some(name)))?;
                 Ok(Connected::Tunnel {
-                    run: ready(Relay::Splice(stream), HttpVersion::H1),
+                    run: ready(Relay::Splice(stream, bandwidth), HttpVersion::H1),
                 })
             }
         }
+    }
+
+    /// The bandwidth an authenticated subject's traffic shares under
+    /// `limits` (`per_identity_bandwidth`); `None` for anonymous requests
+    /// and without the limit (nothing is paced then).
+    fn shared_bandwidth(
+        &self,
+        identity: &Identity,
+        limits: &crate::config::Limits,
+    ) -> Option<Arc<SharedBandwidth>> {
+        let subject = identity.subject.as_ref()?;
+        let rate = limits.per_identity_bandwidth?;
+        Some(self.identities.bandwidth(subject, rate))
     }
 
     /// The per-subject limits of an authenticated request (the rate for
@@ -929,11 +954,13 @@ impl Opened {
                 connect_timeout,
                 identity,
                 rules,
+                bandwidth,
                 deflate,
             } => {
                 let who = tunnel::mux::Who {
                     identity: identity.clone(),
                     rules: rules.clone(),
+                    bandwidth: bandwidth.clone(),
                 };
                 let (tunnel, timeout) = (tunnel.clone(), *connect_timeout);
                 let shutdown = shutdown.clone();
@@ -955,11 +982,12 @@ impl Opened {
                 .await;
                 (0, 0, None)
             }
-            Relay::Splice(stream) => {
+            Relay::Splice(stream, bandwidth) => {
                 let r = Box::pin(async {
                     let mut client = crate::io::Rewind::new(leftover, client.into_io());
+                    let splice = tunnel::splice::splice(&mut client, stream);
                     tokio::select! {
-                        r = tunnel::splice::splice(&mut client, stream) => r,
+                        r = splice.paced(bandwidth.as_ref()) => r,
                         () = shutdown.cancelled() => Ok(Default::default()),
                     }
                 })

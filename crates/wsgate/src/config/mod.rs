@@ -420,8 +420,9 @@ pub struct Limits {
     /// Concurrent tunnel streams (`/mux` streams, `/request`, CONNECT) per
     /// authenticated subject; refused past it.
     pub per_identity_max_streams: Option<usize>,
-    /// Proxy routes: bytes per second each way for all of a subject's
-    /// WebSockets together.
+    /// Bytes per second each way for all of a subject's traffic together:
+    /// WebSockets and plain HTTP bodies (a route's value), `/request`, the
+    /// forward proxy and `/mux` streams (`[limits]`'s).
     pub per_identity_bandwidth: Option<u64>,
 }
 

@@ -1,11 +1,18 @@
 //! Bandwidth caps: one connection's ([`Bandwidth`]), and one shared by
 //! every connection of a subject ([`SharedBandwidth`]); [`Pace`] is what one
-//! direction of a connection obeys (both, when both are set).
+//! direction of a connection obeys (both, when both are set). [`Throttle`]
+//! is a pace for poll-based copies (the tunnel's splices), [`PacedBody`] one
+//! for HTTP bodies.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use tokio::time::Instant;
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use tokio::time::{Instant, Sleep};
 
 /// A per-connection bandwidth cap: a token bucket of `burst` bytes refilled
 /// at `bytes_per_second`, kept as the time the link is paid up to (GCRA on
@@ -150,6 +157,146 @@ impl Pace {
     }
 }
 
+/// Most bytes a paced copy moves at once: a paced read, or a paced body's
+/// frame, is at most this long and paid for before the next one, so a
+/// subject's traffic flows evenly and never gets more than this ahead of
+/// its cap.
+pub const PACED_CHUNK: usize = 16 * 1024;
+
+/// A [`Pace`] for a poll-based copy: [`Throttle::charge`] the bytes moved,
+/// then [`Throttle::poll_ready`] before the next read, which waits out the
+/// debt (a timer allocated at the first debt, then reset).
+#[derive(Debug)]
+pub struct Throttle {
+    pace: Pace,
+    sleep: Option<Pin<Box<Sleep>>>,
+    /// `sleep` holds a debt not yet waited out.
+    owing: bool,
+}
+
+impl Throttle {
+    pub fn new(pace: Pace) -> Throttle {
+        Throttle {
+            pace,
+            sleep: None,
+            owing: false,
+        }
+    }
+
+    /// Direction `up` (client to upstream) of a connection sharing `shared`.
+    pub fn shared(shared: &Arc<SharedBandwidth>, up: bool) -> Throttle {
+        Throttle::new(Pace::new(None, Some(shared), up).expect("a shared cap paces"))
+    }
+
+    /// Takes `n` bytes just moved; the next [`Throttle::poll_ready`] waits
+    /// for them when they are over the cap.
+    pub fn charge(&mut self, n: usize) {
+        let now = Instant::now();
+        let Some(d) = self.pace.delay_for(n, now) else {
+            return;
+        };
+        let deadline = now + d;
+        match &mut self.sleep {
+            Some(s) => s.as_mut().reset(deadline),
+            None => self.sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
+        }
+        self.owing = true;
+    }
+
+    /// Ready once what was charged is paid for.
+    pub fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.owing {
+            if let Some(s) = &mut self.sleep {
+                ready!(s.as_mut().poll(cx));
+            }
+            self.owing = false;
+        }
+        Poll::Ready(())
+    }
+}
+
+/// An HTTP body paced by a subject's shared bandwidth: its data goes on in
+/// frames of at most [`PACED_CHUNK`] bytes, each paid for before the next
+/// is taken. Without a cap it is the body itself (one branch per frame, no
+/// allocation).
+#[derive(Debug)]
+pub struct PacedBody<B> {
+    inner: B,
+    pace: Option<Box<BodyPace>>,
+}
+
+#[derive(Debug)]
+struct BodyPace {
+    throttle: Throttle,
+    /// The rest of the frame being passed on.
+    rest: Bytes,
+}
+
+impl<B> PacedBody<B> {
+    /// `inner`, paced as direction `up` (client to upstream) of `shared`.
+    pub fn new(inner: B, shared: Option<&Arc<SharedBandwidth>>, up: bool) -> PacedBody<B> {
+        PacedBody {
+            inner,
+            pace: shared.map(|s| {
+                Box::new(BodyPace {
+                    throttle: Throttle::shared(s, up),
+                    rest: Bytes::new(),
+                })
+            }),
+        }
+    }
+}
+
+impl<B> Body for PacedBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        let Some(p) = this.pace.as_deref_mut() else {
+            return Pin::new(&mut this.inner).poll_frame(cx);
+        };
+        ready!(p.throttle.poll_ready(cx));
+        if p.rest.is_empty() {
+            match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+                Some(Ok(f)) => match f.into_data() {
+                    Ok(d) => p.rest = d,
+                    Err(f) => return Poll::Ready(Some(Ok(f))),
+                },
+                end => return Poll::Ready(end),
+            }
+        }
+        let n = p.rest.len().min(PACED_CHUNK);
+        let data = p.rest.split_to(n);
+        p.throttle.charge(n);
+        Poll::Ready(Some(Ok(Frame::data(data))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.pace.as_ref().is_none_or(|p| p.rest.is_empty()) && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let hint = self.inner.size_hint();
+        let held = self.pace.as_ref().map_or(0, |p| p.rest.len() as u64);
+        if held == 0 {
+            return hint;
+        }
+        let mut h = SizeHint::new();
+        h.set_lower(hint.lower() + held);
+        if let Some(u) = hint.upper() {
+            h.set_upper(u + held);
+        }
+        h
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,6 +381,50 @@ mod tests {
         assert!(Pace::new(None, None, true).is_none());
         assert!(Pace::new(Some(0), None, true).is_none());
         assert_eq!(shared.bytes_per_second(), 1000);
+    }
+
+    /// The data frames of `body` and when each came, since the start.
+    async fn frames<B>(mut body: B) -> Vec<(usize, Duration)>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Debug,
+    {
+        use http_body_util::BodyExt;
+        let t0 = Instant::now();
+        let mut out = vec![];
+        while let Some(f) = body.frame().await {
+            let d = f.unwrap().into_data().unwrap();
+            out.push((d.len(), t0.elapsed()));
+        }
+        out
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_paced_body_goes_in_chunks_each_paid_before_the_next() {
+        let shared = Arc::new(SharedBandwidth::new(PACED_CHUNK as u64));
+        let big = Bytes::from(vec![7u8; 4 * PACED_CHUNK]);
+        let body = PacedBody::new(http_body_util::Full::new(big.clone()), Some(&shared), false);
+        assert_eq!(body.size_hint().exact(), Some(big.len() as u64));
+        let got = frames(body).await;
+        // One second's worth at once (the burst), then one chunk a second.
+        let sizes: Vec<_> = got.iter().map(|(n, _)| *n).collect();
+        assert_eq!(sizes, [PACED_CHUNK; 4]);
+        let at: Vec<_> = got.iter().map(|(_, t)| t.as_secs_f64().round()).collect();
+        assert_eq!(at, [0.0, 0.0, 1.0, 2.0], "{got:?}");
+        // A body after it, of the same subject: no burst left, one chunk a
+        // second from the start.
+        let again = PacedBody::new(http_body_util::Full::new(big.clone()), Some(&shared), false);
+        let got = frames(again).await;
+        let at: Vec<_> = got.iter().map(|(_, t)| t.as_secs_f64().round()).collect();
+        assert_eq!(at, [0.0, 1.0, 2.0, 3.0], "{got:?}");
+        // The other direction has a bucket of its own, full.
+        let up = PacedBody::new(http_body_util::Full::new(big.clone()), Some(&shared), true);
+        let got = frames(up).await;
+        let at: Vec<_> = got.iter().map(|(_, t)| t.as_secs_f64().round()).collect();
+        assert_eq!(at, [0.0, 0.0, 1.0, 2.0], "{got:?}");
+        // Unpaced: the body as it is, one frame at once.
+        let free = frames(PacedBody::new(http_body_util::Full::new(big), None, false)).await;
+        assert_eq!(free, [(4 * PACED_CHUNK, Duration::ZERO)]);
     }
 
     #[test]

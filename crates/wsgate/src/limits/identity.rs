@@ -1,6 +1,7 @@
 //! Limits per authenticated subject, beside the per-client-address ones: a
 //! rate of new connections and requests, a cap on open WebSockets, one on
-//! open tunnel streams, and a bandwidth shared by the subject's WebSockets.
+//! open tunnel streams, and a bandwidth shared by all of the subject's
+//! traffic (WebSockets, HTTP bodies, tunnel streams).
 //! Anonymous requests are not counted here (the per-address limits hold
 //! them).
 //!

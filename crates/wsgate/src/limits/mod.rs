@@ -78,7 +78,9 @@
 //! chunk, so the relay stops reading from the fast side and TCP back-pressure
 //! does the rest. [`SharedBandwidth`] is one cap for several connections (a
 //! subject's `per_identity_bandwidth`); [`Pace`] is what one direction of a
-//! connection obeys: its own cap, its subject's, or both.
+//! connection obeys: its own cap, its subject's, or both. [`Throttle`] puts
+//! a pace on a poll-based copy (the tunnel's splices) and [`PacedBody`] on
+//! an HTTP body, each moving at most [`PACED_CHUNK`] bytes before paying.
 
 mod admission;
 mod bandwidth;
@@ -89,4 +91,4 @@ pub use admission::{Admission, Permit, Refusal, Scope, DEFAULT_MAX_TRACKED_IPS};
 pub use admission::{AdmissionConfig, Gates, Permits};
 #[allow(unused_imports)] // the per-connection cap, used through `Pace`
 pub use bandwidth::Bandwidth;
-pub use bandwidth::{Pace, SharedBandwidth};
+pub use bandwidth::{Pace, PacedBody, SharedBandwidth, Throttle, PACED_CHUNK};

@@ -43,6 +43,7 @@ use crate::config::Forwarding;
 use crate::error::{Error, Kind};
 use crate::http::handshake::{self, Upgrade};
 use crate::http::{h1 as http1, Body, BoxError};
+use crate::limits::{PacedBody, SharedBandwidth};
 use crate::metrics::Metrics;
 
 pub mod backend;
@@ -77,7 +78,7 @@ pub struct BackendWebSocket {
 /// The proxy: forwarding rules, the pooled client for plain HTTP and TLS
 /// towards `wss://` / `https://` backends.
 pub struct Proxy {
-    client: Client<HttpsConnector<HttpConnector>, Incoming>,
+    client: Client<HttpsConnector<HttpConnector>, PacedBody<Incoming>>,
     tls: TlsConnector,
     metrics: Metrics,
     forwarding: Forwarding,
@@ -143,12 +144,15 @@ impl Proxy {
         self.tls.clone()
     }
 
-    /// Forwards a plain HTTP request to a backend of `pool` and streams the answer back.
+    /// Forwards a plain HTTP request to a backend of `pool` and streams the
+    /// answer back; with `pace` (the subject's `per_identity_bandwidth`),
+    /// both bodies are paced by it.
     pub async fn forward(
         &self,
         pool: &Pool,
         parts: Parts,
         body: Incoming,
+        pace: Option<&Arc<SharedBandwidth>>,
         remote: SocketAddr,
         secure: bool,
     ) -> Result<Response<Body>, Error> {
@@ -172,7 +176,7 @@ impl Proxy {
             secure,
             host.as_ref(),
         );
-        let mut req = Request::new(body);
+        let mut req = Request::new(PacedBody::new(body, pace, true));
         *req.method_mut() = parts.method;
         *req.uri_mut() = uri;
         *req.version_mut() = Version::HTTP_11;
@@ -219,7 +223,7 @@ impl Proxy {
         // The lease ends with the answer's head; the pooled client owns the
         // connection afterwards.
         drop(lease);
-        Ok(relay_response(resp))
+        Ok(relay_response(resp, pace))
     }
 
     /// Opens a backend WebSocket for a client handshake: a fresh connection,
@@ -626,9 +630,15 @@ impl http_body::Body for RelayedBody {
 
 /// A backend's answer for the client: its status, end-to-end headers and
 /// streamed body.
-fn relay_response(resp: Response<Incoming>) -> Response<Body> {
+fn relay_response(resp: Response<Incoming>, pace: Option<&Arc<SharedBandwidth>>) -> Response<Body> {
     let (parts, body) = resp.into_parts();
-    let mut out = Response::new(body.map_err(|e| Box::new(e) as BoxError).boxed_unsync());
+    let body = match pace {
+        None => body.map_err(|e| Box::new(e) as BoxError).boxed_unsync(),
+        Some(_) => PacedBody::new(body, pace, false)
+            .map_err(|e| Box::new(e) as BoxError)
+            .boxed_unsync(),
+    };
+    let mut out = Response::new(body);
     *out.status_mut() = parts.status;
     copy_end_to_end(&parts.headers, out.headers_mut());
     out

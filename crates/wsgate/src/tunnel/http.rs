@@ -9,6 +9,7 @@
 //! agent is connected (TLS end to end).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -25,6 +26,7 @@ use super::Tunnel;
 use crate::config::Forwarding;
 use crate::error::{Error, Kind};
 use crate::http::{Body, BoxError};
+use crate::limits::{PacedBody, SharedBandwidth};
 
 /// `X-PROXY-DESTINATION`: the URL `/request` relays to.
 pub const DESTINATION_HEADER: &str = "x-proxy-destination";
@@ -138,6 +140,8 @@ pub fn connect_target(head: &Parts) -> Result<Destination, Error> {
 
 /// Relays one HTTP request through an agent and returns the destination's
 /// answer (its body streamed); the request's body, if any, is streamed too.
+/// With `pace` (the subject's `per_identity_bandwidth`) both bodies are
+/// paced by it.
 #[allow(clippy::too_many_arguments)]
 pub async fn relay(
     tunnel: &Tunnel,
@@ -148,6 +152,7 @@ pub async fn relay(
     secure: bool,
     forwarding: &Forwarding,
     answer_timeout: Duration,
+    pace: Option<&Arc<SharedBandwidth>>,
     via: &'static str,
 ) -> Result<Response<Body>, Error> {
     let stream = tunnel
@@ -180,9 +185,12 @@ pub async fn relay(
     }
     let host = headers.get(header::HOST).cloned();
     crate::proxy::headers::add_forwarded(forwarding, &mut headers, remote, secure, host.as_ref());
-    let body = match body {
-        Some(b) => b.map_err(|e| Box::new(e) as BoxError).boxed(),
-        None => http_body_util::Empty::new()
+    let body = match (body, pace) {
+        (Some(b), None) => b.map_err(|e| Box::new(e) as BoxError).boxed(),
+        (Some(b), Some(_)) => PacedBody::new(b, pace, true)
+            .map_err(|e| Box::new(e) as BoxError)
+            .boxed(),
+        (None, _) => http_body_util::Empty::new()
             .map_err(|never| match never {})
             .boxed(),
     };
@@ -207,7 +215,13 @@ pub async fn relay(
         }
     };
     let (parts, body) = resp.into_parts();
-    let mut out = Response::new(body.map_err(|e| Box::new(e) as BoxError).boxed_unsync());
+    let body = match pace {
+        None => body.map_err(|e| Box::new(e) as BoxError).boxed_unsync(),
+        Some(_) => PacedBody::new(body, pace, false)
+            .map_err(|e| Box::new(e) as BoxError)
+            .boxed_unsync(),
+    };
+    let mut out = Response::new(body);
     *out.status_mut() = parts.status;
     crate::proxy::headers::copy_end_to_end(&parts.headers, out.headers_mut());
     Ok(out)

@@ -23,11 +23,14 @@ use crate::io::ClientIo;
 
 /// Who opened a `/mux` session: every stream it opens is checked against
 /// the identity's rules (`[tunnel] allow`) and counted against its stream
-/// cap, at open — not only at the handshake.
+/// cap, at open — not only at the handshake — and paced by its bandwidth.
 #[derive(Clone)]
 pub struct Who {
     pub identity: Arc<crate::auth::Identity>,
     pub rules: Option<super::allow::AllowList>,
+    /// The subject's `per_identity_bandwidth`, which paces every stream of
+    /// the session (with the subject's other connections).
+    pub bandwidth: Option<Arc<crate::limits::SharedBandwidth>>,
 }
 
 /// Time a client has to send a stream's open request.
@@ -148,7 +151,9 @@ async fn handle(mut s: wsmux::Stream, tunnel: Arc<Tunnel>, connect_timeout: Dura
                 }
             };
             if reply_ok(&mut s, &buf).await.is_ok() {
-                let r = splice(&mut s, &mut agent).await;
+                let r = splice(&mut s, &mut agent)
+                    .paced(who.bandwidth.as_ref())
+                    .await;
                 debug!("mux stream to {a} ended: {r:?}");
             }
         }
@@ -196,7 +201,7 @@ async fn direct(
             };
             let _ = tcp.set_nodelay(true);
             if reply_ok(&mut s, &buf).await.is_ok() {
-                let r = splice(&mut s, &mut tcp).await;
+                let r = splice(&mut s, &mut tcp).paced(who.bandwidth.as_ref()).await;
                 debug!("mux stream to {d} ended: {r:?}");
             }
         }
@@ -211,7 +216,8 @@ async fn direct(
                 _ => return refuse(s, Reply::refuse(Status::Unreachable, d.to_string())).await,
             };
             if reply_ok(&mut s, &buf).await.is_ok() {
-                let r = super::datagram::bridge(s, &sock, super::datagram::IDLE).await;
+                let pace = who.bandwidth.as_ref();
+                let r = super::datagram::bridge(s, &sock, super::datagram::IDLE, pace).await;
                 debug!("mux flow to {d} ended: {r:?}");
             }
         }

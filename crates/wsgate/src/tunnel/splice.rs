@@ -12,17 +12,24 @@
 //! A source's EOF becomes a `shutdown` (FIN) of the other side, and the
 //! copy goes on the other way (half-close) until both directions ended; an
 //! error in either direction ends both.
+//!
+//! [`Splice::paced`] paces both directions by a subject's shared bandwidth
+//! (`per_identity_bandwidth`): each read is at most [`PACED_CHUNK`] bytes
+//! and paid for before the next; unpaced, a splice holds no pace at all.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::limits::{SharedBandwidth, Throttle, PACED_CHUNK};
 
 /// Bytes read at once.
 const SCRATCH: usize = 64 * 1024;
@@ -54,11 +61,14 @@ struct Direction {
 }
 
 impl Direction {
+    /// Copies until `src` ends or a side blocks; `pace`, when set, waits
+    /// out its debt before each read and takes what was read.
     fn poll_copy<R, W>(
         &mut self,
         cx: &mut Context<'_>,
         mut src: Pin<&mut R>,
         mut dst: Pin<&mut W>,
+        mut pace: Option<&mut Throttle>,
     ) -> Poll<io::Result<()>>
     where
         R: AsyncRead + ?Sized,
@@ -87,11 +97,21 @@ impl Direction {
                 self.done = true;
                 return Poll::Ready(Ok(()));
             }
+            let max = match pace.as_deref_mut() {
+                Some(p) => {
+                    ready!(p.poll_ready(cx));
+                    PACED_CHUNK
+                }
+                None => SCRATCH,
+            };
             let step = SCRATCH_BUF.with(|s| -> Poll<io::Result<()>> {
                 let mut scratch = s.borrow_mut();
-                let mut rb = ReadBuf::new(&mut scratch[..]);
+                let mut rb = ReadBuf::new(&mut scratch[..max]);
                 ready!(src.as_mut().poll_read(cx, &mut rb))?;
                 let got = rb.filled().len();
+                if let Some(p) = pace.as_deref_mut() {
+                    p.charge(got);
+                }
                 if got == 0 {
                     self.eof = true;
                     return Poll::Ready(Ok(()));
@@ -384,6 +404,7 @@ where
         b,
         ab: Direction::default(),
         ba: Direction::default(),
+        pace: None,
     }
 }
 
@@ -393,6 +414,20 @@ pub struct Splice<'a, A: ?Sized, B: ?Sized> {
     b: &'a mut B,
     ab: Direction,
     ba: Direction,
+    /// `a` to `b`, `b` to `a`; boxed, so an unpaced splice holds a pointer.
+    pace: Option<Box<[Throttle; 2]>>,
+}
+
+impl<A: ?Sized, B: ?Sized> Splice<'_, A, B> {
+    /// Paces both directions by `shared` (a subject's
+    /// `per_identity_bandwidth`), `a` being the client's side: `a` to `b`
+    /// pays into the subject's upstream bucket, `b` to `a` into the other.
+    /// `None` leaves the splice unpaced.
+    pub fn paced(mut self, shared: Option<&Arc<SharedBandwidth>>) -> Self {
+        self.pace =
+            shared.map(|s| Box::new([Throttle::shared(s, true), Throttle::shared(s, false)]));
+        self
+    }
 }
 
 impl<A, B> Future for Splice<'_, A, B>
@@ -408,15 +443,19 @@ where
             a_to_b: t.ab.bytes,
             b_to_a: t.ba.bytes,
         };
+        let (pab, pba) = match this.pace.as_deref_mut() {
+            Some([ab, ba]) => (Some(ab), Some(ba)),
+            None => (None, None),
+        };
         let ab = this
             .ab
-            .poll_copy(cx, Pin::new(&mut *this.a), Pin::new(&mut *this.b));
+            .poll_copy(cx, Pin::new(&mut *this.a), Pin::new(&mut *this.b), pab);
         if let Poll::Ready(Err(e)) = ab {
             return Poll::Ready(Err((e, copied(this))));
         }
         let ba = this
             .ba
-            .poll_copy(cx, Pin::new(&mut *this.b), Pin::new(&mut *this.a));
+            .poll_copy(cx, Pin::new(&mut *this.b), Pin::new(&mut *this.a), pba);
         if let Poll::Ready(Err(e)) = ba {
             return Poll::Ready(Err((e, copied(this))));
         }
@@ -505,6 +544,71 @@ mod tests {
         drop((client, server));
     }
 
+    /// Sends `n` bytes into `io` and reads `m` back, concurrently, then
+    /// half-closes; when the last byte came back.
+    async fn pump(mut io: tokio::io::DuplexStream, n: usize, m: usize) -> tokio::time::Instant {
+        let (mut rd, mut wr) = tokio::io::split(&mut io);
+        let send = async {
+            wr.write_all(&vec![1u8; n]).await.unwrap();
+            wr.shutdown().await.unwrap();
+        };
+        let recv = async {
+            let mut got = vec![0u8; m];
+            rd.read_exact(&mut got).await.unwrap();
+            tokio::time::Instant::now()
+        };
+        tokio::join!(send, recv).1
+    }
+
+    /// An echo of everything read, with half-close.
+    fn echo(mut io: tokio::io::DuplexStream) {
+        tokio::spawn(async move {
+            let (mut rd, mut wr) = tokio::io::split(&mut io);
+            let _ = tokio::io::copy(&mut rd, &mut wr).await;
+            let _ = wr.shutdown().await;
+        });
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_paced_splice_shares_the_subjects_cap_each_way() {
+        use crate::limits::SharedBandwidth;
+        let rate = PACED_CHUNK as u64;
+        let shared = Arc::new(SharedBandwidth::new(rate));
+        // Two connections of one subject, echoed: 4 chunks each way apiece,
+        // 8 in all at one chunk a second, one of them the burst; each chunk
+        // is paid before the next read, so the last two go at about 5 s
+        // (alone, one connection's 4 would take 3 s). The two directions
+        // run at the same time, each on its own bucket.
+        let t0 = tokio::time::Instant::now();
+        let mut ends = vec![];
+        for _ in 0..2 {
+            let (client, mut ax) = duplex(1 << 20);
+            let (mut bx, far) = duplex(1 << 20);
+            echo(far);
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                splice(&mut ax, &mut bx).paced(Some(&shared)).await.unwrap();
+            });
+            ends.push(tokio::spawn(pump(client, 4 * PACED_CHUNK, 4 * PACED_CHUNK)));
+        }
+        let mut last = t0;
+        for e in ends {
+            last = last.max(e.await.unwrap());
+        }
+        let took = last - t0;
+        assert!(
+            took >= std::time::Duration::from_secs(5) && took < std::time::Duration::from_secs(9),
+            "{took:?}"
+        );
+        // Unpaced, the same takes no time at all.
+        let (client, mut ax) = duplex(1 << 20);
+        let (mut bx, far) = duplex(1 << 20);
+        echo(far);
+        tokio::spawn(async move { splice(&mut ax, &mut bx).paced(None).await });
+        let t1 = tokio::time::Instant::now();
+        assert_eq!(pump(client, 4 * PACED_CHUNK, 4 * PACED_CHUNK).await, t1);
+    }
+
     #[tokio::test]
     async fn an_error_on_one_side_ends_both() {
         let (a, mut ax) = duplex(64);
@@ -524,7 +628,7 @@ mod tests {
         let mut d = Direction::default();
         // The writer takes 100 of 1,000 bytes: the rest waits in a buffer.
         let p = std::future::poll_fn(|cx| {
-            Poll::Ready(d.poll_copy(cx, Pin::new(&mut src), Pin::new(&mut dst)))
+            Poll::Ready(d.poll_copy(cx, Pin::new(&mut src), Pin::new(&mut dst), None))
         })
         .await;
         assert!(p.is_pending());
@@ -535,13 +639,13 @@ mod tests {
             dst_r.read_exact(&mut got).await.unwrap();
             got
         });
-        std::future::poll_fn(
-            |cx| match d.poll_copy(cx, Pin::new(&mut src), Pin::new(&mut dst)) {
+        std::future::poll_fn(|cx| {
+            match d.poll_copy(cx, Pin::new(&mut src), Pin::new(&mut dst), None) {
                 Poll::Pending if d.pending.is_empty() => Poll::Ready(()),
                 Poll::Pending => Poll::Pending,
                 Poll::Ready(r) => panic!("ended: {r:?}"),
-            },
-        )
+            }
+        })
         .await;
         assert_eq!(drain.await.unwrap(), vec![7u8; 1000]);
         assert_eq!((d.pending.capacity(), d.bytes), (0, 1000));
