@@ -25,7 +25,7 @@ import {
   encodeFrame,
 } from "./frame.js";
 import { MuxError, goAwayName } from "./errors.js";
-import { INITIAL_WINDOW, MuxStream } from "./stream.js";
+import { INITIAL_WINDOW, MuxStream, SENT_MORE, SENT_WAIT, SENT_ALL } from "./stream.js";
 import { encodeOpenRequest } from "./tunnel.js";
 import {
   CONNECTING,
@@ -99,6 +99,12 @@ function corkable(socket: WebSocketLike): Corkable | undefined {
 
 /** Size of a pooled frame buffer: a header and the largest payload. */
 const FRAME_BUF = 12 + MAX_PAYLOAD;
+
+/** A reusable frame buffer and the send callback that returns it to the pool (made once per buffer). */
+interface PooledFrame {
+  readonly buf: Uint8Array;
+  readonly release: () => void;
+}
 /** Frame buffers kept for reuse (1.5 MiB at most). */
 const POOL_MAX = 24;
 /** Payloads from this size on are encoded into pooled buffers. */
@@ -138,8 +144,13 @@ export class MuxSession {
   private goAwaySent = false;
   private goAwayRecv: number | undefined;
   private pending: Uint8Array[] | undefined = []; // frames sent before the WebSocket opened
-  private drainWaiters: Array<() => void> = [];
-  private readonly framePool: Uint8Array[] = [];
+  // Streams with a write waiting for room in the WebSocket's buffer, in
+  // turn order; sendHead is the next one.
+  private sendQueue: Array<MuxStream | undefined> = [];
+  private sendHead = 0;
+  private pumping = false;
+  private pumpQueued = false;
+  private readonly framePool: PooledFrame[] = [];
   private drainTimer: ReturnType<typeof setTimeout> | undefined;
   // Keepalive and round trip.
   private rttMs: number | undefined;
@@ -416,43 +427,48 @@ export class MuxSession {
   }
 
   /**
-   * @internal A DATA frame carrying `payload`; writers checked `_canSend()`
-   * before. Frame buffers are reused: the WHATWG WebSocket copies what
-   * send() is given at once (WebIDL "get a copy of the bytes"), so a
-   * buffer is free again when send() returns; the `ws` package may hold it
-   * until the frame reaches the kernel, and says so in its send callback.
-   * Allocating 64 KiB per frame instead cost a fifth of the CPU of a bulk
-   * transfer in garbage collection (bench/ts, in-process profile).
+   * @internal A DATA frame carrying `payload`, for `MuxStream._sendFrame()`
+   * while `_canSend()`. Frame buffers are reused: the WHATWG WebSocket
+   * copies what send() is given at once (WebIDL "get a copy of the
+   * bytes"), so a buffer is free again when send() returns; the `ws`
+   * package may hold it until the frame reaches the kernel, and says so in
+   * its send callback. Allocating 64 KiB per frame instead cost a fifth of
+   * the CPU of a bulk transfer in garbage collection (bench/ts, in-process
+   * profile).
    */
   _sendPayload(id: number, payload: Uint8Array): void {
-    if (this.pending || this.socket.readyState !== OPEN || payload.byteLength < POOLED_FROM) {
-      // Small frames are cheaper to allocate than to pool (a pooled buffer
-      // is zero-filled 64 KiB when the pool runs dry, as it does with
-      // many small frames in flight).
+    if (this.socket.readyState !== OPEN) return;
+    this.cork();
+    let f = payload.byteLength < POOLED_FROM ? undefined : this.framePool.pop();
+    if (!f && payload.byteLength < MAX_PAYLOAD) {
+      // Small frames are cheaper to allocate than to pool, and so are
+      // partial ones when the pool is dry (a new pooled buffer is 64 KiB,
+      // zero-filled: a hundred streams ending with 15 KiB each took
+      // sixty of them per run in bench/ts).
       const msg = encodeFrame(FrameType.Data, 0, id, 0, payload);
-      if (this.sendCallbacks && !this.pending && this.socket.readyState === OPEN) {
-        this.cork();
-        this.socket.send(msg, undefined, this.onFlushed);
-      } else {
-        this.send(msg);
-      }
-      this._wakeWriter();
+      if (this.sendCallbacks) this.socket.send(msg, undefined, this.onFlushed);
+      else this.socket.send(msg);
       return;
     }
-    const need = 12 + payload.byteLength;
-    const buf = (need <= FRAME_BUF && this.framePool.pop()) || new Uint8Array(Math.max(need, FRAME_BUF));
-    const msg = encodeDataInto(buf, 0, id, payload);
-    this.cork();
+    f ??= this.newPooledFrame();
+    const msg = encodeDataInto(f.buf, 0, id, payload);
     if (this.sendCallbacks) {
-      this.socket.send(msg, undefined, () => {
-        if (this.framePool.length < POOL_MAX && buf.byteLength === FRAME_BUF) this.framePool.push(buf);
-        this.onFlushed();
-      });
+      this.socket.send(msg, undefined, f.release);
     } else {
       this.socket.send(msg);
-      if (this.framePool.length < POOL_MAX && buf.byteLength === FRAME_BUF) this.framePool.push(buf);
+      if (this.framePool.length < POOL_MAX) this.framePool.push(f);
     }
-    this._wakeWriter();
+  }
+
+  private newPooledFrame(): PooledFrame {
+    const f: PooledFrame = {
+      buf: new Uint8Array(FRAME_BUF),
+      release: () => {
+        if (this.framePool.length < POOL_MAX) this.framePool.push(f);
+        this.pumpSoon();
+      },
+    };
+    return f;
   }
 
   /** @internal Whether the WebSocket's buffer is under the send high-water mark. */
@@ -461,29 +477,64 @@ export class MuxSession {
   }
 
   /**
-   * @internal Resolves when it is this writer's turn to send: writers wait
-   * in a queue while bufferedAmount is above the mark and are let through
-   * one at a time (each one that sends a frame lets the next through while
-   * there is room), so that a hundred waiting streams take turns instead
-   * of all waking for every frame that leaves.
+   * @internal A stream's write came in: its frames go out now while there
+   * is room and nobody waits before it; true when all of it is out. Else
+   * the stream waits in the send queue (or for credit, see `_resume()`).
    */
-  _drained(): Promise<void> {
-    return new Promise<void>((r) => {
-      this.drainWaiters.push(r);
-      this.pollDrain();
-    });
+  _write(s: MuxStream): boolean {
+    if (this.error) throw this.error;
+    if (this.sendHead === this.sendQueue.length) {
+      while (this._canSend()) {
+        const r = s._sendFrame();
+        if (r === SENT_ALL) return true;
+        if (r === SENT_WAIT) return false;
+      }
+    }
+    this.enqueue(s);
+    return false;
   }
 
-  /** @internal Lets the next waiting writer through if there is room (or all of them, once the session failed). */
-  _wakeWriter(): void {
-    if (!this.drainWaiters.length) return;
-    if (this.error) {
-      const w = this.drainWaiters;
-      this.drainWaiters = [];
-      for (const r of w) r();
-    } else if (this._canSend()) {
-      this.drainWaiters.shift()!();
+  /** @internal Credit came for a stream whose write waited for it. */
+  _resume(s: MuxStream): void {
+    this.enqueue(s);
+    this.pump();
+  }
+
+  private enqueue(s: MuxStream): void {
+    if (s._queued || this.error) return;
+    s._queued = true;
+    this.sendQueue.push(s);
+    this.pollDrain();
+  }
+
+  /**
+   * Sends while there is room: the queued streams take turns, one frame
+   * each, so that a hundred busy streams share the socket evenly. Runs on
+   * every send callback (the `ws` package), on credit, and on a timer
+   * while streams wait (browsers' WebSocket has no drain event).
+   */
+  private pump(): void {
+    if (this.pumping) return;
+    this.pumping = true;
+    const q = this.sendQueue;
+    while (this.sendHead < q.length && this._canSend()) {
+      const s = q[this.sendHead]!;
+      q[this.sendHead++] = undefined;
+      s._queued = false;
+      if (s._sendFrame() === SENT_MORE) {
+        s._queued = true;
+        q.push(s);
+      }
     }
+    if (this.sendHead === q.length) {
+      q.length = 0;
+      this.sendHead = 0;
+    } else if (this.sendHead >= 1024) {
+      q.splice(0, this.sendHead);
+      this.sendHead = 0;
+    }
+    this.pumping = false;
+    if (this.sendHead < q.length) this.pollDrain();
   }
 
   private pollDrain(): void {
@@ -494,12 +545,30 @@ export class MuxSession {
 
   private readonly drainCheck = (): void => {
     this.drainTimer = undefined;
-    this._wakeWriter();
-    if (this.drainWaiters.length) this.pollDrain();
+    this.pump();
   };
 
   private readonly onFlushed = (): void => {
-    this._wakeWriter();
+    this.pumpSoon();
+  };
+
+  /**
+   * Pumps once the current callbacks are done: the `ws` package calls the
+   * send callbacks of one write of the socket (up to the high-water mark,
+   * sixteen 64 KiB frames) one after the other; pumping at the first would
+   * refill the socket before the other fifteen buffers are back in the
+   * pool, and allocate fifteen new ones (a hundred per 64 MiB at 100
+   * streams in bench/ts).
+   */
+  private pumpSoon(): void {
+    if (this.pumpQueued) return;
+    this.pumpQueued = true;
+    queueMicrotask(this.pumpQueuedNow);
+  }
+
+  private readonly pumpQueuedNow = (): void => {
+    this.pumpQueued = false;
+    this.pump();
   };
 
   /** @internal */
@@ -652,12 +721,16 @@ export class MuxSession {
     if (this.error) return;
     this.error = err;
     if (this.timer !== undefined) clearTimeout(this.timer);
+    for (const s of this.sendQueue) if (s) s._queued = false;
+    this.sendQueue = [];
+    this.sendHead = 0;
+    if (this.drainTimer !== undefined) clearTimeout(this.drainTimer);
+    this.drainTimer = undefined;
     for (const s of [...this.streams.values()]) s._onSessionError(err);
     this.streams.clear();
     const w = this.acceptWaiters;
     this.acceptWaiters = [];
     for (const x of w) x.reject(err);
-    this._wakeWriter();
     this.resolveClosed(err);
   }
 
@@ -666,6 +739,7 @@ export class MuxSession {
   private start(): void {
     this.transport = corkable(this.socket);
     this.flushPending();
+    this.pump(); // writes made while connecting
     this.lastRecv = this.lastPong = now();
     this.sendPing(); // the first round trip, for window tuning
   }
