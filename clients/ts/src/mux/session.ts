@@ -227,7 +227,15 @@ export class MuxSession {
       }
     });
     this.ready.catch(() => {});
-    socket.addEventListener("message", this.onMessage);
+    const emitter = socket as unknown as { on?: (event: string, f: (data: unknown, isBinary: boolean) => void) => unknown };
+    if (this.sendCallbacks && typeof emitter.on === "function") {
+      // The `ws` package: its own "message" event (a Buffer and whether it
+      // is binary), without the MessageEvent its addEventListener makes
+      // for every message.
+      emitter.on("message", (data, isBinary) => this.onMessage(isBinary ? data : ""));
+    } else {
+      socket.addEventListener("message", (ev: { data: unknown }) => this.onMessage(ev.data));
+    }
     socket.addEventListener("close", (ev: { code?: number; reason?: string }) => {
       const code = ev?.code;
       this.fail(
@@ -602,16 +610,49 @@ export class MuxSession {
 
   // ------------------------------------------------------------ receiving
 
-  private readonly onMessage = (ev: { data: unknown }): void => {
+  /** One WebSocket message: its bytes (a Uint8Array, Buffer or ArrayBuffer), or a string for a text message. */
+  private onMessage(raw: unknown): void {
     if (this.error) return;
-    this.lastRecv = now();
-    let data: Uint8Array | string;
-    try {
-      data = messageData(ev.data);
-    } catch (e) {
-      return this.protocolError(GoAwayCode.PROTOCOL_ERROR, (e as Error).message);
+    if (this.keepaliveInterval !== undefined) this.lastRecv = now();
+    let data: Uint8Array;
+    if (raw instanceof Uint8Array) {
+      data = raw;
+    } else if (typeof raw === "string") {
+      return this.protocolError(GoAwayCode.TEXT_MESSAGE, "text message");
+    } else {
+      let d;
+      try {
+        d = messageData(raw);
+      } catch (e) {
+        return this.protocolError(GoAwayCode.PROTOCOL_ERROR, (e as Error).message);
+      }
+      if (typeof d === "string") return this.protocolError(GoAwayCode.TEXT_MESSAGE, "text message");
+      data = d;
     }
-    if (typeof data === "string") return this.protocolError(GoAwayCode.TEXT_MESSAGE, "text message");
+    // The bulk of the traffic, DATA and WINDOW_UPDATE without flags for a
+    // stream that is open: checked and delivered without decoding into a
+    // Frame (one view for the payload, nothing else allocated). Anything
+    // else takes the general path below, which checks every rule.
+    const len = data.byteLength;
+    if (len >= 12 && data[0] === 1 && (data[2]! | data[3]!) === 0) {
+      const type = data[1];
+      const s = this.streams.get(((data[4]! << 24) | (data[5]! << 16) | (data[6]! << 8) | data[7]!) >>> 0);
+      if (type === FrameType.Data && s && len > 12 && len <= 12 + MAX_PAYLOAD && !s._isFinRecv()) {
+        if ((data[8]! | data[9]! | data[10]! | data[11]!) === 0) {
+          if (!s._takeCredit(len - 12)) {
+            return this.protocolError(GoAwayCode.FLOW_CONTROL_ERROR, `stream ${s.id} sent beyond its credit`);
+          }
+          s._onData(new Uint8Array(data.buffer, data.byteOffset + 12, len - 12));
+          return;
+        }
+      } else if (type === FrameType.WindowUpdate && s && len === 12 && !s._isFinRecv()) {
+        const value = ((data[8]! << 24) | (data[9]! << 16) | (data[10]! << 8) | data[11]!) >>> 0;
+        if (!s._onCredit(value)) return this.protocolError(GoAwayCode.FLOW_CONTROL_ERROR, `credit above 2^32-1 on stream ${s.id}`);
+        return;
+      }
+    }
+    // Payloads handed on are plain Uint8Arrays, not the `ws` package's Buffers.
+    if (data.constructor !== Uint8Array) data = new Uint8Array(data.buffer, data.byteOffset, len);
     let f;
     try {
       f = decodeFrame(data);
@@ -679,7 +720,7 @@ export class MuxSession {
     }
     if (flags & Flag.Fin) s._onFin();
     if (flags & Flag.Rst) s._onReset(value);
-  };
+  }
 
   private isLocal(id: number): boolean {
     return (id % 2 === 1) === this.client;
