@@ -11,6 +11,9 @@
 // (echo everything back).
 //
 // * wsmux: the wsgate-client package (clients/ts/dist), one WebSocket.
+// * wsmux baseline (only with WSMUX_BASELINE=DIR, a dist/ built from an
+//   earlier commit by baseline.sh): the same, from that build, to compare
+//   two versions of the package in the same rounds, under the same load.
 // * ws: N plain WebSockets (the `ws` package), one per stream; a stream's
 //   end is a text message "end".
 // * yamux: @chainsafe/libp2p-yamux over one WebSocket used as a byte
@@ -20,6 +23,8 @@
 //   it is back under.
 
 import "./polyfill.mjs";
+import { resolve } from "node:path";
+import { pathToFileURL } from "node:url";
 import WebSocket from "ws";
 import { MuxSession } from "../../clients/ts/dist/index.js";
 import { yamux } from "@chainsafe/libp2p-yamux";
@@ -101,66 +106,81 @@ function sender(ws) {
 
 // ------------------------------------------------------------------ wsmux
 
-export const wsmux = {
-  name: "wsmux (wsgate-client)",
-  async connect(url, n) {
-    const session = await MuxSession.connect(url + "/mux", { WebSocket, keepalive: false });
-    const streams = [];
-    for (let i = 0; i < n; i++) {
-      const s = session.openRaw();
-      const w = s.writable.getWriter();
-      const r = s.readable.getReader();
-      streams.push({
-        async write(b) {
-          await w.ready;
-          w.write(b).catch(() => {});
-        },
-        end: () => w.close(),
-        next: async () => {
+/** The wsmux contender for one build of the package (its MuxSession), served at `path`. */
+function wsmuxContender(name, path, MuxSession) {
+  return {
+    name,
+    path,
+    async connect(url, n) {
+      const session = await MuxSession.connect(url + path, { WebSocket, keepalive: false });
+      const streams = [];
+      for (let i = 0; i < n; i++) {
+        const s = session.openRaw();
+        const w = s.writable.getWriter();
+        const r = s.readable.getReader();
+        streams.push({
+          async write(b) {
+            await w.ready;
+            w.write(b).catch(() => {});
+          },
+          end: () => w.close(),
+          next: async () => {
+            const { value, done } = await r.read();
+            return done ? null : value;
+          },
+        });
+      }
+      return { streams, close: () => session.close() };
+    },
+    serve(ws) {
+      const session = new MuxSession(ws, { client: false, keepalive: false, maxStreams: 4096, acceptBacklog: 4096 });
+      (async () => {
+        for (;;) {
+          let s;
+          try {
+            s = await session.accept();
+          } catch {
+            return;
+          }
+          serveStream(s).catch(() => {});
+        }
+      })();
+      async function serveStream(s) {
+        const r = s.readable.getReader();
+        const w = s.writable.getWriter();
+        let first = true;
+        let sink = false;
+        for (;;) {
           const { value, done } = await r.read();
-          return done ? null : value;
-        },
-      });
-    }
-    return { streams, close: () => session.close() };
-  },
-  serve(ws) {
-    const session = new MuxSession(ws, { client: false, keepalive: false, maxStreams: 4096, acceptBacklog: 4096 });
-    (async () => {
-      for (;;) {
-        let s;
-        try {
-          s = await session.accept();
-        } catch {
-          return;
+          if (done) break;
+          let c = value;
+          if (first) {
+            first = false;
+            sink = c[0] === 0x53;
+            c = c.subarray(1);
+            if (!c.byteLength) continue;
+          }
+          if (sink) continue;
+          await w.ready;
+          w.write(c).catch(() => {});
         }
-        serveStream(s).catch(() => {});
+        if (sink) await w.write(Uint8Array.of(0x6b));
+        await w.close();
       }
-    })();
-    async function serveStream(s) {
-      const r = s.readable.getReader();
-      const w = s.writable.getWriter();
-      let first = true;
-      let sink = false;
-      for (;;) {
-        const { value, done } = await r.read();
-        if (done) break;
-        let c = value;
-        if (first) {
-          first = false;
-          sink = c[0] === 0x53;
-          c = c.subarray(1);
-          if (!c.byteLength) continue;
-        }
-        if (sink) continue;
-        await w.ready;
-        w.write(c).catch(() => {});
-      }
-      if (sink) await w.write(Uint8Array.of(0x6b));
-      await w.close();
-    }
-  },
-};
+    },
+  };
+}
+
+export const wsmux = wsmuxContender("wsmux (wsgate-client)", "/mux", MuxSession);
+
+const baselineDir = process.env.WSMUX_BASELINE;
+export const wsmuxBaseline = baselineDir
+  ? wsmuxContender(
+      "wsmux baseline",
+      "/mux-baseline",
+      (await import(pathToFileURL(resolve(baselineDir, "index.js")).href)).MuxSession,
+    )
+  : undefined;
 
 // ---------------------------------------------------------- N WebSockets
 
@@ -313,4 +333,4 @@ export const libp2pYamux = {
   },
 };
 
-export const CONTENDERS = [wsmux, plain, libp2pYamux];
+export const CONTENDERS = [wsmux, plain, libp2pYamux, ...(wsmuxBaseline ? [wsmuxBaseline] : [])];

@@ -1,13 +1,15 @@
 // The benchmark's echo/sink server, one process for the three contenders:
 // /mux (wsgate-client's mux, server side), /ws (one plain WebSocket per
-// stream), /yamux (libp2p-yamux over the WebSocket); GET /cpu gives its
+// stream), /yamux (libp2p-yamux over the WebSocket), /mux-baseline (with
+// WSMUX_BASELINE: the mux of an earlier build); GET /cpu gives its
 // CPU time. Prints
 // "listening on ws://HOST:PORT" when ready.
 import { createServer } from "node:http";
 import { WebSocketServer } from "ws";
-import { wsmux, plain, libp2pYamux } from "./contenders.mjs";
+import { wsmux, wsmuxBaseline, plain, libp2pYamux } from "./contenders.mjs";
 
 const routes = { "/mux": wsmux, "/ws": plain, "/yamux": libp2pYamux };
+if (wsmuxBaseline) routes[wsmuxBaseline.path] = wsmuxBaseline; // WSMUX_BASELINE, inherited from bench.mjs
 // GET /cpu: this process's CPU time so far (µs), for the CPU cost figures.
 const http = createServer((req, res) => {
   const u = process.cpuUsage();

@@ -2,6 +2,9 @@
 // in how many rounds the mux was ahead of libp2p-yamux (same round, so
 // under the same load). Several files are pooled (their rounds joined),
 // and the medians over the pooled rounds printed first, as bench.mjs does.
+// Runs with the "wsmux baseline" contender (WSMUX_BASELINE, baseline.sh)
+// get one more table: per-round ratios of the two builds against yamux
+// and against each other.
 //   node spread.mjs runs/FILE.json [runs/FILE2.json ...]
 import { readFileSync } from "node:fs";
 
@@ -14,7 +17,9 @@ const runs = files.map((f) => JSON.parse(readFileSync(f)));
 const mux = "wsmux (wsgate-client)";
 const yam = "libp2p-yamux over 1 WebSocket";
 const plain = "N WebSockets (ws)";
-const names = [mux, plain, yam];
+const base = "wsmux baseline";
+const withBase = runs.every((r) => r.results[base]);
+const names = withBase ? [mux, plain, yam, base] : [mux, plain, yam];
 const COUNTS = [1, 10, 100];
 /** results[contender][cell]: the rounds of every file, in order. */
 const results = {};
@@ -60,5 +65,35 @@ for (const n of COUNTS.filter((n) => has(`lat${n}`))) {
   for (const q of ["p50", "p99"]) {
     const [a, p, b] = names.map((k) => results[k][`lat${n}`].map((x) => x[q]));
     console.log(`| round trip ${q}, ${n} (µs) | ${range(a)} | ${range(p)} | ${range(b)} | ${a.filter((v, i) => v < b[i]).length} of ${a.length} |`);
+  }
+}
+
+if (withBase) {
+  // Per round, so under the same load: throughput and CPU of each build
+  // against yamux's and against each other (median of the rounds' ratios).
+  const ratio = (a, b, cell, f) => {
+    const x = results[a][cell];
+    const y = results[b][cell];
+    return median(x.map((v, i) => f(v) / f(y[i]))).toFixed(2);
+  };
+  const won = (a, b, cell, f, lower) => {
+    const x = results[a][cell];
+    const y = results[b][cell];
+    return `${x.filter((v, i) => (lower ? f(v) < f(y[i]) : f(v) > f(y[i]))).length}/${x.length}`;
+  };
+  console.log("\nPer-round ratios (median), and rounds won: this build (wsmux), the baseline, yamux.\n");
+  console.log("| cell | wsmux / yamux | baseline / yamux | wsmux / baseline |");
+  console.log("|---|---|---|---|");
+  const row = (label, cell, f, lower) =>
+    console.log(
+      `| ${label} | ${ratio(mux, yam, cell, f)} (${won(mux, yam, cell, f, lower)}) | ${ratio(base, yam, cell, f)} (${won(base, yam, cell, f, lower)}) | ${ratio(mux, base, cell, f)} (${won(mux, base, cell, f, lower)}) |`,
+    );
+  for (const n of COUNTS.filter((n) => has(`bulk${n}`))) {
+    row(`bulk, ${n}: MB/s`, `bulk${n}`, (x) => x.mbps, false);
+    row(`bulk, ${n}: CPU per MB`, `bulk${n}`, (x) => x.cpuPerMb, true);
+  }
+  for (const n of COUNTS.filter((n) => has(`lat${n}`))) {
+    row(`round trip, ${n}: p50`, `lat${n}`, (x) => x.p50, true);
+    row(`round trip, ${n}: CPU`, `lat${n}`, (x) => x.cpuPerRt, true);
   }
 }

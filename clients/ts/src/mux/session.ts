@@ -25,7 +25,7 @@ import {
   encodeFrame,
 } from "./frame.js";
 import { MuxError, goAwayName } from "./errors.js";
-import { INITIAL_WINDOW, MuxStream } from "./stream.js";
+import { INITIAL_WINDOW, MuxStream, SENT_MORE, SENT_WAIT, SENT_ALL } from "./stream.js";
 import { encodeOpenRequest } from "./tunnel.js";
 import {
   CONNECTING,
@@ -99,6 +99,12 @@ function corkable(socket: WebSocketLike): Corkable | undefined {
 
 /** Size of a pooled frame buffer: a header and the largest payload. */
 const FRAME_BUF = 12 + MAX_PAYLOAD;
+
+/** A reusable frame buffer and the send callback that returns it to the pool (made once per buffer). */
+interface PooledFrame {
+  readonly buf: Uint8Array;
+  readonly release: () => void;
+}
 /** Frame buffers kept for reuse (1.5 MiB at most). */
 const POOL_MAX = 24;
 /** Payloads from this size on are encoded into pooled buffers. */
@@ -138,8 +144,13 @@ export class MuxSession {
   private goAwaySent = false;
   private goAwayRecv: number | undefined;
   private pending: Uint8Array[] | undefined = []; // frames sent before the WebSocket opened
-  private drainWaiters: Array<() => void> = [];
-  private readonly framePool: Uint8Array[] = [];
+  // Streams with a write waiting for room in the WebSocket's buffer, in
+  // turn order; sendHead is the next one.
+  private sendQueue: Array<MuxStream | undefined> = [];
+  private sendHead = 0;
+  private pumping = false;
+  private pumpQueued = false;
+  private readonly framePool: PooledFrame[] = [];
   private drainTimer: ReturnType<typeof setTimeout> | undefined;
   // Keepalive and round trip.
   private rttMs: number | undefined;
@@ -216,7 +227,15 @@ export class MuxSession {
       }
     });
     this.ready.catch(() => {});
-    socket.addEventListener("message", this.onMessage);
+    const emitter = socket as unknown as { on?: (event: string, f: (data: unknown, isBinary: boolean) => void) => unknown };
+    if (this.sendCallbacks && typeof emitter.on === "function") {
+      // The `ws` package: its own "message" event (a Buffer and whether it
+      // is binary), without the MessageEvent its addEventListener makes
+      // for every message.
+      emitter.on("message", (data, isBinary) => this.onMessage(isBinary ? data : ""));
+    } else {
+      socket.addEventListener("message", (ev: { data: unknown }) => this.onMessage(ev.data));
+    }
     socket.addEventListener("close", (ev: { code?: number; reason?: string }) => {
       const code = ev?.code;
       this.fail(
@@ -416,43 +435,48 @@ export class MuxSession {
   }
 
   /**
-   * @internal A DATA frame carrying `payload`; writers checked `_canSend()`
-   * before. Frame buffers are reused: the WHATWG WebSocket copies what
-   * send() is given at once (WebIDL "get a copy of the bytes"), so a
-   * buffer is free again when send() returns; the `ws` package may hold it
-   * until the frame reaches the kernel, and says so in its send callback.
-   * Allocating 64 KiB per frame instead cost a fifth of the CPU of a bulk
-   * transfer in garbage collection (bench/ts, in-process profile).
+   * @internal A DATA frame carrying `payload`, for `MuxStream._sendFrame()`
+   * while `_canSend()`. Frame buffers are reused: the WHATWG WebSocket
+   * copies what send() is given at once (WebIDL "get a copy of the
+   * bytes"), so a buffer is free again when send() returns; the `ws`
+   * package may hold it until the frame reaches the kernel, and says so in
+   * its send callback. Allocating 64 KiB per frame instead cost a fifth of
+   * the CPU of a bulk transfer in garbage collection (bench/ts, in-process
+   * profile).
    */
   _sendPayload(id: number, payload: Uint8Array): void {
-    if (this.pending || this.socket.readyState !== OPEN || payload.byteLength < POOLED_FROM) {
-      // Small frames are cheaper to allocate than to pool (a pooled buffer
-      // is zero-filled 64 KiB when the pool runs dry, as it does with
-      // many small frames in flight).
+    if (this.socket.readyState !== OPEN) return;
+    this.cork();
+    let f = payload.byteLength < POOLED_FROM ? undefined : this.framePool.pop();
+    if (!f && payload.byteLength < MAX_PAYLOAD) {
+      // Small frames are cheaper to allocate than to pool, and so are
+      // partial ones when the pool is dry (a new pooled buffer is 64 KiB,
+      // zero-filled: a hundred streams ending with 15 KiB each took
+      // sixty of them per run in bench/ts).
       const msg = encodeFrame(FrameType.Data, 0, id, 0, payload);
-      if (this.sendCallbacks && !this.pending && this.socket.readyState === OPEN) {
-        this.cork();
-        this.socket.send(msg, undefined, this.onFlushed);
-      } else {
-        this.send(msg);
-      }
-      this._wakeWriter();
+      if (this.sendCallbacks) this.socket.send(msg, undefined, this.onFlushed);
+      else this.socket.send(msg);
       return;
     }
-    const need = 12 + payload.byteLength;
-    const buf = (need <= FRAME_BUF && this.framePool.pop()) || new Uint8Array(Math.max(need, FRAME_BUF));
-    const msg = encodeDataInto(buf, 0, id, payload);
-    this.cork();
+    f ??= this.newPooledFrame();
+    const msg = encodeDataInto(f.buf, 0, id, payload);
     if (this.sendCallbacks) {
-      this.socket.send(msg, undefined, () => {
-        if (this.framePool.length < POOL_MAX && buf.byteLength === FRAME_BUF) this.framePool.push(buf);
-        this.onFlushed();
-      });
+      this.socket.send(msg, undefined, f.release);
     } else {
       this.socket.send(msg);
-      if (this.framePool.length < POOL_MAX && buf.byteLength === FRAME_BUF) this.framePool.push(buf);
+      if (this.framePool.length < POOL_MAX) this.framePool.push(f);
     }
-    this._wakeWriter();
+  }
+
+  private newPooledFrame(): PooledFrame {
+    const f: PooledFrame = {
+      buf: new Uint8Array(FRAME_BUF),
+      release: () => {
+        if (this.framePool.length < POOL_MAX) this.framePool.push(f);
+        this.pumpSoon();
+      },
+    };
+    return f;
   }
 
   /** @internal Whether the WebSocket's buffer is under the send high-water mark. */
@@ -461,29 +485,64 @@ export class MuxSession {
   }
 
   /**
-   * @internal Resolves when it is this writer's turn to send: writers wait
-   * in a queue while bufferedAmount is above the mark and are let through
-   * one at a time (each one that sends a frame lets the next through while
-   * there is room), so that a hundred waiting streams take turns instead
-   * of all waking for every frame that leaves.
+   * @internal A stream's write came in: its frames go out now while there
+   * is room and nobody waits before it; true when all of it is out. Else
+   * the stream waits in the send queue (or for credit, see `_resume()`).
    */
-  _drained(): Promise<void> {
-    return new Promise<void>((r) => {
-      this.drainWaiters.push(r);
-      this.pollDrain();
-    });
+  _write(s: MuxStream): boolean {
+    if (this.error) throw this.error;
+    if (this.sendHead === this.sendQueue.length) {
+      while (this._canSend()) {
+        const r = s._sendFrame();
+        if (r === SENT_ALL) return true;
+        if (r === SENT_WAIT) return false;
+      }
+    }
+    this.enqueue(s);
+    return false;
   }
 
-  /** @internal Lets the next waiting writer through if there is room (or all of them, once the session failed). */
-  _wakeWriter(): void {
-    if (!this.drainWaiters.length) return;
-    if (this.error) {
-      const w = this.drainWaiters;
-      this.drainWaiters = [];
-      for (const r of w) r();
-    } else if (this._canSend()) {
-      this.drainWaiters.shift()!();
+  /** @internal Credit came for a stream whose write waited for it. */
+  _resume(s: MuxStream): void {
+    this.enqueue(s);
+    this.pump();
+  }
+
+  private enqueue(s: MuxStream): void {
+    if (s._queued || this.error) return;
+    s._queued = true;
+    this.sendQueue.push(s);
+    this.pollDrain();
+  }
+
+  /**
+   * Sends while there is room: the queued streams take turns, one frame
+   * each, so that a hundred busy streams share the socket evenly. Runs on
+   * every send callback (the `ws` package), on credit, and on a timer
+   * while streams wait (browsers' WebSocket has no drain event).
+   */
+  private pump(): void {
+    if (this.pumping) return;
+    this.pumping = true;
+    const q = this.sendQueue;
+    while (this.sendHead < q.length && this._canSend()) {
+      const s = q[this.sendHead]!;
+      q[this.sendHead++] = undefined;
+      s._queued = false;
+      if (s._sendFrame() === SENT_MORE) {
+        s._queued = true;
+        q.push(s);
+      }
     }
+    if (this.sendHead === q.length) {
+      q.length = 0;
+      this.sendHead = 0;
+    } else if (this.sendHead >= 1024) {
+      q.splice(0, this.sendHead);
+      this.sendHead = 0;
+    }
+    this.pumping = false;
+    if (this.sendHead < q.length) this.pollDrain();
   }
 
   private pollDrain(): void {
@@ -494,12 +553,30 @@ export class MuxSession {
 
   private readonly drainCheck = (): void => {
     this.drainTimer = undefined;
-    this._wakeWriter();
-    if (this.drainWaiters.length) this.pollDrain();
+    this.pump();
   };
 
   private readonly onFlushed = (): void => {
-    this._wakeWriter();
+    this.pumpSoon();
+  };
+
+  /**
+   * Pumps once the current callbacks are done: the `ws` package calls the
+   * send callbacks of one write of the socket (up to the high-water mark,
+   * sixteen 64 KiB frames) one after the other; pumping at the first would
+   * refill the socket before the other fifteen buffers are back in the
+   * pool, and allocate fifteen new ones (a hundred per 64 MiB at 100
+   * streams in bench/ts).
+   */
+  private pumpSoon(): void {
+    if (this.pumpQueued) return;
+    this.pumpQueued = true;
+    queueMicrotask(this.pumpQueuedNow);
+  }
+
+  private readonly pumpQueuedNow = (): void => {
+    this.pumpQueued = false;
+    this.pump();
   };
 
   /** @internal */
@@ -533,16 +610,49 @@ export class MuxSession {
 
   // ------------------------------------------------------------ receiving
 
-  private readonly onMessage = (ev: { data: unknown }): void => {
+  /** One WebSocket message: its bytes (a Uint8Array, Buffer or ArrayBuffer), or a string for a text message. */
+  private onMessage(raw: unknown): void {
     if (this.error) return;
-    this.lastRecv = now();
-    let data: Uint8Array | string;
-    try {
-      data = messageData(ev.data);
-    } catch (e) {
-      return this.protocolError(GoAwayCode.PROTOCOL_ERROR, (e as Error).message);
+    if (this.keepaliveInterval !== undefined) this.lastRecv = now();
+    let data: Uint8Array;
+    if (raw instanceof Uint8Array) {
+      data = raw;
+    } else if (typeof raw === "string") {
+      return this.protocolError(GoAwayCode.TEXT_MESSAGE, "text message");
+    } else {
+      let d;
+      try {
+        d = messageData(raw);
+      } catch (e) {
+        return this.protocolError(GoAwayCode.PROTOCOL_ERROR, (e as Error).message);
+      }
+      if (typeof d === "string") return this.protocolError(GoAwayCode.TEXT_MESSAGE, "text message");
+      data = d;
     }
-    if (typeof data === "string") return this.protocolError(GoAwayCode.TEXT_MESSAGE, "text message");
+    // The bulk of the traffic, DATA and WINDOW_UPDATE without flags for a
+    // stream that is open: checked and delivered without decoding into a
+    // Frame (one view for the payload, nothing else allocated). Anything
+    // else takes the general path below, which checks every rule.
+    const len = data.byteLength;
+    if (len >= 12 && data[0] === 1 && (data[2]! | data[3]!) === 0) {
+      const type = data[1];
+      const s = this.streams.get(((data[4]! << 24) | (data[5]! << 16) | (data[6]! << 8) | data[7]!) >>> 0);
+      if (type === FrameType.Data && s && len > 12 && len <= 12 + MAX_PAYLOAD && !s._isFinRecv()) {
+        if ((data[8]! | data[9]! | data[10]! | data[11]!) === 0) {
+          if (!s._takeCredit(len - 12)) {
+            return this.protocolError(GoAwayCode.FLOW_CONTROL_ERROR, `stream ${s.id} sent beyond its credit`);
+          }
+          s._onData(new Uint8Array(data.buffer, data.byteOffset + 12, len - 12));
+          return;
+        }
+      } else if (type === FrameType.WindowUpdate && s && len === 12 && !s._isFinRecv()) {
+        const value = ((data[8]! << 24) | (data[9]! << 16) | (data[10]! << 8) | data[11]!) >>> 0;
+        if (!s._onCredit(value)) return this.protocolError(GoAwayCode.FLOW_CONTROL_ERROR, `credit above 2^32-1 on stream ${s.id}`);
+        return;
+      }
+    }
+    // Payloads handed on are plain Uint8Arrays, not the `ws` package's Buffers.
+    if (data.constructor !== Uint8Array) data = new Uint8Array(data.buffer, data.byteOffset, len);
     let f;
     try {
       f = decodeFrame(data);
@@ -610,7 +720,7 @@ export class MuxSession {
     }
     if (flags & Flag.Fin) s._onFin();
     if (flags & Flag.Rst) s._onReset(value);
-  };
+  }
 
   private isLocal(id: number): boolean {
     return (id % 2 === 1) === this.client;
@@ -652,12 +762,16 @@ export class MuxSession {
     if (this.error) return;
     this.error = err;
     if (this.timer !== undefined) clearTimeout(this.timer);
+    for (const s of this.sendQueue) if (s) s._queued = false;
+    this.sendQueue = [];
+    this.sendHead = 0;
+    if (this.drainTimer !== undefined) clearTimeout(this.drainTimer);
+    this.drainTimer = undefined;
     for (const s of [...this.streams.values()]) s._onSessionError(err);
     this.streams.clear();
     const w = this.acceptWaiters;
     this.acceptWaiters = [];
     for (const x of w) x.reject(err);
-    this._wakeWriter();
     this.resolveClosed(err);
   }
 
@@ -666,6 +780,7 @@ export class MuxSession {
   private start(): void {
     this.transport = corkable(this.socket);
     this.flushPending();
+    this.pump(); // writes made while connecting
     this.lastRecv = this.lastPong = now();
     this.sendPing(); // the first round trip, for window tuning
   }

@@ -9,12 +9,15 @@
 // one window: the queue never holds more than the window (the stream's
 // `highWaterMark`), and no other stream is touched.
 //
-// Sending: the WritableStream's write() splits a chunk into DATA frames of
-// at most the session's frame size and never beyond the credit; it waits
-// for WINDOW_UPDATEs, and for the WebSocket's bufferedAmount to fall under
-// the session's send high-water mark. close() sends FIN (half-close: the
-// readable side goes on); abort(reason) and cancel(reason) send RST with a
-// code taken from the reason.
+// Sending: the WritableStream's write() hands its chunk to the session,
+// which cuts it into DATA frames of at most its frame size and never beyond
+// the credit. While the WebSocket's bufferedAmount is above the session's
+// send high-water mark, the streams that have something to send wait in the
+// session's queue and take turns, one frame each; a stream without credit
+// leaves the queue until a WINDOW_UPDATE. The write resolves when its last
+// frame is out (at once when there was room). close() sends FIN
+// (half-close: the readable side goes on); abort(reason) and cancel(reason)
+// send RST with a code taken from the reason.
 
 import { Flag, FrameType, ResetCode, encodeFrame } from "./frame.js";
 import { MuxError, OpenRefusedError, StreamResetError } from "./errors.js";
@@ -24,6 +27,13 @@ import type { MuxSession } from "./session.js";
 
 /** Protocol constant: every stream starts with this much credit each way (§4.1). */
 export const INITIAL_WINDOW = 256 * 1024;
+
+/** What `_sendFrame()` did: the write is all out (or gone), */
+export const SENT_ALL = 0;
+/** more of it can go at its next turn, */
+export const SENT_MORE = 1;
+/** or it waits for credit (it queues again when a WINDOW_UPDATE comes). */
+export const SENT_WAIT = 2;
 
 /** What a writer may write: bytes, or a string (sent as UTF-8). */
 export type Chunk = Uint8Array | ArrayBuffer | ArrayBufferView | string;
@@ -53,7 +63,16 @@ export class MuxStream {
   /** @internal */ readonly session: MuxSession;
   // Sending.
   private sendCredit: number;
-  private creditWaiters: Array<() => void> = [];
+  // The write in progress (a WritableStream hands over one chunk at a time):
+  // its bytes, how far they went out, and its promise's functions, set only
+  // when it had to wait.
+  private out: Uint8Array | undefined;
+  private outOff = 0;
+  private outDone: (() => void) | undefined;
+  private outFail: ((e: Error) => void) | undefined;
+  private creditWait = false; // the write waits for a WINDOW_UPDATE
+  /** @internal In the session's send queue. */
+  _queued = false;
   private finSent = false;
   private wctl!: WritableStreamDefaultController;
   // Receiving.
@@ -147,31 +166,52 @@ export class MuxStream {
 
   // ------------------------------------------------------------ sending
 
-  private async write(chunk: Chunk): Promise<void> {
-    const bytes = toBytes(chunk);
-    const session = this.session;
-    let off = 0;
-    while (off < bytes.byteLength) {
-      if (this.error) {
-        session._wakeWriter(); // pass the turn on
-        throw this.error;
-      }
-      if (this.sendCredit === 0) {
-        session._wakeWriter(); // pass the turn on
-        await new Promise<void>((r) => this.creditWaiters.push(r));
-        continue;
-      }
-      if (!session._canSend()) {
-        await session._drained();
-        continue;
-      }
-      const n = Math.min(bytes.byteLength - off, this.sendCredit, session._maxFrame);
-      this.sendCredit -= n;
-      session._sendPayload(this.id, bytes.subarray(off, off + n));
-      off += n;
-    }
-    session._wakeWriter();
+  /**
+   * The writable's write(): no promise, no closure per frame; one promise
+   * per chunk, and only when the chunk has to wait (for room in the
+   * WebSocket's buffer, its turn, or credit).
+   */
+  private write(chunk: Chunk): Promise<void> | undefined {
     if (this.error) throw this.error;
+    const bytes = toBytes(chunk);
+    if (bytes.byteLength === 0) return undefined;
+    this.out = bytes;
+    this.outOff = 0;
+    if (this.session._write(this)) return undefined;
+    return new Promise<void>((resolve, reject) => {
+      this.outDone = resolve;
+      this.outFail = reject;
+    });
+  }
+
+  /**
+   * @internal Sends the next DATA frame of the write in progress: at most
+   * the session's frame size and the credit. SENT_ALL when the write is
+   * all out (it resolves) or there is none, SENT_MORE when more can go at
+   * the next turn, SENT_WAIT when the credit is spent.
+   */
+  _sendFrame(): number {
+    const out = this.out;
+    if (!out) return SENT_ALL;
+    if (this.sendCredit === 0) {
+      this.creditWait = true;
+      return SENT_WAIT;
+    }
+    const off = this.outOff;
+    const n = Math.min(out.byteLength - off, this.sendCredit, this.session._maxFrame);
+    this.sendCredit -= n;
+    this.outOff = off + n;
+    this.session._sendPayload(this.id, n === out.byteLength ? out : out.subarray(off, off + n));
+    if (off + n < out.byteLength) {
+      if (this.sendCredit > 0) return SENT_MORE;
+      this.creditWait = true;
+      return SENT_WAIT;
+    }
+    this.out = undefined;
+    const done = this.outDone;
+    this.outDone = this.outFail = undefined;
+    done?.();
+    return SENT_ALL;
   }
 
   /** The writable's close(): FIN. */
@@ -313,7 +353,10 @@ export class MuxStream {
   _onCredit(delta: number): boolean {
     if (this.sendCredit + delta > 0xffffffff) return false;
     this.sendCredit += delta;
-    this.wakeWriters();
+    if (this.creditWait && delta > 0) {
+      this.creditWait = false;
+      this.session._resume(this);
+    }
     return true;
   }
 
@@ -333,7 +376,11 @@ export class MuxStream {
     this.error = err;
     if (this.reply) this.failReply(err);
     if (!this.finSent) this.wctl.error(err);
-    this.wakeWriters();
+    const outFail = this.outFail;
+    this.out = undefined;
+    this.outDone = this.outFail = undefined;
+    this.creditWait = false;
+    outFail?.(err);
     if (!this.finRecv) {
       // What arrived before the RST stays readable (§3.4).
       this.pendingError = err;
@@ -355,13 +402,6 @@ export class MuxStream {
     this.queueHead = 0;
     this.queued = 0;
     this.fail(err);
-  }
-
-  private wakeWriters(): void {
-    const w = this.creditWaiters;
-    if (!w.length) return;
-    this.creditWaiters = [];
-    for (const r of w) r();
   }
 
   private maybeClosed(): void {
