@@ -20,7 +20,7 @@
 //!    after its last piece ([`Inflater::inflate`]); inflation stops with
 //!    [`ProtocolError::MessageTooBig`] as soon as the output passes the
 //!    message size limit (a 1 MB frame that would inflate to 1 GB allocates
-//!    no more than the limit plus one output chunk), and bad data is
+//!    no more than the limit, in output chunks), and bad data is
 //!    [`ProtocolError::BadDeflate`] (1007).
 //! 3. **Idle.** [`Deflater::hibernate`] and [`Inflater::hibernate`] drop the
 //!    zlib state (about 260 KiB for a 15-bit compressor, 40 KiB for a
@@ -649,27 +649,54 @@ impl Deflater {
     /// Compresses one whole message and appends its payload (without the
     /// trailing `00 00 ff ff`) to `out`.
     pub fn compress(&mut self, payload: &[u8], out: &mut Vec<u8>) {
+        self.compress_parts(&[payload], out);
+    }
+
+    /// [`Deflater::compress`] for a message held in pieces (`parts`, in
+    /// order): compressed as one, without gathering them first.
+    pub fn compress_parts<B: AsRef<[u8]>>(&mut self, parts: &[B], out: &mut Vec<u8>) {
         let reset = self.no_context_takeover;
         let c = self.state();
         let start = out.len();
-        let mut consumed = 0;
-        loop {
-            out.reserve((payload.len() - consumed) / 2 + 64);
-            let before = c.total_in();
-            c.compress_vec(&payload[consumed..], out, FlushCompress::Sync)
-                .expect("deflate with valid parameters does not fail");
-            consumed += (c.total_in() - before) as usize;
-            // A sync flush is complete once zlib stopped with room to spare.
-            if consumed == payload.len() && out.len() < out.capacity() {
-                break;
+        let mut left: usize = parts.iter().map(|p| p.as_ref().len()).sum();
+        let last = parts.len().saturating_sub(1);
+        let pieces = parts.iter().map(AsRef::as_ref);
+        // No parts: the empty message, flushed all the same.
+        for (i, part) in pieces
+            .chain(parts.is_empty().then_some(&[][..]))
+            .enumerate()
+        {
+            let flush = if i == last {
+                FlushCompress::Sync
+            } else {
+                FlushCompress::None
+            };
+            let mut consumed = 0;
+            loop {
+                out.reserve((left - consumed) / 2 + 64);
+                let before = c.total_in();
+                c.compress_vec(&part[consumed..], out, flush)
+                    .expect("deflate with valid parameters does not fail");
+                consumed += (c.total_in() - before) as usize;
+                // Without a flush zlib keeps what it has not written yet;
+                // a sync flush is complete once it stopped with room to
+                // spare.
+                if consumed == part.len()
+                    && (flush == FlushCompress::None || out.len() < out.capacity())
+                {
+                    break;
+                }
             }
+            left -= part.len();
         }
         debug_assert!(out[start..].ends_with(&TRAILER));
         out.truncate(out.len() - TRAILER.len());
         if reset {
             c.reset();
         } else if let Some(h) = &mut self.history {
-            h.push(payload);
+            for p in parts {
+                h.push(p.as_ref());
+            }
         }
     }
 
@@ -677,23 +704,41 @@ impl Deflater {
     /// when it is at least `min_size` bytes, else as it is. Masked for a
     /// client.
     pub fn encode(&mut self, out: &mut BytesMut, opcode: OpCode, payload: &[u8]) {
+        self.encode_parts(out, opcode, &[payload]);
+    }
+
+    /// [`Deflater::encode`] for a message held in pieces (`parts`, in
+    /// order), which are not gathered first.
+    pub fn encode_parts<B: AsRef<[u8]>>(
+        &mut self,
+        out: &mut BytesMut,
+        opcode: OpCode,
+        parts: &[B],
+    ) {
         let mask = match self.role {
             Role::Client => Some(rand::random::<[u8; 4]>()),
             Role::Server => None,
         };
-        let (rsv, body): (u8, &[u8]) = if self.compresses(payload.len()) {
+        let len: usize = parts.iter().map(|p| p.as_ref().len()).sum();
+        let start = if self.compresses(len) {
             let mut scratch = std::mem::take(&mut self.scratch);
             scratch.clear();
-            self.compress(payload, &mut scratch);
+            self.compress_parts(parts, &mut scratch);
+            out.reserve(crate::MAX_HEADER_LEN + scratch.len());
+            write_header(out, true, RSV1, opcode, mask, scratch.len());
+            let start = out.len();
+            out.put_slice(&scratch);
             self.scratch = scratch;
-            (RSV1, &self.scratch)
+            start
         } else {
-            (0, payload)
+            out.reserve(crate::MAX_HEADER_LEN + len);
+            write_header(out, true, 0, opcode, mask, len);
+            let start = out.len();
+            for p in parts {
+                out.put_slice(p.as_ref());
+            }
+            start
         };
-        out.reserve(crate::MAX_HEADER_LEN + body.len());
-        write_header(out, true, rsv, opcode, mask, body.len());
-        let start = out.len();
-        out.put_slice(body);
         if let Some(m) = mask {
             apply_mask(&mut out[start..], m, 0);
         }
@@ -783,7 +828,11 @@ impl Inflater {
     }
 
     /// Inflates from `input` (a piece of the message's payload; `last`: its
-    /// final piece) into `out`, adding at most `room` bytes. Call again
+    /// final piece) into `out`, adding (and reserving) at most `room`
+    /// bytes, and never more than the message size limit leaves: a message
+    /// that would pass the limit fails with
+    /// [`ProtocolError::MessageTooBig`] once its output reached the limit
+    /// exactly, never a byte more of it handed out. Call again
     /// with the rest of the input (and, once it is all consumed with `last`,
     /// an empty input) until [`Step::done`].
     pub fn inflate(
@@ -796,7 +845,16 @@ impl Inflater {
         if self.state.is_none() {
             self.state = Some(self.fresh_state());
         }
-        let room = room.max(1);
+        let mut room = room.max(1);
+        if self.max_message_size != 0 {
+            // Never past the limit: once output reaches it, whether there is
+            // more is asked for with a 1-byte probe of our own, so `out`
+            // never grows past the limit.
+            let left = self.max_message_size.saturating_sub(self.produced);
+            room = room.min(usize::try_from(left).unwrap_or(usize::MAX));
+        }
+        let probing = room == 0;
+        let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
         let start = out.len();
         out.reserve(room);
         let mut consumed = 0;
@@ -818,12 +876,18 @@ impl Inflater {
             };
             let d = self.state.as_mut().expect("made above");
             let (in0, out0) = (d.total_in(), d.total_out());
-            let spare = &mut out.spare_capacity_mut()[..room - written];
+            let spare = if probing {
+                &mut probe[..]
+            } else {
+                &mut out.spare_capacity_mut()[..room - written]
+            };
             let status = d.decompress_uninit(src, spare, FlushDecompress::Sync);
             let used = (d.total_in() - in0) as usize;
             let made = (d.total_out() - out0) as usize;
-            // SAFETY: zlib initialised the first `made` bytes of `spare`.
-            unsafe { out.set_len(out.len() + made) };
+            if !probing {
+                // SAFETY: zlib initialised the first `made` bytes of `spare`.
+                unsafe { out.set_len(out.len() + made) };
+            }
             if trailer {
                 self.trailer += used;
             } else {
@@ -842,7 +906,7 @@ impl Inflater {
                     limit: self.max_message_size,
                 });
             }
-            if out.len() - start == room {
+            if !probing && out.len() - start == room {
                 // Full: the caller takes this and calls again.
                 break Ok(false);
             }

@@ -386,6 +386,20 @@ impl WriteQueue {
         self.push(payload);
     }
 
+    /// Appends one unmasked server frame carrying a whole message of `len`
+    /// bytes held in `parts`, which are not copied (but small ones).
+    pub(crate) fn push_message_parts(&mut self, opcode: OpCode, parts: Vec<Bytes>, len: usize) {
+        debug_assert_eq!(parts.iter().map(Bytes::len).sum::<usize>(), len);
+        write_header(&mut self.tail, true, 0, opcode, None, len);
+        for p in parts {
+            if p.len() >= NO_COPY {
+                self.push(p);
+            } else {
+                self.copy(&p);
+            }
+        }
+    }
+
     /// Appends one unmasked server frame carrying a whole message, copied.
     pub(crate) fn copy_message(&mut self, opcode: OpCode, payload: &[u8]) {
         self.tail.reserve(wsframe::MAX_HEADER_LEN + payload.len());

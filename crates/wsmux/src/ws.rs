@@ -125,12 +125,97 @@ pub struct WsTransport<S> {
     /// permessage-deflate, when the handshake agreed on it.
     deflater: Option<Deflater>,
     rbuf: BytesMut,
-    partial: Option<(bool, Vec<u8>)>,
+    /// A fragmented (or compressed) message being reassembled.
+    partial: Option<Partial>,
+    /// The decoder's `max_message_size` (0: none).
+    max_message: u64,
+    /// The Close our side owes for a protocol violation of the peer's
+    /// (1009 for a message past the limit, 1007, 1002), sent by
+    /// `poll_close` in place of 1000.
+    failed: Option<(u16, String)>,
     wbuf: WriteQueue,
     close_sent: bool,
     close_received: bool,
     read_eof: bool,
     pool: Arc<BufPool>,
+}
+
+/// A message being reassembled from its pieces (frames' payloads, a
+/// compressed message's inflated output): in buffers of the pool's size
+/// (the first from the pool), each filled before the next is made and none
+/// past what the message size limit leaves. A message past the limit (an
+/// inflation bomb) thus costs the limit, not the steps of a buffer grown by
+/// doubling, which the allocator keeps mapped; a whole message of several
+/// buffers is copied into one at its end.
+struct Partial {
+    text: bool,
+    full: Vec<Vec<u8>>,
+    acc: Vec<u8>,
+    len: usize,
+}
+
+impl Partial {
+    fn new(text: bool, first: Vec<u8>) -> Self {
+        Partial {
+            text,
+            full: Vec::new(),
+            acc: first,
+            len: 0,
+        }
+    }
+
+    fn push(&mut self, mut piece: &[u8], limit: u64, pool: &Arc<BufPool>) {
+        while !piece.is_empty() {
+            if self.acc.len() == self.acc.capacity() {
+                let left = if limit == 0 {
+                    usize::MAX
+                } else {
+                    usize::try_from(limit)
+                        .unwrap_or(usize::MAX)
+                        .saturating_sub(self.len)
+                };
+                // The limit is the decoder's to enforce: a piece is never
+                // cut short here.
+                let size = RECV_BUF_CAPACITY
+                    .min(left)
+                    .max(piece.len().min(RECV_BUF_CAPACITY));
+                let next = if size == RECV_BUF_CAPACITY {
+                    pool.take()
+                } else {
+                    Vec::with_capacity(size)
+                };
+                self.full.push(std::mem::replace(&mut self.acc, next));
+            }
+            let n = piece.len().min(self.acc.capacity() - self.acc.len());
+            self.acc.extend_from_slice(&piece[..n]);
+            self.len += n;
+            piece = &piece[n..];
+        }
+    }
+
+    fn finish(mut self, pool: &Arc<BufPool>) -> (bool, Bytes) {
+        if self.full.is_empty() {
+            let acc = self.acc;
+            let p = if acc.capacity() > 2 * acc.len() + 4096 {
+                // A short message in a pooled buffer: copy it out and
+                // recycle the buffer.
+                let p = Bytes::copy_from_slice(&acc);
+                drop(pool.wrap(acc));
+                p
+            } else {
+                pool.wrap(acc)
+            };
+            return (self.text, p);
+        }
+        self.full.push(self.acc);
+        let parts: Vec<&[u8]> = self.full.iter().map(|v| &v[..]).collect();
+        let p = pool.bytes(&parts);
+        for v in self.full {
+            // Back to the pool (those of its size).
+            drop(pool.wrap(v));
+        }
+        (self.text, p)
+    }
 }
 
 fn ws_err(e: wsframe::ProtocolError) -> io::Error {
@@ -165,7 +250,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> WsTransport<S> {
             validate_utf8: false,
             ..config
         };
-        let inflater = deflate.map(|(a, _)| a.inflater(role, config.max_message_size));
+        let max_message = config.max_message_size;
+        let inflater = deflate.map(|(a, _)| a.inflater(role, max_message));
         WsTransport {
             io,
             role,
@@ -173,6 +259,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> WsTransport<S> {
             deflater: deflate.map(|(a, c)| a.deflater(role, &c)),
             rbuf: BytesMut::from(leftover),
             partial: None,
+            max_message,
+            failed: None,
             wbuf: WriteQueue::default(),
             close_sent: false,
             close_received: false,
@@ -374,7 +462,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Transport for WsTranspo
                     return Poll::Ready(Some(Err(e)));
                 }
             }
-            while let Some(frame) = self.decoder.next(&mut self.rbuf).map_err(ws_err)? {
+            loop {
+                let frame = match self.decoder.next(&mut self.rbuf) {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
+                    Err(e) => {
+                        // Failed with the code the violation calls for.
+                        self.failed = Some((e.close_code(), e.to_string()));
+                        self.partial = None;
+                        return Poll::Ready(Some(Err(ws_err(e))));
+                    }
+                };
                 match frame {
                     Frame::Data {
                         payload,
@@ -401,24 +499,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Transport for WsTranspo
                             })));
                         }
                         if first {
-                            let mut acc = self.pool.take();
-                            acc.extend_from_slice(&payload);
-                            self.partial = Some((text, acc));
-                        } else if let Some((_, acc)) = self.partial.as_mut() {
-                            acc.extend_from_slice(&payload);
+                            self.partial = Some(Partial::new(text, self.pool.take()));
+                        }
+                        if let Some(p) = self.partial.as_mut() {
+                            p.push(&payload, self.max_message, &self.pool);
                         }
                         drop(payload);
                         if last {
-                            if let Some((text, acc)) = self.partial.take() {
-                                let p = if acc.capacity() > 2 * acc.len() + 4096 {
-                                    // A short message in a pooled buffer: copy
-                                    // it out and recycle the buffer.
-                                    let p = Bytes::copy_from_slice(&acc);
-                                    drop(self.pool.wrap(acc));
-                                    p
-                                } else {
-                                    self.pool.wrap(acc)
-                                };
+                            if let Some(p) = self.partial.take() {
+                                let (text, p) = p.finish(&self.pool);
                                 return Poll::Ready(Some(Ok(if text {
                                     Message::Text(p)
                                 } else {
@@ -484,15 +573,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Transport for WsTranspo
 
     fn start_send_parts(&mut self, head: &[u8], body: Bytes) -> io::Result<()> {
         if let Some(d) = &mut self.deflater {
-            // Compressed: the input is one message, copied into the output.
-            if head.is_empty() {
-                d.encode(&mut self.wbuf.tail, OpCode::Binary, &body);
-            } else {
-                let mut msg = Vec::with_capacity(head.len() + body.len());
-                msg.extend_from_slice(head);
-                msg.extend_from_slice(&body);
-                d.encode(&mut self.wbuf.tail, OpCode::Binary, &msg);
-            }
+            // Compressed: header and body as one message, into the output.
+            d.encode_parts(&mut self.wbuf.tail, OpCode::Binary, &[head, &body[..]]);
             return Ok(());
         }
         let len = head.len() + body.len();
@@ -530,7 +612,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Transport for WsTranspo
     fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if !self.close_sent {
             self.close_sent = true;
-            let payload = wsframe::close_payload(close_code::NORMAL, "");
+            let payload = match &self.failed {
+                Some((code, why)) => wsframe::close_payload(*code, why),
+                None => wsframe::close_payload(close_code::NORMAL, ""),
+            };
             self.send_control(OpCode::Close, &payload);
         }
         ready!(self.poll_write_buf(cx))?;
@@ -590,5 +675,66 @@ mod tests {
                 assert_eq!(m.unwrap().unwrap(), Message::Binary(want.into()));
             }
         }
+    }
+
+    #[tokio::test]
+    async fn messages_are_reassembled_up_to_the_limit_and_one_past_it_is_1009() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let limit = 100_000u64;
+        let config = deflate::Config {
+            min_size: 0,
+            ..deflate::Config::default()
+        };
+        let agreed = deflate::negotiate([&b"permessage-deflate"[..]], &config).unwrap();
+        let (a, mut b) = tokio::io::duplex(1 << 20);
+        let cfg = DecoderConfig {
+            max_message_size: limit,
+            ..WsTransport::<tokio::io::DuplexStream>::default_config()
+        };
+        let mut server =
+            WsTransport::from_raw_deflate(a, Role::Server, cfg, &[], Some((agreed, config)));
+        let mask = Some([1, 2, 3, 4]);
+        let mut wire = BytesMut::new();
+        // Uncompressed at the limit exactly, in fragments of several pool
+        // buffers' worth.
+        let at_limit: Vec<u8> = (0..limit).map(|i| (i % 251) as u8).collect();
+        let thirds: Vec<&[u8]> = at_limit.chunks(at_limit.len() / 3 + 1).collect();
+        for (i, part) in thirds.iter().enumerate() {
+            let op = if i == 0 {
+                OpCode::Binary
+            } else {
+                OpCode::Continuation
+            };
+            encode_frame(&mut wire, i + 1 == thirds.len(), op, mask, part);
+        }
+        // Compressed, just under the limit, then a bomb: 64 MiB of zeros.
+        let mut client = agreed.deflater(Role::Client, &config);
+        client.encode(&mut wire, OpCode::Binary, &at_limit[..50_000]);
+        client.encode(&mut wire, OpCode::Binary, &vec![0u8; 64 << 20]);
+        assert!(wire.len() < 400_000, "{}", wire.len());
+        b.write_all(&wire).await.unwrap();
+        for want in [&at_limit[..], &at_limit[..50_000]] {
+            let m = std::future::poll_fn(|cx| server.poll_recv(cx)).await;
+            assert_eq!(m.unwrap().unwrap(), Message::Binary(want.to_vec().into()));
+        }
+        let m = std::future::poll_fn(|cx| server.poll_recv(cx)).await;
+        let e = m.unwrap().unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        // Closing says why: 1009.
+        std::future::poll_fn(|cx| server.poll_close(cx))
+            .await
+            .unwrap();
+        let mut got = BytesMut::new();
+        b.read_buf(&mut got).await.unwrap();
+        let mut dec = wsframe::Decoder::new(Role::Client, DecoderConfig::default());
+        let Some(Frame::Control {
+            opcode: OpCode::Close,
+            payload,
+        }) = dec.next(&mut got).unwrap()
+        else {
+            panic!("no close frame")
+        };
+        let (code, reason) = wsframe::parse_close_payload(&payload).unwrap();
+        assert_eq!(code, close_code::TOO_BIG, "{reason}");
     }
 }

@@ -334,7 +334,114 @@ fn a_bomb_stops_at_the_limit_without_holding_more() {
     };
     assert_eq!(err, ProtocolError::MessageTooBig { limit });
     assert_eq!(err.close_code(), 1009);
-    assert!(total <= limit, "{total}");
+    // Stopped at the limit exactly: not a byte of the chunk past it made.
+    assert_eq!(total, limit);
+}
+
+#[test]
+fn output_reaches_the_limit_and_never_passes_it() {
+    let mut d = Deflater::new(6, 15, true, 0, Role::Server);
+    for limit in [1usize, 100, 4096, 70_000] {
+        for room in [1usize, 7, 4096, 64 * 1024] {
+            // A message of exactly the limit passes.
+            let at = vec![b'a'; limit];
+            let c = compress(&mut d, &at);
+            let mut inf = Inflater::new(15, true, limit as u64);
+            assert_eq!(inflate_pieces(&mut inf, &[&c], true, room).unwrap(), at);
+            // One byte more is 1009, with output (and the capacity asked
+            // for) never past the limit.
+            let over = vec![b'a'; limit + 1];
+            let c = compress(&mut d, &over);
+            let mut inf = Inflater::new(15, true, limit as u64);
+            inf.begin(true);
+            let (mut made, mut at) = (0usize, 0);
+            let err = loop {
+                let mut out = BytesMut::new();
+                match inf.inflate(&c[at..], true, &mut out, room) {
+                    Ok(step) => {
+                        assert!(!step.done);
+                        // (8: the smallest allocation `BytesMut` makes.)
+                        assert!(
+                            out.capacity() <= room.min(limit - made).max(8),
+                            "limit {limit} room {room}: {} at {made}",
+                            out.capacity()
+                        );
+                        made += out.len();
+                        at += step.consumed;
+                    }
+                    Err(e) => break e,
+                }
+            };
+            assert_eq!(
+                err,
+                ProtocolError::MessageTooBig {
+                    limit: limit as u64
+                }
+            );
+            assert_eq!(made, limit, "room {room}");
+        }
+    }
+}
+
+#[test]
+fn a_message_in_parts_is_sent_as_the_whole_would_be() {
+    let msgs: Vec<Vec<u8>> = (0..12)
+        .map(|i| {
+            format!(
+                "{{\"id\":{i},\"pad\":\"{}\"}}",
+                "xy".repeat(i * 4099 % 20_000)
+            )
+            .into_bytes()
+        })
+        .collect();
+    for takeover in [false, true] {
+        let cfg = Config {
+            min_size: 20,
+            ..Config::default()
+        };
+        let offer = if takeover {
+            "permessage-deflate"
+        } else {
+            "permessage-deflate; client_no_context_takeover"
+        };
+        let agreed = negotiate([offer.as_bytes()], &cfg).unwrap();
+        assert_eq!(agreed.client_no_context_takeover, !takeover);
+        let mut d = agreed.deflater(Role::Client, &cfg);
+        let mut wire = BytesMut::new();
+        // Under `min_size`, as it is, in one frame.
+        d.encode_parts(&mut wire, OpCode::Text, &[&b"sh"[..], b"", b"ort"]);
+        d.encode_parts::<&[u8]>(&mut wire, OpCode::Binary, &[]);
+        for m in &msgs {
+            let cut = [0, 1, m.len() / 3, m.len() / 2, m.len()];
+            let parts: Vec<&[u8]> = cut.windows(2).map(|w| &m[w[0]..w[1]]).collect();
+            d.encode_parts(&mut wire, OpCode::Text, &parts);
+        }
+        let mut dec = InflatingDecoder::new(
+            Role::Server,
+            DecoderConfig::default(),
+            Some(agreed.inflater(Role::Server, 1 << 20)),
+            4096,
+        );
+        let (mut got, mut msg) = (vec![], vec![]);
+        while let Some(f) = dec.next(&mut wire).unwrap() {
+            let Frame::Data { payload, last, .. } = f else {
+                panic!("{f:?}")
+            };
+            msg.extend_from_slice(&payload);
+            if last {
+                got.push(std::mem::take(&mut msg));
+            }
+        }
+        let mut want = vec![b"short".to_vec(), vec![]];
+        want.extend(msgs.iter().cloned());
+        assert_eq!(got, want, "takeover {takeover}");
+    }
+    // An empty list of parts is the empty message.
+    let mut d = Deflater::new(6, 15, false, 0, Role::Server);
+    let mut c = vec![];
+    d.compress_parts::<&[u8]>(&[], &mut c);
+    let mut inf = Inflater::new(15, false, 0);
+    assert_eq!(inflate_pieces(&mut inf, &[&c], false, 100).unwrap(), b"");
 }
 
 #[test]

@@ -6,7 +6,6 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::net::{TcpStream, UdpSocket, UnixDatagram, UnixStream};
 use tokio::sync::mpsc;
 
@@ -21,7 +20,10 @@ pub enum PeerConn {
     Udp(UdpSocket),
     UnixDgram(UnixDatagram),
     /// The `echo:` peer: a one-slot loop back to the client.
-    Echo(mpsc::Sender<(bool, Bytes)>, mpsc::Receiver<(bool, Bytes)>),
+    Echo(
+        mpsc::Sender<(bool, crate::bridge::relay::Message)>,
+        mpsc::Receiver<(bool, crate::bridge::relay::Message)>,
+    ),
     /// A stream through an agent; `true`: it carries framed datagrams
     /// (a `udp://` destination).
     Agent(Box<crate::tunnel::registry::AgentStream>, bool),

@@ -139,7 +139,7 @@ enum PeerData {
     /// One datagram is in the buffer.
     Datagram,
     /// One message from `echo:`.
-    Message(bool, Bytes),
+    Message(bool, Message),
     Eof,
 }
 
@@ -148,7 +148,7 @@ enum PeerReader<'a> {
     Unix(unix::ReadHalf<'a>),
     Udp(&'a UdpSocket),
     UnixDgram(&'a UnixDatagram),
-    Echo(&'a mut mpsc::Receiver<(bool, Bytes)>),
+    Echo(&'a mut mpsc::Receiver<(bool, Message)>),
     /// A stream through an agent.
     Agent(ReadHalf<Box<AgentStream>>),
     /// A stream of framed datagrams through an agent, and the bytes read
@@ -230,7 +230,7 @@ enum PeerWriter<'a> {
     Unix(unix::WriteHalf<'a>),
     Udp(&'a UdpSocket),
     UnixDgram(&'a UnixDatagram),
-    Echo(Option<mpsc::Sender<(bool, Bytes)>>),
+    Echo(Option<mpsc::Sender<(bool, Message)>>),
     /// A stream through an agent; `true`: framed datagrams.
     Agent(WriteHalf<Box<AgentStream>>, bool),
 }
@@ -282,16 +282,10 @@ impl PeerWriter<'_> {
 
     /// (Through `poll_send` and `try_send`, for the reason given at
     /// [`PeerReader::read`].)
-    async fn send_message(&mut self, text: bool, msg: Bytes) -> io::Result<()> {
+    async fn send_message(&mut self, text: bool, msg: Message) -> io::Result<()> {
         use tokio::sync::mpsc::error::TrySendError;
-        match self {
-            PeerWriter::Udp(s) => std::future::poll_fn(|cx| s.poll_send(cx, &msg))
-                .await
-                .map(|_| ()),
-            PeerWriter::UnixDgram(s) => std::future::poll_fn(|cx| s.poll_send(cx, &msg))
-                .await
-                .map(|_| ()),
-            PeerWriter::Echo(Some(tx)) => match tx.try_send((text, msg)) {
+        if let PeerWriter::Echo(Some(tx)) = self {
+            return match tx.try_send((text, msg)) {
                 Ok(()) => Ok(()),
                 // The loop's one slot is taken: wait for it (boxed, so that
                 // only an echo that waits holds the sender's big future).
@@ -299,8 +293,18 @@ impl PeerWriter<'_> {
                     .await
                     .map_err(|_| io::ErrorKind::BrokenPipe.into()),
                 Err(TrySendError::Closed(_)) => Err(io::ErrorKind::BrokenPipe.into()),
-            },
-            PeerWriter::Echo(None) => Err(io::ErrorKind::BrokenPipe.into()),
+            };
+        }
+        // A datagram is one buffer.
+        let msg = msg.contiguous();
+        match self {
+            PeerWriter::Udp(s) => std::future::poll_fn(|cx| s.poll_send(cx, &msg))
+                .await
+                .map(|_| ()),
+            PeerWriter::UnixDgram(s) => std::future::poll_fn(|cx| s.poll_send(cx, &msg))
+                .await
+                .map(|_| ()),
+            PeerWriter::Echo(_) => Err(io::ErrorKind::BrokenPipe.into()),
             PeerWriter::Agent(s, true) => {
                 let mut framed = BytesMut::with_capacity(2 + msg.len());
                 // Too big for a datagram: the same answer as a UDP peer's.
@@ -349,29 +353,118 @@ struct Up {
     hint: usize,
     /// Payloads on their way to a stream peer.
     batch: WriteQueue,
-    message: Option<(bool, BytesMut)>,
-    /// `max_message_size`: a gathered message's buffer never grows past it.
+    /// A message for a message peer, while its pieces come in.
+    message: Option<Gathering>,
+    /// `max_message_size`: a gathered message's chunks never hold more.
     max_message: usize,
     bytes: u64,
     pace: Option<Pace>,
 }
 
-/// Appends a piece to a message being gathered, growing the buffer by
-/// doubling as `extend_from_slice` would, but never past `limit` (the
-/// decoder has already refused a message past it): an inflated message
-/// at the limit holds the limit, not twice it.
-fn gather(m: &mut BytesMut, piece: &[u8], limit: usize) {
-    let need = m.len() + piece.len();
-    if need > m.capacity() {
-        // Not `reserve`: it would double past the limit.
-        let want = need
-            .max(m.capacity().saturating_mul(2))
-            .min(limit.max(need));
-        let mut grown = BytesMut::with_capacity(want);
-        grown.extend_from_slice(m);
-        *m = grown;
+/// A whole message for a message peer (`echo:`, datagram peers).
+#[derive(Debug)]
+pub enum Message {
+    /// It came in one piece, which is passed on as it is.
+    One(Bytes),
+    /// It came in several, copied into chunks ([`Gathering`]); its length.
+    Chunks(Vec<Bytes>, usize),
+}
+
+impl Message {
+    fn len(&self) -> usize {
+        match self {
+            Message::One(b) => b.len(),
+            Message::Chunks(_, len) => *len,
+        }
     }
-    m.extend_from_slice(piece);
+
+    fn parts(&self) -> &[Bytes] {
+        match self {
+            Message::One(b) => std::slice::from_ref(b),
+            Message::Chunks(c, _) => c,
+        }
+    }
+
+    /// The message in one buffer (a copy when it is in chunks).
+    fn contiguous(self) -> Bytes {
+        match self {
+            Message::One(b) => b,
+            Message::Chunks(c, len) => {
+                let mut all = BytesMut::with_capacity(len);
+                for part in c {
+                    all.extend_from_slice(&part);
+                }
+                all.freeze()
+            }
+        }
+    }
+}
+
+/// A message for a message peer being gathered from the pieces the decoder
+/// hands out (frames' payloads, a compressed message's inflated output):
+/// copied into chunks of at most [`CHUNK`] bytes, each allocated at its
+/// size, never past what `max_message_size` leaves, and filled before the
+/// next one is made. A message of n bytes thus holds n bytes (rounded up to
+/// a chunk, never more than the limit) where one buffer grown by doubling
+/// held every step of its growth, which the allocator keeps mapped: an
+/// inflation bomb on `echo:` cost twice the limit before its 1009.
+#[derive(Debug)]
+struct Gathering {
+    text: bool,
+    chunks: Vec<Bytes>,
+    filling: BytesMut,
+    len: usize,
+}
+
+impl Gathering {
+    fn new(text: bool) -> Self {
+        Gathering {
+            text,
+            chunks: Vec::new(),
+            filling: BytesMut::new(),
+            len: 0,
+        }
+    }
+
+    /// Appends a piece; `limit` is `max_message_size` (the decoder has
+    /// already refused a message past it; 0 or none: no limit).
+    fn push(&mut self, mut piece: &[u8], limit: usize) {
+        while !piece.is_empty() {
+            if self.filling.len() == self.filling.capacity() {
+                if !self.filling.is_empty() {
+                    let full = std::mem::take(&mut self.filling).freeze();
+                    self.chunks.push(full);
+                }
+                let left = if limit == 0 {
+                    usize::MAX
+                } else {
+                    limit.saturating_sub(self.len)
+                };
+                // At least what the piece needs: the limit is the
+                // decoder's to enforce, not a reason to lose bytes.
+                let size = CHUNK.min(left).max(piece.len().min(CHUNK));
+                self.filling = BytesMut::with_capacity(size);
+            }
+            let n = piece
+                .len()
+                .min(self.filling.capacity() - self.filling.len());
+            self.filling.extend_from_slice(&piece[..n]);
+            self.len += n;
+            piece = &piece[n..];
+        }
+    }
+
+    fn finish(mut self) -> (bool, Message) {
+        let msg = if self.chunks.is_empty() {
+            Message::One(self.filling.freeze())
+        } else {
+            if !self.filling.is_empty() {
+                self.chunks.push(self.filling.freeze());
+            }
+            Message::Chunks(self.chunks, self.len)
+        };
+        (self.text, msg)
+    }
 }
 
 async fn up_loop(
@@ -406,14 +499,16 @@ async fn up_loop(
                         }
                         continue;
                     }
-                    if first {
-                        st.message = Some((text, payload));
-                    } else if let Some((_, m)) = st.message.as_mut() {
-                        gather(m, &payload, st.max_message);
-                    }
-                    if last {
-                        let (text, m) = st.message.take().expect("message started");
-                        if let Err(e) = pw.send_message(text, m.freeze()).await {
+                    let whole = if first && last {
+                        Some((text, Message::One(payload.freeze())))
+                    } else {
+                        let g = st.message.get_or_insert_with(|| Gathering::new(text));
+                        g.push(&payload, st.max_message);
+                        drop(payload);
+                        last.then(|| st.message.take().expect("started above").finish())
+                    };
+                    if let Some((text, m)) = whole {
+                        if let Err(e) = pw.send_message(text, m).await {
                             return UpEnd::PeerWrite(e);
                         }
                     }
@@ -658,7 +753,13 @@ async fn down_loop(
                     }
                     Ok(PeerData::Message(text, m)) => {
                         st.bytes += m.len() as u64;
-                        push_data(&mut st.out, &mut st.deflater, if text { OpCode::Text } else { OpCode::Binary }, &m);
+                        let opcode = if text { OpCode::Text } else { OpCode::Binary };
+                        match (&mut st.deflater, m) {
+                            (Some(d), m) => d.encode_parts(st.out.tail_mut(), opcode, m.parts()),
+                            (None, Message::One(b)) => st.out.copy_message(opcode, &b),
+                            // Chunks are the message's own: written as they are.
+                            (None, Message::Chunks(c, len)) => st.out.push_message_parts(opcode, c, len),
+                        }
                     }
                     Ok(PeerData::Eof) => {
                         eof = true;
@@ -1097,6 +1198,47 @@ mod tests {
         down.frame(true, 1 << 20).ok().unwrap();
         assert!(down.buf.is_empty());
         assert_eq!(down.out.drain_for_test(5)[2..], b"partial"[..]);
+    }
+
+    #[test]
+    fn a_gathered_message_holds_its_bytes_in_chunks_never_past_the_limit() {
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        for limit in [0usize, 1000, 200_000, 300_000, 1 << 20] {
+            for piece in [1usize, 999, 4096, CHUNK, CHUNK + 3, 200_000] {
+                let want = if limit == 0 {
+                    &data[..]
+                } else {
+                    &data[..limit.min(data.len())]
+                };
+                let mut g = Gathering::new(true);
+                for p in want.chunks(piece) {
+                    g.push(p, limit);
+                }
+                let held: usize =
+                    g.chunks.iter().map(Bytes::len).sum::<usize>() + g.filling.capacity();
+                assert!(g.chunks.iter().all(|c| c.len() <= CHUNK));
+                assert!(
+                    held <= want.len().next_multiple_of(CHUNK),
+                    "{limit} {piece}: {held}"
+                );
+                if limit != 0 {
+                    assert!(held <= limit, "{limit} {piece}: {held}");
+                }
+                let (text, m) = g.finish();
+                assert!(text);
+                assert_eq!(m.len(), want.len());
+                assert!(matches!(m, Message::One(_)) == (want.len() <= CHUNK));
+                let mut q = WriteQueue::default();
+                q.push_message_parts(OpCode::Text, m.parts().to_vec(), m.len());
+                let wire = q.drain_for_test(usize::MAX);
+                assert_eq!(&wire[wire.len() - want.len()..], want);
+                assert_eq!(&m.contiguous()[..], want);
+            }
+        }
+        // A piece past the limit (the decoder's to refuse) is not lost.
+        let mut g = Gathering::new(false);
+        g.push(&data[..10], 4);
+        assert_eq!(&g.finish().1.contiguous()[..], &data[..10]);
     }
 
     #[tokio::test]

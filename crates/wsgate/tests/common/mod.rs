@@ -66,6 +66,11 @@ impl Gateway {
         ])
     }
 
+    /// The gateway's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// `HOST:PORT` of the first listener.
     pub fn addr(&self) -> String {
         self.urls[0].split("://").nth(1).unwrap().to_string()
