@@ -132,6 +132,8 @@ export class MuxSession {
   private readonly sendCallbacks: boolean;
   private transport: Corkable | undefined;
   private corked = false;
+  /** A frame was sent in this turn of the event loop (uncorked). */
+  private sentThisTurn = false;
 
   private nextId: number;
   private lastPeerId = 0;
@@ -402,18 +404,26 @@ export class MuxSession {
 
   /**
    * Where the WebSocket is the `ws` package's, the frames sent in one turn
-   * of the event loop leave in one write (its socket is corked until
-   * setImmediate): one system call for many frames.
+   * of the event loop after its first leave in one write (its socket is
+   * corked until setImmediate): one system call for many frames. The turn's
+   * first frame goes at once, so a lone frame (a ping-pong's) does not wait
+   * for the end of the turn.
    */
   private cork(): void {
     const t = this.transport;
     if (this.corked || !t) return;
+    if (!this.sentThisTurn) {
+      this.sentThisTurn = true;
+      t.setImmediate(this.uncork);
+      return;
+    }
     this.corked = true;
     t.cork();
-    t.setImmediate(this.uncork);
   }
 
   private readonly uncork = (): void => {
+    this.sentThisTurn = false;
+    if (!this.corked) return;
     this.corked = false;
     this.transport!.uncork();
   };
