@@ -48,6 +48,7 @@ mod route;
 mod server;
 mod tls;
 pub mod tunnel;
+mod worker;
 
 pub use gateway::Gateway;
 
