@@ -48,7 +48,6 @@ mod route;
 mod server;
 mod tls;
 pub mod tunnel;
-mod worker;
 
 pub use gateway::Gateway;
 

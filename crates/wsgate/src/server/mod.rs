@@ -288,7 +288,7 @@ impl Gateway {
     ) {
         let w = &self.workers[i];
         let _ = w.runtime.set(tokio::runtime::Handle::current());
-        crate::worker::set_current(i);
+        WORKER.with(|c| c.set(Some(i)));
         for (s, kind) in listeners {
             let l = mio::net::TcpListener::from_std(s);
             // SAFETY: the listener owns its descriptor, which stays open as
@@ -478,6 +478,16 @@ async fn accept_loop(
             }
         }
     }
+}
+
+thread_local! {
+    /// The index of the worker this thread runs, if it is one.
+    static WORKER: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// The index of the worker running the calling thread (`None` elsewhere).
+pub(crate) fn current_worker() -> Option<usize> {
+    WORKER.with(|c| c.get())
 }
 
 /// Accepts one connection when the listener has one. mio's accept is

@@ -93,7 +93,7 @@ impl AgentConn {
             counted_from: metrics.tunnel_bytes(false),
             credential,
             kick: CancellationToken::new(),
-            worker: crate::worker::current(),
+            worker: crate::server::current_worker(),
         }
     }
 
@@ -422,7 +422,7 @@ impl Registry {
         // Fewest open streams first, a connection whose session runs on this
         // thread counted as LOCAL_EDGE streams fewer: its stream's frames
         // need not wake another worker.
-        let here = crate::worker::current();
+        let here = crate::server::current_worker();
         out.sort_by_key(|c| {
             let s = c.open_streams() + LOCAL_EDGE;
             if c.worker.is_some() && c.worker == here {
