@@ -153,10 +153,6 @@ pub(crate) struct Worker {
     pub tracker: TaskTracker,
     /// Connections it has accepted (for connection ids).
     pub next_id: AtomicU64,
-    /// The worker's runtime, set when it starts: a `--forward` connection
-    /// accepted elsewhere is handed to the worker that holds its agent's
-    /// session (server::accept_loop).
-    pub runtime: std::sync::OnceLock<tokio::runtime::Handle>,
 }
 
 impl Gateway {
@@ -335,7 +331,6 @@ impl Gateway {
                             shutdown: shutdown.child_token(),
                             tracker: TaskTracker::new(),
                             next_id: AtomicU64::new(0),
-                            runtime: std::sync::OnceLock::new(),
                         })
                     })
                     .collect(),

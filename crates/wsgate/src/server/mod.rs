@@ -287,8 +287,6 @@ impl Gateway {
         current: Arc<Current>,
     ) {
         let w = &self.workers[i];
-        let _ = w.runtime.set(tokio::runtime::Handle::current());
-        WORKER.with(|c| c.set(Some(i)));
         for (s, kind) in listeners {
             let l = mio::net::TcpListener::from_std(s);
             // SAFETY: the listener owns its descriptor, which stays open as
@@ -437,36 +435,22 @@ async fn accept_loop(
                     generation = current.generation();
                     handle = Arc::new(current.load());
                 }
+                w.open.inc();
                 let gw = handle.clone();
                 match &kind {
                     Kind::Http { index, .. } => {
                         let index = *index;
-                        w.open.inc();
                         w.tracker.spawn(async move {
                             let _open = OpenGuard(&gw.workers[worker]);
                             gw.connection(worker, index, stream, remote).await
                         });
                     }
                     Kind::Forward(f) => {
-                        // Served by the worker that holds a session of the
-                        // agent (this one when it holds one): the stream's
-                        // frames then never wake another thread.
-                        let to = gw
-                            .tunnel
-                            .as_ref()
-                            .and_then(|t| t.registry.worker_for(&f.to.agent, worker))
-                            .filter(|&k| workers.get(k).is_some_and(|w| w.runtime.get().is_some()))
-                            .unwrap_or(worker);
-                        let (target, f) = (&workers[to], f.clone());
-                        target.open.inc();
-                        let task = target.tracker.track_future(async move {
-                            let _open = OpenGuard(&gw.workers[to]);
+                        let f = f.clone();
+                        w.tracker.spawn(async move {
+                            let _open = OpenGuard(&gw.workers[worker]);
                             gw.forward(stream, remote, &f).await
                         });
-                        match target.runtime.get() {
-                            Some(rt) if to != worker => drop(rt.spawn(task)),
-                            _ => drop(tokio::spawn(task)),
-                        }
                     }
                 }
             }
@@ -478,16 +462,6 @@ async fn accept_loop(
             }
         }
     }
-}
-
-thread_local! {
-    /// The index of the worker this thread runs, if it is one.
-    static WORKER: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
-}
-
-/// The index of the worker running the calling thread (`None` elsewhere).
-pub(crate) fn current_worker() -> Option<usize> {
-    WORKER.with(|c| c.get())
 }
 
 /// Accepts one connection when the listener has one. mio's accept is

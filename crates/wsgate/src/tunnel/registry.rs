@@ -38,10 +38,6 @@ use super::proto::{self, Destination, Reply, Status};
 use crate::error::{Error, Kind};
 use crate::metrics::{ByteCounter, Metrics};
 
-/// How many more open streams a connection whose session runs on another
-/// worker may have before it is picked over one on the opener's worker.
-const LOCAL_EDGE: usize = 16;
-
 /// One registered WebSocket of an agent.
 pub struct AgentConn {
     pub id: String,
@@ -64,9 +60,6 @@ pub struct AgentConn {
     pub credential: Option<String>,
     /// Cancelled to drop this connection (disconnect, revocation).
     pub kick: CancellationToken,
-    /// The gateway worker whose thread runs its session (`None` off the
-    /// workers, as in tests).
-    pub worker: Option<usize>,
 }
 
 impl AgentConn {
@@ -93,7 +86,6 @@ impl AgentConn {
             counted_from: metrics.tunnel_bytes(false),
             credential,
             kick: CancellationToken::new(),
-            worker: crate::server::current_worker(),
         }
     }
 
@@ -419,38 +411,8 @@ impl Registry {
         };
         drop(m);
         out.retain(|c| c.live());
-        // Fewest open streams first, a connection whose session runs on this
-        // thread counted as LOCAL_EDGE streams fewer: its stream's frames
-        // need not wake another worker.
-        let here = crate::server::current_worker();
-        out.sort_by_key(|c| {
-            let s = c.open_streams() + LOCAL_EDGE;
-            if c.worker.is_some() && c.worker == here {
-                s - LOCAL_EDGE
-            } else {
-                s
-            }
-        });
+        out.sort_by_key(|c| c.open_streams());
         out
-    }
-
-    /// The worker to serve a `--forward` connection to agent `id` on: `here`
-    /// when a live connection of the agent runs there (or none runs on any
-    /// worker), else the worker of its least busy one.
-    pub fn worker_for(&self, id: &str, here: usize) -> Option<usize> {
-        let m = self.by_id.lock().unwrap_or_else(|e| e.into_inner());
-        let live = m.get(id)?.iter().filter(|c| c.live() && c.worker.is_some());
-        let mut best: Option<(usize, usize)> = None;
-        for c in live {
-            let w = c.worker?;
-            if w == here {
-                return Some(here);
-            }
-            if best.is_none_or(|(open, _)| c.open_streams() < open) {
-                best = Some((c.open_streams(), w));
-            }
-        }
-        best.map(|(_, w)| w)
     }
 
     /// What `GET /agents` shows, by id.
