@@ -629,8 +629,11 @@ impl http_body::Body for RelayedBody {
 }
 
 /// A backend's answer for the client: its status, end-to-end headers and
-/// streamed body.
-fn relay_response(resp: Response<Incoming>, pace: Option<&Arc<SharedBandwidth>>) -> Response<Body> {
+/// streamed body (paced by `pace`, the subject's bandwidth, when set).
+pub(crate) fn relay_response(
+    resp: Response<Incoming>,
+    pace: Option<&Arc<SharedBandwidth>>,
+) -> Response<Body> {
     let (parts, body) = resp.into_parts();
     let body = match pace {
         None => body.map_err(|e| Box::new(e) as BoxError).boxed_unsync(),

@@ -214,17 +214,7 @@ pub async fn relay(
             ))
         }
     };
-    let (parts, body) = resp.into_parts();
-    let body = match pace {
-        None => body.map_err(|e| Box::new(e) as BoxError).boxed_unsync(),
-        Some(_) => PacedBody::new(body, pace, false)
-            .map_err(|e| Box::new(e) as BoxError)
-            .boxed_unsync(),
-    };
-    let mut out = Response::new(body);
-    *out.status_mut() = parts.status;
-    crate::proxy::headers::copy_end_to_end(&parts.headers, out.headers_mut());
-    Ok(out)
+    Ok(crate::proxy::relay_response(resp, pace))
 }
 
 #[cfg(test)]
