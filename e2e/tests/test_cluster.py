@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from wsgate_e2e import peers as peerlib
+from wsgate_e2e.httpd import LoopbackHTTPServer
 from wsgate_e2e.procs import wait_listeners
 
 pytestmark = pytest.mark.redis
@@ -114,10 +115,8 @@ class RedisServer:
 
 
 # ------------------------------------------------------------------- peers
-class Web(http.server.ThreadingHTTPServer):
+class Web(LoopbackHTTPServer):
     """Answers `hello PATH` to any GET."""
-
-    daemon_threads = True
 
     def __init__(self):
         class H(http.server.BaseHTTPRequestHandler):

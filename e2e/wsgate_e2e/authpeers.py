@@ -11,12 +11,14 @@ import socket
 import threading
 import time
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Callable
+
+from .httpd import LoopbackHTTPServer
 
 
 class _Http:
-    """A ThreadingHTTPServer on 127.0.0.1:0 whose GETs `handle` answers."""
+    """A LoopbackHTTPServer on 127.0.0.1:0 whose GETs `handle` answers."""
 
     def __init__(self, handle: Callable[[BaseHTTPRequestHandler], tuple[int, dict, bytes]]):
         class Handler(BaseHTTPRequestHandler):
@@ -38,8 +40,7 @@ class _Http:
             def log_message(self, *args):
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = LoopbackHTTPServer(("127.0.0.1", 0), Handler)
         self.port = self.httpd.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.lock = threading.Lock()

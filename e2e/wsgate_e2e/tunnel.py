@@ -33,10 +33,11 @@ import subprocess
 import threading
 import time
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Callable, Sequence
 
+from .httpd import LoopbackHTTPServer
 from .procs import Proc, ProcessError, ProcessGroup, wait_listeners
 
 AGENT_RE = re.compile(r"^agent (\S+) registered at (\S+)$")
@@ -248,8 +249,7 @@ class InternalHttp:
     hash in X-Sha256), /trickle (a chunked answer that never ends), /hang
     (never answers)."""
 
-    class _Server(ThreadingHTTPServer):
-        daemon_threads = True
+    class _Server(LoopbackHTTPServer):
         allow_reuse_address = True
         request_queue_size = 256
 
