@@ -178,3 +178,55 @@ to = "echo:"
     assert_eq!(request(&addr, &websocket("/nowhere")).await.0, 404);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_in_progress_at_shutdown_gets_its_answer_within_the_drain_timeout() {
+    // A backend that answers 1.5 s after the request arrived: longer than
+    // the second a connection gets to send its first request at shutdown.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let (arrived, mut arrival) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let arrived = arrived.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = arrived.send(());
+                tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: close\r\n\r\nslow",
+                    )
+                    .await;
+            });
+        }
+    });
+    let text = format!(
+        r#"
+workers = 1
+[limits]
+drain_timeout = "10s"
+[[listener]]
+address = "127.0.0.1:0"
+[[route]]
+path_prefix = "/"
+proxy = "http://127.0.0.1:{port}"
+"#
+    );
+    let config = wsgate::config::parse("drain.toml", &text, Path::new(".")).unwrap();
+    let server = wsgate::Server::start(config).await.unwrap();
+    let addr = server.urls()[0].trim_start_matches("ws://").to_string();
+    let answer = tokio::spawn(async move { request(&addr, &plain("/slow")).await });
+    tokio::time::timeout(std::time::Duration::from_secs(10), arrival.recv())
+        .await
+        .expect("the request reaches the backend")
+        .unwrap();
+    let stopped = tokio::spawn(server.stop());
+    let (status, body) = tokio::time::timeout(std::time::Duration::from_secs(10), answer)
+        .await
+        .expect("an answer within the drain timeout")
+        .unwrap();
+    assert_eq!((status, body.ends_with("slow")), (200, true), "{body}");
+    stopped.await.unwrap();
+}

@@ -47,7 +47,7 @@ impl Gateway {
         });
         // The two connection types share no trait for graceful shutdown.
         macro_rules! until_shutdown {
-            ($conn:expr, $grace:expr) => {{
+            ($conn:expr) => {{
                 let conn = $conn;
                 tokio::pin!(conn);
                 tokio::select! {
@@ -74,8 +74,11 @@ impl Gateway {
                             () = tokio::time::sleep(FIRST_REQUEST_GRACE) => false,
                         };
                         if !done {
+                            // Requests in progress finish, within the drain
+                            // timeout (HTTP/1.1 as HTTP/2: a proxied answer
+                            // may take longer than a second).
                             conn.as_mut().graceful_shutdown();
-                            let _ = tokio::time::timeout($grace, conn).await;
+                            let _ = tokio::time::timeout(self.config.limits.drain_timeout, conn).await;
                         }
                     }
                 }
@@ -83,23 +86,17 @@ impl Gateway {
         }
         let io = TokioIo::new(io);
         if h2 {
-            until_shutdown!(
-                hyper_h2::Builder::new(TokioExecutor::new())
-                    .timer(TokioTimer::new())
-                    .enable_connect_protocol()
-                    .keep_alive_interval(Some(Duration::from_secs(30)))
-                    .serve_connection(io, svc),
-                self.config.limits.drain_timeout
-            )
+            until_shutdown!(hyper_h2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .enable_connect_protocol()
+                .keep_alive_interval(Some(Duration::from_secs(30)))
+                .serve_connection(io, svc))
         } else {
-            until_shutdown!(
-                hyper_h1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(handshake_timeout)
-                    .serve_connection(io, svc)
-                    .with_upgrades(),
-                Duration::from_secs(1)
-            )
+            until_shutdown!(hyper_h1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(handshake_timeout)
+                .serve_connection(io, svc)
+                .with_upgrades())
         }
     }
 
