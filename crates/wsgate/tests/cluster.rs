@@ -17,6 +17,7 @@
 //! Run it alone: `cargo test -p wsgate --test cluster`.
 
 mod common;
+use common::tunnel::{open, websocket};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -27,8 +28,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use wsgate::tunnel::allow::AllowList;
-use wsgate::tunnel::proto::{self, Reply, Status};
+use wsgate::tunnel::proto::{self, Status};
 
 const TOKEN: &str = "secret-site-a";
 const SECRET: &str = "cluster-secret-0123456789";
@@ -446,41 +446,6 @@ async fn web() -> u16 {
     port
 }
 
-/// Opens a WebSocket to `addr` at `path` with `headers` and subprotocol
-/// `protocol`: the status, and the transport once it is 101.
-async fn websocket(
-    addr: &str,
-    path: &str,
-    protocol: &str,
-    headers: &[(&str, &str)],
-) -> (u16, Option<wsmux::WsTransport<TcpStream>>) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    let key = wsframe::handshake::generate_key();
-    let req = wsframe::handshake::client_request("gw", path, &key, &[protocol], headers);
-    s.write_all(&req).await.unwrap();
-    let mut buf = BytesMut::new();
-    let resp = within("a handshake answer", Duration::from_secs(10), async {
-        loop {
-            assert!(s.read_buf(&mut buf).await.unwrap() > 0, "closed");
-            if let Some(r) = wsframe::handshake::parse_response(&buf).unwrap() {
-                break r;
-            }
-        }
-    })
-    .await;
-    if resp.status != 101 {
-        return (resp.status, None);
-    }
-    let leftover = buf.split_off(resp.head_len);
-    let t = wsmux::WsTransport::from_raw(
-        s,
-        wsframe::Role::Client,
-        wsmux::WsTransport::<TcpStream>::default_config(),
-        &leftover,
-    );
-    (101, Some(t))
-}
-
 /// Registers agent `id` at `node`: the status, and the serving task once
 /// registered (aborting it drops the connection, as a killed agent would).
 async fn register(node: &Node, id: &str, allow: &str) -> (u16, Option<Agent>) {
@@ -516,52 +481,11 @@ impl Drop for Agent {
     }
 }
 
-/// Serves one registered WebSocket's streams: each destination checked
-/// against `allow`, then connected and relayed.
+/// Serves one registered WebSocket's streams ([`common::tunnel::serve_agent`]).
 fn serve_agent(t: wsmux::WsTransport<TcpStream>, allow: &str) -> Agent {
-    let allow = AllowList::from_header(allow).unwrap();
-    let s = wsmux::Session::client(t, wsmux::Config::default());
-    let task = tokio::spawn(async move {
-        while let Ok(mut st) = s.accept().await {
-            let allow = allow.clone();
-            tokio::spawn(async move {
-                let mut buf = BytesMut::new();
-                let text = loop {
-                    match proto::decode_open(&mut buf) {
-                        Ok(Some(t)) => break t,
-                        Ok(None) => {}
-                        Err(_) => return st.reset(proto::RESET_BAD_OPEN),
-                    }
-                    if st.read_buf(&mut buf).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                };
-                let dest: proto::Destination = text.parse().unwrap();
-                let mut out = BytesMut::new();
-                if !allow.permits(&dest, None) {
-                    Reply::refuse(Status::NotAllowed, format!("{dest} is not allowed"))
-                        .encode(&mut out);
-                    let _ = st.write_all(&out).await;
-                    let _ = st.shutdown().await;
-                    let _ = st.read_to_end(&mut vec![]).await;
-                    return;
-                }
-                match TcpStream::connect((dest.host.as_str(), dest.port)).await {
-                    Ok(mut tcp) => {
-                        Reply::ok().encode(&mut out);
-                        st.write_all(&out).await.unwrap();
-                        let _ = tokio::io::copy_bidirectional(&mut st, &mut tcp).await;
-                    }
-                    Err(e) => {
-                        Reply::refuse(Status::Unreachable, e.to_string()).encode(&mut out);
-                        let _ = st.write_all(&out).await;
-                        let _ = st.shutdown().await;
-                    }
-                }
-            });
-        }
-    });
-    Agent { task }
+    Agent {
+        task: common::tunnel::serve_agent(t, allow),
+    }
 }
 
 /// Echoes `data` through a TCP listener (a `--forward`).
@@ -904,25 +828,6 @@ async fn disconnect_and_revoke_at_one_node_act_on_every_node() {
         || async { register(c.node("node-c"), "site-b", &c.allow).await.0 == 403 },
     )
     .await;
-}
-
-/// Opens a wsmux stream to `dest` and reads the reply.
-async fn open(session: &wsmux::Session, dest: &str) -> (wsmux::Stream, Reply) {
-    let mut st = session.open().await.unwrap();
-    let mut req = BytesMut::new();
-    proto::encode_open(dest, &mut req);
-    st.write_all(&req).await.unwrap();
-    let mut buf = BytesMut::new();
-    let reply = within("a reply", Duration::from_secs(10), async {
-        loop {
-            if let Some(r) = Reply::decode(&mut buf).unwrap() {
-                break r;
-            }
-            assert!(st.read_buf(&mut buf).await.unwrap() > 0, "no reply");
-        }
-    })
-    .await;
-    (st, reply)
 }
 
 /// The reset code a stream's read fails with.

@@ -11,7 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 use wsframe::{DecoderConfig, Message, WebSocket};
 
 mod common;
-use common::Gateway;
+use common::{tcp_echo, Gateway};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -49,22 +49,6 @@ async fn raw_http(addr: &str, request: &str) -> (u16, String) {
     let text = String::from_utf8_lossy(&buf).into_owned();
     let code = text.split_whitespace().nth(1).unwrap().parse().unwrap();
     (code, text)
-}
-
-/// A TCP echo peer; returns its port.
-async fn tcp_echo() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = l.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    port
 }
 
 /// Receives data messages until `n` bytes arrived; returns them.

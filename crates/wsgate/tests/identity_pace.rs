@@ -16,7 +16,7 @@ use bytes::BytesMut;
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use wsgate::tunnel::proto::{self, Reply, Status};
+use wsgate::tunnel::proto::Status;
 
 const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
 const AGENT_TOKEN: &str = "agent-secret";
@@ -224,47 +224,21 @@ async fn pair<F: std::future::Future<Output = ()>>(one: impl Fn() -> F) -> Durat
 
 /// A `/mux` session of `subject`, and one stream of it to `dest`, open.
 async fn mux_stream(addr: &str, subject: &str, dest: &str) -> (wsmux::Session, wsmux::Stream) {
-    let mut m = TcpStream::connect(addr).await.unwrap();
-    let key = wsframe::handshake::generate_key();
     let auth = format!("Bearer {}", token(subject));
-    m.write_all(&wsframe::handshake::client_request(
-        "gw",
-        "/mux",
-        &key,
-        &[proto::MUX_PROTOCOL],
-        &[("Authorization", &auth)],
-    ))
-    .await
-    .unwrap();
-    let mut buf = BytesMut::new();
-    let resp = loop {
-        assert!(m.read_buf(&mut buf).await.unwrap() > 0, "closed");
-        if let Some(r) = wsframe::handshake::parse_response(&buf).unwrap() {
-            break r;
-        }
-    };
-    assert_eq!(resp.status, 101);
-    let leftover = buf.split_off(resp.head_len);
-    let t = wsmux::WsTransport::from_raw(
-        m,
-        wsframe::Role::Client,
-        wsmux::WsTransport::<TcpStream>::default_config(),
-        &leftover,
-    );
-    let session = wsmux::Session::client(t, wsmux::Config::default());
-    let mut st = session.open().await.unwrap();
-    let mut req = BytesMut::new();
-    proto::encode_open(dest, &mut req);
-    st.write_all(&req).await.unwrap();
-    let mut buf = BytesMut::new();
-    let reply = loop {
-        if let Some(r) = Reply::decode(&mut buf).unwrap() {
-            break r;
-        }
-        assert!(st.read_buf(&mut buf).await.unwrap() > 0, "no reply");
-    };
+    let session = common::tunnel::mux(addr, &[("Authorization", &auth)]).await;
+    let (st, reply) = common::tunnel::open(&session, dest).await;
     assert_eq!(reply.status, Status::Ok, "{reply:?}");
     (session, st)
+}
+
+/// Asserts that what `paced` moved took at least the cap's time, and that
+/// its unpaced twin was not held back.
+fn assert_paced(paced: bool, took: Duration, what: &str) {
+    if paced {
+        assert!(took >= PACED_AT_LEAST, "paced {what} took {took:?}");
+    } else {
+        assert!(took < FREE_WITHIN, "unpaced {what} took {took:?}");
+    }
 }
 
 /// A CONNECT tunnel of `subject` to `dest`, its 200 read.
@@ -333,11 +307,7 @@ async fn mux_streams_of_a_subject_share_its_bandwidth() {
             echo_through(st, EACH).await;
         })
         .await;
-        if paced {
-            assert!(took >= PACED_AT_LEAST, "paced /mux streams took {took:?}");
-        } else {
-            assert!(took < FREE_WITHIN, "unpaced /mux streams took {took:?}");
-        }
+        assert_paced(paced, took, "/mux streams");
         gw.server.stop().await;
     }
 }
@@ -354,22 +324,11 @@ async fn connect_tunnels_and_relayed_requests_of_a_subject_share_its_bandwidth()
             echo_through(s, EACH).await;
         })
         .await;
-        if paced {
-            assert!(
-                took >= PACED_AT_LEAST,
-                "paced CONNECT tunnels took {took:?}"
-            );
-        } else {
-            assert!(took < FREE_WITHIN, "unpaced CONNECT tunnels took {took:?}");
-        }
+        assert_paced(paced, took, "CONNECT tunnels");
         // `/request` (wsp's relay) through the same agent: both bodies.
         let relayed = format!("X-PROXY-DESTINATION: http://127.0.0.1:{backend}/echo\r\n");
         let took = pair(|| post_echo(&gw.addr, "ada", "/request", &relayed, EACH)).await;
-        if paced {
-            assert!(took >= PACED_AT_LEAST, "paced /request took {took:?}");
-        } else {
-            assert!(took < FREE_WITHIN, "unpaced /request took {took:?}");
-        }
+        assert_paced(paced, took, "/request");
         gw.server.stop().await;
     }
 }
@@ -380,11 +339,7 @@ async fn proxied_requests_of_a_subject_share_its_bandwidth() {
     for paced in [false, true] {
         let gw = gateway(paced, echo, backend).await;
         let took = pair(|| post_echo(&gw.addr, "ada", "/api/echo", "", EACH)).await;
-        if paced {
-            assert!(took >= PACED_AT_LEAST, "paced requests took {took:?}");
-        } else {
-            assert!(took < FREE_WITHIN, "unpaced requests took {took:?}");
-        }
+        assert_paced(paced, took, "requests");
         gw.server.stop().await;
     }
 }

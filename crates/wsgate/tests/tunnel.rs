@@ -6,14 +6,14 @@
 //! another connection when one dies.
 
 mod common;
+use common::tunnel::{mux, open, serve_agent, websocket_protocol};
 use std::path::Path;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use wsgate::tunnel::allow::AllowList;
-use wsgate::tunnel::proto::{self, Reply, Status};
+use wsgate::tunnel::proto::{self, Status};
 
 const TOKEN: &str = "secret-site-a";
 
@@ -60,96 +60,17 @@ async fn register(
     token: Option<&str>,
     allow: &str,
 ) -> (u16, Option<wsmux::WsTransport<TcpStream>>) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    let key = wsframe::handshake::generate_key();
     let auth = token.map(|t| format!("Bearer {t}"));
     let mut headers = vec![("Wsgate-Agent-Id", id), ("Wsgate-Agent-Allow", allow)];
     if let Some(a) = &auth {
         headers.push(("Authorization", a));
     }
-    let req = wsframe::handshake::client_request(
-        "gw",
-        "/agent",
-        &key,
-        &[proto::AGENT_PROTOCOL],
-        &headers,
-    );
-    s.write_all(&req).await.unwrap();
-    let mut buf = BytesMut::new();
-    let resp = loop {
-        assert!(
-            s.read_buf(&mut buf).await.unwrap() > 0,
-            "closed before answering"
-        );
-        if let Some(r) = wsframe::handshake::parse_response(&buf).unwrap() {
-            break r;
-        }
-    };
-    if resp.status != 101 {
-        return (resp.status, None);
+    let (status, chosen, t) =
+        websocket_protocol(addr, "/agent", proto::AGENT_PROTOCOL, &headers).await;
+    if status == 101 {
+        assert_eq!(chosen.as_deref(), Some(proto::AGENT_PROTOCOL));
     }
-    assert_eq!(
-        resp.header("sec-websocket-protocol"),
-        Some(proto::AGENT_PROTOCOL)
-    );
-    let leftover = buf.split_off(resp.head_len);
-    let t = wsmux::WsTransport::from_raw(
-        s,
-        wsframe::Role::Client,
-        wsmux::WsTransport::<TcpStream>::default_config(),
-        &leftover,
-    );
-    (101, Some(t))
-}
-
-/// A minimal agent: serves the streams of one registered WebSocket,
-/// checking each destination against `allow` and connecting to it. Aborting
-/// the task drops the session, as a killed agent would.
-fn serve_agent(t: wsmux::WsTransport<TcpStream>, allow: &str) -> tokio::task::JoinHandle<()> {
-    let allow = AllowList::from_header(allow).unwrap();
-    let s = wsmux::Session::client(t, wsmux::Config::default());
-    tokio::spawn(async move {
-        while let Ok(mut st) = s.accept().await {
-            let allow = allow.clone();
-            tokio::spawn(async move {
-                let mut buf = BytesMut::new();
-                let text = loop {
-                    match proto::decode_open(&mut buf) {
-                        Ok(Some(t)) => break t,
-                        Ok(None) => {}
-                        Err(_) => return st.reset(proto::RESET_BAD_OPEN),
-                    }
-                    if st.read_buf(&mut buf).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                };
-                let dest: proto::Destination = text.parse().unwrap();
-                let mut out = BytesMut::new();
-                let addr = format!("{}:{}", dest.host, dest.port);
-                if !allow.permits(&dest, None) {
-                    Reply::refuse(Status::NotAllowed, format!("{dest} is not allowed"))
-                        .encode(&mut out);
-                    let _ = st.write_all(&out).await;
-                    let _ = st.shutdown().await;
-                    let _ = st.read_to_end(&mut vec![]).await;
-                    return;
-                }
-                match TcpStream::connect(&addr).await {
-                    Ok(mut tcp) => {
-                        Reply::ok().encode(&mut out);
-                        st.write_all(&out).await.unwrap();
-                        let _ = tokio::io::copy_bidirectional(&mut st, &mut tcp).await;
-                    }
-                    Err(e) => {
-                        Reply::refuse(Status::Unreachable, e.to_string()).encode(&mut out);
-                        let _ = st.write_all(&out).await;
-                        let _ = st.shutdown().await;
-                        let _ = st.read_to_end(&mut vec![]).await;
-                    }
-                }
-            });
-        }
-    })
+    (status, t)
 }
 
 /// Sends raw HTTP and reads the answer to its end; the status and the text.
@@ -309,49 +230,10 @@ framing = "binary"
     assert_eq!(back, b"forwarded");
 
     // /mux: a client's own streams, checked against --mux-allow.
-    let mut m = TcpStream::connect(&addr).await.unwrap();
-    let key = wsframe::handshake::generate_key();
-    m.write_all(&wsframe::handshake::client_request(
-        "gw",
-        "/mux",
-        &key,
-        &[proto::MUX_PROTOCOL],
-        &[],
-    ))
-    .await
-    .unwrap();
-    let mut buf = BytesMut::new();
-    let resp = loop {
-        m.read_buf(&mut buf).await.unwrap();
-        if let Some(r) = wsframe::handshake::parse_response(&buf).unwrap() {
-            break r;
-        }
-    };
-    assert_eq!(resp.status, 101);
-    let leftover = buf.split_off(resp.head_len);
-    let t = wsmux::WsTransport::from_raw(
-        m,
-        wsframe::Role::Client,
-        wsmux::WsTransport::<TcpStream>::default_config(),
-        &leftover,
-    );
-    let mux = wsmux::Session::client(t, wsmux::Config::default());
+    let mux = mux(&addr, &[]).await;
     let open = |dest: String| {
         let mux = &mux;
-        async move {
-            let mut st = mux.open().await.unwrap();
-            let mut req = BytesMut::new();
-            proto::encode_open(&dest, &mut req);
-            st.write_all(&req).await.unwrap();
-            let mut buf = BytesMut::new();
-            let reply = loop {
-                if let Some(r) = Reply::decode(&mut buf).unwrap() {
-                    break r;
-                }
-                assert!(st.read_buf(&mut buf).await.unwrap() > 0);
-            };
-            (st, reply)
-        }
+        async move { open(mux, &dest).await }
     };
     let (mut st, reply) = open(format!("agent://site-a/tcp://127.0.0.1:{echo_port}")).await;
     assert_eq!(reply.status, Status::Ok);

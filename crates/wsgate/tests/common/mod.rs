@@ -114,3 +114,5 @@ pub async fn tcp_echo() -> u16 {
     });
     port
 }
+
+pub mod tunnel;
