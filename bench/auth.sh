@@ -15,10 +15,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ -n "${WSBENCH_NICE:-}" ] && [ -z "${AUTH_SH_NICED:-}" ]; then
-    export AUTH_SH_NICED=1
-    exec nice -n "$WSBENCH_NICE" "$0" "$@"
-fi
+. bench/lib.sh
+bench_nice "$0" "$@"
 
 ROUNDS=3
 DURATION=2
@@ -47,53 +45,10 @@ for tool in nginx openssl htpasswd python3; do
     }
 done
 
-if [ "$BUILD" = 1 ]; then
-    echo "== building (release)" >&2
-    cargo build --release -p wsgate -p wsgate-bench >&2
-fi
+bench_build
 
-STAMP=$(date -u +%Y%m%dT%H%M%SZ)
-OUT=bench/results/auth-$STAMP
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-RUN=$(mktemp -d /tmp/wsgate-auth-bench.XXXXXX)
+bench_dirs auth
 chmod 755 "$RUN"
-# The target/ folder may be shared with other builds: run copies.
-cp target/release/wsgate target/release/wsbench "$RUN/"
-WSGATE=$RUN/wsgate
-WSBENCH=$RUN/wsbench
-
-PGIDS=()
-cleanup() {
-    local g i
-    for g in "${PGIDS[@]}"; do kill -TERM -- "-$g" 2>/dev/null || true; done
-    # Up to 3 s for the groups to go, then KILL what is left.
-    for ((i = 0; i < 30; i++)); do
-        local alive=0
-        for g in "${PGIDS[@]}"; do kill -0 -- "-$g" 2>/dev/null && alive=1; done
-        [ "$alive" = 0 ] && break
-        sleep 0.1
-    done
-    for g in "${PGIDS[@]}"; do kill -KILL -- "-$g" 2>/dev/null || true; done
-    rm -rf "$RUN"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
-}
-
-# Waits (at most 10 s) until PID is alive and 127.0.0.1:PORT accepts.
-wait_listening() {
-    local pid=$1 port=$2 i
-    for ((i = 0; i < 100; i++)); do
-        kill -0 "$pid" 2>/dev/null || return 1
-        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
-        sleep 0.1
-    done
-    return 1
-}
 
 # Starts wsgate NAME with ARGS; waits for COUNT `listening on` lines; sets
 # STARTED_PID and STARTED_PORTS (one per listener, in order).

@@ -30,10 +30,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ -n "${WSBENCH_NICE:-}" ] && [ -z "${CLUSTER_SH_NICED:-}" ]; then
-    export CLUSTER_SH_NICED=1
-    exec nice -n "$WSBENCH_NICE" "$0" "$@"
-fi
+. bench/lib.sh
+bench_nice "$0" "$@"
 
 ROUNDS=3
 DURATION=2
@@ -61,34 +59,9 @@ for tool in redis-server redis-cli python3 curl; do
 done
 ulimit -n "$(ulimit -Hn)"
 
-if [ "$BUILD" = 1 ]; then
-    echo "== building (release)" >&2
-    cargo build --release -p wsgate -p wsgate-bench >&2
-fi
+bench_build
 
-STAMP=$(date -u +%Y%m%dT%H%M%SZ)
-OUT=bench/results/cluster-$STAMP
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-RUN=$(mktemp -d /tmp/wsgate-cluster-bench.XXXXXX)
-cp target/release/wsgate target/release/wsbench "$RUN/"
-WSGATE=$RUN/wsgate
-WSBENCH=$RUN/wsbench
-
-PGIDS=()
-cleanup() {
-    local g
-    for g in "${PGIDS[@]}"; do kill -TERM -- "-$g" 2>/dev/null || true; done
-    sleep 0.3
-    for g in "${PGIDS[@]}"; do kill -KILL -- "-$g" 2>/dev/null || true; done
-    rm -rf "$RUN"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
-}
+bench_dirs cluster
 
 # Waits (at most 20 s) until FILE has a line matching the sed expression;
 # prints the match.

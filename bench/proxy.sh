@@ -19,12 +19,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# On a machine shared with other work, WSBENCH_NICE=-10 runs everything (load
-# generator, backend, proxies alike) ahead of it (needs root for < 0).
-if [ -n "${WSBENCH_NICE:-}" ] && [ -z "${PROXY_SH_NICED:-}" ]; then
-    export PROXY_SH_NICED=1
-    exec nice -n "$WSBENCH_NICE" "$0" "$@"
-fi
+. bench/lib.sh
+bench_nice "$0" "$@"
 
 ROUNDS=5
 IDLE_ROUNDS=3
@@ -61,20 +57,9 @@ if [ "$(ulimit -n)" -lt $((2 * IDLE_CONNS + 200)) ]; then
     exit 1
 fi
 
-if [ "$BUILD" = 1 ]; then
-    echo "== building (release)" >&2
-    cargo build --release -p wsgate -p wsgate-bench >&2
-fi
+bench_build
 
-STAMP=$(date -u +%Y%m%dT%H%M%SZ)
-OUT=bench/results/proxy-$STAMP
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-RUN=$(mktemp -d /tmp/wsgate-proxy-bench.XXXXXX)
-# The target/ folder may be shared with other builds: run copies.
-cp target/release/wsgate target/release/wsbench "$RUN/"
-WSGATE=$RUN/wsgate
-WSBENCH=$RUN/wsbench
+bench_dirs proxy
 BASE_BIN=
 if [ -n "${WSGATE_BASELINE:-}" ]; then
     cp "$(bench/baseline.sh "$WSGATE_BASELINE")" "$RUN/wsgate-baseline"
@@ -84,45 +69,6 @@ fi
 if "$WSBENCH" --help | grep -qE '^  run '; then LOAD=run; else LOAD=load; fi
 
 # ---------------------------------------------------------------- processes
-PGIDS=()   # process groups started here (each process is started by setsid)
-cleanup() {
-    local g
-    for g in "${PGIDS[@]}"; do kill -TERM -- "-$g" 2>/dev/null || true; done
-    sleep 0.3
-    for g in "${PGIDS[@]}"; do kill -KILL -- "-$g" 2>/dev/null || true; done
-    rm -rf "$RUN"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-# Stops one started group (TERM, then KILL after 5 s) and forgets it.
-stop_group() {
-    local g=$1 i keep=()
-    for i in "${PGIDS[@]}"; do [ "$i" = "$g" ] || keep+=("$i"); done
-    PGIDS=("${keep[@]}")
-    kill -TERM -- "-$g" 2>/dev/null || return 0
-    for ((i = 0; i < 50; i++)); do
-        kill -0 -- "-$g" 2>/dev/null || return 0
-        sleep 0.1
-    done
-    kill -KILL -- "-$g" 2>/dev/null || true
-}
-
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
-}
-
-# Waits (at most 10 s) until PID is alive and 127.0.0.1:PORT accepts.
-wait_listening() {
-    local pid=$1 port=$2 i
-    for ((i = 0; i < 100; i++)); do
-        kill -0 "$pid" 2>/dev/null || return 1
-        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
-        sleep 0.1
-    done
-    return 1
-}
-
 # Starts a wsgate that prints its port; sets STARTED_PID and STARTED_PORT.
 # BIN (default: the current build) picks the binary.
 start_wsgate() {

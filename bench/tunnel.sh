@@ -21,10 +21,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ -n "${WSBENCH_NICE:-}" ] && [ -z "${TUNNEL_SH_NICED:-}" ]; then
-    export TUNNEL_SH_NICED=1
-    exec nice -n "$WSBENCH_NICE" "$0" "$@"
-fi
+. bench/lib.sh
+bench_nice "$0" "$@"
 
 ROUNDS=5
 IDLE_ROUNDS=3
@@ -83,36 +81,15 @@ if [ ! -x "$BORE" ]; then
     echo "== installing bore-cli $BORE_VERSION (crates.io) into $TOOLS" >&2
     cargo install --root "$TOOLS/bore-$BORE_VERSION" bore-cli --version "$BORE_VERSION" >&2
 fi
-if [ "$BUILD" = 1 ]; then
-    echo "== building wsgate and wsbench (release)" >&2
-    cargo build --release -p wsgate -p wsgate-bench >&2
-fi
+bench_build
 
-STAMP=$(date -u +%Y%m%dT%H%M%SZ)
-OUT=bench/results/tunnel-$STAMP
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-RUN=$(mktemp -d /tmp/wsgate-tunnel-bench.XXXXXX)
+bench_dirs tunnel
 chmod 700 "$RUN"
-# target/ may be rebuilt by others mid-run: run copies.
-cp target/release/wsgate target/release/wsbench "$RATHOLE" "$BORE" "$RUN/"
-WSGATE=$RUN/wsgate
-WSBENCH=$RUN/wsbench
+cp "$RATHOLE" "$BORE" "$RUN/"
 RATHOLE=$RUN/rathole
 BORE=$RUN/bore
 
 # ---------------------------------------------------------------- processes
-PGIDS=()
-cleanup() {
-    local g
-    for g in "${PGIDS[@]}"; do kill -TERM -- "-$g" 2>/dev/null || true; done
-    sleep 0.3
-    for g in "${PGIDS[@]}"; do kill -KILL -- "-$g" 2>/dev/null || true; done
-    rm -rf "$RUN"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
 # Starts a command in its own session, output to $OUT/NAME.{out,log}; sets STARTED_PID.
 start() {
     local name=$1
@@ -120,18 +97,6 @@ start() {
     setsid "$@" >"$OUT/$name.out" 2>"$OUT/$name.log" </dev/null &
     STARTED_PID=$!
     PGIDS+=("$STARTED_PID")
-}
-
-stop_group() {
-    local g=$1 i keep=()
-    for i in "${PGIDS[@]}"; do [ "$i" = "$g" ] || keep+=("$i"); done
-    PGIDS=("${keep[@]}")
-    kill -TERM -- "-$g" 2>/dev/null || return 0
-    for ((i = 0; i < 50; i++)); do
-        kill -0 -- "-$g" 2>/dev/null || return 0
-        sleep 0.1
-    done
-    kill -KILL -- "-$g" 2>/dev/null || true
 }
 
 # Waits (20 s at most) for a line matching SED in FILE; prints its capture.
@@ -146,10 +111,6 @@ wait_line() {
     done
     echo "tunnel.sh: no line ${sed} in $file" >&2
     return 1
-}
-
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
 }
 
 # Waits (20 s at most) until an echo goes through 127.0.0.1:PORT.
