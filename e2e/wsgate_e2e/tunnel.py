@@ -185,6 +185,8 @@ class _HttpHandler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def setup(self):
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.do_handshake()
         super().setup()
         self.peer_owner = self.server.owners.record(self.server.name, self.client_address,
                                                     self.server.server_address)
@@ -263,7 +265,11 @@ class InternalHttp:
         if tls:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             ctx.load_cert_chain(str(tls[0]), str(tls[1]))
-            self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
+            # The handshake happens in the handler's thread (`setup`), not in
+            # accept(): a client that never sends its hello holds only its own
+            # thread, never the serve_forever loop.
+            self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True,
+                                                do_handshake_on_connect=False)
         self.port = self.httpd.server_address[1]
         self.name = name
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
