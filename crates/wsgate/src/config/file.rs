@@ -1106,7 +1106,7 @@ impl Validator<'_> {
         raw: BTreeMap<String, AuthFile>,
         resolve: &dyn Fn(PathBuf) -> PathBuf,
     ) -> Vec<AuthMethod> {
-        use super::auth::{Basic, Hook, Jwt, JwtKeys, Mtls};
+        use super::auth::{Basic, JwtKeys, Mtls};
         let mut out = vec![];
         for (name, a) in raw {
             let before = self.errors.len();
@@ -1192,71 +1192,8 @@ impl Validator<'_> {
                 .cache_ttl
                 .map_or(Duration::from_secs(300), |d| d.0.unwrap_or_default());
             let cache_size = a.cache_size.unwrap_or(10_000);
-            let kind = match a.kind.as_str() {
-                "jwt" => {
-                    let keys = match (a.public_key, a.secret_file, a.jwks, a.jwks_url) {
-                        (Some(p), None, None, None) => Some(JwtKeys::Pem(resolve(p))),
-                        (None, Some(p), None, None) => Some(JwtKeys::Secret(resolve(p))),
-                        (None, None, Some(p), None) => Some(JwtKeys::JwksFile(resolve(p))),
-                        (None, None, None, Some(u)) => {
-                            if !(u.starts_with("http://") || u.starts_with("https://"))
-                                || u.parse::<http::Uri>().is_err()
-                            {
-                                self.auth_error(
-                                    &name,
-                                    "jwks_url",
-                                    format!("`{u}` is not an http:// or https:// URL"),
-                                );
-                            }
-                            Some(JwtKeys::JwksUrl(u))
-                        }
-                        _ => {
-                            self.auth_error(
-                                &name,
-                                "type",
-                                "a jwt method needs exactly one of public_key, secret_file, \
-                                 jwks and jwks_url"
-                                    .into(),
-                            );
-                            None
-                        }
-                    };
-                    for alg in a.algorithms.iter().flatten() {
-                        if let Err(e) = wsgate_auth::jwt::parse_algorithm(alg) {
-                            self.auth_error(&name, "algorithms", e.to_string());
-                        }
-                    }
-                    let mut sources = vec![];
-                    for src in a.sources.unwrap_or_else(|| vec!["bearer".into()]) {
-                        match src.parse::<TokenSource>() {
-                            Ok(t) => sources.push(t),
-                            Err(e) => self.auth_error(&name, "sources", e),
-                        }
-                    }
-                    if sources.is_empty() {
-                        self.auth_error(&name, "sources", "no token source".into());
-                    }
-                    keys.map(|keys| {
-                        AuthKind::Jwt(Jwt {
-                            keys,
-                            algorithms: a.algorithms.unwrap_or_default(),
-                            issuers: a.issuers.unwrap_or_default(),
-                            audiences: a.audiences.unwrap_or_default(),
-                            leeway: a
-                                .leeway
-                                .map_or(Duration::from_secs(30), |d| d.0.unwrap_or_default()),
-                            require_exp: a.require_exp.unwrap_or(true),
-                            max_token_bytes: a.max_token_bytes.unwrap_or(8192),
-                            sources,
-                            subject_claim: a.subject_claim.unwrap_or_else(|| "sub".into()),
-                            refresh: a
-                                .refresh
-                                .and_then(|d| d.0)
-                                .unwrap_or(Duration::from_secs(300))
-                                .max(Duration::from_secs(1)),
-                        })
-                    })
-                }
+            let kind = match a.kind.clone().as_str() {
+                "jwt" => self.jwt_method(&name, a, resolve),
                 "basic" => match a.htpasswd {
                     Some(p) => Some(AuthKind::Basic(Basic {
                         htpasswd: resolve(p),
@@ -1269,55 +1206,7 @@ impl Validator<'_> {
                         None
                     }
                 },
-                "hook" => match a.url {
-                    Some(u) => {
-                        if !(u.starts_with("http://") || u.starts_with("https://"))
-                            || u.parse::<http::Uri>().is_err()
-                        {
-                            self.auth_error(
-                                &name,
-                                "url",
-                                format!("`{u}` is not an http:// or https:// URL"),
-                            );
-                        }
-                        let lower = |v: Option<Vec<String>>| {
-                            v.unwrap_or_default()
-                                .into_iter()
-                                .map(|h| h.to_ascii_lowercase())
-                                .collect::<Vec<_>>()
-                        };
-                        let send = lower(
-                            a.send_headers
-                                .or_else(|| Some(vec!["authorization".into(), "cookie".into()])),
-                        );
-                        let copy = lower(a.copy_headers);
-                        for h in send.iter().chain(&copy).chain(&a.subject_header) {
-                            if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
-                                self.auth_error(
-                                    &name,
-                                    "send_headers",
-                                    format!("`{h}` is not a header name"),
-                                );
-                            }
-                        }
-                        Some(AuthKind::Hook(Hook {
-                            url: u,
-                            send_headers: send,
-                            copy_headers: copy,
-                            subject_header: a.subject_header.map(|h| h.to_ascii_lowercase()),
-                            timeout: a
-                                .timeout
-                                .and_then(|d| d.0)
-                                .unwrap_or(Duration::from_secs(5)),
-                            cache_ttl,
-                            cache_size,
-                        }))
-                    }
-                    None => {
-                        self.auth_error(&name, "type", "a hook method needs url".into());
-                        None
-                    }
-                },
+                "hook" => self.hook_method(&name, a, cache_ttl, cache_size),
                 _ => {
                     let subject = a.subject.unwrap_or_else(|| "cn".into());
                     if !wsgate_auth::cert::FIELDS.contains(&subject.as_str()) {
@@ -1347,6 +1236,136 @@ impl Validator<'_> {
             out.push(AuthMethod { name, kind });
         }
         out
+    }
+
+    /// A `type = "jwt"` method: exactly one key source, algorithms, token
+    /// sources.
+    fn jwt_method(
+        &mut self,
+        name: &str,
+        a: AuthFile,
+        resolve: &dyn Fn(PathBuf) -> PathBuf,
+    ) -> Option<AuthKind> {
+        use super::auth::{Jwt, JwtKeys};
+        let keys = match (a.public_key, a.secret_file, a.jwks, a.jwks_url) {
+            (Some(p), None, None, None) => Some(JwtKeys::Pem(resolve(p))),
+            (None, Some(p), None, None) => Some(JwtKeys::Secret(resolve(p))),
+            (None, None, Some(p), None) => Some(JwtKeys::JwksFile(resolve(p))),
+            (None, None, None, Some(u)) => {
+                self.check_http_url(name, "jwks_url", &u);
+                Some(JwtKeys::JwksUrl(u))
+            }
+            _ => {
+                self.auth_error(
+                    name,
+                    "type",
+                    "a jwt method needs exactly one of public_key, secret_file, \
+                     jwks and jwks_url"
+                        .into(),
+                );
+                None
+            }
+        };
+        for alg in a.algorithms.iter().flatten() {
+            if let Err(e) = wsgate_auth::jwt::parse_algorithm(alg) {
+                self.auth_error(name, "algorithms", e.to_string());
+            }
+        }
+        let mut sources = vec![];
+        for src in a.sources.unwrap_or_else(|| vec!["bearer".into()]) {
+            match src.parse::<TokenSource>() {
+                Ok(t) => sources.push(t),
+                Err(e) => self.auth_error(name, "sources", e),
+            }
+        }
+        if sources.is_empty() {
+            self.auth_error(name, "sources", "no token source".into());
+        }
+        keys.map(|keys| {
+            AuthKind::Jwt(Jwt {
+                keys,
+                algorithms: a.algorithms.unwrap_or_default(),
+                issuers: a.issuers.unwrap_or_default(),
+                audiences: a.audiences.unwrap_or_default(),
+                leeway: a
+                    .leeway
+                    .map_or(Duration::from_secs(30), |d| d.0.unwrap_or_default()),
+                require_exp: a.require_exp.unwrap_or(true),
+                max_token_bytes: a.max_token_bytes.unwrap_or(8192),
+                sources,
+                subject_claim: a.subject_claim.unwrap_or_else(|| "sub".into()),
+                refresh: a
+                    .refresh
+                    .and_then(|d| d.0)
+                    .unwrap_or(Duration::from_secs(300))
+                    .max(Duration::from_secs(1)),
+            })
+        })
+    }
+
+    /// A `type = "hook"` method: its URL and header names.
+    fn hook_method(
+        &mut self,
+        name: &str,
+        a: AuthFile,
+        cache_ttl: Duration,
+        cache_size: usize,
+    ) -> Option<AuthKind> {
+        use super::auth::Hook;
+        match a.url {
+            Some(u) => {
+                self.check_http_url(name, "url", &u);
+                let lower = |v: Option<Vec<String>>| {
+                    v.unwrap_or_default()
+                        .into_iter()
+                        .map(|h| h.to_ascii_lowercase())
+                        .collect::<Vec<_>>()
+                };
+                let send = lower(
+                    a.send_headers
+                        .or_else(|| Some(vec!["authorization".into(), "cookie".into()])),
+                );
+                let copy = lower(a.copy_headers);
+                for h in send.iter().chain(&copy).chain(&a.subject_header) {
+                    if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                        self.auth_error(
+                            name,
+                            "send_headers",
+                            format!("`{h}` is not a header name"),
+                        );
+                    }
+                }
+                Some(AuthKind::Hook(Hook {
+                    url: u,
+                    send_headers: send,
+                    copy_headers: copy,
+                    subject_header: a.subject_header.map(|h| h.to_ascii_lowercase()),
+                    timeout: a
+                        .timeout
+                        .and_then(|d| d.0)
+                        .unwrap_or(Duration::from_secs(5)),
+                    cache_ttl,
+                    cache_size,
+                }))
+            }
+            None => {
+                self.auth_error(name, "type", "a hook method needs url".into());
+                None
+            }
+        }
+    }
+
+    /// Records an error at `key` unless `u` is an http:// or https:// URL.
+    fn check_http_url(&mut self, name: &str, key: &str, u: &str) {
+        if !(u.starts_with("http://") || u.starts_with("https://"))
+            || u.parse::<http::Uri>().is_err()
+        {
+            self.auth_error(
+                name,
+                key,
+                format!("`{u}` is not an http:// or https:// URL"),
+            );
+        }
     }
 
     /// A listener's client certificates: the CA and CRLs read now.
@@ -1779,6 +1798,56 @@ idle_timeout = "5s"
             c.routes[0].limits_for(0).idle_timeout,
             c.limits.idle_timeout
         );
+    }
+
+    #[test]
+    fn auth_method_errors_name_file_line_and_key() {
+        // `[auth.x]` is line 4 of each text, its `type` line 5, the keys after
+        // it lines 6 and 7.
+        let head = "[[listener]]\naddress = \"127.0.0.1:0\"\n\n";
+        for (table, want) in [
+            (
+                "type = \"jwt\"\njwks_url = \"ftp://idp/keys\"\n",
+                "t.toml:6:1: auth.x.jwks_url: `ftp://idp/keys` is not an http:// or https:// URL",
+            ),
+            (
+                "type = \"jwt\"\njwks = \"k.json\"\njwks_url = \"https://idp/keys\"\n",
+                "t.toml:5:1: auth.x.type: a jwt method needs exactly one of public_key, \
+                 secret_file, jwks and jwks_url",
+            ),
+            (
+                "type = \"jwt\"\nsecret_file = \"s\"\nsources = [\"carrier-pigeon\"]\n",
+                "t.toml:7:1: auth.x.sources: ",
+            ),
+            (
+                "type = \"hook\"\nurl = \"not a url\"\n",
+                "t.toml:6:1: auth.x.url: `not a url` is not an http:// or https:// URL",
+            ),
+            (
+                "type = \"hook\"\nsend_headers = [\"bad header\"]\n",
+                "t.toml:5:1: auth.x.type: a hook method needs url",
+            ),
+            (
+                "type = \"hook\"\nurl = \"http://h/check\"\nsend_headers = [\"bad header\"]\n",
+                "t.toml:7:1: auth.x.send_headers: `bad header` is not a header name",
+            ),
+            (
+                "type = \"basic\"\nrealm = \"r\"\n",
+                "t.toml:5:1: auth.x.type: a basic method needs htpasswd",
+            ),
+            (
+                "type = \"mtls\"\nurl = \"http://h\"\n",
+                "t.toml:6:1: auth.x.url: `url` does not apply to type `mtls`",
+            ),
+            (
+                "type = \"saml\"\n",
+                "t.toml:5:1: auth.x.type: unknown type `saml` (expected jwt, basic, hook or mtls)",
+            ),
+        ] {
+            let text = format!("{head}[auth.x]\n{table}");
+            let e = errors(&text);
+            assert!(e.iter().any(|m| m.starts_with(want)), "{want}\n{e:?}");
+        }
     }
 
     #[test]
