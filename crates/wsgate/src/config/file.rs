@@ -1326,13 +1326,17 @@ impl Validator<'_> {
                         .or_else(|| Some(vec!["authorization".into(), "cookie".into()])),
                 );
                 let copy = lower(a.copy_headers);
-                for h in send.iter().chain(&copy).chain(&a.subject_header) {
-                    if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
-                        self.auth_error(
-                            name,
-                            "send_headers",
-                            format!("`{h}` is not a header name"),
-                        );
+                // Each bad name is reported at its own key.
+                let named = [
+                    ("send_headers", &send[..]),
+                    ("copy_headers", &copy[..]),
+                    ("subject_header", a.subject_header.as_slice()),
+                ];
+                for (key, names) in named {
+                    for h in names {
+                        if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                            self.auth_error(name, key, format!("`{h}` is not a header name"));
+                        }
                     }
                 }
                 Some(AuthKind::Hook(Hook {
@@ -1830,6 +1834,14 @@ idle_timeout = "5s"
             (
                 "type = \"hook\"\nurl = \"http://h/check\"\nsend_headers = [\"bad header\"]\n",
                 "t.toml:7:1: auth.x.send_headers: `bad header` is not a header name",
+            ),
+            (
+                "type = \"hook\"\nurl = \"http://h/check\"\ncopy_headers = [\"x:y\"]\n",
+                "t.toml:7:1: auth.x.copy_headers: `x:y` is not a header name",
+            ),
+            (
+                "type = \"hook\"\nurl = \"http://h/check\"\nsubject_header = \"x user\"\n",
+                "t.toml:7:1: auth.x.subject_header: `x user` is not a header name",
             ),
             (
                 "type = \"basic\"\nrealm = \"r\"\n",
